@@ -1,0 +1,184 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3), tensor-parallel over heads.
+
+Training path (shapes for one tensor-parallel rank with n local heads):
+    c_q   = RMSNorm(W_DQ h)                       [s, b, q_lora_rank]   (or q = W_Q h without it)
+    q     = W_UQ c_q -> [q_nope | q_rope]         [s, b, n, dn + dr], RoPE on q_rope
+    c_kv, k_rope = W_DKV h                        [s, b, kv_lora_rank], [s, b, dr]
+    c_kv  = RMSNorm(c_kv); k_rope = RoPE(k_rope)  (one k_rope shared by all heads)
+    [k_nope | v] = W_UKV c_kv                     [s, b, n, dn + dv]
+    o     = W_O softmax(q k^T * scale) v
+Absorbed path (decoding): W_UK folds into the query and W_UV into the output, so attention runs
+against the cached latents [c_kv | k_rope] (kv_lora_rank + dr values per token) directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from megatron.core.tensor_parallel import mappings
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_dsv3.attention.rope import YarnRotary, apply_rotary
+from megatron_dsv3.core.linear import KeyedInit, group_size, tp_group_or_default
+from megatron_dsv3.core.recompute import recompute_region
+
+
+@dataclass
+class MLASubmodules:
+    linear_q_proj: Union[ModuleSpec, type] = None  # used when q_lora_rank is None
+    linear_q_down_proj: Union[ModuleSpec, type] = None
+    q_layernorm: Union[ModuleSpec, type] = None
+    linear_q_up_proj: Union[ModuleSpec, type] = None
+    linear_kv_down_proj: Union[ModuleSpec, type] = None
+    kv_layernorm: Union[ModuleSpec, type] = None
+    linear_kv_up_proj: Union[ModuleSpec, type] = None
+    core_attention: Union[ModuleSpec, type] = None
+    linear_proj: Union[ModuleSpec, type] = None
+
+
+class MLASelfAttention(MegatronModule):
+    def __init__(self, config, submodules: MLASubmodules, layer_number: int = 1,
+                 pg_collection=None, **_megatron_kwargs):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.tp_group = tp_group_or_default(getattr(pg_collection, "tp", None))
+        tp = group_size(self.tp_group)
+        self.num_heads = config.num_attention_heads // tp
+        self.dn, self.dr, self.dv = config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim
+        self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
+        h, nh = config.hidden_size, config.num_attention_heads
+        key = f"layers.{layer_number - 1}.self_attention"
+
+        def linear(spec, n_in, n_out, name, dim, **kw):
+            return build_module(spec, n_in, n_out, config=config, bias=False, skip_bias_add=False,
+                                is_expert=False, tp_comm_buffer_name=name, tp_group=self.tp_group,
+                                init_method=KeyedInit(config, f"{key}.{name}", (n_out, n_in), dim,
+                                                      self.tp_group), **kw)
+
+        q_out = nh * (self.dn + self.dr)
+        if self.q_lora_rank is None:
+            self.linear_q_proj = linear(submodules.linear_q_proj, h, q_out, "q_proj", 0,
+                                        gather_output=False)
+        else:
+            self.linear_q_down_proj = linear(submodules.linear_q_down_proj, h, self.q_lora_rank,
+                                             "q_down_proj", 0, gather_output=False)
+            self.q_layernorm = build_module(submodules.q_layernorm, config=config,
+                                            hidden_size=self.q_lora_rank, eps=config.layernorm_epsilon)
+            self.linear_q_up_proj = linear(submodules.linear_q_up_proj, self.q_lora_rank, q_out,
+                                           "q_up_proj", 0, gather_output=False)
+        self.linear_kv_down_proj = linear(submodules.linear_kv_down_proj, h,
+                                          self.kv_lora_rank + self.dr, "kv_down_proj", 0,
+                                          gather_output=False)
+        self.kv_layernorm = build_module(submodules.kv_layernorm, config=config,
+                                         hidden_size=self.kv_lora_rank, eps=config.layernorm_epsilon)
+        self.linear_kv_up_proj = linear(submodules.linear_kv_up_proj, self.kv_lora_rank,
+                                        nh * (self.dn + self.dv), "kv_up_proj", 0,
+                                        gather_output=False)
+        self.rotary = YarnRotary(config)
+        self.softmax_scale = (self.dn + self.dr) ** -0.5 * self.rotary.softmax_mscale
+        from megatron.core.transformer.enums import AttnMaskType
+
+        self.core_attention = build_module(
+            submodules.core_attention, config=config, layer_number=layer_number,
+            attn_mask_type=AttnMaskType.causal, softmax_scale=self.softmax_scale,
+            k_channels=self.dn + self.dr, v_channels=self.dv, pg_collection=pg_collection)
+        self.linear_proj = linear(submodules.linear_proj, nh * self.dv, h, "o_proj", 1,
+                                  input_is_parallel=True)
+
+    # -- pieces shared by the training and the absorbed path ---------------------------------
+    def _query_latent(self, x):
+        """Normalised query latent c_q (or x itself without query compression)."""
+        if self.q_lora_rank is None:
+            return x
+        c_q, _ = self.linear_q_down_proj(x)
+        return self.q_layernorm(c_q)
+
+    def _query(self, c_q):
+        proj = self.linear_q_proj if self.q_lora_rank is None else self.linear_q_up_proj
+        q, _ = proj(c_q)
+        q = q.view(*q.shape[:2], self.num_heads, self.dn + self.dr)
+        return q.split([self.dn, self.dr], dim=-1)
+
+    def _kv_latent(self, x):
+        """(normalised c_kv [s, b, kv_lora_rank], k_rope before RoPE [s, b, dr])."""
+        kv, _ = self.linear_kv_down_proj(x)
+        c_kv, k_rope = kv.split([self.kv_lora_rank, self.dr], dim=-1)
+        if group_size(self.tp_group) > 1:
+            # k_rope feeds every local head: its gradient is the sum over all ranks' heads.
+            k_rope = mappings.copy_to_tensor_model_parallel_region(k_rope, group=self.tp_group)
+        return self.kv_layernorm(c_kv), k_rope
+
+    def _positions(self, s, b, device, position_ids):
+        if position_ids is None:
+            cos, sin = self.rotary.cos_sin_range(s, device)  # [s, dr/2]
+            return cos[:, None, None, :], sin[:, None, None, :]
+        cos, sin = self.rotary.cos_sin(position_ids.to(device))  # [b, s, dr/2]
+        return cos.transpose(0, 1)[:, :, None, :], sin.transpose(0, 1)[:, :, None, :]
+
+    # -- training / prefill path -----------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, packed_seq_params=None, **_unused):
+        s, b, _ = hidden_states.shape
+        c_q = self._query_latent(hidden_states)
+        c_kv, k_rope = self._kv_latent(hidden_states)
+        cos, sin = self._positions(s, b, hidden_states.device, position_ids)
+
+        def up_project(c_q, c_kv, k_rope):
+            q_nope, q_rope = self._query(c_q)
+            kv, _ = self.linear_kv_up_proj(c_kv)
+            k_nope, v = kv.view(s, b, self.num_heads, self.dn + self.dv).split([self.dn, self.dv], -1)
+            q = torch.cat([q_nope, apply_rotary(q_rope, cos, sin)], dim=-1)
+            k_rope = apply_rotary(k_rope[:, :, None, :], cos, sin)
+            k = torch.cat([k_nope, k_rope.expand(-1, -1, self.num_heads, -1)], dim=-1)
+            return q, k, v.contiguous()
+
+        run, release = recompute_region(self.config, "mla_up_proj", up_project)
+        q, k, v = run(c_q, c_kv, k_rope)
+        context = self.core_attention(q, k, v, attention_mask, packed_seq_params=packed_seq_params)
+        release(context)
+        return self.linear_proj(context)
+
+    # -- absorbed decode path ----------------------------------------------------------------
+    def latents(self, hidden_states, position_ids):
+        """What the latent cache stores for these tokens: (c_kv [b, s, kv_lora_rank],
+        k_rope after RoPE [b, s, dr])."""
+        s, b, _ = hidden_states.shape
+        c_kv, k_rope = self._kv_latent(hidden_states)
+        cos, sin = self._positions(s, b, hidden_states.device, position_ids)
+        k_rope = apply_rotary(k_rope[:, :, None, :], cos, sin)[:, :, 0]
+        return c_kv.transpose(0, 1), k_rope.transpose(0, 1)
+
+    def forward_absorbed(self, hidden_states, position_ids, cache_c_kv, cache_k_rope,
+                         key_positions=None, key_mask=None):
+        """Attention of new tokens against cached latents, with W_UK/W_UV absorbed.
+
+        hidden_states [s, b, h] for tokens at position_ids [b, s]; cache_c_kv [b, T, c] and
+        cache_k_rope [b, T, dr] hold every key (the new tokens included); key_positions [b, T]
+        (default arange) and key_mask [b, T] (True = valid) restrict what each query sees.
+        """
+        s, b, _ = hidden_states.shape
+        q_nope, q_rope = self._query(self._query_latent(hidden_states))
+        cos, sin = self._positions(s, b, hidden_states.device, position_ids)
+        q_rope = apply_rotary(q_rope, cos, sin)
+        w = self.linear_kv_up_proj.weight.view(self.num_heads, self.dn + self.dv, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.dn].float(), w[:, self.dn:].float()
+        q_latent = torch.einsum("sbhd,hdc->bhsc", q_nope.float(), w_uk)
+        scores = (torch.einsum("bhsc,btc->bhst", q_latent, cache_c_kv.float())
+                  + torch.einsum("sbhr,btr->bhst", q_rope.float(), cache_k_rope.float()))
+        scores = scores * self.softmax_scale
+        T = cache_c_kv.shape[1]
+        if key_positions is None:
+            key_positions = torch.arange(T, device=scores.device).expand(b, T)
+        allowed = key_positions[:, None, :] <= position_ids[:, :, None]  # [b, s, T]
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, :]
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        ctx_latent = torch.einsum("bhst,btc->sbhc", probs, cache_c_kv.float())
+        context = torch.einsum("sbhc,hdc->sbhd", ctx_latent, w_uv)
+        context = context.reshape(s, b, self.num_heads * self.dv).to(hidden_states.dtype)
+        return self.linear_proj(context)

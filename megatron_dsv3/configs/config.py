@@ -1,0 +1,123 @@
+"""The config class and the validation every module of ours runs at configuration time."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+
+@dataclasses.dataclass
+class DeepSeekV3Config(MLATransformerConfig):
+    """MLATransformerConfig plus the few facts Megatron keeps elsewhere.
+
+    Validation of the DeepSeek-specific constraints runs before Megatron's own, so a bad value is
+    reported with its field name and allowed values instead of as an assertion deep in Megatron.
+    """
+
+    vocab_size: int = 129280
+    """Vocabulary size (Megatron-LM passes it to GPTModel separately; we keep it with the model)."""
+
+    max_position_embeddings: int = 4096
+    """Longest sequence the model is built for (GPTModel's max_sequence_length)."""
+
+    init_seed: int = 1234
+    """Seed of the layout-independent weight initialisation: each weight (and each expert) draws
+    from its own generator keyed by this seed and the weight's global name, so a model split over
+    any tensor-, pipeline- or expert-parallel layout starts from the same numbers."""
+
+    def __post_init__(self):
+        validate_config(self)
+        super().__post_init__()
+
+
+def _positive(config: Any, field: str, *, optional: bool = False) -> None:
+    value = getattr(config, field, None)
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        allowed = "a positive integer or None" if optional else "a positive integer"
+        raise ValueError(f"{field}={value!r} is invalid: allowed values are {allowed}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate_config(config: Any) -> None:
+    """Raise ValueError naming the field and its allowed values for any configuration our
+    modules cannot build. Works on any Megatron TransformerConfig (ours or Megatron-LM's)."""
+    for field in ("num_layers", "hidden_size", "num_attention_heads", "kv_lora_rank",
+                  "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+        _positive(config, field)
+    for field in ("q_lora_rank", "ffn_hidden_size", "num_moe_experts", "moe_ffn_hidden_size",
+                  "moe_shared_expert_intermediate_size", "mtp_num_layers"):
+        _positive(config, field, optional=True)
+    if getattr(config, "vocab_size", 1) is not None:
+        _positive(config, "vocab_size", optional=True)
+    if config.qk_pos_emb_head_dim % 2:
+        raise ValueError(
+            f"qk_pos_emb_head_dim={config.qk_pos_emb_head_dim} is invalid: RoPE needs an even "
+            "dimension (allowed values: positive even integers)")
+    if getattr(config, "sequence_parallel", False):
+        raise ValueError("sequence_parallel=True is not supported by megatron-dsv3 modules "
+                         "(allowed values: False); DeepSeek-V3 trains without tensor parallelism")
+    tp = getattr(config, "tensor_model_parallel_size", 1)
+    if config.num_attention_heads % tp:
+        raise ValueError(
+            f"num_attention_heads={config.num_attention_heads} must be divisible by "
+            f"tensor_model_parallel_size={tp}; allowed tensor_model_parallel_size values: "
+            f"{_divisors(config.num_attention_heads)}")
+    if getattr(config, "rope_type", "yarn") not in ("rope", "yarn"):
+        raise ValueError(f"rope_type={config.rope_type!r} is invalid: allowed values are 'rope', 'yarn'")
+
+    experts = getattr(config, "num_moe_experts", None)
+    if not experts:
+        return
+    freq = getattr(config, "moe_layer_freq", 1)
+    if isinstance(freq, (list, tuple)):
+        if len(freq) != config.num_layers or any(v not in (0, 1) for v in freq):
+            raise ValueError(
+                f"moe_layer_freq has {len(freq)} entries {list(freq)[:8]}...; allowed: a list of "
+                f"num_layers={config.num_layers} entries, each 0 (dense) or 1 (MoE)")
+    elif not isinstance(freq, int) or freq <= 0:
+        raise ValueError(f"moe_layer_freq={freq!r} is invalid: allowed values are a positive "
+                         "integer or a list of 0/1 per layer")
+    if getattr(config, "moe_router_score_function", "sigmoid") != "sigmoid":
+        raise ValueError(f"moe_router_score_function={config.moe_router_score_function!r} is not "
+                         "supported: allowed values are 'sigmoid' (DeepSeek-V3 gating)")
+    groups = getattr(config, "moe_router_num_groups", None) or 1
+    if not isinstance(groups, int) or groups <= 0:
+        raise ValueError(f"moe_router_num_groups={groups!r} is invalid: allowed values are a "
+                         f"positive divisor of num_moe_experts={experts}: {_divisors(experts)}")
+    if experts % groups:
+        raise ValueError(
+            f"moe_router_num_groups={groups} must divide num_moe_experts={experts}; allowed "
+            f"values: {_divisors(experts)}")
+    group_topk = getattr(config, "moe_router_group_topk", None) or groups
+    if not isinstance(group_topk, int) or not 1 <= group_topk <= groups:
+        raise ValueError(
+            f"moe_router_group_topk={group_topk!r} is invalid: allowed values are 1.."
+            f"{groups} (moe_router_num_groups)")
+    topk = config.moe_router_topk
+    kept = group_topk * (experts // groups)
+    if not isinstance(topk, int) or not 1 <= topk <= kept:
+        raise ValueError(
+            f"moe_router_topk={topk!r} is invalid: a token can only choose among the {kept} experts "
+            f"of its {group_topk} kept groups; allowed values: 1..{kept}")
+    ep = getattr(config, "expert_model_parallel_size", 1)
+    if experts % ep:
+        raise ValueError(
+            f"num_moe_experts={experts} must be divisible by expert_model_parallel_size={ep}; "
+            f"allowed expert_model_parallel_size values: {_divisors(experts)}")
+    if getattr(config, "expert_tensor_parallel_size", 1) not in (1, None):
+        raise ValueError(
+            f"expert_tensor_parallel_size={config.expert_tensor_parallel_size} is not supported: "
+            "allowed values are 1 (experts are split by expert parallelism only)")
+    rate = getattr(config, "moe_router_bias_update_rate", 0.0)
+    if rate is not None and rate < 0:
+        raise ValueError(f"moe_router_bias_update_rate={rate} is invalid: allowed values are >= 0")
+    coeff = getattr(config, "moe_aux_loss_coeff", 0.0)
+    if isinstance(coeff, (int, float)) and coeff < 0:
+        raise ValueError(f"moe_aux_loss_coeff={coeff} is invalid: allowed values are >= 0")

@@ -1,0 +1,123 @@
+"""The three GEMMs of a linear layer, behind one small strategy object.
+
+A linear layer y = x W^T runs three GEMMs: forward (fprop), input gradient (dgrad) and weight
+gradient (wgrad). Keeping them behind `Gemm` lets the FP8 recipe swap in quantised GEMMs and lets
+the pipeline schedules defer wgrad (zero-bubble), without either knowing about the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, List, Optional
+
+import torch
+
+
+class Gemm:
+    """Plain GEMMs in the inputs' dtype. Shapes: x [M, K], w [N, K], dy [M, N]."""
+
+    name = "default"
+
+    def fprop(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x @ w.t()
+
+    def dgrad(self, dy: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return dy @ w
+
+    def wgrad(self, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return dy.t() @ x
+
+
+DEFAULT_GEMM = Gemm()
+
+
+class WeightGradStore:
+    """Deferred weight-gradient work (zero-bubble pipelining).
+
+    Inside `WeightGradStore.deferring()`, linear layers of ours queue their wgrad GEMM instead of
+    running it during backward; the schedule later calls `flush()` to close the queue as one unit
+    of W work and `pop()` to run the oldest unit where its timeline has a gap.
+    """
+
+    _enabled = False
+    _pending: List[Callable[[], None]] = []
+    _units: List[List[Callable[[], None]]] = []
+
+    @classmethod
+    @contextlib.contextmanager
+    def deferring(cls, enabled: bool = True):
+        previous, cls._enabled = cls._enabled, enabled
+        try:
+            yield
+        finally:
+            cls._enabled = previous
+
+    @classmethod
+    def is_deferring(cls) -> bool:
+        return cls._enabled
+
+    @classmethod
+    def put(cls, fn: Callable[[], None]) -> None:
+        cls._pending.append(fn)
+
+    @classmethod
+    def flush(cls) -> None:
+        cls._units.append(cls._pending)
+        cls._pending = []
+
+    @classmethod
+    def pop(cls) -> None:
+        if not cls._units:
+            raise RuntimeError("WeightGradStore.pop() with no deferred weight-gradient unit")
+        for fn in cls._units.pop(0):
+            fn()
+
+    @classmethod
+    def size(cls) -> int:
+        return len(cls._units)
+
+    @classmethod
+    def clear(cls) -> None:
+        cls._pending, cls._units = [], []
+
+
+def accumulate_grad(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+    """Add a weight gradient computed outside autograd, the way autograd would have, and fire the
+    hooks Megatron's DDP registers for gradient accumulation."""
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+    for hook in getattr(param, "_dsv3_post_accumulate_hooks", ()):
+        hook(param)
+
+
+class LinearFunction(torch.autograd.Function):
+    """y = x W^T with pluggable GEMMs and optional wgrad deferral."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, gemm: Gemm):
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        ctx.save_for_backward(x2d, weight)
+        ctx.gemm, ctx.shape = gemm, shape
+        return gemm.fprop(x2d, weight).view(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2d, weight = ctx.saved_tensors
+        gemm: Gemm = ctx.gemm
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        dx = gemm.dgrad(dy2d, weight).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            if WeightGradStore.is_deferring():
+                WeightGradStore.put(lambda: accumulate_grad(weight, gemm.wgrad(dy2d, x2d)))
+            else:
+                dw = gemm.wgrad(dy2d, x2d)
+        return dx, dw, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, gemm: Optional[Gemm] = None) -> torch.Tensor:
+    return LinearFunction.apply(x, weight, gemm or DEFAULT_GEMM)

@@ -1,0 +1,79 @@
+"""Grouped GEMM over tokens sorted by expert, with autograd.
+
+y[rows of group g] = x[rows of group g] @ w[g]^T for w [G, N, K] (each expert's weight stored like
+a linear layer's [out, in]). Uses torch._grouped_mm where it runs (CPU with 16-byte aligned rows;
+CUDA with BF16 on SM90+) and a per-group loop of the linear layer's `Gemm` otherwise; the loop is
+also how FP8 GEMMs and deferred weight gradients apply to experts.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from megatron_dsv3.core.gemm import DEFAULT_GEMM, Gemm, WeightGradStore, accumulate_grad
+
+
+def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    size = x.element_size()
+    return all((d * size) % 16 == 0 for d in (w.shape[1], w.shape[2]))
+
+
+def _offsets(counts: List[int], device) -> torch.Tensor:
+    return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+
+
+def _split(t: torch.Tensor, counts: List[int]):
+    return torch.split(t, counts, dim=0)
+
+
+class GroupedLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, counts: List[int], gemm: Gemm):
+        ctx.save_for_backward(x, w)
+        ctx.counts, ctx.gemm = counts, gemm
+        ctx.fast = gemm is DEFAULT_GEMM and _grouped_mm_usable(x, w)
+        if ctx.fast:
+            return torch._grouped_mm(x, w.transpose(-2, -1), offs=_offsets(counts, x.device))
+        outs = [gemm.fprop(xg, w[g]) for g, xg in enumerate(_split(x, counts))]
+        return torch.cat(outs, 0) if outs else x.new_zeros(0, w.shape[1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        counts, gemm = ctx.counts, ctx.gemm
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            if ctx.fast:
+                dx = torch._grouped_mm(dy, w, offs=_offsets(counts, dy.device))
+            else:
+                dx = torch.cat([gemm.dgrad(dyg, w[g]) for g, dyg in enumerate(_split(dy, counts))], 0)
+
+        def weight_grad():
+            if ctx.fast:
+                return torch._grouped_mm(dy.t(), x, offs=_offsets(counts, dy.device))
+            return torch.stack([gemm.wgrad(dyg, xg) if n else torch.zeros_like(w[g])
+                                for g, (dyg, xg, n) in
+                                enumerate(zip(_split(dy, counts), _split(x, counts), counts))])
+
+        if ctx.needs_input_grad[1]:
+            if WeightGradStore.is_deferring():
+                WeightGradStore.put(lambda: accumulate_grad(w, weight_grad()))
+            else:
+                dw = weight_grad()
+        return dx, dw, None, None
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: List[int],
+                   gemm: Optional[Gemm] = None) -> torch.Tensor:
+    """x [sum(counts), K] sorted by group, w [G, N, K] -> [sum(counts), N]."""
+    if len(counts) != w.shape[0] or sum(counts) != x.shape[0]:
+        raise ValueError(f"grouped_linear: counts {counts} do not match x rows {x.shape[0]} and "
+                         f"{w.shape[0]} groups")
+    return GroupedLinearFunction.apply(x, w, list(counts), gemm or DEFAULT_GEMM)

@@ -1,0 +1,112 @@
+"""DeepSeekV3Model: Megatron's GPTModel with our layers, our MTP and a device-agnostic loss path.
+
+The decoder, embedding, output head and checkpoint layout are GPTModel's. What changes:
+- layers come from `layer_specs` (MLA does its own YaRN RoPE, so no model-level rotary),
+- embedding and output head get layout-independent keyed initial weights,
+- `_postprocess` computes the MTP losses without Megatron's CUDA-only loss tracker and records
+  them in `mtp_loss_tracker` for logging.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+from megatron_dsv3.core.init import init_normal_
+from megatron_dsv3.core.linear import group_rank, init_seed_of
+from megatron_dsv3.layer_specs import get_layer_spec, get_mtp_block_spec
+from megatron_dsv3.mtp.layer import roll_left
+
+
+class DeepSeekV3Model(GPTModel):
+    def __init__(self, config, *, pre_process: bool = True, post_process: bool = True,
+                 mtp_process: Optional[bool] = None, vp_stage: Optional[int] = None,
+                 pg_collection=None, transformer_layer_spec=None, use_te: Optional[bool] = None,
+                 parallel_output: bool = True):
+        layer_spec = transformer_layer_spec or get_layer_spec(config, vp_stage, use_te=use_te)
+        if mtp_process is None:
+            mtp_process = post_process and bool(config.mtp_num_layers)
+        mtp_spec = get_mtp_block_spec(config, use_te=use_te) if mtp_process else None
+        super().__init__(
+            config=config, transformer_layer_spec=layer_spec, vocab_size=config.vocab_size,
+            max_sequence_length=config.max_position_embeddings, pre_process=pre_process,
+            post_process=post_process, parallel_output=parallel_output,
+            share_embeddings_and_output_weights=False, position_embedding_type="none",
+            mtp_block_spec=mtp_spec, pg_collection=pg_collection, vp_stage=vp_stage)
+        self.mtp_loss_tracker: List[torch.Tensor] = []
+        self._keyed_init()
+
+    def _keyed_init(self):
+        if not self.config.perform_initialization:
+            return
+        seed, std = init_seed_of(self.config), self.config.init_method_std
+        rank = group_rank(self.pg_collection.tp) if self.pg_collection.tp is not None else 0
+        full = (self.vocab_size, self.config.hidden_size)
+        if hasattr(self, "embedding"):
+            init_normal_(self.embedding.word_embeddings.weight, std=std, seed=seed,
+                         key="embedding", full_shape=full, dim=0, rank=rank)
+        if self.post_process and self.output_layer.weight is not None:
+            init_normal_(self.output_layer.weight, std=std, seed=seed, key="output_layer",
+                         full_shape=full, dim=0, rank=rank)
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb,
+                     rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None,
+                     decoder_input=None, attention_mask=None, inference_params=None,
+                     packed_seq_params=None, sequence_len_offset=None, runtime_gather_output=None,
+                     extra_block_kwargs=None, inference_context=None):
+        if mtp_in_postprocess:
+            hidden_states = self.mtp(input_ids=input_ids, position_ids=position_ids,
+                                     hidden_states=hidden_states, attention_mask=attention_mask,
+                                     packed_seq_params=packed_seq_params, embedding=self.embedding)
+        if not self.post_process:
+            return hidden_states
+        depth = self.config.mtp_num_layers or 0
+        if depth and mtp_in_postprocess:
+            chunks = torch.chunk(hidden_states, 1 + depth, dim=0)
+            hidden_states = chunks[0]
+            if labels is not None:
+                hidden_states = self._attach_mtp_losses(hidden_states, chunks[1:], labels,
+                                                        loss_mask, runtime_gather_output)
+        logits, _ = self.output_layer(hidden_states, runtime_gather_output=runtime_gather_output)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)
+
+    def _attach_mtp_losses(self, hidden_states, mtp_hidden, labels, loss_mask, gather):
+        """Loss of depth k predicts labels shifted k further; its gradient (lambda / D, divided by
+        the number of tokens it covers) rides on the main hidden states' backward."""
+        depth = len(mtp_hidden)
+        mtp_labels = labels
+        mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+        losses = []
+        for k, h in enumerate(mtp_hidden):
+            logits, _ = self.output_layer(h, runtime_gather_output=gather)
+            mtp_labels, mask = roll_left(mtp_labels), roll_left(mask)
+            num_tokens = mask.sum().clamp_min(1.0)
+            loss = self.compute_language_model_loss(mtp_labels, logits) * mask
+            losses.append((loss.sum() / num_tokens).detach())
+            scale = self.config.mtp_loss_scaling_factor / depth
+            if self.config.calculate_per_token_loss:
+                hidden_states = MTPLossAutoScaler.apply(hidden_states, scale * loss)
+            else:
+                hidden_states = MTPLossAutoScaler.apply(hidden_states, scale * loss / num_tokens)
+        if self.training:
+            self.mtp_loss_tracker.append(torch.stack(losses))
+        return hidden_states
+
+    def pop_mtp_losses(self) -> Optional[torch.Tensor]:
+        """Mean MTP loss per depth over the forwards since the last call (None without MTP)."""
+        if not self.mtp_loss_tracker:
+            return None
+        out = torch.stack(self.mtp_loss_tracker).mean(0)
+        self.mtp_loss_tracker.clear()
+        return out
+
+
+def build_model(config, **kwargs) -> DeepSeekV3Model:
+    """A whole (single-stage) DeepSeek-V3 model; kwargs as DeepSeekV3Model."""
+    return DeepSeekV3Model(config, **kwargs)

@@ -1,0 +1,9 @@
+"""DeepSeek-MoE: sigmoid group-limited routing, aux-loss-free bias balancing, sequence-wise aux
+loss, shared expert and grouped-GEMM routed experts behind a dispatcher interface."""
+
+from megatron_dsv3.moe.balancing import sequence_aux_loss, update_expert_biases, updated_expert_bias
+from megatron_dsv3.moe.layer import DeepSeekMoE, DeepSeekMoESubmodules
+from megatron_dsv3.moe.routing import route
+
+__all__ = ["DeepSeekMoE", "DeepSeekMoESubmodules", "route", "sequence_aux_loss",
+           "update_expert_biases", "updated_expert_bias"]

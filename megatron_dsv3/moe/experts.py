@@ -1,0 +1,56 @@
+"""Routed experts: SwiGLU over grouped GEMMs on the rows a dispatcher sorted by expert.
+
+Weights are stacked per local expert: `fc1_weight` [E_local, 2F, h] ([gate; up] of each expert,
+like a linear layer's [out, in]) and `fc2_weight` [E_local, h, F]. Expert e of this rank is global
+expert `local_expert_offset + e`; each expert draws its initial weights from its own keyed
+generator, so any expert-parallel layout starts from the same experts.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_dsv3.core.grouped_gemm import grouped_linear
+from megatron_dsv3.core.init import init_normal_, param_device
+from megatron_dsv3.core.linear import init_seed_of
+from megatron_dsv3.core.mlp import swiglu
+from megatron_dsv3.core.recompute import recompute_region
+
+
+class GroupedExperts(MegatronModule):
+    def __init__(self, config, num_local_experts: int, local_expert_offset: int = 0,
+                 key: str = "experts", **_unused):
+        super().__init__(config=config)
+        from megatron_dsv3.fp8.recipe import gemm_for_config
+
+        self.num_local_experts = num_local_experts
+        self.local_expert_offset = local_expert_offset
+        h, f = config.hidden_size, config.moe_ffn_hidden_size
+        device = param_device(config)
+        self.fc1_weight = torch.nn.Parameter(
+            torch.empty(num_local_experts, 2 * f, h, dtype=config.params_dtype, device=device))
+        self.fc2_weight = torch.nn.Parameter(
+            torch.empty(num_local_experts, h, f, dtype=config.params_dtype, device=device))
+        for p in (self.fc1_weight, self.fc2_weight):
+            setattr(p, "allreduce", False)  # expert parameter: reduced over expert-data-parallel
+        if config.perform_initialization:
+            seed, std = init_seed_of(config), config.init_method_std
+            for e in range(num_local_experts):
+                name = f"{key}.{local_expert_offset + e}"
+                init_normal_(self.fc1_weight[e, :f], std=std, seed=seed, key=f"{name}.fc1.gate")
+                init_normal_(self.fc1_weight[e, f:], std=std, seed=seed, key=f"{name}.fc1.up")
+                init_normal_(self.fc2_weight[e], std=std, seed=seed, key=f"{name}.fc2")
+        self.gemm = gemm_for_config(config)
+
+    def forward(self, rows: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
+        """rows [N, h] sorted by local expert -> [N, h]."""
+        h = grouped_linear(rows, self.fc1_weight, tokens_per_expert, self.gemm)
+        act, release = recompute_region(self.config, "moe_act", swiglu)
+        a = act(h)
+        out = grouped_linear(a, self.fc2_weight, tokens_per_expert, self.gemm)
+        release(out)
+        return out

@@ -1,0 +1,68 @@
+"""The DeepSeek-MoE block: shared expert + fine-grained routed experts behind a dispatcher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_dsv3.moe.dispatcher import default_dispatcher, expert_parallel_group
+
+
+@dataclass
+class DeepSeekMoESubmodules:
+    router: Union[ModuleSpec, type] = None
+    experts: Union[ModuleSpec, type] = None
+    shared_experts: Union[ModuleSpec, type] = None
+    dispatcher: Union[ModuleSpec, type] = None
+
+
+class DeepSeekMoE(MegatronModule):
+    """y = SharedExpert(x) + sum_k w_k Expert_{i_k}(x), dropless.
+
+    `router.local_tokens_per_expert` accumulates expert loads between bias updates and
+    `router.last_aux_loss` holds the latest sequence-wise aux loss, both for logging.
+    """
+
+    def __init__(self, config, submodules: DeepSeekMoESubmodules, layer_number: int = 1,
+                 pg_collection=None, **_unused):
+        super().__init__(config=config)
+        key = f"layers.{layer_number - 1}.mlp"
+        self.layer_number = layer_number
+        self.router = build_module(submodules.router, config=config, key=f"{key}.gate")
+        ep_group = expert_parallel_group(pg_collection)
+        dispatcher_cls = submodules.dispatcher or default_dispatcher(config, ep_group)
+        self.dispatcher = dispatcher_cls(config, ep_group)
+        self.experts = build_module(submodules.experts, config=config,
+                                    num_local_experts=self.dispatcher.num_local_experts,
+                                    local_expert_offset=self.dispatcher.local_expert_offset,
+                                    key=f"{key}.experts")
+        self.shared_experts = None
+        if config.moe_shared_expert_intermediate_size:
+            self.shared_experts = build_module(
+                submodules.shared_experts, config=config,
+                ffn_hidden_size=config.moe_shared_expert_intermediate_size,
+                key=f"{key}.shared_experts", tp_group=getattr(pg_collection, "tp", None))
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                **_unused):
+        s, b, h = hidden_states.shape
+        x = hidden_states.reshape(s * b, h)
+        valid = None if padding_mask is None else ~padding_mask.transpose(0, 1).reshape(-1)
+        weights, indices, aux_loss = self.router(x, seq_len=s, valid=valid)
+        rows, counts, state = self.dispatcher.dispatch(x, indices, weights)
+        expert_out = self.experts(rows, counts)
+        out = self.dispatcher.combine(expert_out, state)
+        if self.shared_experts is not None:
+            shared, _ = self.shared_experts(x)
+            out = out + shared
+        if aux_loss is not None:
+            # The aux loss joins the backward pass through the output, scaled like the main loss
+            # by whichever schedule runs us (Megatron's schedules set this scale).
+            out = MoEAuxLossAutoScaler.apply(out, aux_loss)
+        return out.view(s, b, h), None

@@ -1,0 +1,81 @@
+"""One MTP module, usable inside Megatron's MultiTokenPredictionBlock.
+
+Depth k takes the previous depth's hidden state h^{k-1}_i and the embedding of token i+k:
+    h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]      (eh_proj: 2h -> h)
+    h^k_i = RMSNorm(TransformerLayer_k(h'_i))                    (then the shared output head)
+The embedding and the output head are the main model's; the loss of depth k (labels shifted k
+further) is weighted by lambda / D and added to the main loss by the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionBlock,
+    MultiTokenPredictionBlockSubmodules,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_dsv3.core.linear import KeyedInit
+
+
+def roll_left(t: torch.Tensor) -> torch.Tensor:
+    """Shift [b, s] one position to the left along s, filling the end with 0."""
+    out = torch.roll(t, shifts=-1, dims=-1)
+    out[..., -1] = 0
+    return out
+
+
+@dataclass
+class MTPLayerSubmodules:
+    enorm: Union[ModuleSpec, type] = None
+    hnorm: Union[ModuleSpec, type] = None
+    eh_proj: Union[ModuleSpec, type] = None
+    transformer_layer: Union[ModuleSpec, type] = None
+    layer_norm: Union[ModuleSpec, type] = None
+
+
+class MTPLayer(MegatronModule):
+    def __init__(self, config, submodules: MTPLayerSubmodules, layer_number: int = 1,
+                 vp_stage=None, pg_collection=None, **_unused):
+        super().__init__(config=config)
+        self.layer_number = layer_number  # depth k, 1-based
+        self.global_number = config.num_layers + layer_number
+        h = config.hidden_size
+        norm = dict(config=config, hidden_size=h, eps=config.layernorm_epsilon)
+        self.enorm = build_module(submodules.enorm, **norm)
+        self.hnorm = build_module(submodules.hnorm, **norm)
+        tp_group = getattr(pg_collection, "tp", None)
+        self.eh_proj = build_module(
+            submodules.eh_proj, 2 * h, h, config=config, gather_output=True, bias=False,
+            skip_bias_add=False, is_expert=False, tp_comm_buffer_name="eh_proj", tp_group=tp_group,
+            init_method=KeyedInit(config, f"layers.{self.global_number - 1}.eh_proj", (h, 2 * h), 0,
+                                  tp_group))
+        self.transformer_layer = build_module(
+            submodules.transformer_layer, config=config, layer_number=layer_number,
+            global_number=self.global_number, vp_stage=vp_stage, pg_collection=pg_collection)
+        self.final_layernorm = build_module(submodules.layer_norm, **norm)
+
+    def forward(self, input_ids, position_ids, hidden_states, attention_mask, embedding=None,
+                packed_seq_params=None, **_unused):
+        """-> (h^k [s, b, h], input ids shifted once more, position ids shifted once more)."""
+        input_ids, position_ids = roll_left(input_ids), roll_left(position_ids)
+        emb = embedding(input_ids=input_ids, position_ids=position_ids)
+        x, _ = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden_states)], dim=-1))
+        x, _ = self.transformer_layer(x, attention_mask=attention_mask,
+                                      packed_seq_params=packed_seq_params)
+        return self.final_layernorm(x), input_ids, position_ids
+
+
+def mtp_block_spec(config, layer_spec: ModuleSpec, norm, column_linear) -> ModuleSpec:
+    """Megatron MultiTokenPredictionBlock spec with `config.mtp_num_layers` of our MTP layers."""
+    layer = ModuleSpec(module=MTPLayer, submodules=MTPLayerSubmodules(
+        enorm=norm, hnorm=norm, eh_proj=column_linear, transformer_layer=layer_spec, layer_norm=norm))
+    return ModuleSpec(module=MultiTokenPredictionBlock,
+                      submodules=MultiTokenPredictionBlockSubmodules(
+                          layer_specs=[layer] * (config.mtp_num_layers or 0)))

@@ -1,0 +1,97 @@
+"""Run a function in N local processes joined by torch.distributed (gloo).
+
+    results = run_distributed(fn, world_size=8, args=(...), env={"MEGATRON_DSV3_RANKS_PER_NODE": "2"})
+
+`fn(rank, world_size, *args)` runs in every process after init_process_group; its return values
+come back as a list indexed by rank. A failure on any rank raises here with that rank's traceback;
+a rank that hangs is killed after `timeout` seconds, so a test never deadlocks CI.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, env, out_dir, megatron_parallel):
+    os.environ.update(env)
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
+    import torch
+    import torch.distributed as dist
+
+    import megatron_dsv3  # noqa: F401
+
+    torch.set_num_threads(1)
+    result: Dict[str, Any]
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size)
+        if megatron_parallel is not None:
+            from megatron.core import parallel_state
+
+            parallel_state.initialize_model_parallel(**megatron_parallel)
+        result = {"ok": True, "value": fn(rank, world_size, *args)}
+    except BaseException:  # report everything, including assertion failures
+        result = {"ok": False, "error": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+def run_distributed(fn: Callable, world_size: int, args: Sequence = (),
+                    env: Optional[Dict[str, str]] = None, timeout: float = 300.0,
+                    megatron_parallel: Optional[Dict[str, Any]] = None) -> List[Any]:
+    """Run fn(rank, world_size, *args) on `world_size` gloo ranks; return the per-rank results.
+
+    `megatron_parallel`, if given, is passed to parallel_state.initialize_model_parallel (e.g.
+    {"pipeline_model_parallel_size": 2, "expert_model_parallel_size": 4}).
+    """
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args),
+                                                   dict(env or {}), out_dir, megatron_parallel))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        results, errors = [], []
+        for r in range(world_size):
+            path = os.path.join(out_dir, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                errors.append(f"rank {r}: no result (exit code {procs[r].exitcode}"
+                              f"{', killed after timeout' if r in hung else ''})")
+                results.append(None)
+                continue
+            with open(path, "rb") as f:
+                res = pickle.load(f)
+            if not res["ok"]:
+                errors.append(f"rank {r} failed:\n{res['error']}")
+            results.append(res.get("value"))
+        if errors:
+            raise RuntimeError("distributed run failed:\n" + "\n".join(errors))
+        return results
