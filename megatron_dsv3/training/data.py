@@ -1,0 +1,95 @@
+"""A corpus present on every machine — the Python standard library's source — as byte-level tokens
+in Megatron's indexed-dataset format, read through Megatron's own GPTDataset.
+
+Bytes 1..254 are text (valid UTF-8 never contains 0x00 or 0xFF); 0 is end-of-document, 255 pad.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from typing import Iterator, List
+
+import numpy
+import torch
+
+EOD, PAD, VOCAB = 0, 255, 256
+
+
+class ByteTokenizer:
+    """The tokenizer object Megatron's GPTDataset needs (eod, pad, vocab_size, identifiers)."""
+
+    eod, pad, vocab_size = EOD, PAD, VOCAB
+    unique_identifiers = {"class": "ByteTokenizer", "vocab_size": VOCAB}
+
+    def tokenize(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def detokenize(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 < int(i) < 255).decode("utf-8", errors="replace")
+
+
+def stdlib_files() -> List[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__", "test",
+                                                              "tests", "idlelib", "turtledemo"))
+        out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    return out
+
+
+def stdlib_documents(max_bytes: int) -> Iterator[bytes]:
+    """The stdlib's .py files in a fixed order, up to `max_bytes` in total."""
+    total = 0
+    for path in stdlib_files():
+        with open(path, "rb") as f:
+            data = f.read().replace(b"\x00", b"").replace(b"\xff", b"")
+        if not data:
+            continue
+        yield data
+        total += len(data)
+        if total >= max_bytes:
+            return
+
+
+def build_indexed_corpus(cache_dir: str, max_bytes: int = 8 << 20, log=print) -> str:
+    """Write the corpus as <prefix>.bin/.idx once (cached by content); return the path prefix."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    os.makedirs(cache_dir, exist_ok=True)
+    docs = list(stdlib_documents(max_bytes))
+    digest = hashlib.sha1(b"".join(hashlib.sha1(d).digest() for d in docs)).hexdigest()[:12]
+    prefix = os.path.join(cache_dir, f"stdlib_bytes_{digest}")
+    if os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin"):
+        return prefix
+    log(f"building byte-level corpus from {len(docs)} stdlib files "
+        f"({sum(map(len, docs)) / 2**20:.1f} MiB) -> {prefix}.bin/.idx")
+    tmp = prefix + f".tmp{os.getpid()}"
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=numpy.uint16)
+    for doc in docs:
+        builder.add_item(torch.from_numpy(numpy.frombuffer(doc + bytes([EOD]), dtype=numpy.uint8)
+                                          .astype(numpy.int64)))
+        builder.end_document()
+    builder.finalize(tmp + ".idx")
+    os.replace(tmp + ".bin", prefix + ".bin")
+    os.replace(tmp + ".idx", prefix + ".idx")
+    return prefix
+
+
+def build_train_dataset(prefix: str, seq_length: int, num_samples: int, seed: int, cache_dir: str):
+    """Megatron's GPTDataset over the corpus (all documents in the training split)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=([prefix], None), split="100,0,0",
+        path_to_cache=cache_dir, tokenizer=ByteTokenizer(), reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        mid_level_dataset_surplus=0.005)
+    train, _, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_samples, None, None], lambda: True, config).build()
+    return train
