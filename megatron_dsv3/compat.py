@@ -22,6 +22,9 @@ if not (MIN_MCORE <= MCORE_VERSION < MAX_MCORE):  # pragma: no cover - install-t
         "Install a supported release: pip install 'megatron-core>=0.16.1,<0.20'"
     )
 
+# From 0.18 Megatron's MultiTokenPredictionBlock expects each MTP layer to also return padding_mask.
+MTP_LAYER_RETURNS_PADDING_MASK = MCORE_VERSION >= Version("0.18")
+
 # From 0.19 the GPT builder calls a callable `--spec` attribute as spec(config[, vp_stage=...]).
 SPEC_MAY_BE_CALLABLE = MCORE_VERSION >= Version("0.19")
 

@@ -57,11 +57,15 @@ class DeepSeekV3Model(GPTModel):
                      rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None,
                      decoder_input=None, attention_mask=None, inference_params=None,
                      packed_seq_params=None, sequence_len_offset=None, runtime_gather_output=None,
-                     extra_block_kwargs=None, inference_context=None):
+                     extra_block_kwargs=None, inference_context=None, padding_mask=None,
+                     **_newer_megatron_kwargs):
         if mtp_in_postprocess:
+            # (megatron-core 0.16's MTP block takes no padding_mask; newer ones pass it on)
+            extra = {} if padding_mask is None else {"padding_mask": padding_mask}
             hidden_states = self.mtp(input_ids=input_ids, position_ids=position_ids,
                                      hidden_states=hidden_states, attention_mask=attention_mask,
-                                     packed_seq_params=packed_seq_params, embedding=self.embedding)
+                                     packed_seq_params=packed_seq_params, embedding=self.embedding,
+                                     **extra)
         if not self.post_process:
             return hidden_states
         depth = self.config.mtp_num_layers or 0

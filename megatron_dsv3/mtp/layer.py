@@ -21,6 +21,7 @@ from megatron.core.transformer.multi_token_prediction import (
 )
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_dsv3 import compat
 from megatron_dsv3.core.linear import KeyedInit
 
 
@@ -62,14 +63,17 @@ class MTPLayer(MegatronModule):
         self.final_layernorm = build_module(submodules.layer_norm, **norm)
 
     def forward(self, input_ids, position_ids, hidden_states, attention_mask, embedding=None,
-                packed_seq_params=None, **_unused):
+                packed_seq_params=None, padding_mask=None, **_unused):
         """-> (h^k [s, b, h], input ids shifted once more, position ids shifted once more)."""
         input_ids, position_ids = roll_left(input_ids), roll_left(position_ids)
         emb = embedding(input_ids=input_ids, position_ids=position_ids)
         x, _ = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden_states)], dim=-1))
         x, _ = self.transformer_layer(x, attention_mask=attention_mask,
-                                      packed_seq_params=packed_seq_params)
-        return self.final_layernorm(x), input_ids, position_ids
+                                      packed_seq_params=packed_seq_params, padding_mask=padding_mask)
+        out = self.final_layernorm(x)
+        if compat.MTP_LAYER_RETURNS_PADDING_MASK:
+            return out, input_ids, position_ids, padding_mask
+        return out, input_ids, position_ids
 
 
 def mtp_block_spec(config, layer_spec: ModuleSpec, norm, column_linear) -> ModuleSpec:
