@@ -1,0 +1,160 @@
+"""ZeRO-1 data parallelism on any torch.distributed backend: averaged gradients, sharded optimizer.
+
+Parameters fall into reduction domains: dense parameters are replicated over the data-parallel
+group, expert parameters (attribute `allreduce == False`) over the expert-data-parallel group.
+For each domain, every step:
+    1. gradients are flattened into one float32 buffer and summed over the domain's group
+       (divided by its size: data-parallel ranks see different micro-batches of the global batch),
+    2. rank i of the group owns the i-th contiguous 1/G slice of that buffer: it keeps float32
+       master weights and the inner optimizer's state (e.g. AdamW moments) for that slice only,
+       and steps them,
+    3. the updated slices are all-gathered and copied back into the model's parameters.
+The result equals the inner optimizer run on one rank over the whole global batch (up to the
+order of floating-point additions in the reduction).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def _size(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
+
+
+class _Domain:
+    """Parameters sharing one reduction group, flattened into one float32 master buffer."""
+
+    def __init__(self, name: str, params: List[torch.nn.Parameter], group, decay_mask: List[bool]):
+        self.name, self.params, self.group = name, params, group
+        self.numels = [p.numel() for p in params]
+        total = sum(self.numels)
+        world = _size(group)
+        self.shard = -(-total // world)  # ceil
+        self.padded = self.shard * world
+        flat = torch.zeros(self.padded, dtype=torch.float32)
+        offset = 0
+        for p, n in zip(params, self.numels):
+            flat[offset:offset + n] = p.detach().reshape(-1).float().cpu()
+            offset += n
+        start = _rank(group) * self.shard
+        self.master = torch.nn.Parameter(flat[start:start + self.shard].clone().to(params[0].device))
+        # per-element weight-decay mask of this rank's slice (norm weights etc. are not decayed)
+        mask = torch.zeros(self.padded, dtype=torch.bool)
+        offset = 0
+        for decay, n in zip(decay_mask, self.numels):
+            mask[offset:offset + n] = decay
+            offset += n
+        self.decay = mask[start:start + self.shard].to(params[0].device)
+
+    def flat_grad(self) -> torch.Tensor:
+        device = self.params[0].device
+        out = torch.zeros(self.padded, dtype=torch.float32, device=device)
+        offset = 0
+        for p, n in zip(self.params, self.numels):
+            if p.grad is not None:
+                out[offset:offset + n] = p.grad.reshape(-1).float()
+            offset += n
+        return out
+
+    def write_back(self, full: torch.Tensor) -> None:
+        offset = 0
+        with torch.no_grad():
+            for p, n in zip(self.params, self.numels):
+                p.copy_(full[offset:offset + n].view_as(p).to(p.dtype))
+                offset += n
+
+
+class ZeroOneOptimizer:
+    """ZeRO-1 around an inner optimizer class (torch AdamW, or our AdamW with BF16 moments).
+
+    `dp_group` reduces dense parameters, `expert_dp_group` expert parameters (None = no peers).
+    Weight decay applies to matrices only (ndim > 1), as in Megatron.
+    """
+
+    def __init__(self, params, optimizer_cls: Callable, dp_group=None, expert_dp_group=None,
+                 weight_decay: float = 0.0, **optimizer_kwargs):
+        params = [p for p in params if p.requires_grad]
+        dense = [p for p in params if getattr(p, "allreduce", True)]
+        experts = [p for p in params if not getattr(p, "allreduce", True)]
+        self.domains: List[_Domain] = []
+        for name, group_params, group in (("dense", dense, dp_group),
+                                           ("expert", experts, expert_dp_group)):
+            if group_params:
+                self.domains.append(_Domain(name, group_params, group,
+                                            [p.ndim > 1 for p in group_params]))
+        self.weight_decay = weight_decay
+        # Decay is applied by masking: the inner optimizer runs without it on the shard.
+        self.inner = optimizer_cls([d.master for d in self.domains], weight_decay=0.0,
+                                   **optimizer_kwargs)
+        self.param_groups = self.inner.param_groups
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Average gradients over each domain's group and hand this rank's slice to its master."""
+        for d in self.domains:
+            flat = d.flat_grad()
+            world = _size(d.group)
+            if world > 1:
+                dist.all_reduce(flat, group=d.group)
+                flat /= world
+            start = _rank(d.group) * d.shard
+            d.master.grad = flat[start:start + d.shard].clone()
+
+    def grad_norm_sq(self) -> torch.Tensor:
+        """Sum of squared gradient entries over all domains, computed from the owned slices
+        (call after reduce_gradients; the caller all-reduces it over the model's ranks)."""
+        total = torch.zeros((), dtype=torch.float32)
+        for d in self.domains:
+            total += d.master.grad.float().pow(2).sum().cpu()
+        return total
+
+    def scale_gradients(self, factor: float) -> None:
+        for d in self.domains:
+            d.master.grad.mul_(factor)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for d in self.domains:
+            lr = self.inner.param_groups[0]["lr"]
+            if self.weight_decay:
+                d.master.mul_(torch.where(d.decay, 1.0 - lr * self.weight_decay, 1.0))
+        self.inner.step()
+        for d in self.domains:
+            world = _size(d.group)
+            if world > 1:
+                parts = [torch.empty_like(d.master) for _ in range(world)]
+                dist.all_gather(parts, d.master.detach().contiguous(), group=d.group)
+                full = torch.cat(parts)
+            else:
+                full = d.master.detach()
+            d.write_back(full)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for d in self.domains:
+            d.master.grad = None
+            for p in d.params:
+                p.grad = None
+
+    def state_dict(self) -> Dict:
+        """This rank's shard: master slices and inner optimizer state (layout-specific)."""
+        return {"inner": self.inner.state_dict(),
+                "masters": [d.master.detach().clone() for d in self.domains],
+                "layout": [(d.name, d.padded, _size(d.group), _rank(d.group)) for d in self.domains]}
+
+    def load_state_dict(self, state: Dict) -> None:
+        layout = [(d.name, d.padded, _size(d.group), _rank(d.group)) for d in self.domains]
+        if [tuple(x) for x in state["layout"]] != layout:
+            raise ValueError(f"optimizer shard layout {state['layout']} does not match this run's "
+                             f"{layout}: resume with the same parallel layout")
+        with torch.no_grad():
+            for d, m in zip(self.domains, state["masters"]):
+                d.master.copy_(m)
+        self.inner.load_state_dict(state["inner"])
