@@ -11,5 +11,7 @@ import warnings
 # apex are absent. That is our portable path by design, so the notice is silenced.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+# TransformerConfig's own default cuda_graph_scope triggers this notice on every construction.
+warnings.filterwarnings("ignore", message="full scope is deprecated.*")
 
 __version__ = "0.1.0"
