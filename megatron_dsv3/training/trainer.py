@@ -1,9 +1,14 @@
-"""The tiny training job: DeepSeek-V3 on Megatron's data path, single process on CPU (or one GPU).
+"""The training job of the examples: DeepSeek-V3 on Megatron's data path.
 
-Each step: `micro_batches` forward/backward passes (LM loss + MTP loss + sequence-wise aux loss),
-gradient clipping, AdamW, then the aux-loss-free bias update from the step's expert loads.
-Logs per interval: LM loss, MTP loss, aux loss, tokens/s and expert-load max/mean per MoE layer;
-writes metrics.jsonl, a loss-curve plot, an expert-load heatmap and a checkpoint.
+One process on CPU, or several under torchrun (gloo on CPU, NCCL on GPU). Each step consumes one
+global batch of `micro_batch_size x micro_batches x data-parallel size` sequences; data-parallel
+rank d takes micro-batches [d*M, (d+1)*M) of it, so any layout trains on the same samples as the
+single process with `micro_batches * dp` micro-batches. A step: forward/backward of each
+micro-batch (LM loss + MTP loss + sequence-wise aux loss), gradient averaging, clipping, AdamW
+(optionally ZeRO-1 sharded, optionally BF16 moments), then the aux-loss-free bias update from the
+step's global expert loads. Rank 0 logs LM loss, MTP loss, aux loss, tokens/s and expert-load
+max/mean per MoE layer, and writes metrics.jsonl, a loss plot, an expert-load heatmap and
+checkpoints (`save_interval`; `resume` continues from one with the same losses).
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import time
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 
+from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
@@ -38,23 +45,35 @@ class TrainArgs:
     seed: int = 1234
     log_interval: int = 10
     save_dir: Optional[str] = "runs/tiny"
+    save_interval: int = 0
+    resume: Optional[str] = None
+    exit_interval: int = 0  # like Megatron's --exit-interval: save and stop at a multiple of it
     cache_dir: str = "runs/cache"
     corpus_bytes: int = 8 << 20
     recompute: bool = False
+    zero1: bool = False
     config_overrides: Dict = dataclasses.field(default_factory=dict)
 
 
-def init_single_process():
-    """A one-rank gloo world and Megatron's parallel_state (all sizes 1), if not set up yet."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
+def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1):
+    """torch.distributed from torchrun's environment (a one-rank gloo world without it) and
+    Megatron's parallel_state with the given sizes, if not set up yet."""
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, rank=int(os.environ.get("RANK", "0")), world_size=world)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                                 pipeline_model_parallel_size=pp,
+                                                 expert_model_parallel_size=ep)
+
+
+init_single_process = init_distributed
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -65,27 +84,22 @@ def lr_at(step: int, args: TrainArgs) -> float:
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model, args: TrainArgs):
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim == 1 else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def moe_layers(model):
+def moe_layers(models):
     """(global layer number, DeepSeekMoE) of every MoE layer, MTP layers included."""
     from megatron_dsv3.moe.layer import DeepSeekMoE
 
-    return [(m.layer_number, m) for m in model.modules() if isinstance(m, DeepSeekMoE)]
+    return [(m.layer_number, m) for model in models for m in model.modules()
+            if isinstance(m, DeepSeekMoE)]
 
 
-def expert_load_stats(model) -> List[Dict[str, float]]:
-    """max/mean of each MoE layer's token counts since the last bias update (1.0 = balanced)."""
+def expert_loads(models, group) -> List[Dict]:
+    """Each MoE layer's token counts per expert since the last bias update, summed over the
+    data-parallel group (the global batch), with max/mean (1.0 = perfectly balanced)."""
     stats = []
-    for layer_number, moe in moe_layers(model):
-        load = moe.router.local_tokens_per_expert
+    for layer_number, moe in moe_layers(models):
+        load = moe.router.local_tokens_per_expert.clone()
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(load, group=group)
         mean = load.mean().item()
         stats.append({"layer": layer_number, "load": load.tolist(),
                       "max_over_mean": (load.max().item() / mean) if mean > 0 else 0.0})
@@ -97,9 +111,15 @@ class Trainer:
         from megatron_dsv3.configs import get_config
         from megatron_dsv3.model import build_model
         from megatron_dsv3.training.data import build_indexed_corpus, build_train_dataset
+        from megatron_dsv3.training.zero import ZeroOneOptimizer
 
-        self.args, self.log = args, log
-        init_single_process()
+        self.args = args
+        init_distributed()
+        self.rank = dist.get_rank()
+        self.log = log if self.rank == 0 else (lambda *_: None)
+        self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.dp = dist.get_world_size(self.dp_group)
+        self.dp_rank = dist.get_rank(self.dp_group)
         torch.manual_seed(args.seed)
         overrides = dict(args.config_overrides)
         overrides.setdefault("init_seed", args.seed)
@@ -107,90 +127,168 @@ class Trainer:
             overrides.update(recompute_granularity="selective",
                              recompute_modules=["layernorm", "mla_up_proj", "moe_act"])
         self.config = get_config(args.preset, **overrides)
-        self.model = build_model(self.config)
-        self.optimizer = make_optimizer(self.model, args)
-        prefix = build_indexed_corpus(args.cache_dir, args.corpus_bytes, log=log)
-        samples = args.steps * args.micro_batches * args.micro_batch_size
-        dataset = build_train_dataset(prefix, args.seq_length, samples, args.seed, args.cache_dir)
-        self.loader = iter(torch.utils.data.DataLoader(
-            dataset, batch_size=args.micro_batch_size, shuffle=False, drop_last=True))
+        self.models = [build_model(self.config)]
+        params = [p for m in self.models for p in m.parameters()]
+        self.optimizer = ZeroOneOptimizer(
+            params, torch.optim.AdamW, dp_group=self.dp_group,
+            expert_dp_group=parallel_state.get_expert_data_parallel_group(), shard=args.zero1,
+            weight_decay=args.weight_decay, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+        if self.rank == 0:
+            prefix = build_indexed_corpus(args.cache_dir, args.corpus_bytes, log=self.log)
+        dist.barrier()
+        prefix = build_indexed_corpus(args.cache_dir, args.corpus_bytes, log=lambda *_: None)
+        samples = args.steps * args.micro_batches * self.dp * args.micro_batch_size
+        self.dataset = build_train_dataset(prefix, args.seq_length, samples, args.seed,
+                                           args.cache_dir)
         self.step = 0
         self.history: List[Dict] = []
-        n_params = sum(p.numel() for p in self.model.parameters())
-        log(f"model: {args.preset}, {n_params / 1e6:.2f}M parameters, "
-            f"{self.config.num_layers} layers (+{self.config.mtp_num_layers or 0} MTP), "
-            f"{self.config.num_moe_experts} experts top-{self.config.moe_router_topk}")
+        if args.resume:
+            self.load(args.resume)
+        n_params = sum(p.numel() for p in params)
+        self.log(f"model: {args.preset}, {n_params / 1e6:.2f}M parameters on rank 0, "
+                 f"{self.config.num_layers} layers (+{self.config.mtp_num_layers or 0} MTP), "
+                 f"{self.config.num_moe_experts} experts top-{self.config.moe_router_topk}; "
+                 f"world {dist.get_world_size()}, data-parallel {self.dp}"
+                 f"{', ZeRO-1' if args.zero1 else ''}")
 
-    def train_step(self) -> Dict:
-        args, model = self.args, self.model
-        model.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, args)
-        scale = torch.tensor(1.0 / args.micro_batches)
+    # -- data --------------------------------------------------------------------------------
+    def micro_batch(self, step: int, j: int) -> Dict[str, torch.Tensor]:
+        """Micro-batch j of this data-parallel rank in global step `step`."""
+        a = self.args
+        index = (step * self.dp + self.dp_rank) * a.micro_batches + j
+        rows = [self.dataset[index * a.micro_batch_size + k] for k in range(a.micro_batch_size)]
+        return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+
+    # -- one step ----------------------------------------------------------------------------
+    def forward_backward(self) -> Dict[str, float]:
+        """All micro-batches of this rank: mean LM loss and aux loss, tokens processed."""
+        a, model = self.args, self.models[0]
+        scale = torch.tensor(1.0 / a.micro_batches)
         MoEAuxLossAutoScaler.set_loss_scale(scale)
         MTPLossAutoScaler.set_loss_scale(scale)
-        lm_loss, tokens, aux = 0.0, 0, 0.0
-        start = time.perf_counter()
-        for _ in range(args.micro_batches):
-            batch = next(self.loader)
+        lm_loss, aux, tokens = 0.0, 0.0, 0
+        for j in range(a.micro_batches):
+            batch = self.micro_batch(self.step, j)
             per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
             mask = batch["loss_mask"].float()
             loss = (per_token * mask).sum() / mask.sum()
-            (loss / args.micro_batches).backward()
-            lm_loss += loss.item() / args.micro_batches
+            (loss / a.micro_batches).backward()
+            lm_loss += loss.item() / a.micro_batches
             tokens += batch["tokens"].numel()
-            aux += sum(float(r.last_aux_loss) for r in routers_of([model])
-                       if r.last_aux_loss is not None) / args.micro_batches
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad).item()
+            aux += sum(float(r.last_aux_loss) for r in routers_of(self.models)
+                       if r.last_aux_loss is not None) / a.micro_batches
+        return {"lm_loss": lm_loss, "aux_loss": aux, "tokens": tokens}
+
+    def train_step(self) -> Dict:
+        a = self.args
+        for m in self.models:
+            m.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, a)
+        start = time.perf_counter()
+        out = self.forward_backward()
+        self.optimizer.reduce_gradients()
+        norm_sq = self.optimizer.grad_norm_sq()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(norm_sq)
+        grad_norm = norm_sq.sqrt().item()
+        if a.clip_grad and grad_norm > a.clip_grad:
+            self.optimizer.scale_gradients(a.clip_grad / (grad_norm + 1e-6))
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        loads = expert_load_stats(model)
-        update_expert_biases([model], self.config.moe_router_bias_update_rate)
+        self.optimizer.zero_grad()
+        loads = expert_loads(self.models, self.dp_group)
+        update_expert_biases(self.models, self.config.moe_router_bias_update_rate, self.dp_group)
         elapsed = time.perf_counter() - start
-        mtp = model.pop_mtp_losses()
-        record = {"step": self.step + 1, "lm_loss": lm_loss,
-                  "mtp_loss": mtp.tolist() if mtp is not None else None, "aux_loss": aux,
-                  "grad_norm": grad_norm, "lr": lr_at(self.step, args),
-                  "tokens_per_s": tokens / elapsed,
+        metrics = torch.tensor([out["lm_loss"], out["aux_loss"]])
+        if self.dp > 1:
+            dist.all_reduce(metrics, group=self.dp_group)
+            metrics /= self.dp
+        mtp = self.models[-1].pop_mtp_losses() if hasattr(self.models[-1], "pop_mtp_losses") else None
+        if mtp is not None and self.dp > 1:
+            dist.all_reduce(mtp, group=self.dp_group)
+            mtp /= self.dp
+        record = {"step": self.step + 1, "lm_loss": metrics[0].item(),
+                  "mtp_loss": mtp.tolist() if mtp is not None else None,
+                  "aux_loss": metrics[1].item(), "grad_norm": grad_norm, "lr": lr_at(self.step, a),
+                  "tokens_per_s": out["tokens"] * self.dp / elapsed,
                   "expert_load_max_over_mean": [l["max_over_mean"] for l in loads],
                   "expert_load": [l["load"] for l in loads],
                   "moe_layers": [l["layer"] for l in loads]}
         self.step += 1
         return record
 
-    def train(self):
-        args = self.args
-        os.makedirs(args.save_dir, exist_ok=True) if args.save_dir else None
-        metrics = open(os.path.join(args.save_dir, "metrics.jsonl"), "w") if args.save_dir else None
+    def train(self) -> List[Dict]:
+        a = self.args
+        writer = self.rank == 0 and a.save_dir
+        if writer:
+            os.makedirs(a.save_dir, exist_ok=True)
+        metrics = open(os.path.join(a.save_dir, "metrics.jsonl"), "a" if a.resume else "w") \
+            if writer else None
         window: List[Dict] = []
-        while self.step < args.steps:
+        while self.step < a.steps:
             record = self.train_step()
             self.history.append(record)
             window.append(record)
             if metrics:
                 metrics.write(json.dumps(record) + "\n")
-            if self.step % args.log_interval == 0 or self.step == args.steps:
+                metrics.flush()
+            if self.step % a.log_interval == 0 or self.step == a.steps:
                 self.log(format_record(window))
                 window = []
+            if a.save_dir and a.save_interval and self.step % a.save_interval == 0:
+                self.save(os.path.join(a.save_dir, f"checkpoint_{self.step:06d}"))
+            if a.exit_interval and self.step % a.exit_interval == 0:
+                break
         if metrics:
             metrics.close()
-        if args.save_dir:
-            self.save(os.path.join(args.save_dir, "checkpoint"))
+        if a.save_dir:
+            self.save(os.path.join(a.save_dir, "checkpoint"))
+        if writer:
             from megatron_dsv3.training.plots import plot_expert_load, plot_loss
 
-            plot_loss(self.history, os.path.join(args.save_dir, "loss.png"))
-            plot_expert_load(self.history, os.path.join(args.save_dir, "expert_load.png"),
+            plot_loss(self.history, os.path.join(a.save_dir, "loss.png"))
+            plot_expert_load(self.history, os.path.join(a.save_dir, "expert_load.png"),
                              num_layers=self.config.num_layers)
         return self.history
 
+    # -- checkpoints -------------------------------------------------------------------------
     def save(self, path: str):
-        """Model (with router biases), optimizer and step, written atomically."""
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        """Per-rank files <path>/rank<r>.pt (model chunks with router biases, optimizer shard,
+        step, RNG), written to a temporary directory that replaces `path` only when every rank
+        has finished: an interrupted save never replaces the last good checkpoint."""
         tmp = path + ".tmp"
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "step": self.step, "args": dataclasses.asdict(self.args)}, tmp)
-        os.replace(tmp, path + ".pt")
-        self.log(f"saved checkpoint {path}.pt (step {self.step})")
+        if self.rank == 0:
+            os.makedirs(tmp, exist_ok=True)
+        dist.barrier()
+        torch.save({"models": [m.state_dict() for m in self.models],
+                    "optimizer": self.optimizer.state_dict(), "step": self.step,
+                    "rng": torch.get_rng_state(), "args": dataclasses.asdict(self.args),
+                    "world_size": dist.get_world_size()},
+                   os.path.join(tmp, f"rank{self.rank}.pt"))
+        dist.barrier()
+        if self.rank == 0:
+            old = path + ".old"
+            if os.path.exists(path):
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if os.path.exists(old):
+                import shutil
+
+                shutil.rmtree(old)
+        dist.barrier()
+        self.log(f"saved checkpoint {path} (step {self.step})")
+
+    def load(self, path: str):
+        state = torch.load(os.path.join(path, f"rank{self.rank}.pt"), weights_only=False)
+        if state["world_size"] != dist.get_world_size():
+            raise ValueError(f"checkpoint {path} was written by {state['world_size']} ranks; this "
+                             f"run has {dist.get_world_size()} (resume with the same layout)")
+        for m, sd in zip(self.models, state["models"]):
+            m.load_state_dict(sd)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.log(f"resumed from {path} at step {self.step}")
 
 
 def format_record(window: List[Dict]) -> str:

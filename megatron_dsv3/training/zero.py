@@ -32,11 +32,14 @@ def _rank(group) -> int:
 class _Domain:
     """Parameters sharing one reduction group, flattened into one float32 master buffer."""
 
-    def __init__(self, name: str, params: List[torch.nn.Parameter], group, decay_mask: List[bool]):
+    def __init__(self, name: str, params: List[torch.nn.Parameter], group, decay_mask: List[bool],
+                 shard: bool = True):
         self.name, self.params, self.group = name, params, group
         self.numels = [p.numel() for p in params]
         total = sum(self.numels)
-        world = _size(group)
+        # Without sharding every rank keeps the whole domain (plain data parallelism).
+        self.shard_group = group if shard else None
+        world = _size(self.shard_group)
         self.shard = -(-total // world)  # ceil
         self.padded = self.shard * world
         flat = torch.zeros(self.padded, dtype=torch.float32)
@@ -44,7 +47,7 @@ class _Domain:
         for p, n in zip(params, self.numels):
             flat[offset:offset + n] = p.detach().reshape(-1).float().cpu()
             offset += n
-        start = _rank(group) * self.shard
+        start = _rank(self.shard_group) * self.shard
         self.master = torch.nn.Parameter(flat[start:start + self.shard].clone().to(params[0].device))
         # per-element weight-decay mask of this rank's slice (norm weights etc. are not decayed)
         mask = torch.zeros(self.padded, dtype=torch.bool)
@@ -76,11 +79,12 @@ class ZeroOneOptimizer:
     """ZeRO-1 around an inner optimizer class (torch AdamW, or our AdamW with BF16 moments).
 
     `dp_group` reduces dense parameters, `expert_dp_group` expert parameters (None = no peers).
-    Weight decay applies to matrices only (ndim > 1), as in Megatron.
+    Weight decay applies to matrices only (ndim > 1), as in Megatron. With `shard=False` the
+    same object is plain data parallelism: averaged gradients, full optimizer state everywhere.
     """
 
     def __init__(self, params, optimizer_cls: Callable, dp_group=None, expert_dp_group=None,
-                 weight_decay: float = 0.0, **optimizer_kwargs):
+                 weight_decay: float = 0.0, shard: bool = True, **optimizer_kwargs):
         params = [p for p in params if p.requires_grad]
         dense = [p for p in params if getattr(p, "allreduce", True)]
         experts = [p for p in params if not getattr(p, "allreduce", True)]
@@ -89,12 +93,16 @@ class ZeroOneOptimizer:
                                            ("expert", experts, expert_dp_group)):
             if group_params:
                 self.domains.append(_Domain(name, group_params, group,
-                                            [p.ndim > 1 for p in group_params]))
+                                            [p.ndim > 1 for p in group_params], shard))
         self.weight_decay = weight_decay
         # Decay is applied by masking: the inner optimizer runs without it on the shard.
         self.inner = optimizer_cls([d.master for d in self.domains], weight_decay=0.0,
                                    **optimizer_kwargs)
-        self.param_groups = self.inner.param_groups
+
+    @property
+    def param_groups(self):
+        # Always the inner optimizer's live list (load_state_dict replaces it).
+        return self.inner.param_groups
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
@@ -105,15 +113,17 @@ class ZeroOneOptimizer:
             if world > 1:
                 dist.all_reduce(flat, group=d.group)
                 flat /= world
-            start = _rank(d.group) * d.shard
+            start = _rank(d.shard_group) * d.shard
             d.master.grad = flat[start:start + d.shard].clone()
 
     def grad_norm_sq(self) -> torch.Tensor:
-        """Sum of squared gradient entries over all domains, computed from the owned slices
-        (call after reduce_gradients; the caller all-reduces it over the model's ranks)."""
+        """This rank's share of the squared gradient norm: every gradient entry is counted by
+        exactly one rank of its domain's group (call after reduce_gradients; the caller sums
+        the shares over all ranks)."""
         total = torch.zeros((), dtype=torch.float32)
         for d in self.domains:
-            total += d.master.grad.float().pow(2).sum().cpu()
+            if d.shard_group is not None or _rank(d.group) == 0:
+                total += d.master.grad.float().pow(2).sum().cpu()
         return total
 
     def scale_gradients(self, factor: float) -> None:
@@ -128,10 +138,10 @@ class ZeroOneOptimizer:
                 d.master.mul_(torch.where(d.decay, 1.0 - lr * self.weight_decay, 1.0))
         self.inner.step()
         for d in self.domains:
-            world = _size(d.group)
+            world = _size(d.shard_group)
             if world > 1:
                 parts = [torch.empty_like(d.master) for _ in range(world)]
-                dist.all_gather(parts, d.master.detach().contiguous(), group=d.group)
+                dist.all_gather(parts, d.master.detach().contiguous(), group=d.shard_group)
                 full = torch.cat(parts)
             else:
                 full = d.master.detach()
@@ -147,10 +157,13 @@ class ZeroOneOptimizer:
         """This rank's shard: master slices and inner optimizer state (layout-specific)."""
         return {"inner": self.inner.state_dict(),
                 "masters": [d.master.detach().clone() for d in self.domains],
-                "layout": [(d.name, d.padded, _size(d.group), _rank(d.group)) for d in self.domains]}
+                "layout": self._layout()}
+
+    def _layout(self):
+        return [(d.name, d.padded, _size(d.shard_group), _rank(d.shard_group)) for d in self.domains]
 
     def load_state_dict(self, state: Dict) -> None:
-        layout = [(d.name, d.padded, _size(d.group), _rank(d.group)) for d in self.domains]
+        layout = self._layout()
         if [tuple(x) for x in state["layout"]] != layout:
             raise ValueError(f"optimizer shard layout {state['layout']} does not match this run's "
                              f"{layout}: resume with the same parallel layout")
