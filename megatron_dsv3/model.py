@@ -40,6 +40,25 @@ class DeepSeekV3Model(GPTModel):
         self.mtp_loss_tracker: List[torch.Tensor] = []
         self._keyed_init()
 
+    def setup_embeddings_and_output_layer(self):
+        """Megatron's version marks the embedding/output parameters and, when a later pipeline
+        stage needs an embedding copy (MTP), copies it from the first stage with a CUDA
+        all-reduce. Our keyed initialisation already gives every copy the same values, so only
+        the marking remains (Megatron's finalize_model_grads still all-reduces the copies'
+        gradients over the embedding group)."""
+        if self.pre_process:
+            self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
+        if self.post_process and self.output_layer.weight is not None:
+            self.output_layer.weight.is_embedding_or_output_parameter = True
+        if self.config.pipeline_model_parallel_size == 1 or not self.mtp_process:
+            return
+        if self.pre_process and not self.post_process:
+            self.embedding.word_embeddings.weight.shared_embedding = True
+        elif self.mtp_process and not self.pre_process:
+            weight = self.embedding.word_embeddings.weight
+            weight.shared = True
+            weight.shared_embedding = True
+
     def _keyed_init(self):
         if not self.config.perform_initialization:
             return

@@ -34,6 +34,8 @@ _COMMON: dict[str, Any] = dict(
     moe_aux_loss_coeff=1e-4,  # alpha of the sequence-wise auxiliary loss
     moe_router_dtype="fp32",
     moe_token_dispatcher_type="alltoall",
+    moe_grouped_gemm=True,  # routed experts always run as grouped GEMMs
+
     moe_router_topk_scaling_factor=2.5,
     mtp_num_layers=1,
     mtp_loss_scaling_factor=0.3,  # lambda: 0.3 for the first 10T tokens, then 0.1

@@ -48,16 +48,17 @@ def group_limited_mask(biased: torch.Tensor, num_groups: int, group_topk: int) -
 def route(logits: torch.Tensor, expert_bias: Optional[torch.Tensor], *, topk: int,
           num_groups: int = 1, group_topk: Optional[int] = None,
           scaling_factor: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Route T tokens over E experts: logits [T, E] -> (weights [T, topk] float32, indices [T, topk]).
+    """Route T tokens over E experts: logits [T, E] -> (weights [T, topk] float32 (or float64), indices [T, topk]).
 
     `weights` carries gradient to `logits`; `indices` do not.
     """
     T, E = logits.shape
     group_topk = num_groups if group_topk is None else group_topk
     check_routing_args(E, topk, num_groups, group_topk)
-    scores = torch.sigmoid(logits.float())
+    # at least float32 (float64 inputs stay float64)
+    scores = torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
     with torch.no_grad():
-        biased = scores if expert_bias is None else scores + expert_bias.float()
+        biased = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
         mask = group_limited_mask(biased, num_groups, group_topk)
         indices = biased.masked_fill(~mask, float("-inf")).topk(topk, dim=-1).indices
     weights = scores.gather(1, indices)

@@ -1,0 +1,74 @@
+"""Multi-token prediction: the loss is depth 1's shifted cross-entropy, and depth 1 learns t+2."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from megatron_dsv3.configs import get_config
+from megatron_dsv3.model import build_model
+from megatron_dsv3.mtp.layer import roll_left
+
+
+def test_mtp_loss_is_the_cross_entropy_of_token_t_plus_2(single_rank_world):
+    config = get_config("deepseek-v3-tiny")
+    model = build_model(config)
+    model.train()
+    b, s = 2, 16
+    ids = torch.randint(1, 255, (b, s))
+    labels = torch.roll(ids, -1, dims=1)  # next token at every position
+    pos = torch.arange(s).expand(b, s)
+    with torch.no_grad():
+        model(ids, pos, None, labels=labels)
+        got = model.pop_mtp_losses()
+        # by hand, from the modules: h0 = decoder output, depth 1 sees Emb(t+1)
+        h0 = model.decoder(model.embedding(input_ids=ids, position_ids=pos), attention_mask=None)
+        layer = model.mtp.layers[0]
+        e = model.embedding(input_ids=roll_left(ids), position_ids=roll_left(pos))
+        x, _ = layer.eh_proj(torch.cat([layer.enorm(e), layer.hnorm(h0)], -1))
+        x, _ = layer.transformer_layer(x)
+        logits, _ = model.output_layer(layer.final_layernorm(x))  # [s, b, V]
+        target = roll_left(labels)  # token t+2
+        ce = F.cross_entropy(logits.transpose(0, 1).reshape(-1, logits.shape[-1]),
+                             target.reshape(-1), reduction="none").view(b, s)
+        mask = roll_left(torch.ones(b, s))  # the last position has no t+2
+        expected = (ce * mask).sum() / mask.sum()
+    assert got.shape == (1,)
+    torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def _sequences(n, s, gen):
+    """Even positions follow a_{i+1} = 5 a_i + 1 (mod 32); odd positions are random noise
+    (symbols 32..63): token t+1 says nothing about t+2, token t determines it."""
+    out = torch.empty(n, s, dtype=torch.long)
+    a = torch.randint(0, 32, (n,), generator=gen)
+    for t in range(0, s, 2):
+        out[:, t] = a
+        out[:, t + 1] = torch.randint(32, 64, (n,), generator=gen)
+        a = (5 * a + 1) % 32
+    return out
+
+
+def test_mtp_depth_1_learns_to_predict_token_t_plus_2(single_rank_world):
+    torch.manual_seed(0)
+    config = get_config("deepseek-v3-tiny", moe_aux_loss_coeff=0.0, mtp_loss_scaling_factor=1.0)
+    model = build_model(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(1)
+    s = 24
+    pos = torch.arange(s).expand(16, s)
+    # MTP at position t predicts token t+2; count only even t (mask[t + 1] = 1 for odd t + 1)
+    mask = torch.zeros(16, s)
+    mask[:, 1::2] = 1.0
+    history = []
+    for step in range(150):
+        ids = _sequences(16, s, gen)
+        labels = torch.roll(ids, -1, dims=1)
+        loss = model(ids, pos, None, labels=labels, loss_mask=mask)
+        (loss * mask).sum().div(mask.sum()).backward()
+        opt.step()
+        opt.zero_grad()
+        history.append(model.pop_mtp_losses()[0].item())
+    start, end = sum(history[:5]) / 5, sum(history[-10:]) / 10
+    assert start > math.log(32)  # chance or worse at the start
+    assert end < 0.3, (start, end)  # t+2 predicted from t, through the noise at t+1

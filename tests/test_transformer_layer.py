@@ -1,0 +1,39 @@
+"""Dense or MoE is chosen from the global layer number, on every pipeline stage."""
+
+import torch
+
+from megatron_dsv3.configs import get_config
+from megatron_dsv3.testing.distributed import run_distributed
+
+
+def _stage(rank, world):
+    from megatron_dsv3.model import DeepSeekV3Model
+
+    config = get_config("deepseek-v3-tiny", num_layers=4, first_k_dense_replace=3,
+                        pipeline_model_parallel_size=2)
+    model = DeepSeekV3Model(config, pre_process=rank == 0, post_process=rank == 1)
+    return [(l.layer_number, l.is_moe_layer) for l in model.decoder.layers]
+
+
+def test_each_pipeline_stage_builds_the_right_layers():
+    stages = run_distributed(_stage, 2, megatron_parallel={"pipeline_model_parallel_size": 2})
+    # layers 1-3 dense, layer 4 MoE: stage 0 holds 1-2, stage 1 holds 3-4
+    assert stages == [[(1, False), (2, False)], [(3, False), (4, True)]]
+
+
+def test_layer_forward_is_pre_norm_residual(single_rank_world):
+    from megatron_dsv3.layer_specs import get_layer_spec
+    from megatron_dsv3.transformer_layer import DeepSeekV3TransformerLayer
+
+    config = get_config("deepseek-v3-tiny")
+    spec = get_layer_spec(config)
+    layer = DeepSeekV3TransformerLayer(config, spec.submodules, layer_number=1)
+    assert not layer.is_moe_layer
+    x = torch.randn(5, 2, config.hidden_size)
+    out, context = layer(x)
+    h = x + layer.self_attention(layer.input_layernorm(x))[0]
+    ref = h + layer.mlp(layer.pre_mlp_layernorm(h))[0]
+    assert context is None
+    torch.testing.assert_close(out, ref)
+    moe_layer = DeepSeekV3TransformerLayer(config, spec.submodules, layer_number=2)
+    assert moe_layer.is_moe_layer
