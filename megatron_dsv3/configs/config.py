@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
@@ -21,6 +21,12 @@ class DeepSeekV3Config(MLATransformerConfig):
 
     max_position_embeddings: int = 4096
     """Longest sequence the model is built for (GPTModel's max_sequence_length)."""
+
+    dsv3_fp8_recipe: Optional[str] = None
+    """DeepSeek-V3's fine-grained FP8 recipe in our linear layers: None (off), 'deepseek'
+    (E4M3, 1x128 activation/gradient tiles, 128x128 weight blocks, float32 scales) or
+    'deepseek-pow2' (the same with power-of-2 scales). Portable emulation on any device; see
+    megatron_dsv3.fp8.recipe for Transformer Engine's Float8BlockScaling path."""
 
     init_seed: int = 1234
     """Seed of the layout-independent weight initialisation: each weight (and each expert) draws
@@ -69,6 +75,12 @@ def validate_config(config: Any) -> None:
             f"num_attention_heads={config.num_attention_heads} must be divisible by "
             f"tensor_model_parallel_size={tp}; allowed tensor_model_parallel_size values: "
             f"{_divisors(config.num_attention_heads)}")
+    if getattr(config, "dsv3_fp8_recipe", None) is not None:
+        from megatron_dsv3.fp8.recipe import RECIPES
+
+        if config.dsv3_fp8_recipe not in RECIPES:
+            raise ValueError(f"dsv3_fp8_recipe={config.dsv3_fp8_recipe!r} is invalid: allowed "
+                             f"values are None, {', '.join(repr(r) for r in RECIPES)}")
     if getattr(config, "rope_type", "yarn") not in ("rope", "yarn"):
         raise ValueError(f"rope_type={config.rope_type!r} is invalid: allowed values are 'rope', 'yarn'")
 

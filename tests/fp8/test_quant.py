@@ -1,0 +1,126 @@
+"""Fine-grained FP8 quantisation and the blockwise GEMM against float64 references."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_dsv3.fp8.quant import (
+    AMAX_FLOOR,
+    E4M3_MAX,
+    blockwise_matmul,
+    dequantize_1x128,
+    dequantize_128x128,
+    quantize_1x128,
+    quantize_128x128,
+)
+
+
+def naive_quantize_1x128(x, pow2=False):
+    """Tile by tile in float64."""
+    K = x.shape[-1]
+    rows = x.reshape(-1, K).double()
+    q = torch.empty_like(rows)
+    scales = torch.empty(rows.shape[0], math.ceil(K / 128), dtype=torch.float64)
+    for r in range(rows.shape[0]):
+        for j in range(scales.shape[1]):
+            tile = rows[r, j * 128:(j + 1) * 128]
+            s = max(tile.abs().max().item(), AMAX_FLOOR) / E4M3_MAX
+            if pow2:
+                s = 2.0 ** math.ceil(math.log2(s))
+            scales[r, j] = s
+            q[r, j * 128:(j + 1) * 128] = (tile / s).float().to(torch.float8_e4m3fn).double()
+    return q.view(x.shape), scales.view(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("shape", [(3, 128), (2, 5, 300), (7, 64), (1, 1000)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_1x128_matches_tilewise_reference(shape, pow2):
+    x = torch.randn(shape) * torch.logspace(-3, 3, shape[-1])  # wide dynamic range along K
+    q, s = quantize_1x128(x, pow2_scales=pow2)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+    assert s.dtype == torch.float32 and s.shape == (*shape[:-1], math.ceil(shape[-1] / 128))
+    ref_q, ref_s = naive_quantize_1x128(x, pow2)
+    torch.testing.assert_close(s.double(), ref_s, rtol=1e-6, atol=0)
+    assert torch.equal(q.double(), ref_q)
+    # round trip: within E4M3's relative step (2^-3) of each tile's scale
+    err = (dequantize_1x128(q, s) - x).abs()
+    bound = s.repeat_interleave(128, -1)[..., : shape[-1]] * 16
+    assert (err <= bound).all()
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (200, 300), (64, 1000), (257, 129)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_128x128_blocks(shape, pow2):
+    w = torch.randn(shape)
+    w[: min(128, shape[0]), : min(128, shape[1])] *= 50  # one loud block must not hurt the others
+    q, s = quantize_128x128(w, pow2_scales=pow2)
+    nb, kb = math.ceil(shape[0] / 128), math.ceil(shape[1] / 128)
+    assert q.shape == w.shape and s.shape == (nb, kb)
+    for i in range(nb):
+        for j in range(kb):
+            block = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].double()
+            ref = block.abs().max().item() / E4M3_MAX
+            if pow2:
+                ref = 2.0 ** math.ceil(math.log2(ref))
+            assert abs(s[i, j].item() - ref) <= 1e-6 * ref
+            deq = dequantize_128x128(q, s)[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+            assert ((deq.double() - block).abs() <= ref * 16).all()
+
+
+def test_pow2_scales_are_powers_of_two_and_never_overflow():
+    x = torch.randn(4, 512) * 37.3
+    q, s = quantize_1x128(x, pow2_scales=True)
+    assert torch.equal(s, torch.exp2(torch.round(torch.log2(s))))
+    assert (q.float().abs() <= E4M3_MAX).all()
+    # with a power-of-2 scale >= amax/448, no element had to saturate
+    assert ((x / s.repeat_interleave(128, -1)).abs() <= E4M3_MAX).all()
+
+
+def test_zero_tile_gets_a_finite_scale_and_exact_zeros():
+    x = torch.zeros(2, 256)
+    x[1, 200] = 3.0
+    q, s = quantize_1x128(x)
+    assert torch.isfinite(s).all() and (s > 0).all()
+    assert s[0, 0] == AMAX_FLOOR / E4M3_MAX
+    assert (dequantize_1x128(q, s)[0] == 0).all()
+    w = torch.zeros(130, 130)
+    qw, sw = quantize_128x128(w)
+    assert torch.isfinite(sw).all() and (dequantize_128x128(qw, sw) == 0).all()
+
+
+def test_inf_and_nan_poison_their_tile_only():
+    x = torch.ones(2, 256)
+    x[0, 5] = float("inf")
+    x[1, 130] = float("nan")
+    q, s = quantize_1x128(x)
+    deq = dequantize_1x128(q, s)
+    assert torch.isnan(s[0, 0]) and torch.isnan(s[1, 1])
+    assert torch.isnan(deq[0, :128]).all() and torch.isnan(deq[1, 128:]).all()
+    torch.testing.assert_close(deq[0, 128:], torch.ones(128))
+    torch.testing.assert_close(deq[1, :128], torch.ones(128))
+
+
+@pytest.mark.parametrize("M,N,K", [(16, 32, 128), (5, 200, 300), (33, 129, 1000)])
+def test_blockwise_matmul_equals_float64_product_of_dequantised_blocks(M, N, K):
+    a = torch.randn(M, K)
+    b = torch.randn(N, K)
+    aq, as_ = quantize_1x128(a)
+    bq, bs = quantize_128x128(b)
+    out = blockwise_matmul(aq, as_, bq, bs, out_dtype=torch.float32)
+    assert out.shape == (M, N)
+    ref = dequantize_1x128(aq, as_).double() @ dequantize_128x128(bq, bs).double().t()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+    # and differs from the unquantised product only by quantisation error (a few percent)
+    exact = a.double() @ b.double().t()
+    assert (out.double() - exact).norm() / exact.norm() < 0.06
+    assert blockwise_matmul(aq, as_, bq, bs).dtype == torch.bfloat16
+
+
+def test_shape_errors_name_the_mismatch():
+    aq, as_ = quantize_1x128(torch.randn(4, 256))
+    bq, bs = quantize_128x128(torch.randn(8, 128))
+    with pytest.raises(ValueError, match="K=256"):
+        blockwise_matmul(aq, as_, bq, bs)
+    with pytest.raises(ValueError, match="expected \\[1, 2\\]"):
+        dequantize_128x128(quantize_128x128(torch.randn(8, 256))[0], torch.ones(2, 2))
