@@ -14,8 +14,9 @@ from typing import Sequence
 import torch
 
 
-def keyed_generator(seed: int, key: str, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device if device.type != "meta" else "cpu")
+def keyed_generator(seed: int, key: str) -> torch.Generator:
+    """A CPU generator for weight `key`: the same numbers whatever device the weight lives on."""
+    gen = torch.Generator(device="cpu")
     gen.manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
     return gen
 
@@ -27,14 +28,14 @@ def init_normal_(tensor: torch.Tensor, *, std: float, seed: int, key: str,
     if tensor.device.type == "meta":
         return
     full_shape = tuple(full_shape or tensor.shape)
-    gen = keyed_generator(seed, key, tensor.device)
+    gen = keyed_generator(seed, key)
     with torch.no_grad():
-        full = torch.empty(full_shape, dtype=torch.float32, device=tensor.device)
+        full = torch.empty(full_shape, dtype=torch.float32)
         full.normal_(0.0, std, generator=gen)
         if full_shape != tuple(tensor.shape):
             size = tensor.shape[dim]
             full = full.narrow(dim, rank * size, size)
-        tensor.copy_(full)
+        tensor.copy_(full)  # (drawn on the CPU, copied to the weight's device)
 
 
 def param_device(config) -> torch.device:

@@ -14,6 +14,7 @@ checkpoints (`save_interval`; `resume` continues from one with the same losses).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -52,6 +53,10 @@ class TrainArgs:
     corpus_bytes: int = 8 << 20
     recompute: bool = False
     zero1: bool = False
+    fp8: bool = False  # DeepSeek's fine-grained FP8 recipe in every linear layer (emulated on CPU)
+    fp8_pow2_scales: bool = False
+    bf16: bool = False  # BF16 parameters and activations (FP32 master weights in the optimizer)
+    bf16_moments: bool = False  # AdamW moments stored in BF16
     config_overrides: Dict = dataclasses.field(default_factory=dict)
 
 
@@ -126,11 +131,19 @@ class Trainer:
         if args.recompute:
             overrides.update(recompute_granularity="selective",
                              recompute_modules=["layernorm", "mla_up_proj", "moe_act"])
+        if args.fp8:
+            overrides["dsv3_fp8_recipe"] = "deepseek-pow2" if args.fp8_pow2_scales else "deepseek"
+        if args.bf16:
+            overrides.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
         self.config = get_config(args.preset, **overrides)
         self.models = [build_model(self.config)]
         params = [p for m in self.models for p in m.parameters()]
+        from megatron_dsv3.optim import AdamW
+
+        inner = (functools.partial(AdamW, moment_dtype=torch.bfloat16) if args.bf16_moments
+                 else torch.optim.AdamW)
         self.optimizer = ZeroOneOptimizer(
-            params, torch.optim.AdamW, dp_group=self.dp_group,
+            params, inner, dp_group=self.dp_group,
             expert_dp_group=parallel_state.get_expert_data_parallel_group(), shard=args.zero1,
             weight_decay=args.weight_decay, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
         if self.rank == 0:
@@ -149,7 +162,8 @@ class Trainer:
                  f"{self.config.num_layers} layers (+{self.config.mtp_num_layers or 0} MTP), "
                  f"{self.config.num_moe_experts} experts top-{self.config.moe_router_topk}; "
                  f"world {dist.get_world_size()}, data-parallel {self.dp}"
-                 f"{', ZeRO-1' if args.zero1 else ''}")
+                 f"{', ZeRO-1' if args.zero1 else ''}{', FP8' if args.fp8 else ''}"
+                 f"{', BF16' if args.bf16 else ''}{', BF16 moments' if args.bf16_moments else ''}")
 
     # -- data --------------------------------------------------------------------------------
     def micro_batch(self, step: int, j: int) -> Dict[str, torch.Tensor]:
