@@ -28,6 +28,14 @@ class DeepSeekV3Config(MLATransformerConfig):
     'deepseek-pow2' (the same with power-of-2 scales). Portable emulation on any device; see
     megatron_dsv3.fp8.recipe for Transformer Engine's Float8BlockScaling path."""
 
+    dsv3_dispatch_chunks: int = 2
+    """Expert parallelism: chunks the node-aware dispatcher pipelines, so that one chunk's
+    inter-node all-to-all, another's intra-node all-to-all and a third's experts overlap."""
+
+    dsv3_dispatch_fp8: bool = False
+    """Expert parallelism: send the dispatch payload in E4M3 with power-of-2 1x128 scales
+    (the combine stays in the compute dtype), as DeepSeek-V3 does."""
+
     init_seed: int = 1234
     """Seed of the layout-independent weight initialisation: each weight (and each expert) draws
     from its own generator keyed by this seed and the weight's global name, so a model split over
@@ -81,6 +89,10 @@ def validate_config(config: Any) -> None:
         if config.dsv3_fp8_recipe not in RECIPES:
             raise ValueError(f"dsv3_fp8_recipe={config.dsv3_fp8_recipe!r} is invalid: allowed "
                              f"values are None, {', '.join(repr(r) for r in RECIPES)}")
+    chunks = getattr(config, "dsv3_dispatch_chunks", 1)
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks <= 0:
+        raise ValueError(f"dsv3_dispatch_chunks={chunks!r} is invalid: allowed values are "
+                         "positive integers")
     if getattr(config, "rope_type", "yarn") not in ("rope", "yarn"):
         raise ValueError(f"rope_type={config.rope_type!r} is invalid: allowed values are 'rope', 'yarn'")
 

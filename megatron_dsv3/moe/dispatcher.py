@@ -46,6 +46,13 @@ class TokenDispatcher:
         """expert_output [N, h] -> [T, h] with each token's weighted sum."""
         raise NotImplementedError
 
+    def forward_experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                        experts) -> torch.Tensor:
+        """dispatch -> experts(rows, tokens_per_expert) -> combine. Dispatchers that overlap
+        communication with the expert computation override this."""
+        rows, counts, state = self.dispatch(x, indices, weights)
+        return self.combine(experts(rows, counts), state)
+
 
 def sort_by_expert(indices: torch.Tensor, num_experts: int):
     """Stable order of the T*k (token, expert) pairs by expert: (order [T*k], counts [E])."""

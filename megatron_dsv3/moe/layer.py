@@ -55,9 +55,7 @@ class DeepSeekMoE(MegatronModule):
         x = hidden_states.reshape(s * b, h)
         valid = None if padding_mask is None else ~padding_mask.transpose(0, 1).reshape(-1)
         weights, indices, aux_loss = self.router(x, seq_len=s, valid=valid)
-        rows, counts, state = self.dispatcher.dispatch(x, indices, weights)
-        expert_out = self.experts(rows, counts)
-        out = self.dispatcher.combine(expert_out, state)
+        out = self.dispatcher.forward_experts(x, indices, weights, self.experts)
         if self.shared_experts is not None:
             shared, _ = self.shared_experts(x)
             out = out + shared
