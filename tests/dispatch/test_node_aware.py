@@ -79,7 +79,59 @@ def _case(rank, world, overrides, bias, empty_rank, chunks, fp8):
             "timeline": d.last_timeline, "tokens_per_expert": c.tokens_per_expert.tolist()}
 
 
+def _errors(rank, world):
+    import os
+
+    from megatron.core import parallel_state
+
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.dispatch import NodeAwareDispatcher, ranks_per_node
+    from megatron_dsv3.dispatch.topology import build_topology
+
+    found = []
+    cfg = get_config("deepseek-v3-tiny", moe_router_num_groups=2, moe_router_group_topk=1,
+                     expert_model_parallel_size=8)
+    ep = parallel_state.get_expert_model_parallel_group()
+    try:  # 2 groups cannot be grouped by 4 nodes
+        NodeAwareDispatcher(cfg, ep)
+    except ValueError as e:
+        found.append("moe_router_num_groups" in str(e) and "[4, 8, 16]" in str(e))
+    for bad in ("0", "abc"):
+        os.environ["MEGATRON_DSV3_RANKS_PER_NODE"] = bad
+        try:
+            ranks_per_node()
+        except ValueError as e:
+            found.append("MEGATRON_DSV3_RANKS_PER_NODE" in str(e))
+    os.environ["MEGATRON_DSV3_RANKS_PER_NODE"] = "3"  # 8 ranks do not split into nodes of 3
+    try:
+        build_topology(ep)
+    except ValueError as e:
+        found.append("ranks per node" in str(e))
+    os.environ["MEGATRON_DSV3_RANKS_PER_NODE"] = "2"
+    return found
+
+
+def _flat(rank, world):
+    """The flat all-to-all baseline gives the same layer output as the node-aware dispatcher."""
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.dispatch.flat import FlatAllToAllDispatcher
+    from megatron_dsv3.layer_specs import get_layer_spec
+    from megatron_dsv3.moe.layer import DeepSeekMoE
+
+    cfg = get_config("deepseek-v3-tiny", moe_aux_loss_coeff=0.0, expert_model_parallel_size=8)
+    x, _ = _tokens(rank, cfg.hidden_size)
+    outs = []
+    for d in (None, FlatAllToAllDispatcher):
+        moe = DeepSeekMoE(cfg, get_layer_spec(cfg, dispatcher=d).submodules.moe.submodules,
+                          layer_number=2)
+        outs.append(moe(x)[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    return moe.dispatcher.counters.inter_node_copies
+
+
 def _all_cases(rank, world):
+    assert all(_errors(rank, world)) and len(_errors(rank, world)) == 4
+    _flat(rank, world)
     bias = torch.zeros(16)
     results = {"topk4": _case(rank, world, {}, bias, None, 2, False)}
     one = torch.zeros(16)
