@@ -3,7 +3,7 @@
 Activations and activation gradients: one scale per 1x128 tile along the last (reduction)
 dimension. Weights: one scale per 128x128 block. E4M3 (float8_e4m3fn, max 448):
 
-    scale = amax / 448 (amax of the tile, clamped below at 1e-4)     q = x / scale   (E4M3)
+    scale = amax / 448 (amax of the tile, clamped below at amax_floor)   q = x / scale (E4M3)
     x ~= q * scale                                                    (dequantisation)
 
 `scale` is the dequantisation multiplier — DeepSeek's checkpoints call the 128x128 weight scales
@@ -15,7 +15,12 @@ Shapes that are not multiples of 128 work: the last tile/block is partial and it
 over the elements that exist.
 
 Special values:
-- an all-zero tile gets the smallest scale 1e-4/448 (never 0 or NaN) and quantises to exact zeros;
+- `amax_floor` defaults to DeepSeek's 1e-4 (activations and weights are O(1)); activation
+  gradients are many orders smaller, so the FP8 GEMMs quantise them with GRAD_AMAX_FLOOR (1e-30,
+  only there to keep zero tiles finite — Transformer Engine's blockwise recipe likewise uses no
+  epsilon): with 1e-4, gradients of ~1e-7 would lose most of their mantissa;
+- an all-zero tile gets the smallest scale amax_floor/448 (never 0 or NaN) and quantises to
+  exact zeros;
 - a tile containing inf or NaN gets a NaN scale, so the whole tile dequantises to NaN: an overflow
   surfaces in the loss and gradient-norm checks instead of being saturated into a finite number.
 """
@@ -30,12 +35,14 @@ import torch
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-4
+GRAD_AMAX_FLOOR = 1e-30
 BLOCK = 128
 
 
-def _scale_from_amax(amax: torch.Tensor, pow2_scales: bool) -> torch.Tensor:
+def _scale_from_amax(amax: torch.Tensor, pow2_scales: bool,
+                     amax_floor: float = AMAX_FLOOR) -> torch.Tensor:
     """amax [...] float32 (NaN where the tile is not finite) -> dequantisation scale."""
-    scale = amax.clamp_min(AMAX_FLOOR) / E4M3_MAX
+    scale = amax.clamp_min(amax_floor) / E4M3_MAX
     if pow2_scales:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     return scale
@@ -61,12 +68,12 @@ def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad)) if pad else x
 
 
-def quantize_1x128(x: torch.Tensor, *, pow2_scales: bool = False
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_1x128(x: torch.Tensor, *, pow2_scales: bool = False,
+                   amax_floor: float = AMAX_FLOOR) -> Tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (q float8_e4m3fn [..., K], scale float32 [..., ceil(K/128)])."""
     K = x.shape[-1]
     tiles = _pad_last(x.float(), BLOCK).unflatten(-1, (-1, BLOCK))  # [..., kb, 128]
-    scale = _scale_from_amax(_tile_amax(tiles, -1), pow2_scales)
+    scale = _scale_from_amax(_tile_amax(tiles, -1), pow2_scales, amax_floor)
     q = _to_e4m3(tiles / scale.unsqueeze(-1)).flatten(-2)[..., :K]
     return q, scale
 

@@ -16,8 +16,8 @@ from megatron_dsv3.fp8.quant import (
 from megatron_dsv3.fp8.recipe import FP8Recipe, gemm_for_config, recipe_from_config
 
 
-def q1(t):
-    return dequantize_1x128(*quantize_1x128(t)).double()
+def q1(t, floor=1e-4):
+    return dequantize_1x128(*quantize_1x128(t, amax_floor=floor)).double()
 
 
 def qb(w):
@@ -35,10 +35,21 @@ def test_fprop_dgrad_wgrad_each_equal_their_quantised_float64_reference():
     y.backward(dy)
     torch.testing.assert_close(y.double(), q1(x.detach()) @ qb(w.detach()).t(), rtol=1e-5, atol=1e-4)
     # dgrad: dy tiled along N (its last dim), W in the same 128x128 blocks
-    torch.testing.assert_close(x.grad.double(), q1(dy) @ qb(w.detach()), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), q1(dy, 1e-30) @ qb(w.detach()), rtol=1e-5,
+                               atol=1e-4)
     # wgrad: dy^T and x^T tiled along M, the tokens
-    torch.testing.assert_close(w.grad.double(), q1(dy.t()) @ q1(x.detach().t()).t(),
+    torch.testing.assert_close(w.grad.double(), q1(dy.t(), 1e-30) @ q1(x.detach().t()).t(),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_tiny_gradients_keep_their_precision():
+    """Gradients of 1e-7 are far below the activation amax floor of 1e-4."""
+    dy = torch.randn(8, 256) * 1e-7
+    gemm = Fp8BlockwiseGemm()
+    w = torch.randn(256, 128)
+    exact = dy.double() @ w.double()
+    got = gemm.dgrad(dy, w).double()
+    assert ((got - exact).norm() / exact.norm()) < 0.06
 
 
 def test_emulated_fprop_equals_blockwise_matmul_with_promotion():

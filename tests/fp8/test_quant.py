@@ -16,7 +16,7 @@ from megatron_dsv3.fp8.quant import (
 )
 
 
-def naive_quantize_1x128(x, pow2=False):
+def naive_quantize_1x128(x, pow2=False, floor=AMAX_FLOOR):
     """Tile by tile in float64."""
     K = x.shape[-1]
     rows = x.reshape(-1, K).double()
@@ -25,7 +25,7 @@ def naive_quantize_1x128(x, pow2=False):
     for r in range(rows.shape[0]):
         for j in range(scales.shape[1]):
             tile = rows[r, j * 128:(j + 1) * 128]
-            s = max(tile.abs().max().item(), AMAX_FLOOR) / E4M3_MAX
+            s = max(tile.abs().max().item(), floor) / E4M3_MAX
             if pow2:
                 s = 2.0 ** math.ceil(math.log2(s))
             scales[r, j] = s
