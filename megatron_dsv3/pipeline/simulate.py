@@ -1,0 +1,203 @@
+"""Simulate a schedule from the same data the executor runs, and draw it.
+
+    python -m megatron_dsv3.pipeline.simulate --schedule dualpipev --pp 4 --microbatches 16 \
+        --F 1 --B 2 --W 1 --FB 2.5 [--json] [--plot out.png]
+
+Each rank executes its operation list in order; an operation starts when its rank is free and its
+inputs exist (the previous stage's forward of that micro-batch, the next stage's backward).
+Durations: F forward chunk, B full backward chunk (input and weight gradients), W weight-gradient
+part (a zero-bubble B without it takes B - W), FB an overlapped forward+backward pair. Reported:
+per-rank timeline, total time, bubble (idle time of a rank: total time minus its busy time, as in
+DeepSeek's table), and peak in-flight activations (forwards whose backward has not run, in units
+of one chunk's activations for one micro-batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+from megatron_dsv3.pipeline.schedules import SCHEDULES, Layout, Op, build, layout, neighbours
+
+
+@dataclass
+class Times:
+    F: float = 1.0
+    B: float = 2.0
+    W: float = 1.0
+    FB: float = 2.5
+
+    def of(self, op: Op) -> float:
+        if op.kind == "F":
+            return self.F
+        if op.kind == "B":
+            return self.B - self.W if op.zb else self.B
+        return self.W if op.kind == "W" else self.FB
+
+
+def simulate(name: str, ranks: int, microbatches: int, times: Times, chunks: int = 2) -> Dict:
+    ops = build(name, ranks, microbatches, chunks, times)
+    lay = layout(name, ranks, chunks)
+    done: Dict[Tuple[str, int, int], float] = {}  # (F|B, stage key, mb) -> finish time
+    clock = [0.0] * ranks
+    pos = [0] * ranks
+    timeline: List[List[Dict]] = [[] for _ in range(ranks)]
+
+    def key(rank, chunk):
+        return (lay.stage(rank, chunk), chunk if lay.name == "dualpipe" else 0)
+
+    def ready(rank, kind, chunk, mb):
+        prev, nxt = neighbours(lay, rank, chunk)
+        if kind == "F":
+            return 0.0 if prev is None else done.get(("F", key(*prev), mb))
+        own = done.get(("F", key(rank, chunk), mb))
+        if own is None:
+            return None
+        if nxt is None:
+            return own
+        down = done.get(("B", key(*nxt), mb))
+        return None if down is None else max(own, down)
+
+    remaining = sum(len(o) for o in ops)
+    while remaining:
+        progressed = False
+        for r in range(ranks):
+            if pos[r] >= len(ops[r]):
+                continue
+            op = ops[r][pos[r]]
+            if op.kind == "W":
+                start = clock[r]
+            else:
+                halves = [("F", op.chunk, op.mb), ("B", op.chunk2, op.mb2)] if op.kind == "FB" \
+                    else [(op.kind, op.chunk, op.mb)]
+                deps = [ready(r, k, c, m) for k, c, m in halves]
+                if any(d is None for d in deps):
+                    continue
+                start = max([clock[r]] + deps)
+            end = start + times.of(op)
+            for k, c, m in ([("F", op.chunk, op.mb), ("B", op.chunk2, op.mb2)]
+                            if op.kind == "FB" else [(op.kind, op.chunk, op.mb)]):
+                if k in ("F", "B"):
+                    done[(k, key(r, c), m)] = end
+            timeline[r].append({"op": str(op), "kind": op.kind, "chunk": op.chunk, "mb": op.mb,
+                                "chunk2": op.chunk2, "mb2": op.mb2, "zb": op.zb,
+                                "start": start, "end": end})
+            clock[r] = end
+            pos[r] += 1
+            remaining -= 1
+            progressed = True
+        if not progressed:
+            raise RuntimeError(f"schedule {name} deadlocks at positions {pos}")
+    total = max(clock)
+    busy = [sum(e["end"] - e["start"] for e in t) for t in timeline]
+    peak = []
+    for t in timeline:
+        live, best = 0, 0
+        for e in t:  # forwards add a micro-batch's activations, backwards release them
+            if e["kind"] in ("F", "FB"):
+                live += 1
+                best = max(best, live)
+            if e["kind"] in ("B", "FB"):
+                live -= 1
+        peak.append(best)
+    return {"schedule": name, "ranks": ranks, "microbatches": microbatches,
+            "times": vars(times), "total": total, "bubble_per_rank": [total - b for b in busy],
+            "bubble": max(total - b for b in busy), "busy_per_rank": busy,
+            "peak_activations_per_rank": peak, "peak_activations": max(peak),
+            "timeline": timeline}
+
+
+def expected_bubble(name: str, ranks: int, t: Times) -> float:
+    """DeepSeek's table; `ranks` = devices (for DualPipeV, PP/2 = devices)."""
+    if name == "1f1b":
+        return (ranks - 1) * (t.F + t.B)
+    if name == "zb1p":
+        return (ranks - 1) * (t.F + t.B - 2 * t.W)
+    if name == "dualpipe":
+        return (ranks / 2 - 1) * (t.FB + t.B - 3 * t.W)
+    if name == "dualpipev":
+        return (ranks - 1) * (t.FB + t.B - 3 * t.W)
+    raise ValueError(f"no closed form for {name}")
+
+
+def plot(result: Dict, path: str) -> None:
+    """One row per rank, one colour per micro-batch; F solid, B hatched, W light, FB split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    timeline = result["timeline"]
+    n = result["microbatches"]
+    cmap = plt.get_cmap("tab20" if n > 10 else "tab10")
+    fig, ax = plt.subplots(figsize=(max(8, result["total"] * 0.35), 0.6 * len(timeline) + 1.2))
+
+    def box(y, x0, x1, mb, kind, chunk):
+        color = cmap(mb % cmap.N)
+        style = {"F": dict(alpha=1.0, hatch=None), "B": dict(alpha=0.75, hatch="///"),
+                 "W": dict(alpha=0.35, hatch="..")}[kind]
+        ax.barh(y, x1 - x0, left=x0, height=0.8, color=color, alpha=style["alpha"],
+                hatch=style["hatch"], edgecolor="k", linewidth=0.4)
+        ax.text((x0 + x1) / 2, y, f"{kind}{mb}" + ("'" if chunk == 1 else ""), ha="center",
+                va="center", fontsize=6)
+
+    for r, events in enumerate(timeline):
+        for e in events:
+            if e["kind"] == "FB":
+                mid = (e["start"] + e["end"]) / 2
+                box(r - 0.2, e["start"], e["end"], e["mb"], "F", e["chunk"])
+                box(r + 0.2, e["start"], e["end"], e["mb2"], "B", e["chunk2"])
+                del mid
+            else:
+                box(r, e["start"], e["end"], e["mb"], e["kind"], e["chunk"])
+    ax.set_yticks(range(len(timeline)), [f"rank {r}" for r in range(len(timeline))])
+    ax.invert_yaxis()
+    ax.set_xlabel("time")
+    ax.set_title(f"{result['schedule']}: {len(timeline)} ranks, {n} micro-batches, total "
+                 f"{result['total']:g}, bubble {result['bubble']:g}, peak activations "
+                 f"{result['peak_activations']}")
+    ax.legend(handles=[Patch(facecolor="grey", label="F forward"),
+                       Patch(facecolor="grey", alpha=0.75, hatch="///", label="B backward"),
+                       Patch(facecolor="grey", alpha=0.35, hatch="..", label="W weight grad"),
+                       Patch(facecolor="white", edgecolor="k", label="F&B pair: split row; ' = chunk 1")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--schedule", required=True, choices=SCHEDULES)
+    p.add_argument("--pp", type=int, required=True, help="pipeline ranks (devices)")
+    p.add_argument("--microbatches", type=int, required=True)
+    p.add_argument("--chunks", type=int, default=2, help="model chunks per rank (interleaved)")
+    p.add_argument("--F", type=float, default=1.0)
+    p.add_argument("--B", type=float, default=2.0)
+    p.add_argument("--W", type=float, default=1.0)
+    p.add_argument("--FB", type=float, default=2.5)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", default=None)
+    a = p.parse_args(argv)
+    try:
+        res = simulate(a.schedule, a.pp, a.microbatches, Times(a.F, a.B, a.W, a.FB), a.chunks)
+    except ValueError as e:
+        p.error(str(e))
+    if a.plot:
+        plot(res, a.plot)
+    if a.json:
+        print(json.dumps(res))
+        return
+    for r, events in enumerate(res["timeline"]):
+        print(f"rank {r}: " + " ".join(f"{e['op']}@{e['start']:g}" for e in events))
+    print(f"total {res['total']:g}  bubble {res['bubble']:g} (per rank "
+          f"{[round(b, 3) for b in res['bubble_per_rank']]})  peak activations "
+          f"{res['peak_activations']} (per rank {res['peak_activations_per_rank']})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
