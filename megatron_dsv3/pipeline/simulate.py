@@ -111,7 +111,9 @@ def simulate(name: str, ranks: int, microbatches: int, times: Times, chunks: int
 
 
 def expected_bubble(name: str, ranks: int, t: Times) -> float:
-    """DeepSeek's table; `ranks` = devices (for DualPipeV, PP/2 = devices)."""
+    """DeepSeek's table; `ranks` = devices (for DualPipeV, PP/2 = devices). For DualPipe(V) the
+    closed forms are exact when W = F and B = 2F (the table's accounting); with other durations
+    the simulated schedule is the reference."""
     if name == "1f1b":
         return (ranks - 1) * (t.F + t.B)
     if name == "zb1p":

@@ -1,0 +1,134 @@
+"""DualPipeV and DualPipe on gloo give the losses and gradients of the unpipelined model."""
+
+import pytest
+import torch
+
+from megatron_dsv3.testing.distributed import run_distributed
+
+B, S = 2, 16  # micro-batch size, sequence length
+
+
+def _batches(N):
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(N):
+        ids = torch.randint(1, 255, (B, S + 1), generator=g)
+        out.append({"tokens": ids[:, :-1], "labels": ids[:, 1:],
+                    "position_ids": torch.arange(S).expand(B, S), "loss_mask": torch.ones(B, S)})
+    return out
+
+
+def _config(mtp, layers):
+    from megatron_dsv3.configs import get_config
+
+    return get_config("deepseek-v3-tiny", num_layers=layers, first_k_dense_replace=1,
+                      mtp_num_layers=1 if mtp else None)
+
+
+def forward_step(data_iterator, model):
+    from functools import partial
+
+    batch = next(data_iterator)
+    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+    def loss_func(mask, per_token):
+        total = (per_token.float() * mask).sum()
+        return total, mask.sum().to(torch.int), {"lm loss": total.detach().clone()}
+
+    return out, partial(loss_func, batch["loss_mask"])
+
+
+def _named_grads(chunks):
+    """Gradients by the reference model's parameter names (layers by global number)."""
+    out = {}
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            if name.startswith("decoder.layers."):
+                local = int(name.split(".")[2])
+                number = chunk.decoder.layers[local].layer_number
+                name = name.replace(f"decoder.layers.{local}.", f"decoder.layers.{number - 1}.", 1)
+            if p.grad is not None:
+                out[name] = p.grad.clone()
+    return out
+
+
+def _pipelined(rank, world, schedule, mtp, forward_only, N, layers):
+    from megatron_dsv3.pipeline import build_chunks, get_forward_backward_func
+
+    chunks = build_chunks(_config(mtp, layers), schedule, rank, world)
+    batches = _batches(N)
+    if schedule == "dualpipev":
+        iters = [iter(batches), iter(batches)]
+    else:  # half the micro-batches enter at each end
+        iters = [iter(batches[: N // 2]), iter(batches[N // 2:])]
+    run = get_forward_backward_func(schedule)
+    ctx = torch.no_grad() if forward_only else torch.enable_grad()
+    with ctx:
+        losses = run(forward_step_func=forward_step, data_iterator=iters, model=chunks,
+                     num_microbatches=N, seq_length=S, micro_batch_size=B,
+                     forward_only=forward_only)
+    return [float(l["lm loss"]) for l in losses], _named_grads(chunks), \
+        [[l.layer_number for l in c.decoder.layers] for c in chunks]
+
+
+def _reference(mtp, N, layers):
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    from megatron_dsv3.model import build_model
+
+    model = build_model(_config(mtp, layers))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / N))
+    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0 / N))
+    losses = []
+    for batch in _batches(N):
+        per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        total = (per_token.float() * batch["loss_mask"]).sum()
+        (total / batch["loss_mask"].sum() / N).backward()
+        losses.append(float(total))
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+CASES = [("dualpipev", 2, True, 4, 4), ("dualpipe", 2, False, 4, 4),
+         ("dualpipev", 4, True, 8, 8), ("dualpipe", 4, False, 8, 4)]
+
+
+@pytest.mark.parametrize("schedule,ranks,mtp,N,layers", CASES)
+def test_pipelined_losses_and_gradients_equal_unpipelined(single_rank_world, schedule, ranks, mtp,
+                                                          N, layers):
+    ref_losses, ref_grads = _reference(mtp, N, layers)
+    results = run_distributed(_pipelined, ranks, args=(schedule, mtp, False, N, layers),
+                              megatron_parallel={"pipeline_model_parallel_size": ranks})
+    losses = [l for r in results for l in r[0]]
+    assert sorted(losses) == pytest.approx(sorted(ref_losses), rel=1e-5)
+    seen = set()
+    for _, grads, _ in results:
+        for name, g in grads.items():
+            # the schedule adds the micro-batches' contributions in another order (and defers
+            # some weight gradients): float32 reassociation only
+            rel = ((g - ref_grads[name]).norm() / ref_grads[name].norm().clamp_min(1e-12)).item()
+            assert rel < 1e-5, (name, rel)
+            seen.add(name)
+    assert seen == set(ref_grads)  # every parameter of the model lives on some chunk
+    if schedule == "dualpipev" and ranks == 2:  # rank 0: stage 0 (layer 1), stage 3 (layer 4)
+        assert results[0][2] == [[1], [4]] and results[1][2] == [[2], [3]]
+    if schedule == "dualpipev" and ranks == 4:  # the V: rank r holds stages r and 7 - r
+        assert [r[2] for r in results] == [[[1], [8]], [[2], [7]], [[3], [6]], [[4], [5]]]
+
+
+def test_dualpipev_forward_only_evaluation(single_rank_world):
+    ref_losses, _ = _reference(True, 4, 4)
+    results = run_distributed(_pipelined, 2, args=("dualpipev", True, True, 4, 4),
+                              megatron_parallel={"pipeline_model_parallel_size": 2})
+    assert results[0][0] == pytest.approx(ref_losses, rel=1e-5) and results[1][0] == []
+
+
+def test_invalid_settings_are_refused():
+    from megatron_dsv3.pipeline.schedules import check
+
+    with pytest.raises(ValueError, match="even number of pipeline ranks"):
+        check("dualpipe", 3, 12)
+    with pytest.raises(ValueError, match="micro-batches >= 2 x ranks"):
+        check("dualpipev", 4, 6)
+    with pytest.raises(ValueError, match="allowed values are"):
+        check("gpipe", 4, 8)
