@@ -138,22 +138,20 @@ def plot(result: Dict, path: str) -> None:
     cmap = plt.get_cmap("tab20" if n > 10 else "tab10")
     fig, ax = plt.subplots(figsize=(max(8, result["total"] * 0.35), 0.6 * len(timeline) + 1.2))
 
-    def box(y, x0, x1, mb, kind, chunk):
+    def box(y, x0, x1, mb, kind, chunk, height=0.8):
         color = cmap(mb % cmap.N)
         style = {"F": dict(alpha=1.0, hatch=None), "B": dict(alpha=0.75, hatch="///"),
                  "W": dict(alpha=0.35, hatch="..")}[kind]
-        ax.barh(y, x1 - x0, left=x0, height=0.8, color=color, alpha=style["alpha"],
+        ax.barh(y, x1 - x0, left=x0, height=height, color=color, alpha=style["alpha"],
                 hatch=style["hatch"], edgecolor="k", linewidth=0.4)
         ax.text((x0 + x1) / 2, y, f"{kind}{mb}" + ("'" if chunk == 1 else ""), ha="center",
                 va="center", fontsize=6)
 
     for r, events in enumerate(timeline):
         for e in events:
-            if e["kind"] == "FB":
-                mid = (e["start"] + e["end"]) / 2
-                box(r - 0.2, e["start"], e["end"], e["mb"], "F", e["chunk"])
-                box(r + 0.2, e["start"], e["end"], e["mb2"], "B", e["chunk2"])
-                del mid
+            if e["kind"] == "FB":  # upper half: the forward, lower half: the backward
+                box(r - 0.2, e["start"], e["end"], e["mb"], "F", e["chunk"], 0.4)
+                box(r + 0.2, e["start"], e["end"], e["mb2"], "B", e["chunk2"], 0.4)
             else:
                 box(r, e["start"], e["end"], e["mb"], e["kind"], e["chunk"])
     ax.set_yticks(range(len(timeline)), [f"rank {r}" for r in range(len(timeline))])
