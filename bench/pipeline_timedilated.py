@@ -1,0 +1,190 @@
+"""Time-dilated pipeline benchmark: stages that sleep for fixed forward/backward times, real
+tensors over gloo, so P ranks do not compete for the machine's cores.
+
+    python bench/pipeline_timedilated.py [--pp 4 8] [--F 0.04 --B 0.08 --W 0.04] [--json]
+
+Per pipeline size P, same total work per rank (P stages of F/B per micro-batch; DualPipeV: 2P
+stages of half that), N = 4P micro-batches, measured iteration time and bubble (iteration time
+minus the rank's own compute time, the worst rank) for: Megatron's 1F1B (megatron-core's own
+schedule, run on CPU through megatron_dsv3.testing.megatron_cpu), torch.distributed.pipelining's
+ScheduleDualPipeV, and ours (megatron_dsv3.pipeline.forward_backward_dualpipev), set against
+DeepSeek's formulas. F&B pairs run sequentially here (F&B = F + B): no communication to hide.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_dsv3.testing.distributed import run_distributed  # noqa: E402
+
+S, MB, H = 4, 1, 16
+
+
+class SleepFn(torch.autograd.Function):
+    """Forward sleeps f; backward sleeps b - w for the input gradient and w for the weight
+    gradient (deferred to our WeightGradStore when it is deferring); the first stage, which
+    has no input gradient, sleeps the whole b in its one backward call."""
+
+    @staticmethod
+    def forward(ctx, x, weight, f, b, w, busy):
+        time.sleep(f)
+        busy[0] += f
+        ctx.b, ctx.w, ctx.busy, ctx.first = b, w, busy, not x.requires_grad
+        return x * 1.0 + weight * 0.0
+
+    @staticmethod
+    def backward(ctx, g):
+        from megatron_dsv3.core.gemm import WeightGradStore
+
+        busy, b, w = ctx.busy, ctx.b, ctx.w
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if WeightGradStore.is_deferring():
+            time.sleep(b - w)
+            busy[0] += b - w
+
+            def weight():
+                time.sleep(w)
+                busy[0] += w
+            WeightGradStore.put(weight)
+            return g, None, None, None, None, None
+        if ctx.first:  # the first stage has no input gradient: one call does the whole backward
+            t = b
+        else:  # torch's zero-bubble split calls input and weight gradients separately
+            t = (b - w if need_x else 0) + (w if need_w else 0)
+        time.sleep(t)
+        busy[0] += t
+        return (g if need_x else None), (torch.zeros(1) if need_w else None), None, None, None, None
+
+
+class SleepStage(torch.nn.Module):
+    def __init__(self, f, b, w, busy, config=None):
+        super().__init__()
+        from megatron.core.transformer.enums import ModelType
+
+        self.model_type = ModelType.encoder_or_decoder
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.f, self.b, self.w, self.busy, self.config = f, b, w, busy, config
+        self.input = None
+
+    def set_input_tensor(self, t):
+        self.input = t[0] if isinstance(t, list) else t
+
+    def forward(self, x=None):
+        inp = self.input if self.input is not None else x
+        return SleepFn.apply(inp, self.weight, self.f, self.b, self.w, self.busy)
+
+
+def _config():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=1,
+                             pipeline_dtype=torch.float32, params_dtype=torch.float32)
+
+
+def _forward_step(data_iterator, model):
+    x = next(data_iterator)
+
+    def loss_func(out):
+        loss = out.float().mean()
+        return loss, {"loss": loss.detach().clone()}
+
+    return model(x), loss_func
+
+
+def _run(rank, world, which, F, B, W, N):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    busy = [0.0]
+    data = [torch.ones(S, MB, H) for _ in range(N)]
+    dist.barrier()
+    if which == "megatron_1f1b":
+        from megatron.core.pipeline_parallel.schedules import (
+            forward_backward_pipelining_without_interleaving as fb)
+
+        from megatron_dsv3.testing.megatron_cpu import megatron_schedules_on_cpu
+
+        model = SleepStage(F, B, W, busy, _config())
+        with megatron_schedules_on_cpu():
+            start = time.perf_counter()
+            fb(forward_step_func=_forward_step, data_iterator=iter(data), model=[model],
+               num_microbatches=N, seq_length=S, micro_batch_size=MB)
+    elif which == "ours_dualpipev":
+        from megatron_dsv3.pipeline import forward_backward_dualpipev
+
+        chunks = [SleepStage(F / 2, B / 2, W / 2, busy, _config()) for _ in range(2)]
+        start = time.perf_counter()
+        forward_backward_dualpipev(forward_step_func=_forward_step,
+                                   data_iterator=[iter(data), iter(data)], model=chunks,
+                                   num_microbatches=N, seq_length=S, micro_batch_size=MB)
+    else:  # torch.distributed.pipelining's DualPipeV
+        from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
+
+        group = dist.group.WORLD
+        mods = [SleepStage(F / 2, B / 2, W / 2, busy) for _ in range(2)]
+        stages = [PipelineStage(mods[0], rank, 2 * world, torch.device("cpu"), group=group),
+                  PipelineStage(mods[1], 2 * world - 1 - rank, 2 * world, torch.device("cpu"),
+                                group=group)]
+        sched = ScheduleDualPipeV(stages, n_microbatches=N,
+                                  loss_fn=lambda out, target: out.float().mean())
+        x = torch.ones(S * N, MB, H)
+        start = time.perf_counter()
+        if rank == 0:
+            sched.step(x, target=torch.zeros(S * N, MB, H))
+        else:
+            sched.step()
+    dist.barrier()
+    return time.perf_counter() - start, busy[0]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--pp", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--F", type=float, default=0.04)
+    p.add_argument("--B", type=float, default=0.08)
+    p.add_argument("--W", type=float, default=0.04)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    from megatron_dsv3.pipeline.simulate import Times, expected_bubble
+
+    rows = []
+    for P in a.pp:
+        N = 4 * P
+        formulas = {"megatron_1f1b": expected_bubble("1f1b", P, Times(a.F, a.B, a.W, a.F + a.B)),
+                    # 2P stages of half the work; F&B pairs sequential: F&B = (F + B) / 2
+                    "ours_dualpipev": expected_bubble("dualpipev", P, Times(
+                        a.F / 2, a.B / 2, a.W / 2, (a.F + a.B) / 2)),
+                    "torch_dualpipev": expected_bubble("dualpipev", P, Times(
+                        a.F / 2, a.B / 2, a.W / 2, (a.F + a.B) / 2))}
+        for which in ("megatron_1f1b", "torch_dualpipev", "ours_dualpipev"):
+            try:
+                res = run_distributed(_run, P, args=(which, a.F, a.B, a.W, N),
+                                      megatron_parallel={"pipeline_model_parallel_size": P},
+                                      timeout=600)
+                total = max(t for t, _ in res)
+                bubble = max(t - b for t, b in res)
+                rows.append({"pp": P, "microbatches": N, "schedule": which, "iteration_s": total,
+                             "bubble_s": bubble, "formula_bubble_s": formulas[which],
+                             "ideal_s": N * (a.F + a.B)})
+            except Exception as e:  # recorded, not hidden
+                rows.append({"pp": P, "microbatches": N, "schedule": which,
+                             "error": str(e).splitlines()[-1][:300]})
+            print(json.dumps(rows[-1]), flush=True)
+    if not a.json:
+        print("| P | N | schedule | iteration (s) | bubble (s) | formula bubble (s) |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            if "error" in r:
+                print(f"| {r['pp']} | {r['microbatches']} | {r['schedule']} | error: {r['error']} | | |")
+            else:
+                print(f"| {r['pp']} | {r['microbatches']} | {r['schedule']} | {r['iteration_s']:.3f} | "
+                      f"{r['bubble_s']:.3f} | {r['formula_bubble_s']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
