@@ -1,0 +1,113 @@
+"""Streaming safetensors shards, FP8 region reads, errors that name tensor and file, atomic commits."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_dsv3.checkpoint.safetensors_io import (
+    HFReader,
+    ShardedSafetensorsWriter,
+    atomic_directory,
+)
+from megatron_dsv3.fp8.quant import quantize_128x128
+
+from hf_checkpoints import naive_dequantize
+
+
+def test_streamed_shards_read_back_bitwise_with_safetensors(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(300).to(torch.bfloat16),
+               "c": quantize_128x128(torch.randn(130, 260))[0], "d": torch.arange(7),
+               "e": torch.randn(2, 3, 4).half()}
+    plan = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    writer = ShardedSafetensorsWriter(str(tmp_path), plan, max_shard_bytes=34_000)
+    for k, v in tensors.items():
+        writer.write(k, v)
+    writer.finish()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) == 2 and files[0] == "model-00001-of-00002.safetensors"
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in tensors.values())
+    for k, v in tensors.items():
+        with safe_open(str(tmp_path / index["weight_map"][k]), framework="pt") as f:
+            got = f.get_tensor(k)
+        assert got.dtype == v.dtype and torch.equal(got.view(torch.uint8), v.view(torch.uint8)), k
+
+
+def test_writer_refuses_unplanned_or_missing_tensors(tmp_path):
+    writer = ShardedSafetensorsWriter(str(tmp_path), [("a", torch.float32, (2,)),
+                                                      ("b", torch.float32, (2,))])
+    with pytest.raises(ValueError, match="b"):
+        writer.write("b", torch.zeros(2))  # out of order
+    writer.write("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="plan expects b"):
+        writer.write("b", torch.zeros(3))
+    with pytest.raises(ValueError, match="tensor b and 0 more were never written"):
+        writer.finish()
+    writer.abort()
+
+
+def _fp8_checkpoint(path, w):
+    q, s = quantize_128x128(w)
+    save_file({"w.weight": q, "w.weight_scale_inv": s, "n.weight": torch.randn(4)},
+              str(path / "model.safetensors"))
+    return naive_dequantize(q, s)
+
+
+def test_fp8_regions_dequantise_like_the_whole_tensor(tmp_path):
+    w = torch.randn(300, 270) * torch.logspace(-2, 2, 270)  # blocks with very different scales
+    full = _fp8_checkpoint(tmp_path, w)
+    reader = HFReader(str(tmp_path))
+    assert torch.equal(reader.read("w.weight"), full)
+    assert (full - w).abs().max() > 0  # a lossy copy: the test compares against the blocks
+    for rows, cols in [((0, 300), (0, 270)), ((5, 140), (100, 260)), ((128, 256), (0, 1)),
+                       ((299, 300), (269, 270)), ((17, 18), (3, 250))]:
+        region = (slice(*rows), slice(*cols))
+        assert torch.equal(reader.read("w.weight", region), full[region]), region
+
+
+def test_missing_shard_names_the_tensor_and_the_file(tmp_path):
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "one.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "one.safetensors", "b": "two.safetensors"}}))
+    reader = HFReader(str(tmp_path))
+    with pytest.raises(ValueError, match=r"tensor b: shard file .*two.safetensors is missing"):
+        reader.read("b")
+    with pytest.raises(ValueError, match=r"tensor c is missing .*model.safetensors.index.json"):
+        reader.check("c", (2,))
+
+
+def test_wrong_shape_and_wrong_scale_blocks_name_the_tensor_and_the_file(tmp_path):
+    q, s = quantize_128x128(torch.randn(200, 100))
+    save_file({"w.weight": q, "w.weight_scale_inv": s[:1], "v.weight": q.clone(),
+               "u.weight": torch.zeros(3, 4)}, str(tmp_path / "model.safetensors"))
+    reader = HFReader(str(tmp_path))
+    with pytest.raises(ValueError, match=r"u.weight in .*model.safetensors has shape \[3, 4\]"):
+        reader.check("u.weight", (4, 3))
+    with pytest.raises(ValueError, match=r"w.weight_scale_inv in .*model.safetensors has shape "
+                                         r"\[1, 1\]; a \[200, 100\] weight in 128x128 blocks needs \[2, 1\]"):
+        reader.check("w.weight", (200, 100))
+    with pytest.raises(ValueError, match=r"FP8 tensor v.weight in .*model.safetensors has no "
+                                         r"v.weight_scale_inv"):
+        reader.check("v.weight", (200, 100))
+
+
+def test_failed_write_leaves_the_last_good_directory_untouched(tmp_path):
+    target = tmp_path / "ckpt"
+    with atomic_directory(str(target)) as tmp:
+        (open(os.path.join(tmp, "good"), "w")).write("v1")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_directory(str(target)) as tmp:
+            (open(os.path.join(tmp, "good"), "w")).write("v2 half")
+            raise RuntimeError("interrupted")
+    assert (target / "good").read_text() == "v1"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no half-written sibling left
+    with atomic_directory(str(target)) as tmp:
+        (open(os.path.join(tmp, "good"), "w")).write("v3")
+    assert (target / "good").read_text() == "v3" and sorted(os.listdir(tmp_path)) == ["ckpt"]
+    with pytest.raises(ValueError, match="exists"):
+        with atomic_directory(str(target), overwrite=False):
+            pass
