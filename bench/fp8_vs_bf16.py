@@ -3,7 +3,7 @@
     python bench/fp8_vs_bf16.py [--steps 300] [--last 100] [--json] [--plot docs/img/fp8_vs_bf16.png]
 
 Both runs: same seed, same data (the stdlib corpus of the main job), BF16 parameters and
-activations, BF16 AdamW moments; the FP8 run additionally quantises every GEMM input of the
+activations (optionally BF16 AdamW moments); the FP8 run additionally quantises every GEMM input of the
 linear layers (1x128 activation/gradient tiles, 128x128 weight blocks). Reports the relative loss
 difference averaged over the last `--last` steps (the report's figure of merit: below 0.25%).
 """
@@ -17,8 +17,8 @@ import megatron_dsv3  # noqa: F401
 from megatron_dsv3.training.trainer import TrainArgs, Trainer
 
 
-def run(steps, fp8, cache_dir):
-    args = TrainArgs(steps=steps, bf16=True, bf16_moments=True, fp8=fp8, save_dir=None,
+def run(steps, fp8, cache_dir, bf16_moments):
+    args = TrainArgs(steps=steps, bf16=True, bf16_moments=bf16_moments, fp8=fp8, save_dir=None,
                      cache_dir=cache_dir, log_interval=50)
     return Trainer(args, log=lambda m: print(("fp8 " if fp8 else "bf16 ") + m, flush=True)).train()
 
@@ -28,11 +28,12 @@ def main():
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--last", type=int, default=100)
     p.add_argument("--plot", default=None)
+    p.add_argument("--bf16-moments", action="store_true", help="AdamW moments in BF16 in both runs")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     cache = os.path.join(tempfile.gettempdir(), "dsv3_bench_cache")
-    bf16 = [r["lm_loss"] for r in run(a.steps, False, cache)]
-    fp8 = [r["lm_loss"] for r in run(a.steps, True, cache)]
+    bf16 = [r["lm_loss"] for r in run(a.steps, False, cache, a.bf16_moments)]
+    fp8 = [r["lm_loss"] for r in run(a.steps, True, cache, a.bf16_moments)]
     tail = slice(len(bf16) - a.last, len(bf16))
     rel = [abs(f - b) / b for f, b in zip(fp8[tail], bf16[tail])]
     mean_b, mean_f = sum(bf16[tail]) / a.last, sum(fp8[tail]) / a.last

@@ -22,6 +22,11 @@ from megatron_dsv3.core.gemm import WeightGradStore
 from megatron_dsv3.pipeline.schedules import Layout, Op, build, check, layout, neighbours
 
 
+# Timing of this rank's last pipelined step: wall time, time waiting on other stages
+# (activations or gradients not there yet) and their ratio, the measured bubble fraction.
+LAST_STEP_STATS: Dict[str, float] = {}
+
+
 def _sequential(run_forward: Callable[[], None], run_backward: Callable[[], None]) -> None:
     run_forward()
     run_backward()
@@ -56,6 +61,7 @@ class _Runner:
         self.losses: Dict[Tuple[int, int], object] = {}
         self.num_tokens = torch.zeros((), dtype=torch.int)
         self.global_rank = dist.get_process_group_ranks(group)
+        self.recv_wait = 0.0  # seconds spent waiting for another stage: this rank's bubble
         self.device = next(model[0].parameters()).device
 
     # -- point to point --------------------------------------------------------------------------
@@ -74,9 +80,13 @@ class _Runner:
         from_stage = self.lay.stage(*src)
         if src[0] == self.rank:
             return self.local.pop((kind, from_stage, mb))
+        import time
+
         buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        t0 = time.perf_counter()
         dist.irecv(buf, src=self.global_rank[src[0]], group=self.group,
                    tag=self._tag(kind, from_stage, direction, mb)).wait()
+        self.recv_wait += time.perf_counter() - t0
         return buf
 
     def _send(self, kind: str, chunk: int, mb: int, tensor: torch.Tensor) -> None:
@@ -137,6 +147,9 @@ class _Runner:
             self._send("B", chunk, mb, x.grad)
 
     def run(self, ops: List[Op]) -> None:
+        import time
+
+        start = time.perf_counter()
         for op in ops:
             if op.kind == "F":
                 self.forward(op.chunk, op.mb)
@@ -150,6 +163,9 @@ class _Runner:
         for work, _ in self.sends:
             work.wait()
         self.sends.clear()
+        wall = time.perf_counter() - start
+        LAST_STEP_STATS.update(wall_s=wall, recv_wait_s=self.recv_wait,
+                               bubble_fraction=self.recv_wait / wall if wall > 0 else 0.0)
 
 
 def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model, num_microbatches,

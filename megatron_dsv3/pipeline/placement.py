@@ -17,10 +17,10 @@ from megatron_dsv3.pipeline.schedules import layout
 
 
 def stage_layer_ranges(num_layers: int, stages: int) -> List[Tuple[int, int]]:
-    """[(first, last + 1)] global 1-based layer numbers per stage."""
-    if stages > num_layers:
-        raise ValueError(f"num_layers={num_layers} cannot fill {stages} pipeline stages: allowed "
-                         f"are at least as many layers as stages")
+    """[(first, last + 1)] global 1-based layer numbers per stage. With fewer layers than stages
+    the last stages hold none (the last one still runs the final norm, the head and MTP)."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers={num_layers} is invalid: allowed values are >= 1")
     base, extra = divmod(num_layers, stages)
     out, start = [], 1
     for s in range(stages):

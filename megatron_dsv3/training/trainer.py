@@ -57,6 +57,11 @@ class TrainArgs:
     fp8_pow2_scales: bool = False
     bf16: bool = False  # BF16 parameters and activations (FP32 master weights in the optimizer)
     bf16_moments: bool = False  # AdamW moments stored in BF16
+    pp: int = 1  # pipeline ranks; > 1 trains under DualPipeV (rank r holds stages r and 2P-1-r)
+    ep: int = 1  # expert-parallel ranks (node-aware two-stage dispatcher)
+    ranks_per_node: int = 0  # simulate nodes of this many ranks (MEGATRON_DSV3_RANKS_PER_NODE)
+    dispatch_fp8: bool = False  # E4M3 dispatch payload with power-of-2 1x128 scales
+    dispatch_chunks: int = 2  # chunks of the dispatch/expert/combine pipeline
     config_overrides: Dict = dataclasses.field(default_factory=dict)
 
 
@@ -119,8 +124,19 @@ class Trainer:
         from megatron_dsv3.training.zero import ZeroOneOptimizer
 
         self.args = args
-        init_distributed()
+        if args.ranks_per_node:
+            os.environ["MEGATRON_DSV3_RANKS_PER_NODE"] = str(args.ranks_per_node)
+        init_distributed(pp=args.pp, ep=args.ep)
         self.rank = dist.get_rank()
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.pp_rank = dist.get_rank(self.pp_group)
+        if args.pp > 1 and args.micro_batches < 2 * args.pp:
+            raise ValueError(f"micro_batches={args.micro_batches} is too few for DualPipeV over "
+                             f"pp={args.pp} ranks: allowed values are >= {2 * args.pp}")
+        if args.ep > 1:
+            from megatron_dsv3.dispatch import initialize_dispatch_groups
+
+            initialize_dispatch_groups()
         self.log = log if self.rank == 0 else (lambda *_: None)
         self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.dp = dist.get_world_size(self.dp_group)
@@ -135,9 +151,21 @@ class Trainer:
             overrides["dsv3_fp8_recipe"] = "deepseek-pow2" if args.fp8_pow2_scales else "deepseek"
         if args.bf16:
             overrides.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
+        overrides.update(pipeline_model_parallel_size=args.pp, expert_model_parallel_size=args.ep,
+                         dsv3_dispatch_fp8=args.dispatch_fp8,
+                         dsv3_dispatch_chunks=args.dispatch_chunks)
         self.config = get_config(args.preset, **overrides)
-        self.models = [build_model(self.config)]
-        params = [p for m in self.models for p in m.parameters()]
+        if args.pp > 1:
+            from megatron_dsv3.pipeline import build_chunks
+
+            self.models = build_chunks(self.config, "dualpipev", self.pp_rank, args.pp)
+        else:
+            self.models = [build_model(self.config)]
+        params, seen = [], set()
+        for p in (p for m in self.models for p in m.parameters()):
+            if id(p) not in seen:  # rank 0's two DualPipeV chunks share the embedding
+                seen.add(id(p))
+                params.append(p)
         from megatron_dsv3.optim import AdamW
 
         inner = (functools.partial(AdamW, moment_dtype=torch.bfloat16) if args.bf16_moments
@@ -161,7 +189,9 @@ class Trainer:
         self.log(f"model: {args.preset}, {n_params / 1e6:.2f}M parameters on rank 0, "
                  f"{self.config.num_layers} layers (+{self.config.mtp_num_layers or 0} MTP), "
                  f"{self.config.num_moe_experts} experts top-{self.config.moe_router_topk}; "
-                 f"world {dist.get_world_size()}, data-parallel {self.dp}"
+                 f"world {dist.get_world_size()}, data-parallel {self.dp}, "
+                 f"pipeline {args.pp}{' (DualPipeV)' if args.pp > 1 else ''}, "
+                 f"expert-parallel {args.ep}"
                  f"{', ZeRO-1' if args.zero1 else ''}{', FP8' if args.fp8 else ''}"
                  f"{', BF16' if args.bf16 else ''}{', BF16 moments' if args.bf16_moments else ''}")
 
@@ -174,8 +204,43 @@ class Trainer:
         return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
 
     # -- one step ----------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        """Megatron-style forward step: (output, loss_func) for one micro-batch."""
+        batch = next(data_iterator)
+        out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        mask = batch["loss_mask"].float()
+
+        def loss_func(per_token):
+            total = (per_token.float() * mask).sum()
+            return total, mask.sum().to(torch.int), {"lm loss": (total / mask.sum()).detach()}
+
+        return out, loss_func
+
+    def forward_backward_pipelined(self) -> Dict[str, float]:
+        """DualPipeV over the pipeline group; the loss lives on pipeline rank 0 (V's last stage)
+        and is broadcast to the other stages for logging."""
+        from megatron_dsv3.pipeline import forward_backward_dualpipev
+        from megatron_dsv3.pipeline.executor import LAST_STEP_STATS
+
+        a = self.args
+        batches = [self.micro_batch(self.step, j) for j in range(a.micro_batches)]
+        records = forward_backward_dualpipev(
+            forward_step_func=self._forward_step, data_iterator=[iter(batches), iter(batches)],
+            model=self.models, num_microbatches=a.micro_batches, seq_length=a.seq_length,
+            micro_batch_size=a.micro_batch_size)
+        lm = torch.tensor([sum(float(r["lm loss"]) for r in records) / a.micro_batches
+                           if records else 0.0])
+        dist.broadcast(lm, src=dist.get_process_group_ranks(self.pp_group)[0], group=self.pp_group)
+        aux = sum(float(r.last_aux_loss) for r in routers_of(self.models)
+                  if r.last_aux_loss is not None) / a.micro_batches
+        return {"lm_loss": lm.item(), "aux_loss": aux,
+                "tokens": a.micro_batches * a.micro_batch_size * a.seq_length,
+                "bubble_fraction": LAST_STEP_STATS.get("bubble_fraction", 0.0)}
+
     def forward_backward(self) -> Dict[str, float]:
         """All micro-batches of this rank: mean LM loss and aux loss, tokens processed."""
+        if self.args.pp > 1:
+            return self.forward_backward_pipelined()
         a, model = self.args, self.models[0]
         scale = torch.tensor(1.0 / a.micro_batches)
         MoEAuxLossAutoScaler.set_loss_scale(scale)
@@ -217,19 +282,54 @@ class Trainer:
         if self.dp > 1:
             dist.all_reduce(metrics, group=self.dp_group)
             metrics /= self.dp
-        mtp = self.models[-1].pop_mtp_losses() if hasattr(self.models[-1], "pop_mtp_losses") else None
+        mtp = self.mtp_losses()
         if mtp is not None and self.dp > 1:
             dist.all_reduce(mtp, group=self.dp_group)
             mtp /= self.dp
+        traffic = self.dispatch_traffic()
         record = {"step": self.step + 1, "lm_loss": metrics[0].item(),
                   "mtp_loss": mtp.tolist() if mtp is not None else None,
                   "aux_loss": metrics[1].item(), "grad_norm": grad_norm, "lr": lr_at(self.step, a),
                   "tokens_per_s": out["tokens"] * self.dp / elapsed,
                   "expert_load_max_over_mean": [l["max_over_mean"] for l in loads],
                   "expert_load": [l["load"] for l in loads],
-                  "moe_layers": [l["layer"] for l in loads]}
+                  "moe_layers": [l["layer"] for l in loads],
+                  "bubble_fraction": out.get("bubble_fraction"),
+                  "inter_node_bytes_per_token": traffic}
         self.step += 1
         return record
+
+    def mtp_losses(self) -> Optional[torch.Tensor]:
+        """Mean MTP loss per depth of this step, on every pipeline rank (MTP lives on the last
+        stage: pipeline rank 0 under DualPipeV)."""
+        depth = self.config.mtp_num_layers or 0
+        if not depth:
+            return None
+        value = None
+        for m in self.models:
+            if getattr(m, "mtp_process", False):
+                value = m.pop_mtp_losses()
+        if self.args.pp > 1:
+            value = value if value is not None else torch.zeros(depth)
+            dist.broadcast(value, src=dist.get_process_group_ranks(self.pp_group)[0],
+                           group=self.pp_group)
+        return value
+
+    def dispatch_traffic(self) -> Optional[float]:
+        """Inter-node bytes per token of this step's expert dispatch, over all ranks."""
+        from megatron_dsv3.dispatch import NodeAwareDispatcher
+
+        dispatchers = [m.dispatcher for _, m in moe_layers(self.models)
+                       if isinstance(m.dispatcher, NodeAwareDispatcher)]
+        if not dispatchers:
+            return None
+        sent = torch.tensor([float(sum(d.counters.inter_node_bytes for d in dispatchers))])
+        for d in dispatchers:
+            d.counters.reset()
+        dist.all_reduce(sent)  # every rank's MoE layers (all stages, all data-parallel ranks)
+        a = self.args
+        tokens = a.micro_batches * a.micro_batch_size * a.seq_length * self.dp  # the global batch
+        return sent.item() / tokens
 
     def train(self) -> List[Dict]:
         a = self.args
@@ -315,6 +415,11 @@ def format_record(window: List[Dict]) -> str:
     if last["mtp_loss"] is not None:
         mtp = [sum(r["mtp_loss"][d] for r in window) / n for d in range(len(last["mtp_loss"]))]
         parts.append("mtp " + "/".join(f"{m:.4f}" for m in mtp))
-    parts += [f"aux {aux:.2e}", f"lr {last['lr']:.2e}", f"{tps:,.0f} tok/s",
+    parts += [f"aux {aux:.2e}", f"lr {last['lr']:.2e}", f"{tps:,.0f} tok/s"]
+    if last.get("bubble_fraction") is not None:
+        parts.append(f"bubble {sum(r['bubble_fraction'] for r in window) / n:.1%}")
+    if last.get("inter_node_bytes_per_token") is not None:
+        parts.append(f"inter-node {last['inter_node_bytes_per_token']:,.0f} B/token")
+    parts += [
               "load max/mean " + " ".join(f"{v:.2f}" for v in last["expert_load_max_over_mean"])]
     return " | ".join(parts)
