@@ -17,6 +17,7 @@ setup(
         "megatron-core>=0.16.1,<0.20",
         "numpy",
         "packaging",
+        "psutil",  # megatron-core's distributed-checkpoint writer needs it and does not declare it
     ],
     extras_require={
         # Transformer Engine is GPU-only; it is used when it imports and CUDA is present.

@@ -2,7 +2,8 @@
 
     python bench/fp8_quant_error.py [--json]
 
-A = activations [M, K], B = weights [N, K] (std 0.02), E4M3 everywhere, errors in float64, for
+A = activations [M, K], B = weights [N, K] (std 0.02), E4M3 everywhere, errors in float64, at two
+shapes (1024 x 1024 x 2048, and 512 tokens through an expert's fc1: N=2048, K=7168), for
 per-tensor scaling, per-row scaling (per token / per output channel), DeepSeek-V3's 1x128 tiles
 for A with 128x128 blocks for B, and 1x128 tiles for both. Two kinds of outliers:
 - outlier tokens (a few rows of A x s): error = mean over rows of each row's relative error,
@@ -71,26 +72,31 @@ def channel_outliers(M, N, K, n, scale, gen):
     return res
 
 
+SHAPES = ((1024, 1024, 2048), (512, 2048, 7168))  # (M tokens, N, K); the second: an expert fc1
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for kind, fn in (("tokens", token_outliers), ("channels", channel_outliers)):
-        for n, scale in ((0, 1.0), (4, 1e2), (4, 1e3), (4, 1e4), (4, 1e5)):
-            if kind == "channels" and n == 0:
-                continue
-            rows.append({"outliers": kind, "count": n, "scale": scale, "shape": "1024x1024x2048",
-                         **fn(1024, 1024, 2048, n, scale, gen)})
+    for M, N, K in SHAPES:
+        for kind, fn in (("tokens", token_outliers), ("channels", channel_outliers)):
+            for n, scale in ((0, 1.0), (4, 1e2), (4, 1e3), (4, 1e4), (4, 1e5)):
+                if kind == "channels" and n == 0:
+                    continue
+                rows.append({"outliers": kind, "count": n, "scale": scale, "shape": f"{M}x{N}x{K}",
+                             **fn(M, N, K, n, scale, gen)})
     if args.json:
         print(json.dumps(rows))
         return
-    print("| outliers (x scale) | " + " | ".join(SCHEMES) + " |")
-    print("|---|" + "---|" * len(SCHEMES))
+    print("| M x N x K | outliers (x scale) | " + " | ".join(SCHEMES) + " |")
+    print("|---|---|" + "---|" * len(SCHEMES))
     for r in rows:
         label = "none" if r["count"] == 0 else f"{r['count']} {r['outliers']} x{r['scale']:g}"
-        print(f"| {label} | " + " | ".join(f"{100 * r[k]:.2f}%" for k in SCHEMES) + " |")
+        print(f"| {r['shape']} | {label} | " + " | ".join(f"{100 * r[k]:.2f}%" for k in SCHEMES)
+              + " |")
 
 
 if __name__ == "__main__":

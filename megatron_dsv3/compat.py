@@ -6,6 +6,7 @@ The rest of the package imports Megatron through these names only where the API 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 from typing import Optional
@@ -58,3 +59,50 @@ def default_pg_collection():
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+class _CudaOnCpu:
+    @staticmethod
+    def current_device():
+        return "cpu"
+
+    @staticmethod
+    def synchronize(*_a, **_k):
+        return None
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnCpu:
+    """A view of torch in which CUDA devices map to the CPU (see `cuda_on_cpu`)."""
+
+    cuda = _CudaOnCpu()
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in ("zeros", "ones", "empty", "tensor", "full"):
+            def on_cpu(*a, _attr=attr, **k):
+                if str(k.get("device", "")).startswith("cuda"):
+                    k["device"] = "cpu"
+                return _attr(*a, **k)
+            return on_cpu
+        return attr
+
+
+@contextlib.contextmanager
+def cuda_on_cpu(*modules):
+    """Run megatron-core code that hard-codes CUDA (device="cuda", torch.cuda.synchronize) on a
+    machine without CUDA: the given modules see a torch whose CUDA devices are the CPU. A no-op
+    when CUDA is available."""
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = [m.torch for m in modules]
+    for m in modules:
+        m.torch = _TorchOnCpu()
+    try:
+        yield
+    finally:
+        for m, t in zip(modules, saved):
+            m.torch = t

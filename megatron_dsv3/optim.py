@@ -4,7 +4,8 @@ Master weights and gradients stay FP32; the first and second moments are kept in
 (BF16 by default) and every update is computed in FP32 from them:
     m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2          (stored back in moment_dtype)
     p = p (1 - lr wd) - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
-Halves the optimizer's moment memory (8 -> 4 bytes per parameter). Megatron-LM's equivalent
+Halves the optimizer's moment memory (8 -> 4 bytes per parameter). Parameters must be FP32 (the
+master weights); BF16 model weights get FP32 copies from the caller (ZeroOneOptimizer). Megatron-LM's equivalent
 flags are --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16 (Transformer Engine's FusedAdam).
 """
 
@@ -24,6 +25,13 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: moment_dtype={moment_dtype} is invalid: allowed values are "
                              "torch.bfloat16, torch.float16, torch.float32")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        low = [tuple(p.shape) for g in self.param_groups for p in g["params"]
+               if p.dtype != torch.float32]
+        if low:
+            raise ValueError(f"AdamW: params must be the FP32 master weights (allowed dtype: "
+                             f"torch.float32); got lower-precision parameters of shapes {low[:4]}. "
+                             "Keep BF16 model weights and hand FP32 copies to the optimizer "
+                             "(megatron_dsv3.training.zero.ZeroOneOptimizer does)")
         self.moment_dtype = moment_dtype
 
     def load_state_dict(self, state_dict):

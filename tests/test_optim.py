@@ -50,3 +50,10 @@ def test_state_dict_round_trip_continues_identically():
 def test_bad_arguments_name_the_field():
     with pytest.raises(ValueError, match="moment_dtype"):
         AdamW([torch.nn.Parameter(torch.zeros(1))], moment_dtype=torch.int8)
+    with pytest.raises(ValueError, match="betas"):
+        AdamW([torch.nn.Parameter(torch.zeros(1))], betas=(0.9, 1.0))
+
+
+def test_bf16_parameters_are_refused_because_master_weights_are_fp32():
+    with pytest.raises(ValueError, match="FP32 master weights.*torch.float32"):
+        AdamW([torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.bfloat16))])

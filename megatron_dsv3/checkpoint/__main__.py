@@ -63,28 +63,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    import torch
-
-    import megatron_dsv3  # noqa: F401  (quiets megatron-core's import notices)
-    from megatron_dsv3.checkpoint.dist import dist_to_hf, hf_to_dist
-
     if args.to == "dist":
         misplaced = [f for f in ("hf_config", "max_shard_size") if getattr(args, f) is not None]
         misplaced += ["no_fp8"] if args.no_fp8 else []
         if misplaced:
             parser.error(f"--{misplaced[0].replace('_', '-')} applies to --to hf only")
-        hf_to_dist(args.input, args.output, tp=args.tp or 1, pp=args.pp or 1, ep=args.ep or 1,
-                   dtype=getattr(torch, DTYPES[args.dtype or "bf16"]),
-                   allow_unused=args.allow_unused, overwrite=args.overwrite,
-                   progress=not args.quiet)
     else:
         misplaced = [f for f in ("tp", "pp", "ep", "dtype") if getattr(args, f) is not None]
         if misplaced:
             parser.error(f"--{misplaced[0]} applies to --to dist only: a distributed checkpoint is "
                          "read in whatever layout wrote it")
-        dist_to_hf(args.input, args.output, hf_config=args.hf_config, fp8=not args.no_fp8,
-                   allow_unused=args.allow_unused, overwrite=args.overwrite,
-                   max_shard_bytes=args.max_shard_size or 5 * 10**9, progress=not args.quiet)
+    import torch
+
+    import megatron_dsv3  # noqa: F401  (quiets megatron-core's import notices)
+    from megatron_dsv3.checkpoint.convert import dist_to_hf, hf_to_dist
+
+    try:
+        if args.to == "dist":
+            hf_to_dist(args.input, args.output, tp=args.tp or 1, pp=args.pp or 1,
+                       ep=args.ep or 1, dtype=getattr(torch, DTYPES[args.dtype or "bf16"]),
+                       allow_unused=args.allow_unused, overwrite=args.overwrite,
+                       progress=not args.quiet)
+        else:
+            dist_to_hf(args.input, args.output, hf_config=args.hf_config, fp8=not args.no_fp8,
+                       allow_unused=args.allow_unused, overwrite=args.overwrite,
+                       max_shard_bytes=args.max_shard_size or 5 * 10**9, progress=not args.quiet)
+    except ValueError as error:  # bad input: the message names it; nothing was written
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

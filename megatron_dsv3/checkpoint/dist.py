@@ -1,269 +1,48 @@
-"""HF checkpoint <-> Megatron distributed checkpoint (megatron.core.dist_checkpointing, torch_dist).
+"""Megatron distributed checkpoints (megatron.core.dist_checkpointing) of our models.
 
-A Megatron distributed checkpoint stores each model tensor once under its sharded key with its
-global shape, in chunks; any parallel layout loads the region it holds (`dist_checkpointing.load(
-model.sharded_state_dict(), dir)`). The conversion writes the chunks the target layout's ranks hold
-(tensor-parallel slices; one chunk per routed expert, which serves every expert-parallel size), so
-each rank of that layout reads exactly its own bytes.
-
-Streaming, in both directions, with resident memory of a few tensors:
-- HF -> dist: torch.distributed.checkpoint writes one file per chunk and asks our planner for each
-  chunk's data only when it writes it; the planner reads that region from the HF shards
-  (dequantising FP8 blocks) at that moment.
-- dist -> HF: tensors are loaded from the distributed checkpoint in batches of at most
-  `batch_bytes` (routed experts in the checkpoint's own chunks) and streamed into the HF shards.
-Both write into a hidden directory renamed into place only when complete.
+Every module of ours provides `sharded_state_dict` (tensor-parallel linears, expert-parallel
+experts, layers keyed by their global number), so a checkpoint saved with one (TP, PP, EP)
+layout loads with another. megatron-core's writer calls torch.cuda.synchronize and
+torch.cuda.current_device unconditionally; without CUDA these helpers run them on the CPU.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List
 
-import torch
-
-from megatron_dsv3.checkpoint.hf import ExportSource, check_hf_checkpoint, write_hf
-from megatron_dsv3.checkpoint.hf_config import config_from_hf, read_hf_config
-from megatron_dsv3.checkpoint.mapping import TensorMap, model_maps, tp_chunks
-from megatron_dsv3.checkpoint.progress import Progress
-from megatron_dsv3.checkpoint.safetensors_io import HFReader, atomic_directory
-
-HF_CONFIG_FILE = "hf_config.json"  # the source config.json, kept for the way back
-COMMON_FILE = "common.pt"  # megatron.core.dist_checkpointing's non-sharded state
-MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
+from megatron_dsv3.compat import cuda_on_cpu
 
 
-def _divisors(n: int) -> List[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def sharding_metadata() -> Dict:
+    from megatron.core import parallel_state
+
+    return {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
+            "non_homogeneous_layers": True}
 
 
-def check_layout(config, tp: int, pp: int, ep: int) -> None:
-    """ValueError naming the size and its allowed values unless the TP/PP/EP layout can hold the
-    model (every split dimension divisible, every stage with the same number of layers)."""
-    for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
-                        ("expert_model_parallel_size", ep)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is invalid: allowed values are positive integers")
-    split_by_tp = {"num_attention_heads": config.num_attention_heads,
-                   "ffn_hidden_size": config.ffn_hidden_size, "vocab_size": config.vocab_size,
-                   "hidden_size": config.hidden_size}
-    if config.moe_shared_expert_intermediate_size:
-        split_by_tp["moe_shared_expert_intermediate_size"] = config.moe_shared_expert_intermediate_size
-    for field, size in split_by_tp.items():
-        if size % tp:
-            allowed = [d for d in _divisors(config.num_attention_heads)
-                       if all(v % d == 0 for v in split_by_tp.values())]
-            raise ValueError(f"tensor_model_parallel_size={tp} does not divide {field}={size}; "
-                             f"allowed values: {allowed}")
-    if config.num_layers % pp:
-        raise ValueError(f"pipeline_model_parallel_size={pp} does not divide num_layers="
-                         f"{config.num_layers}; allowed values: {_divisors(config.num_layers)}")
-    if config.num_moe_experts % ep:
-        raise ValueError(f"expert_model_parallel_size={ep} does not divide num_moe_experts="
-                         f"{config.num_moe_experts}; allowed values: "
-                         f"{_divisors(config.num_moe_experts)}")
+def sharded_state_dict(models: List) -> Dict:
+    meta = sharding_metadata()
+    if len(models) == 1:
+        return models[0].sharded_state_dict(metadata=meta)
+    return {f"model{i}": m.sharded_state_dict(metadata=meta) for i, m in enumerate(models)}
 
 
-# -- HF -> dist ---------------------------------------------------------------------------------
-def _write_items(maps: Dict[str, TensorMap], dtype: torch.dtype, tp: int):
-    from torch.distributed.checkpoint.metadata import (
-        ChunkStorageMetadata,
-        MetadataIndex,
-        TensorProperties,
-    )
-    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+def save(models: List, path: str) -> None:
+    """Save the model chunks of every rank into the distributed checkpoint `path`."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async, state_dict_saver
 
-    items = []
-    for key, m in maps.items():
-        props = TensorProperties(dtype=m.dtype_override or dtype)
-        for offset, shape in tp_chunks(m, tp):
-            items.append(WriteItem(
-                index=MetadataIndex(key, torch.Size(offset)), type=WriteItemType.SHARD,
-                tensor_data=TensorWriteData(
-                    chunk=ChunkStorageMetadata(offsets=torch.Size(offset), sizes=torch.Size(shape)),
-                    properties=props, size=torch.Size(m.shape))))
-    return items
+    with cuda_on_cpu(filesystem_async, state_dict_saver):
+        dist_checkpointing.save(sharded_state_dict(models), path)
 
 
-def _streaming_planner(items, resolve):
-    from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
-    from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+def load(models: List, path: str) -> None:
+    """Fill this rank's model chunks from the distributed checkpoint `path` (any layout)."""
+    from megatron.core import dist_checkpointing
 
-    class StreamingSavePlanner(SavePlanner):
-        """Write items fixed in advance; each item's data is produced when the writer asks."""
-
-        def set_up_planner(self, state_dict=None, storage_meta=None, is_coordinator=True):
-            pass
-
-        def create_local_plan(self):
-            return SavePlan(list(items))
-
-        def create_global_plan(self, all_plans):
-            return create_default_global_save_plan(all_plans)
-
-        def finish_plan(self, new_plan):
-            return new_plan
-
-        def resolve_data(self, write_item):
-            return resolve(write_item)
-
-    return StreamingSavePlanner()
-
-
-def hf_to_dist(hf_path: str, out_path: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
-               dtype: torch.dtype = torch.bfloat16, allow_unused: bool = False,
-               overwrite: bool = False, progress: bool = True) -> None:
-    """Convert the HF checkpoint at `hf_path` into a Megatron distributed checkpoint at `out_path`
-    laid out for a TP x PP x EP run, parameters in `dtype` (the router stays float32)."""
-    import torch.distributed.checkpoint as dcp
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-
-    hf = read_hf_config(hf_path)
-    config = config_from_hf(hf, dtype=dtype)
-    check_layout(config, tp, pp, ep)
-    maps = model_maps(config, rope_interleave=hf.get("rope_interleave", True))
-    reader = HFReader(hf_path)
-    check_hf_checkpoint(reader, maps, config, allow_unused)
-    items = _write_items(maps, dtype, tp)
-    bar = Progress("hf->dist", sum(torch.Size(i.tensor_data.chunk.sizes).numel()
-                                   * torch.empty((), dtype=i.tensor_data.properties.dtype).element_size()
-                                   for i in items), enabled=progress)
-
-    def resolve(item):
-        chunk = item.tensor_data.chunk
-        region = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))
-        tensor = maps[item.index.fqn].read(reader, region)
-        tensor = tensor.to(item.tensor_data.properties.dtype).contiguous()
-        bar.update(tensor.numel() * tensor.element_size())
-        return tensor
-
-    with atomic_directory(out_path, overwrite) as tmp:
-        writer = dcp.FileSystemWriter(tmp, single_file_per_rank=False, thread_count=int(os.environ.get("TC","1")))
-        try:
-            dcp.save({}, storage_writer=writer, planner=_streaming_planner(items, resolve),
-                     no_dist=True)
-        except dcp.api.CheckpointException as wrapped:
-            # torch wraps whatever our reads raised (a bad tensor, an interrupt): re-raise it
-            (error, _), = wrapped.failures.values()
-            raise error from None
-        save_config(CheckpointingConfig("torch_dist"), tmp)
-        torch.save({}, os.path.join(tmp, COMMON_FILE))
-        with open(os.path.join(tmp, HF_CONFIG_FILE), "w") as f:
-            json.dump(hf, f, indent=2)
-    bar.close()
-
-
-# -- dist -> HF ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def process_group():
-    """torch.distributed as megatron.core.dist_checkpointing needs it: the caller's group, or a
-    one-process gloo group for the duration."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}",
-                                rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-
-
-class _DistSource(ExportSource):
-    """Our tensors from a distributed checkpoint, loaded in batches of at most `batch_bytes`."""
-
-    def __init__(self, path: str, maps: Dict[str, TensorMap], allow_unused: bool,
-                 batch_bytes: int):
-        from torch.distributed.checkpoint import FileSystemReader
-
-        self.path, self.batch_bytes = path, batch_bytes
-        stored = FileSystemReader(path).read_metadata().state_dict_metadata
-        self.keys, self.chunks = {}, {}
-        for key in maps:
-            md = stored.get(key)
-            if md is None or not hasattr(md, "size"):
-                raise ValueError(f"tensor {key} is missing from the distributed checkpoint {path}")
-            self.keys[key] = (tuple(md.size), md.properties.dtype)
-            self.chunks[key] = md.chunks
-        unused = [k for k in stored if k.startswith(MODEL_PREFIXES) and k not in maps]
-        if unused and not allow_unused:
-            raise ValueError(f"{len(unused)} model tensor(s) of {path} have no place in the HF "
-                             f"config, e.g. {unused[:4]}; pass allow_unused=True (--allow-unused) "
-                             "to leave them out knowingly")
-        self.order = [(k, s, e) for k in maps for s, e in self.units(k)]
-        self.cursor, self.cache = 0, {}
-
-    def units(self, key):
-        shape = self.keys[key][0]
-        if len(shape) != 3:
-            return super().units(key)
-        # routed experts: the checkpoint's own chunks if they tile the expert axis evenly
-        ranges = sorted({(c.offsets[0], c.offsets[0] + c.sizes[0]) for c in self.chunks[key]})
-        size = ranges[0][1] - ranges[0][0]
-        if ranges == [(s, s + size) for s in range(0, shape[0], size)]:
-            return ranges
-        return [(e, e + 1) for e in range(shape[0])]
-
-    def _load_batch(self) -> None:
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-        request, size = {}, 0
-        while self.cursor < len(self.order):
-            key, start, stop = self.order[self.cursor]
-            shape, dtype = self.keys[key]
-            nbytes = torch.Size((stop - start, *shape[1:])).numel() * torch.empty(
-                (), dtype=dtype).element_size()
-            if request and size + nbytes > self.batch_bytes:
-                break
-            buf = torch.empty((stop - start, *shape[1:]), dtype=dtype)
-            offsets = () if stop - start == shape[0] else (
-                (0, start // (stop - start), shape[0] // (stop - start)),)
-            request[(key, start)] = ShardedTensor.from_rank_offsets(key, buf, *offsets)
-            size += nbytes
-            self.cursor += 1
-        # a partial read: Megatron's check that the request covers every tensor does not apply
-        loaded = dist_checkpointing.load({f"{k}@{s}": v for (k, s), v in request.items()},
-                                         self.path, validate_access_integrity=False)
-        self.cache.update({(k, s): loaded[f"{k}@{s}"] for (k, s) in request})
-
-    def fetch(self, key, start, stop):
-        if (key, start) not in self.cache:
-            self._load_batch()
-        return self.cache.pop((key, start))
-
-
-def dist_to_hf(dist_path: str, out_path: str, *, hf_config: Optional[Any] = None,
-               fp8: bool = True, allow_unused: bool = False, overwrite: bool = False,
-               max_shard_bytes: int = 5 * 2**30, batch_bytes: int = 512 * 2**20,
-               progress: bool = True) -> None:
-    """Convert a Megatron distributed checkpoint of our model into an HF checkpoint.
-
-    `hf_config` (a config.json path/directory or dict) describes the model; by default the one the
-    HF -> dist conversion stored next to the checkpoint. fp8=True writes DeepSeek's FP8 layout.
-    """
-    if hf_config is None:
-        stored = os.path.join(dist_path, HF_CONFIG_FILE)
-        if not os.path.isfile(stored):
-            raise ValueError(f"{dist_path} has no {HF_CONFIG_FILE}; pass hf_config= (--hf-config) "
-                             "with the config.json of the model")
-        hf_config = stored
-    from torch.distributed.checkpoint import FileSystemReader
-
-    hf = hf_config if isinstance(hf_config, dict) else read_hf_config(hf_config)
-    embedding = FileSystemReader(dist_path).read_metadata().state_dict_metadata.get(
-        "embedding.word_embeddings.weight")
-    dtype = embedding.properties.dtype if embedding is not None else torch.float32
-    config = config_from_hf(hf, dtype=dtype)  # (the dtype written to config.json)
-    maps = model_maps(config)
-    with process_group():
-        source = _DistSource(dist_path, maps, allow_unused, batch_bytes)
-        write_hf(source, config, out_path, fp8=fp8, base_config=hf,
-                 max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress,
-                 label="dist->hf")
+    state = dist_checkpointing.load(sharded_state_dict(models), path)
+    if len(models) == 1:
+        models[0].load_state_dict(state)
+    else:
+        for i, m in enumerate(models):
+            m.load_state_dict(state[f"model{i}"])

@@ -83,12 +83,9 @@ def validate_config(config: Any) -> None:
             f"num_attention_heads={config.num_attention_heads} must be divisible by "
             f"tensor_model_parallel_size={tp}; allowed tensor_model_parallel_size values: "
             f"{_divisors(config.num_attention_heads)}")
-    if getattr(config, "dsv3_fp8_recipe", None) is not None:
-        from megatron_dsv3.fp8.recipe import RECIPES
+    from megatron_dsv3.fp8.recipe import recipe_from_config
 
-        if config.dsv3_fp8_recipe not in RECIPES:
-            raise ValueError(f"dsv3_fp8_recipe={config.dsv3_fp8_recipe!r} is invalid: allowed "
-                             f"values are None, {', '.join(repr(r) for r in RECIPES)}")
+    recipe_from_config(config)  # dsv3_fp8_recipe / fp8 / fp8_recipe: ValueError naming the field
     chunks = getattr(config, "dsv3_dispatch_chunks", 1)
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks <= 0:
         raise ValueError(f"dsv3_dispatch_chunks={chunks!r} is invalid: allowed values are "

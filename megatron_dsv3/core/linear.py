@@ -27,6 +27,13 @@ def tp_group_or_default(tp_group):
     return parallel_state.get_tensor_model_parallel_group(check_initialized=False)
 
 
+def _dp_group():
+    """The data-parallel group whose members hold replicas (None before parallel_state)."""
+    return parallel_state.get_data_parallel_group(with_context_parallel=True,
+                                                  partial_data_parallel=False) \
+        if parallel_state.model_parallel_is_initialized() else None
+
+
 def group_size(group) -> int:
     return group.size() if group is not None else 1
 
@@ -101,7 +108,8 @@ class _ParallelLinear(MegatronModule):
         if self.partition_dim == 0:
             axis["bias"] = 0
         return make_sharded_tensors_for_checkpoint(state_dict, prefix, axis, sharded_offsets,
-                                                   tp_group=self.tp_group)
+                                                   tp_group=self.tp_group,
+                                                   dp_cp_group=_dp_group())
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -154,4 +162,7 @@ class ReplicatedLinear(ColumnParallelLinear):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state_dict = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state_dict, prefix, {}, sharded_offsets)
+        return make_sharded_tensors_for_checkpoint(
+            state_dict, prefix, {}, sharded_offsets,
+            tp_group=parallel_state.get_tensor_model_parallel_group(check_initialized=False),
+            dp_cp_group=_dp_group())

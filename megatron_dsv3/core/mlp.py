@@ -68,6 +68,17 @@ class SwiGLUMLP(MegatronModule):
             bias=False, input_is_parallel=True, skip_bias_add=True, is_expert=False,
             tp_comm_buffer_name="fc2", tp_group=tp_group)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """fc1's checkpoint tensor is [gate; up] whatever the tensor-parallel size: each rank's
+        [gate_r; up_r] is saved as two pieces (Megatron's SwiGLU factory), so a checkpoint
+        written with one TP size loads with any other."""
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        key = f"{prefix}linear_fc1.weight"
+        state[key] = apply_swiglu_sharded_factory(state[key], sharded_offsets)
+        return state
+
     def forward(self, x: torch.Tensor, **_unused):
         h, _ = self.linear_fc1(x)
         act, release = recompute_region(self.config, "moe_act", swiglu)

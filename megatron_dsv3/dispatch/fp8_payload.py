@@ -1,40 +1,35 @@
 """The dispatch payload in E4M3 with power-of-2 1x128 scales (DeepSeek-V3 section 3.3.4).
 
-Quantised once at the source, the E4M3 bytes and their scales travel both stages unchanged and
-are dequantised on the expert's rank. The backward (a combine of gradients) runs in the compute
-dtype, as DeepSeek's BF16 combine: the quantisation is treated as identity for gradients.
+A row [h] travels as h E4M3 bytes followed by the float32 scales of its ceil(h/128) tiles, one
+byte tensor per hop. It is quantised once at the source; the forwarding rank relays the bytes
+unchanged and the expert's rank dequantises. The combine and every gradient travel in the compute
+dtype (BF16 in BF16 training), as DeepSeek's do.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron_dsv3.dispatch.comm import all_to_all
-from megatron_dsv3.fp8.quant import dequantize_1x128, quantize_1x128
+from megatron_dsv3.fp8.quant import BLOCK, dequantize_1x128, quantize_1x128
 
 
-class _Fp8TwoStageDispatch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s1, plan, topo):
-        ctx.plan, ctx.topo, ctx.n1 = plan, topo, s1.shape[0]
-        q, scale = quantize_1x128(s1, pow2_scales=True)
-        payload = q.view(torch.uint8)
-        r_q, _ = all_to_all(payload, plan.send1, plan.recv1, topo.rail_group)
-        r_s, _ = all_to_all(scale, plan.send1, plan.recv1, topo.rail_group)
-        f_q, f_s = r_q.index_select(0, plan.fwd_index), r_s.index_select(0, plan.fwd_index)
-        q2, _ = all_to_all(f_q, plan.send2, plan.recv2, topo.node_group)
-        s2, _ = all_to_all(f_s, plan.send2, plan.recv2, topo.node_group)
-        return dequantize_1x128(q2.view(torch.float8_e4m3fn), s2, dtype=s1.dtype)
+class Fp8Payload:
+    """Codec for `comm.start`/`comm.wait`: rows [n, h] <-> wire [n, h + 4 * ceil(h / 128)] uint8."""
 
-    @staticmethod
-    def backward(ctx, g):
-        plan, topo = ctx.plan, ctx.topo
-        g2, _ = all_to_all(g.contiguous(), plan.recv2, plan.send2, topo.node_group)
-        g1 = g2.new_zeros(sum(plan.recv1), g2.shape[1]).index_add(0, plan.fwd_index, g2)
-        g0, _ = all_to_all(g1, plan.recv1, plan.send1, topo.rail_group)
-        return g0, None, None
+    def __init__(self, hidden: int):
+        self.hidden = hidden
+        self.num_tiles = -(-hidden // BLOCK)
 
+    @property
+    def row_bytes(self) -> int:
+        return self.hidden + 4 * self.num_tiles
 
-def fp8_two_stage_dispatch(s1, plan, topo):
-    """s1 [C1, h] stage-1 copies -> [R2, h] copies received on the experts' ranks."""
-    return _Fp8TwoStageDispatch.apply(s1, plan, topo)
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        q, scale = quantize_1x128(rows, pow2_scales=True)  # [n, h] e4m3, [n, tiles] float32
+        return torch.cat([q.view(torch.uint8), scale.contiguous().view(torch.uint8)], dim=1)
+
+    def decode(self, wire: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        h = self.hidden
+        q = wire[:, :h].view(torch.float8_e4m3fn)
+        scale = wire[:, h:].contiguous().view(torch.float32)  # [n, tiles]
+        return dequantize_1x128(q, scale, dtype=dtype)

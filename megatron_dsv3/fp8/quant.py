@@ -6,10 +6,12 @@ dimension. Weights: one scale per 128x128 block. E4M3 (float8_e4m3fn, max 448):
     scale = amax / 448 (amax of the tile, clamped below at amax_floor)   q = x / scale (E4M3)
     x ~= q * scale                                                    (dequantisation)
 
-`scale` is the dequantisation multiplier — DeepSeek's checkpoints call the 128x128 weight scales
-`weight_scale_inv` and dequantise as block * scale_inv, the same number. With
-`pow2_scales=True` the scale is rounded *up* to a power of two (UE8M0, as DeepSeek's dispatch and
-DeepGEMM's newer kernels use), so q never exceeds 448.
+`scale` is always the dequantisation multiplier (dequantized = q * scale). DeepSeek's
+checkpoints call the 128x128 weight scales `weight_scale_inv` and dequantise as
+block * scale_inv: the same number, so `dequantize_128x128(weight, weight_scale_inv)` reads an HF
+FP8 weight and `quantize_128x128(w)` writes one. With `pow2_scales=True` the scale is rounded *up*
+to a power of two (UE8M0, as DeepSeek's dispatch and DeepGEMM's newer kernels use), so |x| / scale
+never exceeds 448 and nothing saturates.
 
 Shapes that are not multiples of 128 work: the last tile/block is partial and its amax is taken
 over the elements that exist.
@@ -21,8 +23,9 @@ Special values:
   epsilon): with 1e-4, gradients of ~1e-7 would lose most of their mantissa;
 - an all-zero tile gets the smallest scale amax_floor/448 (never 0 or NaN) and quantises to
   exact zeros;
-- a tile containing inf or NaN gets a NaN scale, so the whole tile dequantises to NaN: an overflow
-  surfaces in the loss and gradient-norm checks instead of being saturated into a finite number.
+- a tile containing inf or NaN gets a NaN scale (and NaN codes), so the whole tile dequantises to
+  NaN and every GEMM output it feeds is NaN: an overflow surfaces in the loss and gradient-norm
+  checks instead of being saturated into a finite number. Other tiles are unaffected.
 """
 
 from __future__ import annotations
@@ -36,25 +39,38 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-4
 GRAD_AMAX_FLOOR = 1e-30
+MIN_AMAX_FLOOR = E4M3_MAX * 2.0 ** -126  # below it a zero tile's scale would be subnormal
 BLOCK = 128
 
 
 def _scale_from_amax(amax: torch.Tensor, pow2_scales: bool,
                      amax_floor: float = AMAX_FLOOR) -> torch.Tensor:
-    """amax [...] float32 (NaN where the tile is not finite) -> dequantisation scale."""
+    """amax [...] float32 (NaN where the tile is not finite) -> dequantisation scale [...]."""
     scale = amax.clamp_min(amax_floor) / E4M3_MAX
     if pow2_scales:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        scale = _round_up_to_power_of_2(scale)
     return scale
+
+
+def _round_up_to_power_of_2(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest 2^p >= scale, exactly, on every device (NaN stays NaN).
+
+    Built from the exponent bits rather than exp2(ceil(log2(s))): a float32 log2 may round
+    log2(s) down to an integer for s just above 2^p, and the scale would then be rounded *down*,
+    pushing |x| / scale past 448. Scales are normal float32 numbers here (amax_floor / 448 >= 2^-126
+    for the floors we use, amax < 2^128).
+    """
+    mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [0.5, 1)
+    p = torch.where(mantissa == 0.5, exponent - 1, exponent).to(torch.int32)
+    pow2 = ((p + 127) << 23).view(torch.float32)  # float32 bit pattern of 2^p
+    return torch.where(torch.isnan(scale), scale, pow2)
 
 
 def _tile_amax(tiles: torch.Tensor, dims) -> torch.Tensor:
     """amax over `dims`, NaN when any element is inf or NaN."""
-    t = tiles.float()
-    amax = t.abs().amax(dim=dims)
-    finite = torch.isfinite(t).all(dim=dims) if isinstance(dims, int) else torch.isfinite(t).flatten(
-        -len(dims)).all(-1)
-    return torch.where(finite, amax, torch.full_like(amax, float("nan")))
+    # amax propagates NaN and keeps inf, so checking the [.. tiles] amax checks every element
+    amax = tiles.float().abs().amax(dim=dims)
+    return torch.where(torch.isfinite(amax), amax, torch.full_like(amax, float("nan")))
 
 
 def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +87,9 @@ def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
 def quantize_1x128(x: torch.Tensor, *, pow2_scales: bool = False,
                    amax_floor: float = AMAX_FLOOR) -> Tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (q float8_e4m3fn [..., K], scale float32 [..., ceil(K/128)])."""
+    if not amax_floor >= MIN_AMAX_FLOOR:
+        raise ValueError(f"amax_floor={amax_floor!r} is invalid: allowed values are floats >= "
+                         f"{MIN_AMAX_FLOOR:.3g} (448 * 2^-126, so every scale is a normal float32)")
     K = x.shape[-1]
     tiles = _pad_last(x.float(), BLOCK).unflatten(-1, (-1, BLOCK))  # [..., kb, 128]
     scale = _scale_from_amax(_tile_amax(tiles, -1), pow2_scales, amax_floor)
@@ -97,7 +116,8 @@ def quantize_128x128(w: torch.Tensor, *, pow2_scales: bool = False
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (q float8_e4m3fn [N, K], scale float32 [ceil(N/128), ceil(K/128)])."""
     if w.dim() != 2:
-        raise ValueError(f"quantize_128x128 expects a 2-D weight [N, K], got shape {tuple(w.shape)}")
+        raise ValueError(f"quantize_128x128 expects a 2-D weight [N, K], got shape "
+                         f"{tuple(w.shape)}")
     N, K = w.shape
     blocks = _blocks(w)  # [nb, kb, 128, 128]
     scale = _scale_from_amax(_tile_amax(blocks, (-2, -1)), pow2_scales)
@@ -113,33 +133,48 @@ def dequantize_128x128(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32
     if tuple(scale.shape) != (nb, kb):
         raise ValueError(f"scale of shape {tuple(scale.shape)} does not match a [{N}, {K}] weight "
                          f"in 128x128 blocks (expected [{nb}, {kb}])")
-    blocks = _blocks(q)  # float32 view of the fp8 values
-    out = (blocks * scale.float()[..., None, None]).transpose(1, 2).reshape(nb * BLOCK, kb * BLOCK)
-    return out[:N, :K].to(dtype)
+    # q * scale of its block, in place on the float32 copy (no padding, no block transposes)
+    out = q.float()
+    row_scales = scale.float().repeat_interleave(BLOCK, dim=0)[:N]  # [N, kb]
+    full = K // BLOCK
+    out[:, :full * BLOCK].unflatten(1, (full, BLOCK)).mul_(row_scales[:, :full, None])
+    if K % BLOCK:
+        out[:, full * BLOCK:].mul_(row_scales[:, full:])
+    return out.to(dtype)
 
 
 def blockwise_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
                      b_scale: torch.Tensor, *, out_dtype=torch.bfloat16) -> torch.Tensor:
-    """a [M, K] in 1x128 tiles times b [N, K] in 128x128 blocks, transposed (DeepGEMM's NT layout).
+    """a [M, K] in 1x128 tiles times b [N, K] transposed (DeepGEMM's NT layout) -> [M, N].
 
-    Each 128-wide K block is multiplied in float32 (products of E4M3 values are exact in float32),
-    scaled by a_scale[m, j] * b_scale[n // 128, j] and added into a float32 accumulator:
-    promotion to FP32 every N_C = 128 elements of K, as in DeepSeek-V3's GEMMs.
+    b is in 128x128 blocks (b_scale [ceil(N/128), ceil(K/128)], the weight of fprop and dgrad) or
+    in 1x128 tiles (b_scale [N, ceil(K/128)], the activation of wgrad, DeepGEMM's 1D x 1D case).
+    Each 128-wide K block j is multiplied in float32 (products of E4M3 values are exact in
+    float32), scaled by a_scale[m, j] * b_scale[row of n, j] and added into a float32 accumulator:
+    promotion to FP32 every N_C = 128 elements of K, as in DeepSeek-V3's GEMMs. A NaN scale (a
+    tile that held inf/NaN) makes the outputs that tile contributes to NaN.
     """
     M, K = a_q.shape
     N, K2 = b_q.shape
     if K != K2:
         raise ValueError(f"blockwise_matmul: a has K={K} but b has K={K2}")
     kb = math.ceil(K / BLOCK)
-    if tuple(a_scale.shape) != (M, kb) or tuple(b_scale.shape) != (math.ceil(N / BLOCK), kb):
-        raise ValueError(f"blockwise_matmul: scales {tuple(a_scale.shape)} / "
-                         f"{tuple(b_scale.shape)} do not match a [{M}, {K}] and b [{N}, {K}]")
+    if tuple(a_scale.shape) != (M, kb):
+        raise ValueError(f"blockwise_matmul: a_scale {tuple(a_scale.shape)} does not match a "
+                         f"[{M}, {K}] in 1x128 tiles (expected [{M}, {kb}])")
+    if tuple(b_scale.shape) == (math.ceil(N / BLOCK), kb):
+        b_scale_rows = b_scale.float().repeat_interleave(BLOCK, dim=0)[:N]  # [N, kb]
+    elif tuple(b_scale.shape) == (N, kb):
+        b_scale_rows = b_scale.float()
+    else:
+        raise ValueError(f"blockwise_matmul: b_scale {tuple(b_scale.shape)} does not match b "
+                         f"[{N}, {K}]: expected [{math.ceil(N / BLOCK)}, {kb}] (128x128 blocks) "
+                         f"or [{N}, {kb}] (1x128 tiles)")
     a, b = a_q.float(), b_q.float()
-    b_scale_rows = b_scale.float().repeat_interleave(BLOCK, dim=0)[:N]  # [N, kb]
     acc = torch.zeros(M, N, dtype=torch.float32, device=a_q.device)
     for j in range(kb):
         k0, k1 = j * BLOCK, min(K, (j + 1) * BLOCK)
-        partial = a[:, k0:k1] @ b[:, k0:k1].t()
+        partial = a[:, k0:k1] @ b[:, k0:k1].t()  # [M, N], exact products, float32 sums
         acc += partial * a_scale[:, j:j + 1].float() * b_scale_rows[:, j][None, :]
     return acc.to(out_dtype)
 

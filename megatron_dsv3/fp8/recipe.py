@@ -1,20 +1,35 @@
 """The FP8 recipe: what is quantised how, and which GEMMs a linear layer runs.
 
-DeepSeek-V3's recipe: E4M3 for every GEMM input of the linear layers; activations and activation
-gradients in 1x128 tiles, weights in 128x128 blocks; float32 or power-of-2 scales; FP32
-accumulation with promotion every 128. Kept in BF16/FP32: the embedding, the output head, the
-MoE gate (router), the norms and the attention core.
+DeepSeek-V3's recipe (report section 3.3): E4M3 for every GEMM input of the linear layers;
+activations and activation gradients in 1x128 tiles, weights in 128x128 blocks; float32 or
+power-of-2 scales; FP32 accumulation with promotion every 128. Kept in BF16/FP32: the embedding,
+the output head, the MoE gate (router), the norms and the attention core.
 
 How to switch it on:
 - `dsv3_fp8_recipe` on DeepSeekV3Config ("deepseek" = float32 scales, "deepseek-pow2" = UE8M0
-  scales): our linear layers run the portable emulation (quantise, dequantise, float32 GEMM) on
-  any device. This is the CPU path, and the path wherever Transformer Engine lacks blockwise FP8.
+  scales; the trainer's --fp8 / --fp8-pow2-scales): every linear layer of ours runs
+  `Fp8BlockwiseGemm`, the portable emulation (quantise, dequantise, float32 GEMM) on any device.
+  This is the path on CPU and wherever Transformer Engine is absent.
 - Megatron's own `fp8="e4m3"` + `fp8_recipe="blockwise"` (Megatron-LM's `--fp8-format e4m3
-  --fp8-recipe blockwise`): with Transformer Engine on CUDA, the TE backend of `layer_specs` runs
-  TE's Float8BlockScaling, which `to_te_recipe` configures identically. megatron-core refuses
-  `fp8` for MoE models when TE is missing, so on CPU only the field above applies.
-In this codebase the high-precision modules never reach a `Gemm`: the embedding and output head
-are Megatron's modules, the router multiplies in float32, norms and SDPA are elementwise/attention.
+  --fp8-recipe blockwise`; Megatron-LM builds a plain MLATransformerConfig, so this is the switch
+  there) needs Transformer Engine: megatron-core 0.16.1 then wraps each layer in
+  TE's autocast with `Float8BlockScaling` (power-of-2 scales unless
+  NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1), which drives the TE linears of `layer_specs`' TE backend,
+  and our routed experts (GroupedExperts, not a TE module) follow with the same scale choice
+  through `Fp8BlockwiseGemm`. Without TE megatron-core silently runs such a config in high
+  precision (dense) or fails with a TypeError (MoE, in TransformerConfig.__post_init__), so
+  `recipe_from_config` refuses `fp8` without TE at configuration time, naming the field to use.
+  `dsv3_fp8_recipe`, when set, wins over `fp8` for our modules.
+- `fp8_recipe_for_te(recipe)` gives the TE recipe with exactly our numerics for users who enter
+  `te.pytorch.autocast(enabled=True, recipe=...)` themselves.
+
+Which modules run FP8 (the high-precision list is real because nothing else owns a GEMM strategy):
+our linears (`core.linear`: MLA linear_q_proj / linear_q_down_proj / linear_q_up_proj /
+linear_kv_down_proj / linear_kv_up_proj / linear_proj, the dense and shared-expert MLPs'
+linear_fc1 / linear_fc2, MTP's eh_proj) and the routed experts (`moe.experts.GroupedExperts`,
+fc1 and fc2 per expert through `core.grouped_gemm`'s per-group loop). The embedding and output
+head are Megatron's modules (no `Gemm`), the router multiplies in float32, norms are elementwise
+and the attention core is SDPA: they stay in the compute dtype.
 """
 
 from __future__ import annotations
@@ -31,6 +46,8 @@ HIGH_PRECISION = ("embedding", "output_layer", "router", "norm", "core_attention
 
 @dataclasses.dataclass(frozen=True)
 class FP8Recipe:
+    """DeepSeek-V3's fine-grained FP8 recipe (the fields document it; only pow2_scales varies)."""
+
     fmt: str = "e4m3"
     activation_tile: Tuple[int, int] = (1, 128)
     gradient_tile: Tuple[int, int] = (1, 128)
@@ -46,7 +63,12 @@ class FP8Recipe:
 
 
 def recipe_from_config(config) -> Optional[FP8Recipe]:
-    """The recipe a config asks for (None: no FP8 in our linear layers)."""
+    """The recipe a config asks for (None: no FP8 in our linear layers).
+
+    Raises ValueError naming the field for a recipe our layers cannot run: an unknown
+    dsv3_fp8_recipe, Megatron's `fp8` with an fp8_recipe other than 'blockwise', or `fp8`
+    without Transformer Engine.
+    """
     name = getattr(config, "dsv3_fp8_recipe", None)
     if name is not None:
         if name not in RECIPES:
@@ -54,11 +76,20 @@ def recipe_from_config(config) -> Optional[FP8Recipe]:
                              f"{', '.join(repr(r) for r in RECIPES)}")
         return FP8Recipe(pow2_scales=RECIPES[name])
     if getattr(config, "fp8", None):
+        from megatron_dsv3 import compat
+
+        if not compat.te_importable():
+            raise ValueError(
+                f"fp8={config.fp8!r} needs Transformer Engine, which is not importable here "
+                "(megatron-core's FP8 is TE's autocast: without TE it runs dense layers in high "
+                "precision and fails for MoE). Allowed here: fp8=None with "
+                f"dsv3_fp8_recipe in {list(RECIPES)} (DeepSeek's recipe, portable emulation)")
         recipe = str(getattr(config, "fp8_recipe", ""))
         if "blockwise" not in recipe:
             raise ValueError(f"fp8_recipe={recipe!r} is not DeepSeek's fine-grained recipe: "
-                             "allowed value with megatron-dsv3 layers is 'blockwise' (or use "
-                             "dsv3_fp8_recipe)")
+                             "allowed value with megatron-dsv3 layers is 'blockwise' (or set "
+                             "fp8=None and use dsv3_fp8_recipe)")
+        # the scale choice TE's Float8BlockScaling makes for the TE linears of the same model
         pow2 = os.environ.get("NVTE_FP8_BLOCK_SCALING_FP32_SCALES", "0") != "1"
         return FP8Recipe(pow2_scales=pow2)
     return None
@@ -70,22 +101,28 @@ def gemm_for_config(config) -> Gemm:
     return DEFAULT_GEMM if recipe is None else recipe.gemm()
 
 
-def to_te_recipe(recipe: FP8Recipe):
-    """Transformer Engine's Float8BlockScaling with the same numerics (TE >= 2.x, SM90+).
+def fp8_recipe_for_te(recipe: FP8Recipe):
+    """Transformer Engine's Float8BlockScaling with our numerics (TE >= 2.3, SM90+, CUDA 12.9+).
 
-    Float8BlockScaling takes its float32-vs-power-of-2 choice from class attributes
-    (fp8_quant_fwd_inp / fp8_quant_fwd_weight / fp8_quant_bwd_grad, QParams read from
-    NVTE_FP8_BLOCK_SCALING_FP32_SCALES at import); constructor keywords for it are silently
-    dropped. We assign new QParams on the instance after construction: power-of-2 as the recipe
-    says, and DeepSeek's amax floor of 1e-4 (AMAX_FLOOR).
+    1x128 activations (x_block_scaling_dim=1) and gradients (grad_block_scaling_dim=1), 128x128
+    weights (w_block_scaling_dim=2), E4M3, split (FP32) accumulation in all three GEMMs (TE's
+    default, which it requires for this recipe). TE takes the float32-vs-power-of-2 choice and the
+    amax floor from the QParams class attributes fp8_quant_fwd_inp / fp8_quant_fwd_weight /
+    fp8_quant_bwd_grad, computed from NVTE_FP8_BLOCK_SCALING_FP32_SCALES when TE is imported; they
+    are not dataclass fields, so no constructor keyword reaches them (`use_f32_scales=` is accepted
+    and ignored). We assign new QParams on the instance after construction: power-of-2 as the
+    recipe says, amax floor AMAX_FLOOR for activations and weights and GRAD_AMAX_FLOOR for
+    gradients, as our emulation quantises (`fp8.gemm`). The class defaults stay untouched.
     """
     from transformer_engine.common.recipe import Float8BlockScaling, Format
 
-    from megatron_dsv3.fp8.quant import AMAX_FLOOR
+    from megatron_dsv3.fp8.quant import AMAX_FLOOR, GRAD_AMAX_FLOOR
 
     te = Float8BlockScaling(fp8_format=Format.E4M3, x_block_scaling_dim=1,
                             w_block_scaling_dim=2, grad_block_scaling_dim=1)
-    for attr in ("fp8_quant_fwd_inp", "fp8_quant_fwd_weight", "fp8_quant_bwd_grad"):
+    floors = {"fp8_quant_fwd_inp": AMAX_FLOOR, "fp8_quant_fwd_weight": AMAX_FLOOR,
+              "fp8_quant_bwd_grad": GRAD_AMAX_FLOOR}
+    for attr, floor in floors.items():
         qparams_cls = type(getattr(te, attr))
-        setattr(te, attr, qparams_cls(power_2_scale=recipe.pow2_scales, amax_epsilon=AMAX_FLOOR))
+        setattr(te, attr, qparams_cls(power_2_scale=recipe.pow2_scales, amax_epsilon=floor))
     return te

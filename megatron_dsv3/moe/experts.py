@@ -12,6 +12,8 @@ from typing import List
 
 import torch
 
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_dsv3.core.grouped_gemm import grouped_linear
@@ -23,12 +25,13 @@ from megatron_dsv3.core.recompute import recompute_region
 
 class GroupedExperts(MegatronModule):
     def __init__(self, config, num_local_experts: int, local_expert_offset: int = 0,
-                 key: str = "experts", **_unused):
+                 key: str = "experts", pg_collection=None, **_unused):
         super().__init__(config=config)
         from megatron_dsv3.fp8.recipe import gemm_for_config
 
         self.num_local_experts = num_local_experts
         self.local_expert_offset = local_expert_offset
+        self.expt_dp_group = getattr(pg_collection, "expt_dp", None)
         h, f = config.hidden_size, config.moe_ffn_hidden_size
         device = param_device(config)
         self.fc1_weight = torch.nn.Parameter(
@@ -45,6 +48,44 @@ class GroupedExperts(MegatronModule):
                 init_normal_(self.fc1_weight[e, f:], std=std, seed=seed, key=f"{name}.fc1.up")
                 init_normal_(self.fc2_weight[e], std=std, seed=seed, key=f"{name}.fc2")
         self.gemm = gemm_for_config(config)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The global [E, ...] stacks, this rank's experts at rows [offset, offset + E_local).
+
+        Replicas are the expert-data-parallel copies of the same experts, so the checkpoint does
+        not depend on the expert-parallel layout that wrote it. `sharded_offsets` (a layer axis
+        Megatron prepends for homogeneous blocks) come first.
+        """
+        group = self.expt_dp_group or parallel_state.get_expert_data_parallel_group(
+            check_initialized=False)
+        replica_id = (0, 0, group.rank() if group is not None else 0)
+        expert_axis = (len(sharded_offsets), self.local_expert_offset // self.num_local_experts,
+                       self.config.num_moe_experts // self.num_local_experts)
+        return {f"{prefix}{name}": ShardedTensor.from_rank_offsets(
+                    f"{prefix}{name}", param, *sharded_offsets, expert_axis,
+                    replica_id=replica_id, prepend_axis_num=len(sharded_offsets))
+                for name, param in (("fc1_weight", self.fc1_weight),
+                                    ("fc2_weight", self.fc2_weight))}
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """fc1_weight / fc2_weight as [E, ...] tensors sharded along the expert dim by expert-
+        parallel rank (replicated over the expert-data-parallel group): a checkpoint saved with
+        one expert-parallel size loads with any other."""
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        ep_size = self.config.num_moe_experts // self.num_local_experts
+        ep_rank = self.local_expert_offset // self.num_local_experts
+        edp = parallel_state.get_expert_data_parallel_group(check_initialized=False)
+        edp_rank = edp.rank() if edp is not None else 0
+        axis = len(sharded_offsets)
+        out = {}
+        for name in ("fc1_weight", "fc2_weight"):
+            key = f"{prefix}{name}"
+            out[key] = ShardedTensor.from_rank_offsets(
+                key, getattr(self, name), *sharded_offsets, (axis, ep_rank, ep_size),
+                replica_id=(0, 0, edp_rank), prepend_axis_num=axis)
+        return out
 
     def forward(self, rows: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
         """rows [N, h] sorted by local expert -> [N, h]."""

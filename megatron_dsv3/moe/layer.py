@@ -41,7 +41,7 @@ class DeepSeekMoE(MegatronModule):
         self.experts = build_module(submodules.experts, config=config,
                                     num_local_experts=self.dispatcher.num_local_experts,
                                     local_expert_offset=self.dispatcher.local_expert_offset,
-                                    key=f"{key}.experts")
+                                    key=f"{key}.experts", pg_collection=pg_collection)
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size:
             self.shared_experts = build_module(

@@ -8,7 +8,9 @@ direction, micro-batch) so that no global ordering of point-to-point calls is ne
 backend (gloo on CPU, NCCL on GPU) works. A backward marked zero-bubble runs under
 WeightGradStore.deferring(): our linear layers queue their weight-gradient GEMMs, and the W op
 runs them later. FB ops go through `overlapped_forward_backward`, the point where one chunk's
-forward and another's backward may run concurrently (by default one after the other).
+forward and another's backward may run concurrently (by default one after the other;
+megatron_dsv3.pipeline.overlap.threaded_forward_backward runs them together). Forward passes
+dispatch their MoE tokens on lane 0 of the dispatcher's process groups, backward passes on lane 1.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv3.core.gemm import WeightGradStore
+from megatron_dsv3.dispatch.topology import dispatch_lane
 from megatron_dsv3.pipeline.schedules import Layout, Op, build, check, layout, neighbours
 
 
@@ -146,20 +149,33 @@ class _Runner:
         if x is not None:
             self._send("B", chunk, mb, x.grad)
 
+    def _run_forward(self, chunk: int, mb: int, pair: bool) -> None:
+        from megatron_dsv3.pipeline.overlap import FORWARD_LANE, StepTrace
+
+        with dispatch_lane(FORWARD_LANE), StepTrace.op("F", chunk, mb, FORWARD_LANE, pair):
+            self.forward(chunk, mb)
+
+    def _run_backward(self, chunk: int, mb: int, zb: bool, pair: bool) -> None:
+        from megatron_dsv3.pipeline.overlap import BACKWARD_LANE, StepTrace
+
+        with dispatch_lane(BACKWARD_LANE), StepTrace.op("B", chunk, mb, BACKWARD_LANE, pair):
+            self.backward(chunk, mb, zb)
+
     def run(self, ops: List[Op]) -> None:
         import time
 
         start = time.perf_counter()
         for op in ops:
             if op.kind == "F":
-                self.forward(op.chunk, op.mb)
+                self._run_forward(op.chunk, op.mb, False)
             elif op.kind == "B":
-                self.backward(op.chunk, op.mb, op.zb)
+                self._run_backward(op.chunk, op.mb, op.zb, False)
             elif op.kind == "W":
                 WeightGradStore.pop()
             elif op.kind == "FB":
-                overlapped_forward_backward(lambda: self.forward(op.chunk, op.mb),
-                                            lambda: self.backward(op.chunk2, op.mb2, False))
+                overlapped_forward_backward(
+                    lambda: self._run_forward(op.chunk, op.mb, True),
+                    lambda: self._run_backward(op.chunk2, op.mb2, False, True))
         for work, _ in self.sends:
             work.wait()
         self.sends.clear()

@@ -13,6 +13,7 @@ checkpoints (`save_interval`; `resume` continues from one with the same losses).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -62,6 +63,9 @@ class TrainArgs:
     ranks_per_node: int = 0  # simulate nodes of this many ranks (MEGATRON_DSV3_RANKS_PER_NODE)
     dispatch_fp8: bool = False  # E4M3 dispatch payload with power-of-2 1x128 scales
     dispatch_chunks: int = 2  # chunks of the dispatch/expert/combine pipeline
+    # DualPipeV F&B pairs in two threads: one's all-to-alls in flight while the other computes
+    overlap_pairs: bool = False
+    trace_step: int = 0  # pp > 1: this step's F/B and all-to-all timeline (json, png) to save_dir
     config_overrides: Dict = dataclasses.field(default_factory=dict)
 
 
@@ -130,6 +134,10 @@ class Trainer:
         self.rank = dist.get_rank()
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.pp_rank = dist.get_rank(self.pp_group)
+        for flag in ("overlap_pairs", "trace_step"):
+            if getattr(args, flag) and args.pp < 2:
+                raise ValueError(f"{flag}={getattr(args, flag)} applies to DualPipeV runs: allowed "
+                                 f"with pp >= 2 only (pp={args.pp})")
         if args.pp > 1 and args.micro_batches < 2 * args.pp:
             raise ValueError(f"micro_batches={args.micro_batches} is too few for DualPipeV over "
                              f"pp={args.pp} ranks: allowed values are >= {2 * args.pp}")
@@ -222,12 +230,21 @@ class Trainer:
         from megatron_dsv3.pipeline import forward_backward_dualpipev
         from megatron_dsv3.pipeline.executor import LAST_STEP_STATS
 
+        from megatron_dsv3.pipeline import set_overlapped_forward_backward
+        from megatron_dsv3.pipeline.overlap import StepTrace, threaded_forward_backward
+
         a = self.args
         batches = [self.micro_batch(self.step, j) for j in range(a.micro_batches)]
-        records = forward_backward_dualpipev(
-            forward_step_func=self._forward_step, data_iterator=[iter(batches), iter(batches)],
-            model=self.models, num_microbatches=a.micro_batches, seq_length=a.seq_length,
-            micro_batch_size=a.micro_batch_size)
+        set_overlapped_forward_backward(threaded_forward_backward if a.overlap_pairs else None)
+        trace = StepTrace()
+        tracing = a.trace_step == self.step + 1 and a.save_dir
+        with trace.recording() if tracing else contextlib.nullcontext():
+            records = forward_backward_dualpipev(
+                forward_step_func=self._forward_step, data_iterator=[iter(batches), iter(batches)],
+                model=self.models, num_microbatches=a.micro_batches, seq_length=a.seq_length,
+                micro_batch_size=a.micro_batch_size)
+        if tracing:
+            self._write_trace(trace)
         lm = torch.tensor([sum(float(r["lm loss"]) for r in records) / a.micro_batches
                            if records else 0.0])
         dist.broadcast(lm, src=dist.get_process_group_ranks(self.pp_group)[0], group=self.pp_group)
@@ -236,6 +253,21 @@ class Trainer:
         return {"lm_loss": lm.item(), "aux_loss": aux,
                 "tokens": a.micro_batches * a.micro_batch_size * a.seq_length,
                 "bubble_fraction": LAST_STEP_STATS.get("bubble_fraction", 0.0)}
+
+    def _write_trace(self, trace) -> None:
+        from megatron_dsv3.pipeline.overlap import plot_overlap_timeline
+
+        os.makedirs(self.args.save_dir, exist_ok=True)
+        data = trace.to_json()
+        with open(os.path.join(self.args.save_dir, f"timeline_rank{self.rank}.json"), "w") as f:
+            json.dump(data, f)
+        if self.rank == 0:
+            mode = "overlapped (two threads)" if self.args.overlap_pairs else "sequential"
+            plot_overlap_timeline(data, os.path.join(self.args.save_dir, "timeline.png"),
+                                  f"rank 0, step {self.step + 1}: F&B pairs {mode}; lane-0 "
+                                  f"transfers in flight during lane-1 work and vice versa: "
+                                  f"{data['overlap_seconds']:.3f} s")
+            self.log(f"wrote the step-{self.step + 1} timeline to {self.args.save_dir}/timeline.png")
 
     def forward_backward(self) -> Dict[str, float]:
         """All micro-batches of this rank: mean LM loss and aux loss, tokens processed."""
@@ -353,6 +385,7 @@ class Trainer:
                 self.save(os.path.join(a.save_dir, f"checkpoint_{self.step:06d}"))
             if a.exit_interval and self.step % a.exit_interval == 0:
                 break
+            _maybe_inject_fault(self.rank, self.step)
         if metrics:
             metrics.close()
         if a.save_dir:
@@ -403,6 +436,15 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         self.step = state["step"]
         self.log(f"resumed from {path} at step {self.step}")
+
+
+def _maybe_inject_fault(rank: int, step: int) -> None:
+    """Fault injection for recovery tests: MEGATRON_DSV3_KILL_RANK_AT="rank:step" makes that rank
+    die abruptly after that step, as a crashed node would."""
+    spec = os.environ.get("MEGATRON_DSV3_KILL_RANK_AT")
+    if spec and spec == f"{rank}:{step}":
+        print(f"[fault injection] rank {rank} dies after step {step}", flush=True)
+        os._exit(17)
 
 
 def format_record(window: List[Dict]) -> str:

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from megatron_dsv3.checkpoint.hf import config_from_hf, load_hf
+from megatron_dsv3.checkpoint.hf_model import config_from_hf, load_hf
 from megatron_dsv3.model import build_model
 
 from hf_checkpoints import (

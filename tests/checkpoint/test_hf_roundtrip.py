@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import megatron_dsv3.fp8.quant as quant
-from megatron_dsv3.checkpoint.hf import config_from_hf, load_hf, save_hf
+from megatron_dsv3.checkpoint.hf_model import config_from_hf, load_hf, save_hf
 from megatron_dsv3.checkpoint.hf_config import read_hf_config
 from megatron_dsv3.model import build_model
 

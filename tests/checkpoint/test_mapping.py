@@ -4,7 +4,7 @@ the whole, split inverts read, and the RoPE permutation turns rotate-half into i
 import pytest
 import torch
 
-from megatron_dsv3.checkpoint.hf import local_shards
+from megatron_dsv3.checkpoint.hf_model import local_shards
 from megatron_dsv3.checkpoint.mapping import Experts, model_maps, rope_rows_perm, tp_chunks
 from megatron_dsv3.configs import get_config
 from megatron_dsv3.model import build_model

@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from megatron_dsv3.checkpoint.dist import dist_to_hf, hf_to_dist
-from megatron_dsv3.checkpoint.hf import config_from_hf, load_hf, local_shards, save_hf
+from megatron_dsv3.checkpoint.convert import dist_to_hf, hf_to_dist
+from megatron_dsv3.checkpoint.hf_model import config_from_hf, load_hf, local_shards, save_hf
 from megatron_dsv3.checkpoint.hf_config import read_hf_config
 from megatron_dsv3.checkpoint.mapping import model_maps, tp_chunks
 from megatron_dsv3.model import build_model

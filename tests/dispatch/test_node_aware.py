@@ -1,5 +1,18 @@
-"""The node-aware dispatcher on 8 gloo ranks as 4 simulated nodes of 2: same outputs and gradients
-as a single-rank MoE layer, bounded inter-node copies, single-expert routing, uneven tokens."""
+"""The node-aware dispatcher on 8 gloo ranks as 4 simulated nodes of 2 (one launch, several checks):
+DeepSeekMoE outputs and gradients equal a single-rank DeepSeekMoE with the same weights (BF16-path
+in float32, FP8 payload, top-1 onto one expert, uneven and empty ranks); each token's inter-node
+copies equal its destination nodes other than its own, within the node limit; a routing that
+breaks the limit is counted and still delivered; the flat all-to-all baseline agrees and sends
+more across nodes; the chunk pipeline keeps transfers in flight while experts compute, in the
+forward and, mirrored, in the backward. Plus the constructor's configuration errors.
+
+Tolerances: both sides compute in float32 from identical weights (keyed init); they differ only in
+the order of sums (per-chunk index_add, per-rank grouped GEMMs, the all-reduce of replicated
+gradients), i.e. a few float32 roundings on sums of <= 64 terms: rtol 1e-5 (1e-4 for weight
+gradients summed over every token of the world), atol 1e-6 for entries that cancel to ~0.
+"""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +21,7 @@ from megatron_dsv3.testing.distributed import run_distributed
 
 ENV = {"MEGATRON_DSV3_RANKS_PER_NODE": "2"}
 EP = {"expert_model_parallel_size": 8}
+RANKS_PER_NODE = 2
 
 
 def _tokens(rank, h, empty_rank=None):
@@ -17,9 +31,14 @@ def _tokens(rank, h, empty_rank=None):
 
 
 def _qdq(rows):
+    """The FP8 payload's quantisation, with the dispatch's straight-through gradient."""
     from megatron_dsv3.fp8.quant import dequantize_1x128, quantize_1x128
 
     return rows + (dequantize_1x128(*quantize_1x128(rows, pow2_scales=True)) - rows).detach()
+
+
+def _nodes_of(experts, experts_per_rank):
+    return {int(e) // experts_per_rank // RANKS_PER_NODE for e in experts}
 
 
 def _case(rank, world, overrides, bias, empty_rank, chunks, fp8):
@@ -35,7 +54,8 @@ def _case(rank, world, overrides, bias, empty_rank, chunks, fp8):
     ep_moe = DeepSeekMoE(cfg, get_layer_spec(cfg).submodules.moe.submodules, layer_number=2)
     ref_spec = get_layer_spec(cfg, dispatcher=LocalDispatcher).submodules.moe.submodules
     ref = DeepSeekMoE(cfg, ref_spec, layer_number=2)
-    assert type(ep_moe.dispatcher).__name__ == "NodeAwareDispatcher"
+    d = ep_moe.dispatcher
+    assert type(d).__name__ == "NodeAwareDispatcher" and (d.codec is not None) == fp8
     for m in (ep_moe, ref):
         m.router.expert_bias.copy_(bias)
     if fp8:  # the reference quantises the routed experts' input the same way
@@ -57,26 +77,53 @@ def _case(rank, world, overrides, bias, empty_rank, chunks, fp8):
     torch.testing.assert_close(x.grad, X.grad[sl], rtol=1e-5, atol=1e-6)
     e0 = ep_moe.experts.local_expert_offset
     e1 = e0 + ep_moe.experts.num_local_experts
-    torch.testing.assert_close(ep_moe.experts.fc1_weight.grad, ref.experts.fc1_weight.grad[e0:e1],
-                               rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(ep_moe.experts.fc2_weight.grad, ref.experts.fc2_weight.grad[e0:e1],
-                               rtol=1e-4, atol=1e-6)
+    for name in ("fc1_weight", "fc2_weight"):
+        torch.testing.assert_close(getattr(ep_moe.experts, name).grad,
+                                   getattr(ref.experts, name).grad[e0:e1], rtol=1e-4, atol=1e-6)
     for name in ("router.weight", "shared_experts.linear_fc1.weight"):
         g = dict(ep_moe.named_parameters())[name].grad.clone()
-        dist.all_reduce(g)  # every rank saw its own tokens
+        dist.all_reduce(g)  # replicated: every rank saw its own tokens
         torch.testing.assert_close(g, dict(ref.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)
-    # inter-node copies: per token, its destination nodes other than its own, counted naively
-    d = ep_moe.dispatcher
+    c = d.counters
+    result = {"copies": c.inter_node_copies, "max_nodes": c.max_nodes_per_token,
+              "over_limit": c.tokens_over_node_limit, "node_limit": d.node_limit,
+              "tokens_per_expert": c.tokens_per_expert.tolist(), "timeline": d.last_timeline}
+    # per token, against a naive count: copies to other nodes = destination nodes - own node
     with torch.no_grad():
         _, idx, _ = ep_moe.router(x.view(-1, h), seq_len=max(1, x.shape[0]))
-    expected = 0
-    for t in range(idx.shape[0]):
-        nodes = {int(e) // d.num_local_experts // 2 for e in idx[t]}
-        assert len(nodes) <= cfg.moe_router_group_topk
-        expected += len(nodes - {d.topo.node})
-    c = d.counters
-    return {"copies": c.inter_node_copies, "expected": expected, "max_nodes": c.max_nodes_per_token,
-            "timeline": d.last_timeline, "tokens_per_expert": c.tokens_per_expert.tolist()}
+    plan = d.plan(idx)
+    other = plan.inter.destination != d.topo.node
+    copies = torch.bincount(plan.inter.source[other], minlength=idx.shape[0]).tolist()
+    nodes = [_nodes_of(idx[t], d.num_local_experts) for t in range(idx.shape[0])]
+    assert copies == [len(n - {d.topo.node}) for n in nodes]
+    assert plan.nodes_per_token.tolist() == [len(n) for n in nodes]
+    result["expected_copies"] = sum(copies)
+    result["max_naive_nodes"] = max([len(n) for n in nodes], default=0)
+    return result
+
+
+def _over_node_limit(rank, world):
+    """Every token routed to 4 nodes while the limit is 2: counted, and still delivered."""
+    from megatron.core import parallel_state
+
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.dispatch import NodeAwareDispatcher
+
+    cfg = get_config("deepseek-v3-tiny", expert_model_parallel_size=8)
+    d = NodeAwareDispatcher(cfg, parallel_state.get_expert_model_parallel_group())
+    T, h = 3 + rank, cfg.hidden_size
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(T, h, generator=g)
+    t = torch.arange(T)[:, None]
+    idx = (4 * torch.arange(4)[None, :] + (t + rank) % 4) % 16  # one expert on each node
+    w = torch.rand(T, 4, generator=g)
+    rows, counts, state = d.dispatch(x, idx, w)
+    # expert e multiplies by (e + 1): the combine must return sum_j w_j (e_j + 1) x
+    scale = torch.arange(d.local_expert_offset, d.local_expert_offset + d.num_local_experts) + 1.0
+    out = d.combine(rows * scale.repeat_interleave(torch.tensor(counts))[:, None], state)
+    torch.testing.assert_close(out, x * (w * (idx + 1)).sum(1, keepdim=True), rtol=1e-5, atol=1e-6)
+    assert d.node_limit == 2
+    return d.counters.tokens_over_node_limit, T
 
 
 def _errors(rank, world):
@@ -85,34 +132,22 @@ def _errors(rank, world):
     from megatron.core import parallel_state
 
     from megatron_dsv3.configs import get_config
-    from megatron_dsv3.dispatch import NodeAwareDispatcher, ranks_per_node
+    from megatron_dsv3.dispatch import NodeAwareDispatcher
     from megatron_dsv3.dispatch.topology import build_topology
 
-    found = []
+    ep = parallel_state.get_expert_model_parallel_group()
     cfg = get_config("deepseek-v3-tiny", moe_router_num_groups=2, moe_router_group_topk=1,
                      expert_model_parallel_size=8)
-    ep = parallel_state.get_expert_model_parallel_group()
-    try:  # 2 groups cannot be grouped by 4 nodes
-        NodeAwareDispatcher(cfg, ep)
-    except ValueError as e:
-        found.append("moe_router_num_groups" in str(e) and "[4, 8, 16]" in str(e))
-    for bad in ("0", "abc"):
-        os.environ["MEGATRON_DSV3_RANKS_PER_NODE"] = bad
-        try:
-            ranks_per_node()
-        except ValueError as e:
-            found.append("MEGATRON_DSV3_RANKS_PER_NODE" in str(e))
+    with pytest.raises(ValueError, match=r"moe_router_num_groups=2 .* spans 4 nodes"):
+        NodeAwareDispatcher(cfg, ep)  # 2 groups cannot be split over 4 nodes
     os.environ["MEGATRON_DSV3_RANKS_PER_NODE"] = "3"  # 8 ranks do not split into nodes of 3
-    try:
+    with pytest.raises(ValueError, match="MEGATRON_DSV3_RANKS_PER_NODE"):
         build_topology(ep)
-    except ValueError as e:
-        found.append("ranks per node" in str(e))
     os.environ["MEGATRON_DSV3_RANKS_PER_NODE"] = "2"
-    return found
 
 
 def _flat(rank, world):
-    """The flat all-to-all baseline gives the same layer output as the node-aware dispatcher."""
+    """The flat all-to-all baseline gives the same layer output and sends more across nodes."""
     from megatron_dsv3.configs import get_config
     from megatron_dsv3.dispatch.flat import FlatAllToAllDispatcher
     from megatron_dsv3.layer_specs import get_layer_spec
@@ -120,41 +155,94 @@ def _flat(rank, world):
 
     cfg = get_config("deepseek-v3-tiny", moe_aux_loss_coeff=0.0, expert_model_parallel_size=8)
     x, _ = _tokens(rank, cfg.hidden_size)
-    outs = []
+    outs, counters = [], []
     for d in (None, FlatAllToAllDispatcher):
         moe = DeepSeekMoE(cfg, get_layer_spec(cfg, dispatcher=d).submodules.moe.submodules,
                           layer_number=2)
-        outs.append(moe(x)[0])
+        with torch.no_grad():
+            outs.append(moe(x)[0])
+        counters.append(moe.dispatcher.counters)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-    return moe.dispatcher.counters.inter_node_copies
+    return {name: (c.inter_node_copies, c.inter_node_bytes)
+            for name, c in zip(("node_aware", "flat"), counters)}
 
 
-def _all_cases(rank, world):
-    assert all(_errors(rank, world)) and len(_errors(rank, world)) == 4
-    _flat(rank, world)
-    bias = torch.zeros(16)
-    results = {"topk4": _case(rank, world, {}, bias, None, 2, False)}
+def _all_checks(rank, world):
+    _errors(rank, world)
+    results = {"flat": _flat(rank, world), "over_limit": _over_node_limit(rank, world)}
+    zero = torch.zeros(16)
+    results["topk4"] = _case(rank, world, {}, zero, 6, 4, False)
     one = torch.zeros(16)
     one[5] = 100.0  # every token picks expert 5 (top-1): no drop, no deadlock
     results["single_expert"] = _case(rank, world, {"moe_router_topk": 1}, one, 3, 3, False)
-    results["fp8_payload"] = _case(rank, world, {}, bias, None, 1, True)
-    results["chunks4"] = _case(rank, world, {}, bias, 6, 4, False)
+    results["fp8_payload"] = _case(rank, world, {}, zero, None, 2, True)
     return results
 
 
+def _in_flight_during(timeline, compute_pass, hops):
+    """For each experts span of `compute_pass`, the (chunk offset, stage, pass) transfers that were
+    issued before it began and waited for after it ended."""
+    by_key = {(e["chunk"], e["stage"], e["pass"]): e for e in timeline}
+    found = []
+    for e in timeline:
+        if e["stage"] != "experts" or e["pass"] != compute_pass:
+            continue
+        for offset, stage, p in hops:
+            t = by_key.get((e["chunk"] + offset, stage, p))
+            if t is not None and t["start"] <= e["start"] and t["waited"] >= e["end"]:
+                found.append((e["chunk"], offset, stage))
+    return found
+
+
 @pytest.mark.timeout(600)
-def test_node_aware_dispatch_equals_single_rank_moe():
-    results = run_distributed(_all_cases, 8, env=ENV, megatron_parallel=EP, timeout=540)
+def test_node_aware_dispatch_on_4_simulated_nodes():
+    results = run_distributed(_all_checks, 8, env=ENV, megatron_parallel=EP, timeout=540)
+    tokens = [5 + 3 * r for r in range(8)]
     for rank, res in enumerate(results):
-        for name, r in res.items():
-            assert r["copies"] == r["expected"], (rank, name, r)
-            assert r["max_nodes"] <= 2, (rank, name)
-        # top-1 onto expert 5: only EP rank 2 (experts 4, 5) receives tokens
+        for name in ("topk4", "single_expert", "fp8_payload"):
+            r = res[name]
+            assert r["copies"] == r["expected_copies"], (rank, name, r)
+            assert r["node_limit"] == 2  # 4 groups on 4 nodes, 2 kept
+            assert r["max_nodes"] == r["max_naive_nodes"] <= 2 and r["over_limit"] == 0
+        # top-1 onto expert 5: only EP rank 2 (experts 4, 5) receives tokens, all of them
         tpe = res["single_expert"]["tokens_per_expert"]
-        assert (rank == 2 and tpe[1] == sum(5 + 3 * r for r in range(8) if r != 3)) or sum(tpe) == 0
-    # the pipeline overlaps: while a chunk's experts run, a later chunk's transfer is in flight
-    tl = results[0]["chunks4"]["timeline"]
-    experts = [e for e in tl if e["stage"] == "experts"]
-    inflight = [e for e in tl if e["stage"] in ("dispatch_inter", "dispatch_intra")]
-    assert any(t["chunk"] > e["chunk"] and t["start"] < e["start"] and t["end"] > e["end"] - 1e-9
-               for e in experts for t in inflight)
+        assert tpe == ([0, sum(tokens) - tokens[3]] if rank == 2 else [0, 0])
+        over, T = res["over_limit"]
+        assert over == T
+        ours, flat = res["flat"]["node_aware"], res["flat"]["flat"]
+        assert ours[0] <= flat[0] and ours[1] < flat[1]
+    assert sum(r["topk4"]["copies"] for r in results) > 0
+    # chunks 0 and 1 compute while the next chunk's intra-node and the one after's inter-node
+    # transfers are in flight; in the backward, chunks 2 and 3 compute while the previous
+    # chunk's combine_intra gradient transfer and the one before's combine_inter are in flight
+    timeline = results[0]["topk4"]["timeline"]
+    forward = _in_flight_during(timeline, "forward", [(1, "dispatch_intra", "forward"),
+                                                      (2, "dispatch_inter", "forward")])
+    assert sorted(forward) == [(0, 1, "dispatch_intra"), (0, 2, "dispatch_inter"),
+                               (1, 1, "dispatch_intra"), (1, 2, "dispatch_inter"),
+                               (2, 1, "dispatch_intra")]
+    backward = _in_flight_during(timeline, "backward", [(-1, "combine_intra", "backward"),
+                                                        (-2, "combine_inter", "backward")])
+    assert sorted(backward) == [(1, -1, "combine_intra"), (2, -2, "combine_inter"),
+                                (2, -1, "combine_intra"), (3, -2, "combine_inter"),
+                                (3, -1, "combine_intra")]
+
+
+def test_constructor_rejects_layouts_it_cannot_serve():
+    from megatron_dsv3.dispatch import NodeAwareDispatcher
+
+    cfg = SimpleNamespace(num_moe_experts=16, hidden_size=64, moe_router_num_groups=4,
+                          moe_router_group_topk=2, expert_tensor_parallel_size=1,
+                          dsv3_dispatch_chunks=2, dsv3_dispatch_fp8=False)
+    group = SimpleNamespace(size=lambda: 8, rank=lambda: 0)
+    with pytest.raises(ValueError, match="ep_group"):
+        NodeAwareDispatcher(cfg, None)
+    with pytest.raises(ValueError, match=r"num_moe_experts=16 .* expert-parallel size 3"):
+        NodeAwareDispatcher(cfg, SimpleNamespace(size=lambda: 3, rank=lambda: 0))
+    with pytest.raises(ValueError, match="expert_tensor_parallel_size=2"):
+        NodeAwareDispatcher(SimpleNamespace(**{**vars(cfg), "expert_tensor_parallel_size": 2}),
+                            group)
+    with pytest.raises(ValueError, match="chunks=0"):
+        NodeAwareDispatcher(cfg, group, chunks=0)
+    with pytest.raises(ValueError, match="fp8_payload='yes'"):
+        NodeAwareDispatcher(cfg, group, fp8_payload="yes")

@@ -89,16 +89,48 @@ def test_zero_tile_gets_a_finite_scale_and_exact_zeros():
     assert torch.isfinite(sw).all() and (dequantize_128x128(qw, sw) == 0).all()
 
 
-def test_inf_and_nan_poison_their_tile_only():
+@pytest.mark.parametrize("k", [-20, -13, -5, 0, 3])
+def test_pow2_scale_just_above_a_power_of_two_rounds_up_without_saturating(k):
+    """amax = 448 * 2^k * (1 + 2^-23): a float32 log2 rounds log2(scale) down to k, and a
+    scale of 2^k would push the largest element one ulp past 448. The scale must be 2^(k+1)."""
+    amax = torch.nextafter(torch.tensor(448.0 * 2.0 ** k), torch.tensor(float("inf")))
+    x = torch.full((1, 128), 0.5 * amax.item())
+    x[0, 7] = amax
+    q, s = quantize_1x128(x, pow2_scales=True)
+    assert s.item() == 2.0 ** (k + 1)
+    assert (x / s).abs().max() <= E4M3_MAX
+    torch.testing.assert_close(dequantize_1x128(q, s)[0, 7], amax, rtol=2 ** -4, atol=0)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_inf_and_nan_poison_their_tile_only(pow2):
     x = torch.ones(2, 256)
     x[0, 5] = float("inf")
     x[1, 130] = float("nan")
-    q, s = quantize_1x128(x)
+    q, s = quantize_1x128(x, pow2_scales=pow2)
     deq = dequantize_1x128(q, s)
     assert torch.isnan(s[0, 0]) and torch.isnan(s[1, 1])
+    assert torch.isfinite(s[0, 1]) and torch.isfinite(s[1, 0])
     assert torch.isnan(deq[0, :128]).all() and torch.isnan(deq[1, 128:]).all()
     torch.testing.assert_close(deq[0, 128:], torch.ones(128))
     torch.testing.assert_close(deq[1, :128], torch.ones(128))
+    w = torch.ones(256, 256)
+    w[200, 3] = -float("inf")
+    qw, sw = quantize_128x128(w, pow2_scales=pow2)
+    assert torch.isnan(sw[1, 0]) and torch.isfinite(sw[[0, 0, 1], [0, 1, 1]]).all()
+    deq_w = dequantize_128x128(qw, sw)
+    assert torch.isnan(deq_w[128:, :128]).all() and (deq_w[:128] == 1).all()
+
+
+def test_a_non_finite_tile_makes_exactly_the_outputs_it_feeds_nan():
+    a, b = torch.randn(4, 256), torch.randn(256, 256)
+    a[2, 10] = float("inf")  # row 2, K block 0
+    b[130, 200] = float("nan")  # rows 128.. of b, K block 1
+    out = blockwise_matmul(*quantize_1x128(a), *quantize_128x128(b), out_dtype=torch.float32)
+    nan = torch.zeros(4, 256, dtype=torch.bool)
+    nan[2, :] = True
+    nan[:, 128:] = True
+    assert torch.equal(torch.isnan(out), nan)
 
 
 @pytest.mark.parametrize("M,N,K", [(16, 32, 128), (5, 200, 300), (33, 129, 1000)])
@@ -117,10 +149,30 @@ def test_blockwise_matmul_equals_float64_product_of_dequantised_blocks(M, N, K):
     assert blockwise_matmul(aq, as_, bq, bs).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("M,N,K", [(16, 256, 128), (7, 130, 300)])
+def test_blockwise_matmul_with_1x128_tiles_on_both_sides_equals_float64_reference(M, N, K):
+    """wgrad's GEMM: both operands in 1x128 tiles along the reduction dim (b_scale [N, kb])."""
+    a, b = torch.randn(M, K), torch.randn(N, K) * torch.logspace(-2, 2, N)[:, None]
+    aq, as_ = quantize_1x128(a)
+    bq, bs = quantize_1x128(b)
+    assert bs.shape == (N, math.ceil(K / 128))
+    out = blockwise_matmul(aq, as_, bq, bs, out_dtype=torch.float32)
+    ref = dequantize_1x128(aq, as_).double() @ dequantize_1x128(bq, bs).double().t()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+
 def test_shape_errors_name_the_mismatch():
     aq, as_ = quantize_1x128(torch.randn(4, 256))
     bq, bs = quantize_128x128(torch.randn(8, 128))
     with pytest.raises(ValueError, match="K=256"):
         blockwise_matmul(aq, as_, bq, bs)
+    with pytest.raises(ValueError, match="b_scale"):
+        blockwise_matmul(aq, as_, *quantize_128x128(torch.randn(8, 256))[:1], torch.ones(3, 2))
+    with pytest.raises(ValueError, match="a_scale"):
+        blockwise_matmul(aq, as_[:, :1], *quantize_128x128(torch.randn(8, 256)))
+    with pytest.raises(ValueError, match="amax_floor=0"):
+        quantize_1x128(torch.zeros(2, 128), amax_floor=0)
+    with pytest.raises(ValueError, match="2-D weight"):
+        quantize_128x128(torch.randn(2, 8, 256))
     with pytest.raises(ValueError, match="expected \\[1, 2\\]"):
         dequantize_128x128(quantize_128x128(torch.randn(8, 256))[0], torch.ones(2, 2))

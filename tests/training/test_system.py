@@ -51,7 +51,17 @@ def test_distributed_run_matches_single_process(tmp_path, single_rank_world, fp8
     # reassociation, compounded over the steps.
     for (a, b), (x, y) in zip(ref, losses):
         assert abs(a - x) / a < 2e-4 and abs(b - y) / b < 2e-4, (ref, losses)
-    # the aux-loss-free biases follow the global loads: identical updates everywhere
+    # the aux-loss-free biases follow the global loads: identical updates everywhere. With FP8,
+    # the float32 reassociation differences of the summed gradients can move a weight across an
+    # E4M3 rounding boundary after the first step, which can flip one token's routing: then one
+    # expert's load crosses the mean differently and its bias moves by up to 2 x rate per later
+    # step - allowed for at most one expert per layer, nothing else.
+    rate = single.config.moe_router_bias_update_rate
     for _, biases in results:
         for layer, bias in biases.items():
-            assert torch.equal(bias, ref_bias[layer]), layer
+            if not fp8:
+                assert torch.equal(bias, ref_bias[layer]), layer
+                continue
+            off = (bias - ref_bias[layer]).abs()
+            assert (off > 0).sum() <= 1 and off.max() <= 2 * rate * (STEPS - 1) + 1e-6, (
+                layer, bias, ref_bias[layer])

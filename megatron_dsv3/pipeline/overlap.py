@@ -1,0 +1,153 @@
+"""DualPipe's overlapped forward & backward pair, for real: the pair's forward runs in a second
+thread while its backward runs in the calling thread, so one micro-batch's MoE dispatch and
+combine are in flight while the other micro-batch computes.
+
+    from megatron_dsv3.pipeline import set_overlapped_forward_backward
+    from megatron_dsv3.pipeline.overlap import threaded_forward_backward
+    set_overlapped_forward_backward(threaded_forward_backward)
+
+Why this is safe:
+- Collectives. Forward passes issue their all-to-alls on lane 0 of the dispatcher's process
+  groups, backward passes (autograd and recompute) on lane 1 (megatron_dsv3.dispatch.topology).
+  On each lane the order of collectives is the order of the rank's F (or B) operations, which
+  every expert-parallel rank shares, so the two threads never cross their transfers.
+- Arithmetic. The forward reads parameters; the backward writes gradients; no tensor is written by
+  both. Each pass computes exactly what it computes alone, so the results are bitwise those of the
+  sequential pair (tests/pipeline/test_overlap.py).
+- Thread state. Grad mode is thread-local: the executor sets it inside each pass. Autograd runs
+  CPU backward work on the thread that calls it. On GPU the pair runs on the two threads'
+  current streams; set each thread's stream before relying on kernel overlap.
+
+Pipeline point-to-point transfers stay tagged by (kind, stage, direction, micro-batch), so both
+threads may send and receive at once.
+
+`StepTrace` records what happened in a step: F and B operations (with their thread's lane and
+whether they ran in a pair) and every dispatch/combine transfer (issue, completion and wait
+times, by lane), for the timeline plot of `plot_overlap_timeline`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+from megatron_dsv3.dispatch import comm
+from megatron_dsv3.dispatch.topology import dispatch_lane
+
+FORWARD_LANE, BACKWARD_LANE = 0, 1
+
+
+def threaded_forward_backward(run_forward: Callable[[], None],
+                              run_backward: Callable[[], None]) -> None:
+    """Run `run_forward` in a helper thread (lane 0) and `run_backward` here (lane 1), together.
+    An exception in either is raised here after both have finished."""
+    errors: List[BaseException] = []
+
+    def forward() -> None:
+        try:
+            with dispatch_lane(FORWARD_LANE):
+                run_forward()
+        except BaseException as error:  # re-raised in the caller's thread
+            errors.append(error)
+
+    worker = threading.Thread(target=forward, name="dsv3-pair-forward", daemon=True)
+    worker.start()
+    try:
+        with dispatch_lane(BACKWARD_LANE):
+            run_backward()
+    finally:
+        worker.join()
+    if errors:
+        raise errors[0]
+
+
+class StepTrace:
+    """Timeline of one step on this rank: `ops` ({"kind": "F"|"B", chunk, mb, lane, pair, start,
+    end}) and `transfers` (the dispatch/combine all-to-all records of megatron_dsv3.dispatch.comm:
+    stage, pass, lane, start, end, waited), times in seconds from the step's start."""
+
+    ACTIVE: Optional["StepTrace"] = None
+
+    def __init__(self):
+        self.ops: List[Dict] = []
+        self.transfers: List[Dict] = []
+        self.t0 = 0.0
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.t0 = time.perf_counter()
+        saved = comm.TRACE
+        comm.TRACE, StepTrace.ACTIVE = self.transfers, self
+        try:
+            yield self
+        finally:
+            comm.TRACE, StepTrace.ACTIVE = saved, None
+            for record in self.ops + self.transfers:
+                for key in ("start", "end", "waited"):
+                    if key in record:
+                        record[key] -= self.t0
+
+    @staticmethod
+    @contextlib.contextmanager
+    def op(kind: str, chunk: int, mb: int, lane: int, pair: bool):
+        trace = StepTrace.ACTIVE
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if trace is not None:
+                trace.ops.append({"kind": kind, "chunk": chunk, "mb": mb, "lane": lane,
+                                  "pair": pair, "start": start, "end": time.perf_counter()})
+
+    def overlap_seconds(self) -> float:
+        """Seconds during which a transfer of one lane was in flight (issued, not yet complete)
+        while a paired operation of the other lane was running, summed over transfers. Zero when
+        the pair's halves run one after the other."""
+        total = 0.0
+        for t in self.transfers:
+            other = [o for o in self.ops if o["lane"] != t.get("lane") and o["pair"]]
+            for o in other:
+                total += max(0.0, min(t["end"], o["end"]) - max(t["start"], o["start"]))
+        return total
+
+    def to_json(self) -> Dict:
+        return {"ops": self.ops, "transfers": self.transfers,
+                "overlap_seconds": self.overlap_seconds()}
+
+
+def plot_overlap_timeline(trace: Dict, path: str, title: str = "") -> None:
+    """Rows: lane 0 (forward passes) and lane 1 (backward passes), each with its operations and,
+    below, its all-to-all transfers in flight (inter-node and intra-node stages coloured apart)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"F": "#4c72b0", "B": "#dd8452", "dispatch_inter": "#2ca02c",
+               "dispatch_intra": "#98df8a", "combine_intra": "#c5b0d5", "combine_inter": "#9467bd"}
+    rows = {("op", 0): 3, ("a2a", 0): 2, ("op", 1): 1, ("a2a", 1): 0}
+    fig, ax = plt.subplots(figsize=(12, 3.2))
+    for o in trace["ops"]:
+        y = rows[("op", o["lane"])]
+        ax.barh(y, o["end"] - o["start"], left=o["start"], height=0.8, color=colours[o["kind"]],
+                edgecolor="black" if o["pair"] else "none", linewidth=0.6)
+        ax.text((o["start"] + o["end"]) / 2, y, f"{o['kind']}{o['chunk']}.{o['mb']}",
+                ha="center", va="center", fontsize=6, color="white")
+    for t in trace["transfers"]:
+        y = rows[("a2a", t.get("lane", 0))]
+        ax.barh(y, max(t["end"] - t["start"], 1e-4), left=t["start"], height=0.6,
+                color=colours.get(t["stage"], "grey"), alpha=0.8)
+    ax.set_yticks([3, 2, 1, 0])
+    ax.set_yticklabels(["forward ops (lane 0)", "lane 0 all-to-alls", "backward ops (lane 1)",
+                        "lane 1 all-to-alls"])
+    ax.set_xlabel("seconds in the step")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    ax.legend(handles, list(colours), fontsize=7, ncol=6, loc="upper center",
+              bbox_to_anchor=(0.5, -0.25))
+    ax.set_title(title or f"overlapped F&B pairs (outlined); transfers of one lane in flight while "
+                 f"the other computes: {trace['overlap_seconds']:.3f} s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,181 @@
+"""HF <-> Megatron distributed checkpoint: the conversion loads with dist_checkpointing into the
+same weights load_hf gives, is laid out in the target layout's chunks, converts back bitwise, reads
+checkpoints Megatron itself wrote, and refuses layouts and inputs it cannot serve."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron.core import dist_checkpointing
+
+from megatron_dsv3.checkpoint.convert import dist_to_hf, hf_to_dist
+from megatron_dsv3.checkpoint.hf_model import config_from_hf, load_hf, save_hf
+from megatron_dsv3.checkpoint.hf_config import read_hf_config
+from megatron_dsv3.checkpoint.safetensors_io import HFReader
+from megatron_dsv3.model import build_model
+
+from hf_checkpoints import add_mtp_layers, make_hf_checkpoint, tensors
+from megatron_save import megatron_save
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("src") / "hf")
+    hf = make_hf_checkpoint(path, rope_interleave=False)
+    add_mtp_layers(path, hf, depth=1)
+    return path
+
+
+def model_from(path, dtype=torch.float32):
+    return build_model(config_from_hf(path, dtype=dtype)).eval()
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        if isinstance(sa[k], torch.Tensor):
+            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def stored_chunks(path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(path).read_metadata().state_dict_metadata
+    return {k: sorted((tuple(c.offsets), tuple(c.sizes)) for c in v.chunks) for k, v in md.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_converted_checkpoint_loads_into_the_weights_load_hf_gives(hf_dir, tmp_path, dtype,
+                                                                   single_rank_world):
+    out = str(tmp_path / "dist")
+    hf_to_dist(hf_dir, out, tp=2, ep=2, dtype=dtype, progress=False)
+    expected = model_from(hf_dir, dtype)
+    load_hf(expected, hf_dir)
+    model = model_from(hf_dir, dtype)
+    dist_checkpointing.load(model.sharded_state_dict(), out)
+    assert_same_state(model, expected)
+
+
+def test_chunks_are_the_target_layouts_pieces(hf_dir, tmp_path):
+    out = str(tmp_path / "dist")
+    hf_to_dist(hf_dir, out, tp=2, ep=4, progress=False)
+    chunks = stored_chunks(out)
+    # column-parallel: two row halves; row-parallel: two column halves; SwiGLU fc1: gate and up
+    # halves of each rank; routed experts: one chunk per expert; replicated: one chunk
+    assert chunks["decoder.layers.0.self_attention.linear_kv_up_proj.weight"] == [
+        ((0, 0), (16, 16)), ((16, 0), (16, 16))]
+    assert chunks["decoder.layers.0.self_attention.linear_proj.weight"] == [
+        ((0, 0), (32, 8)), ((0, 8), (32, 8))]
+    assert [c[0][0] for c in chunks["decoder.layers.0.mlp.linear_fc1.weight"]] == [0, 24, 48, 72]
+    assert chunks["decoder.layers.1.mlp.experts.fc2_weight"] == [
+        ((e, 0, 0), (1, 32, 16)) for e in range(8)]
+    assert chunks["decoder.layers.1.mlp.router.weight"] == [((0, 0), (8, 32))]
+    assert chunks["mtp.layers.0.eh_proj.weight"] == [((0, 0), (16, 64)), ((16, 0), (16, 64))]
+
+
+def test_dist_to_hf_inverts_hf_to_dist_bitwise(hf_dir, tmp_path, single_rank_world):
+    dist, back = str(tmp_path / "dist"), str(tmp_path / "back")
+    hf_to_dist(hf_dir, dist, tp=2, ep=2, dtype=torch.float32, progress=False)
+    dist_to_hf(dist, back, fp8=False, progress=False, batch_bytes=4096)
+    original, exported = tensors(hf_dir), tensors(back)
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    # with FP8 the way back is save_hf's FP8 export of the same weights, bitwise
+    model = model_from(hf_dir)
+    load_hf(model, hf_dir)
+    save_hf(model, str(tmp_path / "saved"), fp8=True, base_config=read_hf_config(hf_dir))
+    dist_to_hf(dist, str(tmp_path / "back8"), fp8=True, progress=False)
+    a, b = tensors(str(tmp_path / "saved")), tensors(str(tmp_path / "back8"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+
+
+def test_checkpoint_written_by_megatron_converts_to_the_original_hf(hf_dir, tmp_path,
+                                                                    single_rank_world):
+    model = model_from(hf_dir)
+    load_hf(model, hf_dir)
+    saved = tmp_path / "megatron"
+    saved.mkdir()
+    megatron_save(model, saved)
+    back = str(tmp_path / "back")
+    dist_to_hf(str(saved), back, hf_config=hf_dir, fp8=False, progress=False)
+    original, exported = tensors(hf_dir), tensors(back)
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+
+
+def test_command_line_converts_both_ways_with_progress(hf_dir, tmp_path):
+    dist, back = str(tmp_path / "dist"), str(tmp_path / "back")
+    run = [sys.executable, "-m", "megatron_dsv3.checkpoint", "convert"]
+    to_dist = subprocess.run(run + ["--to", "dist", "--input", hf_dir, "--output", dist, "--tp", "2",
+                                    "--pp", "2", "--ep", "4", "--dtype", "fp32"],
+                             capture_output=True, text=True, timeout=300)
+    assert to_dist.returncode == 0, to_dist.stderr
+    assert "hf->dist:" in to_dist.stderr and "100.0%" in to_dist.stderr
+    to_hf = subprocess.run(run + ["--to", "hf", "--input", dist, "--output", back, "--no-fp8",
+                                  "--max-shard-size", "20KB"], capture_output=True, text=True,
+                           timeout=300)
+    assert to_hf.returncode == 0, to_hf.stderr
+    assert "dist->hf:" in to_hf.stderr
+    original, exported = tensors(hf_dir), tensors(back)
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    assert len([f for f in os.listdir(back) if f.endswith(".safetensors")]) > 1
+    misuse = subprocess.run(run + ["--to", "hf", "--input", dist, "--output", back, "--tp", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert misuse.returncode == 2 and "--tp applies to --to dist only" in misuse.stderr
+
+
+def test_command_line_reports_bad_input_without_a_traceback(hf_dir, tmp_path, capsys):
+    from megatron_dsv3.checkpoint.__main__ import main
+
+    out = str(tmp_path / "dist")
+    assert main(["convert", "--to", "dist", "--input", hf_dir, "--output", out, "--ep", "3",
+                 "--quiet"]) == 1
+    assert "error: expert_model_parallel_size=3 does not divide" in capsys.readouterr().err
+    assert main(["convert", "--to", "hf", "--input", str(tmp_path), "--output", out]) == 1
+    assert f"{tmp_path} has no hf_config.json" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("layout,message", [
+    (dict(tp=3), r"tensor_model_parallel_size=3 does not divide num_attention_heads=2; allowed "
+                 r"values: \[1, 2\]"),
+    (dict(ep=3), r"expert_model_parallel_size=3 does not divide num_moe_experts=8"),
+    (dict(pp=3), r"pipeline_model_parallel_size=3 does not divide num_layers=2"),
+])
+def test_layouts_that_cannot_hold_the_model_are_refused(hf_dir, tmp_path, layout, message):
+    with pytest.raises(ValueError, match=message):
+        hf_to_dist(hf_dir, str(tmp_path / "dist"), progress=False, **layout)
+    assert not os.listdir(tmp_path)
+
+
+def test_interrupted_conversion_leaves_no_checkpoint(hf_dir, tmp_path, monkeypatch):
+    calls = []
+    real = HFReader.read
+
+    def failing(self, name, region=None):
+        calls.append(name)
+        if len(calls) == 20:
+            raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of the conversion
+        return real(self, name, region)
+
+    monkeypatch.setattr(HFReader, "read", failing)
+    with pytest.raises(KeyboardInterrupt):
+        hf_to_dist(hf_dir, str(tmp_path / "dist"), progress=False)
+    assert not os.listdir(tmp_path)
+
+
+def test_dist_checkpoint_without_a_model_tensor_is_refused(hf_dir, tmp_path, single_rank_world):
+    model = build_model(config_from_hf(hf_dir, dtype=torch.float32, mtp_num_layers=None))
+    load_hf(model, hf_dir, allow_unused=True)
+    saved = tmp_path / "megatron"
+    saved.mkdir()
+    megatron_save(model, saved)  # no MTP layer, but hf_dir's config has one
+    with pytest.raises(ValueError, match=r"tensor mtp.layers.0.enorm.weight is missing from the "
+                                         r"distributed checkpoint"):
+        dist_to_hf(str(saved), str(tmp_path / "back"), hf_config=hf_dir, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["megatron"]

@@ -1,0 +1,22 @@
+"""The FP8 dispatch wire: exactly quantize_1x128(pow2) -> dequantize_1x128 after a round trip,
+h + 4*ceil(h/128) bytes per row, power-of-2 scales."""
+
+import pytest
+import torch
+
+from megatron_dsv3.dispatch.fp8_payload import Fp8Payload
+from megatron_dsv3.fp8.quant import dequantize_1x128, quantize_1x128
+
+
+@pytest.mark.parametrize("rows,hidden", [(5, 256), (3, 200), (0, 64)])
+def test_round_trip_equals_blockwise_quantisation_with_pow2_scales(rows, hidden):
+    x = torch.randn(rows, hidden, dtype=torch.bfloat16) * 3
+    codec = Fp8Payload(hidden)
+    wire = codec.encode(x)
+    assert wire.dtype == torch.uint8
+    assert wire.shape == (rows, hidden + 4 * -(-hidden // 128)) == (rows, codec.row_bytes)
+    q, scale = quantize_1x128(x, pow2_scales=True)
+    assert torch.equal(codec.decode(wire, torch.bfloat16),
+                       dequantize_1x128(q, scale, dtype=torch.bfloat16))
+    sent_scales = wire[:, hidden:].contiguous().view(torch.float32)
+    assert torch.equal(sent_scales, torch.exp2(torch.log2(sent_scales).round()))  # powers of two
