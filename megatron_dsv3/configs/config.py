@@ -28,6 +28,12 @@ class DeepSeekV3Config(MLATransformerConfig):
     'deepseek-pow2' (the same with power-of-2 scales). Portable emulation on any device; see
     megatron_dsv3.fp8.recipe for Transformer Engine's Float8BlockScaling path."""
 
+    dsv3_dispatcher: str = "node-aware"
+    """Expert parallelism: the token dispatcher of the MoE layers when expert_model_parallel_size
+    > 1: 'node-aware' (two-stage, each token once per destination node) or 'flat' (one
+    all-to-all over the expert-parallel group, the baseline). Without expert parallelism every
+    choice runs the local dispatcher ('local' is only allowed there)."""
+
     dsv3_dispatch_chunks: int = 2
     """Expert parallelism: chunks the node-aware dispatcher pipelines, so that one chunk's
     inter-node all-to-all, another's intra-node all-to-all and a third's experts overlap."""
@@ -44,6 +50,9 @@ class DeepSeekV3Config(MLATransformerConfig):
     def __post_init__(self):
         validate_config(self)
         super().__post_init__()
+
+
+DISPATCHERS = ("node-aware", "flat", "local")
 
 
 def _positive(config: Any, field: str, *, optional: bool = False) -> None:
@@ -85,6 +94,14 @@ def validate_config(config: Any) -> None:
             f"{_divisors(config.num_attention_heads)}")
     from megatron_dsv3.fp8.recipe import recipe_from_config
 
+    dispatcher = getattr(config, "dsv3_dispatcher", "node-aware")
+    if dispatcher not in DISPATCHERS:
+        raise ValueError(f"dsv3_dispatcher={dispatcher!r} is invalid: allowed values are "
+                         f"{', '.join(DISPATCHERS)}")
+    if dispatcher == "local" and (getattr(config, "expert_model_parallel_size", 1) or 1) > 1:
+        raise ValueError("dsv3_dispatcher='local' cannot reach experts on other ranks: allowed "
+                         "with expert_model_parallel_size=1 only; use 'node-aware' or 'flat' "
+                         f"(expert_model_parallel_size={config.expert_model_parallel_size})")
     recipe_from_config(config)  # dsv3_fp8_recipe / fp8 / fp8_recipe: ValueError naming the field
     chunks = getattr(config, "dsv3_dispatch_chunks", 1)
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks <= 0:

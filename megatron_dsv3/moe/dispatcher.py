@@ -96,9 +96,14 @@ def expert_parallel_group(pg_collection=None):
 
 
 def default_dispatcher(config, ep_group):
-    """LocalDispatcher without expert parallelism, the node-aware dispatcher with it."""
+    """LocalDispatcher without expert parallelism; with it, `config.dsv3_dispatcher`'s choice:
+    the node-aware dispatcher (default) or the flat all-to-all."""
     if ep_group is None or ep_group.size() == 1:
         return LocalDispatcher
+    if getattr(config, "dsv3_dispatcher", "node-aware") == "flat":
+        from megatron_dsv3.dispatch.flat import FlatAllToAllDispatcher
+
+        return FlatAllToAllDispatcher
     from megatron_dsv3.dispatch import NodeAwareDispatcher
 
     return NodeAwareDispatcher

@@ -1,0 +1,32 @@
+"""The token dispatcher follows config.dsv3_dispatcher; bad choices fail at configuration time."""
+
+import pytest
+
+from megatron_dsv3.configs import get_config
+from megatron_dsv3.dispatch import NodeAwareDispatcher
+from megatron_dsv3.dispatch.flat import FlatAllToAllDispatcher
+from megatron_dsv3.moe.dispatcher import LocalDispatcher, default_dispatcher
+
+
+class _Group:
+    def __init__(self, n):
+        self.n = n
+
+    def size(self):
+        return self.n
+
+
+@pytest.mark.parametrize("choice,ep,expected", [
+    ("node-aware", 4, NodeAwareDispatcher), ("flat", 4, FlatAllToAllDispatcher),
+    ("node-aware", 1, LocalDispatcher), ("flat", 1, LocalDispatcher), ("local", 1, LocalDispatcher)])
+def test_choice_by_config(choice, ep, expected):
+    config = get_config("deepseek-v3-tiny", dsv3_dispatcher=choice)
+    assert default_dispatcher(config, _Group(ep) if ep > 1 else None) is expected
+
+
+def test_bad_choices_name_the_field_and_allowed_values():
+    with pytest.raises(ValueError, match=r"dsv3_dispatcher='deepep' is invalid: allowed values "
+                                         r"are node-aware, flat, local"):
+        get_config("deepseek-v3-tiny", dsv3_dispatcher="deepep")
+    with pytest.raises(ValueError, match=r"dsv3_dispatcher='local' .* expert_model_parallel_size=1"):
+        get_config("deepseek-v3-tiny", dsv3_dispatcher="local", expert_model_parallel_size=4)
