@@ -1,0 +1,144 @@
+# Shared launch logic for the DeepSeek-V3 sbatch files (sourced, not run).
+#
+# The sbatch file sets: JOB_NAME, TP, PP, EP, SCHEDULE, MTP, MODEL_ARGS (array), TRAIN_ARGS
+# (array), PLAN_ARGS (array, planner flags for the model) and optionally EXTRA_ARGS; then calls
+# dsv3_main. Everything below is derived from SLURM (or, with DRY_RUN=1 and no SLURM, from
+# defaults that match the #SBATCH header: DRY_NODES, DRY_GPUS_PER_NODE).
+#
+# Environment knobs: RUN_DIR (checkpoints + logs), DATA_PATH/TOKENIZER_MODEL (real data; else
+# --mock-data), NCCL_SOCKET_IFNAME, NCCL_IB_HCA, MASTER_PORT, PYTHON, DRY_RUN.
+
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+
+dsv3_topology() {
+    if [[ -n "${SLURM_JOB_NODELIST:-}" && "${DRY_RUN:-0}" != "1" ]]; then
+        mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    elif [[ -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null; then
+        mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    else  # dry run without SLURM: a fake node list of the header's size
+        local n=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-$DRY_NODES}}
+        NODES=()
+        for ((i = 0; i < n; i++)); do NODES+=("$(printf 'node%04d' "$i")"); done
+    fi
+    NNODES=${#NODES[@]}
+    GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-${GPUS_PER_NODE:-$DRY_GPUS_PER_NODE}}
+    MASTER_ADDR=${MASTER_ADDR:-${NODES[0]}}
+    # a port derived from the job id so two jobs sharing a head node do not collide
+    MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+    WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
+    if ((WORLD_SIZE % (TP * PP))); then
+        echo "error: world size $WORLD_SIZE not divisible by TP*PP=$((TP * PP))" >&2; exit 2
+    fi
+    DP=$((WORLD_SIZE / (TP * PP)))
+    if (((DP * TP) % EP)); then
+        echo "error: EP=$EP must divide DP*TP=$((DP * TP))" >&2; exit 2
+    fi
+    export MASTER_ADDR MASTER_PORT NNODES GPUS_PER_NODE WORLD_SIZE
+}
+
+dsv3_environment() {
+    # one CUDA stream queue per device so that TP/EP communication kernels are ordered
+    # with the compute they overlap (required by Megatron's overlap options)
+    export CUDA_DEVICE_MAX_CONNECTIONS=1
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+    export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
+    export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-^lo,docker0}
+    export NCCL_IB_HCA=${NCCL_IB_HCA:-mlx5}
+    export NCCL_IB_GID_INDEX=${NCCL_IB_GID_INDEX:-3}
+    export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+    export NCCL_IB_QPS_PER_CONNECTION=${NCCL_IB_QPS_PER_CONNECTION:-2}
+    export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    # Transformer Engine: FP32 block scales unless the recipe asks for power-of-2 ones
+    export NVTE_FP8_BLOCK_SCALING_FP32_SCALES=${NVTE_FP8_BLOCK_SCALING_FP32_SCALES:-1}
+    export NVTE_FWD_LAYERNORM_SM_MARGIN=${NVTE_FWD_LAYERNORM_SM_MARGIN:-16}
+    export NVTE_BWD_LAYERNORM_SM_MARGIN=${NVTE_BWD_LAYERNORM_SM_MARGIN:-16}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+}
+
+dsv3_checkpoint_args() {
+    RUN_DIR=${RUN_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/runs/$JOB_NAME}
+    CKPT_DIR=$RUN_DIR/checkpoints
+    CKPT_ARGS=(--save "$CKPT_DIR" --save-interval "${SAVE_INTERVAL:-500}" --ckpt-format torch_dist)
+    # auto resume: Megatron writes latest_checkpointed_iteration.txt after every save
+    if [[ -f "$CKPT_DIR/latest_checkpointed_iteration.txt" ]]; then
+        CKPT_ARGS+=(--load "$CKPT_DIR")
+        RESUME="resume from $CKPT_DIR (iteration $(cat "$CKPT_DIR/latest_checkpointed_iteration.txt"))"
+    else
+        RESUME="fresh start (no checkpoint in $CKPT_DIR)"
+    fi
+    # SIGTERM from preemption / time limit: Megatron saves and exits (--exit-signal-handler)
+    CKPT_ARGS+=(--exit-signal-handler)
+}
+
+dsv3_data_args() {
+    if [[ -n "${DATA_PATH:-}" ]]; then
+        DATA_ARGS=(--data-path "$DATA_PATH" --tokenizer-type HuggingFaceTokenizer
+                   --tokenizer-model "${TOKENIZER_MODEL:?set TOKENIZER_MODEL with DATA_PATH}"
+                   --split 99990,8,2)
+    else
+        DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size "${VOCAB_SIZE:-129280}")
+    fi
+}
+
+dsv3_command() {  # the command node $1 runs (as an array in CMD)
+    local node_rank=$1
+    CMD=(torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "$node_rank"
+         --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
+         -m megatron_dsv3.pretrain_gpt
+         --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+         --expert-model-parallel-size "$EP" --pipeline-schedule "$SCHEDULE"
+         --ranks-per-node "$GPUS_PER_NODE"
+         "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" "${CKPT_ARGS[@]}"
+         --tensorboard-dir "$RUN_DIR/tensorboard" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
+}
+
+dsv3_requeue_trap() {
+    # SLURM sends SIGUSR1 (--signal=B:USR1@600) 10 minutes before the limit or on preemption:
+    # forward SIGTERM to the ranks (they checkpoint via --exit-signal-handler) and requeue.
+    trap 'echo "[dsv3] signal: checkpoint and requeue"; kill -TERM "$SRUN_PID" 2>/dev/null;
+          wait "$SRUN_PID"; scontrol requeue "$SLURM_JOB_ID"' USR1
+}
+
+dsv3_main() {
+    dsv3_topology
+    dsv3_environment
+    dsv3_checkpoint_args
+    dsv3_data_args
+    if [[ "${DRY_RUN:-0}" == "1" ]]; then
+        local r
+        for ((r = 0; r < NNODES; r++)); do
+            dsv3_command "$r"
+            printf 'node %d %s: %s\n' "$r" "${NODES[$r]}" "${CMD[*]@Q}"
+        done
+        echo "summary: job=$JOB_NAME nodes=$NNODES gpus_per_node=$GPUS_PER_NODE world_size=$WORLD_SIZE tp=$TP pp=$PP ep=$EP dp=$DP schedule=$SCHEDULE master=$MASTER_ADDR:$MASTER_PORT $RESUME"
+        echo "env: CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS NCCL_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME NCCL_IB_HCA=$NCCL_IB_HCA TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING"
+        "$PYTHON" -m megatron_dsv3.plan --nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" \
+            --tp "$TP" --pp "$PP" --ep "$EP" --schedule "$SCHEDULE" --mtp "$MTP" \
+            "${PLAN_ARGS[@]}" --placement-only
+        return
+    fi
+    mkdir -p "$RUN_DIR"
+    EXTRA_ARGS=(${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
+    # arrays do not cross srun's environment: hand them over as `declare -p` text
+    DSV3_STATE=$(declare -p NNODES GPUS_PER_NODE MASTER_ADDR MASTER_PORT TP PP EP SCHEDULE \
+        MODEL_ARGS TRAIN_ARGS DATA_ARGS CKPT_ARGS RUN_DIR EXTRA_ARGS)
+    export DSV3_STATE
+    echo "[dsv3] $JOB_NAME: $NNODES nodes x $GPUS_PER_NODE GPUs, world $WORLD_SIZE, TP $TP PP $PP EP $EP DP $DP; $RESUME"
+    # one srun task per node; each runs torchrun with its own node rank
+    # shellcheck disable=SC2016
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL bash -c '
+        source "'"$DSV3_SLURM_DIR"'/common.sh"
+        eval "$DSV3_STATE"
+        dsv3_command "$SLURM_NODEID"
+        exec "${CMD[@]}"' &
+    SRUN_PID=$!
+    dsv3_requeue_trap
+    wait "$SRUN_PID"
+}
+
+# the directory of this file: sbatch copies the job script away, so prefer the submit dir
+DSV3_SLURM_DIR=${DSV3_SLURM_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
+export DSV3_SLURM_DIR

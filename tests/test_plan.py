@@ -1,0 +1,131 @@
+"""The planner: parameter totals agree with the model built on the meta device, bad layouts are
+refused naming the flag, and per-GPU memory matches a closed-form recomputation."""
+
+import json
+
+import pytest
+import torch
+
+from megatron_dsv3 import plan as planner
+from megatron_dsv3.configs import get_config
+
+
+def run(argv):
+    args = planner.parser().parse_args(argv)
+    return planner.plan(args)
+
+
+def test_671b_totals_agree_with_the_model_built_on_meta(single_rank_world):
+    from megatron_dsv3.model import build_model
+
+    result = run("--preset deepseek-v3 --nodes 256 --gpus-per-node 8 --tp 1 --pp 16 --ep 64 "
+                 "--schedule dualpipev --mtp 1 --fp8 --bf16-moments --zero1 "
+                 "--global-batch-size 15360".split())
+    config = get_config("deepseek-v3", perform_initialization=False, use_cpu_initialization=True)
+    with torch.device("meta"):
+        model = build_model(config)
+    main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
+    mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
+    P = result["parameters"]
+    assert P["total_main"] == main and P["mtp"] == mtp
+    assert abs(P["total_main"] - 671e9) / 671e9 < 0.005
+    assert abs(P["mtp"] - 11.6e9) / 11.6e9 < 0.02
+    assert 36.7e9 <= P["activated_main"] <= 37.6e9
+    # every parameter lands on exactly one pipeline rank (EP shards experts 64 ways)
+    per_rank = result["per_rank"]
+    assert len(per_rank) == 16
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    rebuilt = sum(r["dense_params_per_gpu"] + r["expert_params_per_gpu"] * 64 for r in per_rank)
+    assert abs(rebuilt - (main + mtp)) <= 16  # rounding per rank
+    assert sum(r["expert_params_per_gpu"] for r in per_rank) * 64 == pytest.approx(routed, abs=64)
+    L = result["layout"]
+    assert (L["world_size"], L["dp"], L["expert_dp"], L["ep_nodes"], L["stages"]) == (
+        2048, 128, 2, 8, 32)
+    assert result["holders"] == {"embedding": 0, "output_head": 0, "mtp": 0}
+    # DualPipeV: in-flight forward activations per rank come from the schedule table
+    assert per_rank[0]["in_flight_micro_batches"] == {"0": 32, "1": 1}
+    assert result["micro_batches"] == 120 and 0 < result["bubble"]["fraction"] < 0.1
+    assert 0 < result["max_memory_gib"] < 141  # an estimate (activations); H200 = 141 GB
+    assert result["expert_all_to_all"]["inter_node_copies_per_token_max"] == 4
+
+
+@pytest.mark.parametrize("argv, words", [
+    ("--nodes 3 --gpus-per-node 8 --pp 16", ["--pp 16", "does not divide", "allowed --pp"]),
+    ("--nodes 256 --pp 16 --ep 48", ["--ep 48", "allowed values"]),
+    ("--nodes 256 --pp 16 --ep 16", ["--ep 16", "node limit M", "--ep >= 32"]),
+    ("--nodes 256 --pp 16 --schedule dualpipe --mtp 1", ["--schedule dualpipe", "--mtp"]),
+    ("--nodes 256 --pp 32 --ep 64 --schedule dualpipev --mtp 1", ["--pp 32", "64 stages",
+                                                                    "--pp <= 31"]),
+    ("--nodes 256 --pp 16 --ep 64 --schedule zigzag", ["--schedule 'zigzag'", "dualpipev"]),
+    ("--nodes 256 --pp 16 --ep 64 --schedule dualpipev --global-batch-size 1024",
+     ["micro-batches", "DualPipeV needs micro-batches >= 2 x ranks = 32"]),
+])
+def test_bad_layouts_are_refused_naming_the_flag(argv, words, capsys):
+    code = planner.main(("--placement-only --preset deepseek-v3 " + argv).split())
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ")
+    for w in words:
+        assert w in err, err
+
+
+def test_placement_only_json_is_the_v_placement(capsys):
+    from megatron_dsv3.pipeline.placement import StageLayers
+
+    assert planner.main("--nodes 256 --pp 16 --ep 64 --schedule dualpipev --placement-only "
+                        "--json".split()) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {int(r): c for r, c in out["placement"].items()} == StageLayers("dualpipev", 16, 61).table()
+    assert "parameters" not in out
+
+
+def test_tiny_memory_matches_a_closed_form_recomputation(single_rank_world):
+    """deepseek-v3-tiny, 1 node x 8, TP1 PP2 EP4 DualPipeV, ZeRO-1, BF16 moments, FP8 copy."""
+    from megatron_dsv3.model import build_model
+
+    result = run("--preset deepseek-v3-tiny --nodes 1 --gpus-per-node 8 --pp 2 --ep 4 "
+                 "--schedule dualpipev --mtp 1 --fp8 --bf16-moments --zero1 "
+                 "--micro-batch-size 2 --seq-length 64 --global-batch-size 32 "
+                 "--recompute none --json".split())
+    config = get_config("deepseek-v3-tiny", perform_initialization=False)
+    with torch.device("meta"):
+        model = build_model(config)
+    params = dict((n, p.numel()) for n, p in model.named_parameters())
+    # V placement of 3 layers over 4 stages: rank 0 holds layer 1 and stage 3 (empty + head + MTP),
+    # rank 1 holds layers 2 and 3
+    assert result["placement"] == {"0": [[1], []], "1": [[2], [3]]}
+
+    def layer(i, routed):
+        return sum(v for n, v in params.items() if n.startswith(f"decoder.layers.{i - 1}.")
+                   and (".experts." in n) == routed)
+
+    rank0_dense = (layer(1, False) + params["embedding.word_embeddings.weight"]
+                   + params["output_layer.weight"] + params["decoder.final_layernorm.weight"]
+                   + sum(v for n, v in params.items() if n.startswith("mtp.") and ".experts." not in n))
+    rank0_exp = layer(1, True) + sum(v for n, v in params.items()
+                                     if n.startswith("mtp.") and ".experts." in n)
+    dp, ep, edp = 4, 4, 1  # world 8 / PP 2; expert DP = DP * TP / EP
+    per_gpu = rank0_dense + rank0_exp / ep
+    expected = {
+        "weights_bf16": 2 * per_gpu, "weights_fp8_copy": per_gpu, "grads_fp32": 4 * per_gpu,
+        "optimizer": (4 + 2 + 2) * (rank0_dense / dp + rank0_exp / ep / edp),
+    }
+    # activations, no recompute: rank 0 chunk 0 (layer 1, dense) holds 4 micro-batches at its peak
+    h, n, f = config.hidden_size, config.num_attention_heads, config.ffn_hidden_size
+    dense_tok = 2 * (h + h + (config.q_lora_rank + config.kv_lora_rank + config.qk_pos_emb_head_dim)
+                     + n * (config.qk_head_dim + config.qk_pos_emb_head_dim) * 2
+                     + n * config.v_head_dim + n * config.v_head_dim + h + h + 2 * f + f)
+    r0 = result["per_rank"][0]
+    assert r0["in_flight_micro_batches"] == {"0": 4, "1": 1}
+    expected["activations"] = 4 * dense_tok * 2 * 64  # chunk 1 holds no layers
+    expected["total"] = sum(expected.values())
+    for k, v in expected.items():
+        assert r0["memory_gib"][k] == pytest.approx(round(v / planner.GiB, 2), abs=0.011), k
+    assert result["activation_bytes_per_token"]["dense_layer"] == dense_tok
+
+
+def test_cli_prints_progress_free_text_and_refuses_what_does_not_fit(capsys):
+    code = planner.main("--preset deepseek-v3-tiny --nodes 1 --gpus-per-node 8 --pp 2 --ep 4 "
+                        "--schedule dualpipev --gpu-memory-gib 0.000001".split())
+    io = capsys.readouterr()
+    assert code == 3 and "does not fit" in io.err
+    assert "placement (global layer numbers per chunk)" in io.out and "pp_rank   0" in io.out

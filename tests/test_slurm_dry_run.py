@@ -1,0 +1,137 @@
+"""The sbatch files' DRY_RUN=1 mode, without SLURM: the commands each node would run, the derived
+world and parallel sizes, and the per-rank layer placement printed by the planner."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_dsv3.pipeline.placement import StageLayers
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM = ROOT / "examples" / "slurm"
+
+# file: (nodes, gpus per node, tp, pp, ep, num_layers, schedule)
+EXPECTED = {
+    "deepseek_v3_671b.sbatch": (256, 8, 1, 16, 64, 61, "dualpipev"),
+    "deepseek_v3_16b_proxy.sbatch": (8, 8, 1, 4, 16, 27, "dualpipev"),
+    "smoke_2node.sbatch": (2, 8, 1, 2, 8, 4, "dualpipev"),
+}
+
+
+def dry_run(name, tmp_path, **env_extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(DRY_RUN="1", PYTHON=sys.executable, RUN_DIR=str(tmp_path / "run"),
+               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), **env_extra)
+    out = subprocess.run(["bash", str(SLURM / name)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def node_commands(stdout):
+    cmds = {}
+    for line in stdout.splitlines():
+        m = re.match(r"node (\d+) (\S+): (.*)$", line)
+        if m:
+            cmds[int(m.group(1))] = (m.group(2), shlex.split(m.group(3)))
+    return cmds
+
+
+def flag(argv, name, n=1):
+    i = argv.index(name)
+    return argv[i + 1] if n == 1 else argv[i + 1:i + 1 + n]
+
+
+def placement_table(stdout):
+    table = {}
+    for line in stdout.splitlines():
+        m = re.match(r"\s+pp_rank\s+(\d+): (.*?)(\s+\[.*\])?$", line)
+        if m:
+            chunks = []
+            for c in re.findall(r"chunk\d=(\S+)", m.group(2)):
+                a, b = (c, c) if "-" not in c else c.split("-")
+                chunks.append([] if c == "-" else list(range(int(a), int(b) + 1)))
+            table[int(m.group(1))] = (chunks, m.group(3) or "")
+    return table
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_dry_run_prints_each_nodes_command_with_sizes_derived_from_slurm(name, tmp_path):
+    nodes, gpn, tp, pp, ep, layers, schedule = EXPECTED[name]
+    out = dry_run(name, tmp_path)
+    cmds = node_commands(out)
+    assert sorted(cmds) == list(range(nodes))
+    hosts = [h for h, _ in cmds.values()]
+    assert len(set(hosts)) == nodes
+    for rank, (host, argv) in cmds.items():
+        assert argv[:1] == ["torchrun"] and "megatron_dsv3.pretrain_gpt" in argv
+        assert flag(argv, "--nnodes") == str(nodes) and flag(argv, "--node-rank") == str(rank)
+        assert flag(argv, "--nproc-per-node") == str(gpn)
+        assert flag(argv, "--master-addr") == hosts[0]  # the first host of the node list
+        assert (flag(argv, "--tensor-model-parallel-size"), flag(argv, "--pipeline-model-parallel-size"),
+                flag(argv, "--expert-model-parallel-size")) == (str(tp), str(pp), str(ep))
+        assert flag(argv, "--pipeline-schedule") == schedule
+        assert flag(argv, "--num-layers") == str(layers)
+        assert flag(argv, "--spec", 2) == ["megatron_dsv3.layer_specs", "layer_spec"]
+        assert "--use-distributed-optimizer" in argv and flag(argv, "--exp-avg-dtype") == "bf16"
+        assert flag(argv, "--save") == str(tmp_path / "run" / "checkpoints")
+        assert "--load" not in argv  # nothing to resume yet
+    world = nodes * gpn
+    summary = re.search(r"summary: .*world_size=(\d+) tp=(\d+) pp=(\d+) ep=(\d+) dp=(\d+)", out)
+    assert summary and tuple(map(int, summary.groups())) == (world, tp, pp, ep, world // (tp * pp))
+    assert "CUDA_DEVICE_MAX_CONNECTIONS=1" in out
+
+
+def test_671b_dry_run_has_deepseek_v3_features_and_v_placement(tmp_path):
+    out = dry_run("deepseek_v3_671b.sbatch", tmp_path)
+    _, argv = node_commands(out)[0]
+    assert (flag(argv, "--num-experts"), flag(argv, "--moe-router-topk"),
+            flag(argv, "--moe-router-num-groups"), flag(argv, "--moe-router-group-topk")) == (
+        "256", "8", "8", "4")
+    assert flag(argv, "--mtp-num-layers") == "1" and flag(argv, "--dsv3-fp8-recipe") == "deepseek"
+    assert flag(argv, "--dsv3-dispatcher") == "node-aware" and "--dsv3-dispatch-fp8" in argv
+    assert flag(argv, "--recompute-granularity") == "selective"
+    assert flag(argv, "--recompute-modules", 3) == ["layernorm", "mla_up_proj", "moe_act"]
+    assert flag(argv, "--ranks-per-node") == "8"
+    # EP64 over 8 nodes: an expert group of consecutive ranks spans 64 / 8 nodes >= M = 4
+    assert int(flag(argv, "--expert-model-parallel-size")) // 8 >= int(
+        flag(argv, "--moe-router-group-topk"))
+    table = placement_table(out)
+    expected = StageLayers("dualpipev", 16, 61).table()
+    assert {r: c for r, (c, _) in table.items()} == expected
+    assert sorted(g for chunks in expected.values() for c in chunks for g in c) == list(range(1, 62))
+    assert "embedding" in table[0][1] and "output_head" in table[0][1] and "mtp" in table[0][1]
+
+
+def test_dry_run_resumes_from_an_existing_checkpoint(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("10")
+    out = dry_run("smoke_2node.sbatch", tmp_path)
+    for _, argv in node_commands(out).values():
+        assert flag(argv, "--load") == flag(argv, "--save") == str(ckpt)
+        assert "--exit-signal-handler" in argv
+    assert "resume from" in out and "iteration 10" in out
+
+
+def test_dry_run_takes_the_node_list_and_port_from_the_environment(tmp_path):
+    out = dry_run("smoke_2node.sbatch", tmp_path, SLURM_JOB_NUM_NODES="4", MASTER_PORT="29123")
+    cmds = node_commands(out)
+    assert sorted(cmds) == [0, 1, 2, 3]
+    assert all(flag(a, "--master-port") == "29123" for _, a in cmds.values())
+    assert re.search(r"world_size=32 tp=1 pp=2 ep=8 dp=16", out)
+
+
+def test_sbatch_headers_request_requeue_and_a_signal_before_the_limit():
+    for name, (nodes, gpn, *_rest) in EXPECTED.items():
+        text = (SLURM / name).read_text()
+        assert f"#SBATCH --nodes={nodes}\n" in text and f"#SBATCH --gpus-per-node={gpn}\n" in text
+        assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@" in text
+        assert f"DRY_NODES={nodes} DRY_GPUS_PER_NODE={gpn}" in text
+    common = (SLURM / "common.sh").read_text()
+    assert "scontrol show hostnames" in common and "scontrol requeue" in common
