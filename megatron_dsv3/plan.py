@@ -459,8 +459,11 @@ def render(result: Dict) -> str:
                  f"({100 * B['fraction']:.1f}%)")
     X = result["expert_all_to_all"]
     lines.append(f"expert all-to-all: <= {X['inter_node_copies_per_token_max']} inter-node copies "
-                 f"per token; {X['inter_node_bytes_per_micro_batch_all_layers'] / GiB:.2f} GiB "
-                 f"inter-node per micro-batch per GPU over all MoE layers")
+                 f"per token; a micro-batch sends "
+                 f"{X['inter_node_bytes_per_micro_batch_per_moe_layer'] / GiB:.3f} GiB inter-node "
+                 f"per MoE layer from each GPU of the layer's stage, "
+                 f"{X['inter_node_bytes_per_micro_batch_all_layers'] / GiB:.2f} GiB through all "
+                 f"MoE layers (spread over the pipeline stages)")
     lines.append(f"max per-GPU memory {result['max_memory_gib']} GiB"
                  + ("" if result["fits"] else "  -- DOES NOT FIT --gpu-memory-gib"))
     return "\n".join(lines)
