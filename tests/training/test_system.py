@@ -2,12 +2,15 @@
 ranks on 2 simulated nodes, ZeRO-1, MTP, selective recompute, BF16 moments (and FP8) — the same
 losses and router biases as the single-process job on the same global batches."""
 
+import os
+
 import pytest
 import torch
 
 from megatron_dsv3.testing.distributed import run_distributed
 
-STEPS = 3
+# 3 steps fit CI; the 20-step check of docs/benchmarks.md runs with MEGATRON_DSV3_SYSTEM_STEPS=20
+STEPS = int(os.environ.get("MEGATRON_DSV3_SYSTEM_STEPS", "3"))
 
 
 def _args(tmp, **kw):
@@ -46,22 +49,28 @@ def test_distributed_run_matches_single_process(tmp_path, single_rank_world, fp8
     results = run_distributed(_run, 8, args=(tmp_path, fp8), timeout=800)
     losses = results[0][0]
     assert all(r[0] == losses for r in results)  # every rank logs the same numbers
-    # Same samples, same initial weights, same arithmetic per micro-batch; gradients are summed
-    # over 4 data-parallel ranks and 2 stages in another order, so agreement is to float32
-    # reassociation, compounded over the steps.
-    for (a, b), (x, y) in zip(ref, losses):
-        assert abs(a - x) / a < 2e-4 and abs(b - y) / b < 2e-4, (ref, losses)
-    # the aux-loss-free biases follow the global loads: identical updates everywhere. With FP8,
-    # the float32 reassociation differences of the summed gradients can move a weight across an
-    # E4M3 rounding boundary after the first step, which can flip one token's routing: then one
-    # expert's load crosses the mean differently and its bias moves by up to 2 x rate per later
-    # step - allowed for at most one expert per layer, nothing else.
+    # Same samples, same initial weights, same arithmetic per micro-batch: the first step agrees
+    # to the reassociation of the loss sums. Gradients are summed over 4 data-parallel ranks and
+    # 2 stages in another order; over later steps that float32 difference is compounded by the
+    # optimizer (BF16 moments round it up to BF16 resolution) and, rarely, by a routing decision
+    # that flips. Measured max relative difference (LM or MTP loss): step 1 0 (FP8: 8.5e-8);
+    # 20 steps 1.0e-3 (FP8: 1.4e-3), with MEGATRON_DSV3_SYSTEM_STEPS=20 (docs/benchmarks.md).
+    rel = [max(abs(a - x) / a, abs(b - y) / b) for (a, b), (x, y) in zip(ref, losses)]
+    print(f"max relative loss difference over {STEPS} steps: {max(rel):.2e} (step 1: {rel[0]:.2e})")
+    assert rel[0] < 1e-5, (ref, losses)
+    assert max(rel) < (2e-4 if STEPS <= 3 else 3e-3), (ref, losses)
+    # the aux-loss-free biases follow the global loads: identical updates everywhere while the
+    # routing is identical. A flipped routing decision (see above; with FP8 a weight crossing an
+    # E4M3 rounding boundary makes it likelier) moves one expert's load across the mean
+    # differently, and its bias by up to 2 x rate per later step. Over the 3 CI steps: exact
+    # without FP8, at most one expert per layer with it.
     rate = single.config.moe_router_bias_update_rate
+    differing = 0
     for _, biases in results:
         for layer, bias in biases.items():
-            if not fp8:
-                assert torch.equal(bias, ref_bias[layer]), layer
-                continue
             off = (bias - ref_bias[layer]).abs()
-            assert (off > 0).sum() <= 1 and off.max() <= 2 * rate * (STEPS - 1) + 1e-6, (
-                layer, bias, ref_bias[layer])
+            differing = max(differing, int((off > 0).sum()))
+            assert off.max() <= 2 * rate * (STEPS - 1) + 1e-6, (layer, bias, ref_bias[layer])
+            if STEPS <= 3:
+                assert (off > 0).sum() <= (1 if fp8 else 0), (layer, bias, ref_bias[layer])
+    print(f"router-bias elements differing (worst layer): {differing} of {bias.numel()}")
