@@ -13,37 +13,15 @@ import megatron.core  # the installed megatron-core, not the checkout's copy
 
 MLM, ATTR = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "layer_spec")
 sys.path.insert(0, MLM)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
-from megatron.training.arguments import core_transformer_config_from_args, parse_args, validate_args  # noqa: E402
-from megatron.training.global_vars import set_args  # noqa: E402
+from megatron.training.arguments import core_transformer_config_from_args  # noqa: E402
 
-TINY = ("--num-layers 3 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 160 "
-        "--seq-length 32 --max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 2 "
-        "--multi-latent-attention --q-lora-rank 32 --kv-lora-rank 32 --qk-head-dim 16 "
-        "--qk-pos-emb-head-dim 8 --v-head-dim 16 --num-experts 16 --moe-ffn-hidden-size 32 "
-        "--moe-shared-expert-intermediate-size 32 --moe-layer-freq ([0]+[1]*2) "
-        "--moe-router-score-function sigmoid --moe-router-enable-expert-bias "
-        "--moe-router-num-groups 4 --moe-router-group-topk 2 --moe-router-topk 4 "
-        "--moe-router-topk-scaling-factor 2.5 --moe-router-dtype fp32 --normalization RMSNorm "
-        "--swiglu --disable-bias-linear --position-embedding-type none "
-        "--untie-embeddings-and-output-weights --vocab-size 256 --tokenizer-type NullTokenizer "
-        "--transformer-impl local --no-gradient-accumulation-fusion --lr 1e-3 --train-iters 1 "
-        "--mock-data --use-cpu-initialization --no-persist-layer-norm").split()
+from tiny_args_check import TINY, parse_megatron_args  # noqa: E402
 
-sys.argv = ["pretrain_gpt.py", "--spec", "megatron_dsv3.layer_specs", ATTR] + TINY
-args = parse_args()
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("MASTER_PORT", str(29000 + os.getpid() % 2000))
-dist.init_process_group("gloo", rank=0, world_size=1)
-from megatron.core import parallel_state  # noqa: E402
-
-parallel_state.initialize_model_parallel()
-args = validate_args(args, {})
-set_args(args)
-args.padded_vocab_size = args.vocab_size
+args = parse_megatron_args(["--spec", "megatron_dsv3.layer_specs", ATTR] + TINY)
 
 from gpt_builders import gpt_builder  # noqa: E402
 

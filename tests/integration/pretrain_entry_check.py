@@ -14,27 +14,14 @@ sys.path.insert(0, MLM)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from megatron.training.arguments import parse_args, validate_args  # noqa: E402
-from megatron.training.global_vars import set_args  # noqa: E402
 
 from megatron_dsv3 import pretrain_gpt as entry  # noqa: E402
 
-from tiny_args_check import TINY  # noqa: E402
+from tiny_args_check import TINY, parse_megatron_args  # noqa: E402
 
 argv = TINY + EXTRA
 entry.parse_dsv3_args(argv)
-sys.argv = ["pretrain_gpt.py"] + argv
-args = parse_args(extra_args_provider=entry.add_dsv3_args)
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("MASTER_PORT", str(29000 + os.getpid() % 2000))
-dist.init_process_group("gloo", rank=0, world_size=1)
-from megatron.core import parallel_state  # noqa: E402
-
-parallel_state.initialize_model_parallel()
-args = validate_args(args, {})
-set_args(args)
-args.padded_vocab_size = args.vocab_size
+args = parse_megatron_args(argv, extra_args_provider=entry.add_dsv3_args)
 
 import megatron.training.training as training  # noqa: E402
 from megatron.core.pipeline_parallel import schedules  # noqa: E402

@@ -1,4 +1,8 @@
-"""The tiny DeepSeek-V3 shape as Megatron-LM flags, shared by the *_check.py scripts."""
+"""Shared by the *_check.py scripts: the tiny DeepSeek-V3 shape as Megatron-LM flags, and
+Megatron-LM's argument parsing set up the way pretrain() does it, on one CPU rank (gloo)."""
+
+import os
+import sys
 
 TINY = ("--num-layers 3 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 160 "
         "--seq-length 32 --max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 2 "
@@ -12,3 +16,23 @@ TINY = ("--num-layers 3 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-si
         "--untie-embeddings-and-output-weights --vocab-size 256 --tokenizer-type NullTokenizer "
         "--transformer-impl local --no-gradient-accumulation-fusion --lr 1e-3 --train-iters 2 "
         "--mock-data --use-cpu-initialization --no-persist-layer-norm").split()
+
+
+def parse_megatron_args(argv, extra_args_provider=None):
+    """Megatron-LM's parse_args + validate_args on `argv` (without the program name), after a
+    one-rank gloo process group and Megatron's parallel state; the args are set globally."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.global_vars import set_args
+
+    sys.argv = ["pretrain_gpt.py"] + list(argv)
+    args = parse_args(extra_args_provider=extra_args_provider)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29000 + os.getpid() % 2000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    args = validate_args(args, {})
+    set_args(args)
+    args.padded_vocab_size = args.vocab_size
+    return args
