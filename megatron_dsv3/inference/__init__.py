@@ -1,0 +1,27 @@
+"""Inference the DeepSeek-V3 way: absorbed-MLA decoding over a latent cache in fixed-size blocks,
+batched requests, greedy and sampled decoding, streaming, and MTP speculative decoding.
+
+    from megatron_dsv3.inference import InferenceEngine, Request, SamplingParams
+    engine = InferenceEngine(model, block_size=16, decode=tokenizer_decode)
+    results = engine.generate([Request(ids, max_new_tokens=64)], speculative=True)
+
+`cache` (block table, free list, [c_kv | k_rope] per token and layer), `decoder` (the model's
+layers over the cache), `sampling`, `engine` (requests, steps, stop conditions, streaming),
+`speculative` (MTP draft, main-model verification, roll-back), `loading` (checkpoints and
+tokenizers for the command line `python -m megatron_dsv3.generate`).
+"""
+
+from megatron_dsv3.inference.cache import CacheFull, LatentCache, latent_width
+from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
+from megatron_dsv3.inference.engine import (
+    Completion,
+    GenerationStats,
+    InferenceEngine,
+    Request,
+    TokenEvent,
+)
+from megatron_dsv3.inference.sampling import SamplingParams, filtered_logits, sample_next
+
+__all__ = ["CacheFull", "LatentCache", "latent_width", "Chunk", "LatentDecoder", "Completion",
+           "GenerationStats", "InferenceEngine", "Request", "TokenEvent", "SamplingParams",
+           "filtered_logits", "sample_next"]

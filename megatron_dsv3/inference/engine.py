@@ -1,0 +1,256 @@
+"""Batched generation over the latent cache: requests, streaming events, stop conditions.
+
+    engine = InferenceEngine(model, block_size=16, decode=tokenizer.detokenize)
+    for event in engine.stream([Request(prompt_ids, max_new_tokens=64)]):
+        print(event.text, end="")                     # tokens as they are produced
+    results = engine.generate(requests, speculative=True)    # MTP drafts, main model verifies
+
+Each admitted request is prefilled on its own (its prompt's latents go into its blocks), then all
+running requests decode together, one token each per step (two with `speculative`: the pending
+token and the MTP draft), each at its own position. A request is admitted when the free blocks
+can hold its prompt plus max_new_tokens (+1 draft position), so a running request never runs out
+of cache; finished requests return their blocks and waiting ones take their place.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import torch
+
+from megatron_dsv3.inference.cache import LatentCache
+from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
+from megatron_dsv3.inference.sampling import SamplingParams, make_generator, sample_next
+from megatron_dsv3.inference.speculative import speculative_step
+
+
+@dataclass
+class Request:
+    prompt: List[int]
+    max_new_tokens: int = 32
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: Sequence[int] = ()
+    """Generation ends after any of these tokens (which is kept in the output tokens)."""
+    stop_strings: Sequence[str] = ()
+    """Generation ends once the decoded output contains one (needs the engine's `decode`); the
+    text is cut before it."""
+
+
+@dataclass
+class TokenEvent:
+    """What one step produced for one request."""
+
+    index: int                      # the request's index in the list given to stream/generate
+    tokens: List[int]
+    text: str = ""                  # newly completed text (empty without `decode`)
+    finished: bool = False
+    finish_reason: Optional[str] = None   # "length", "stop_token" or "stop_string"
+
+
+@dataclass
+class Completion:
+    tokens: List[int]
+    text: Optional[str]
+    finish_reason: str
+
+
+@dataclass
+class GenerationStats:
+    """Decode steps (prefill excluded), per request, summed: main-model forwards, tokens emitted
+    (after stop conditions), and with speculative decoding MTP drafts proposed and accepted."""
+
+    forwards: int = 0
+    tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / self.forwards if self.forwards else 0.0
+
+
+class _State:
+    """A request while it runs."""
+
+    def __init__(self, index: int, key: int, request: Request, device):
+        self.index, self.request = index, request
+        self.key = key               # the request's name in the cache (unique in the engine)
+        self.generated: List[int] = []
+        self.length = 0              # positions of this request in the cache
+        self.pending: int = -1       # the last generated token, not in the cache yet
+        self.draft: Optional[int] = None
+        self.generator = make_generator(request.sampling, device)
+        self.text_sent = ""
+        self.stop_text: Optional[str] = None
+        self.finish_reason: Optional[str] = None
+
+
+class InferenceEngine:
+    def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
+                 max_batch_size: int = 16, decode: Optional[Callable[[List[int]], str]] = None,
+                 cache_dtype: Optional[torch.dtype] = None):
+        model.eval()
+        self.model, self.config, self.decode = model, model.config, decode
+        self.max_batch_size = max_batch_size
+        if num_blocks is None:
+            # room for max_batch_size requests of the model's full length (capped at 4096)
+            tokens = min(self.config.max_position_embeddings, 4096) + 1
+            num_blocks = max_batch_size * -(-tokens // block_size)
+        device = model.embedding.word_embeddings.weight.device
+        self.device = device
+        self.cache = LatentCache.for_config(self.config, num_blocks, block_size, device=device,
+                                            dtype=cache_dtype or self.config.params_dtype)
+        self.decoder = LatentDecoder(model, self.cache)
+        self.stats = GenerationStats()
+        self._keys = itertools.count()
+
+    # -- public API -------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request], *, speculative: bool = False,
+                 on_event: Optional[Callable[[TokenEvent], None]] = None) -> List[Completion]:
+        results: List[Optional[Completion]] = [None] * len(requests)
+        tokens: List[List[int]] = [[] for _ in requests]
+        for event in self.stream(requests, speculative=speculative):
+            tokens[event.index] += event.tokens
+            if on_event is not None:
+                on_event(event)
+            if event.finished:
+                results[event.index] = Completion(tokens[event.index], None, event.finish_reason)
+        for i, r in enumerate(results):
+            if self.decode is not None:
+                r.text = self._text(tokens[i], requests[i])
+        return results
+
+    def stream(self, requests: Sequence[Request], *, speculative: bool = False
+               ) -> Iterator[TokenEvent]:
+        """Yield a TokenEvent per request and step as tokens are produced (one stream at a time
+        per engine: its admission control assumes it owns the cache)."""
+        self._check(requests, speculative)
+        waiting = collections.deque(_State(i, next(self._keys), r, self.device)
+                                    for i, r in enumerate(requests))
+        running: List[_State] = []
+        try:
+            yield from self._serve(waiting, running, speculative)
+        finally:  # also when the consumer stops early: running requests give their blocks back
+            for st in running:
+                self.cache.release(st.key)
+
+    def _serve(self, waiting, running: List[_State], speculative: bool) -> Iterator[TokenEvent]:
+        reserved = 0
+        while waiting or running:
+            while waiting and len(running) < self.max_batch_size:
+                need = self._blocks_needed(waiting[0].request)
+                if reserved + need > self.cache.num_blocks:
+                    break
+                st = waiting.popleft()
+                reserved += need
+                running.append(st)
+                yield self._prefill(st, speculative)
+            if speculative:
+                new_tokens = speculative_step(self.decoder, running, self.stats)
+            else:
+                new_tokens = self._decode_step(running)
+            for st, toks in zip(list(running), new_tokens):
+                if toks:  # (requests that finished at prefill get none)
+                    event = self._emit(st, toks)
+                    self.stats.tokens += len(event.tokens)
+                    yield event
+            for st in [st for st in running if st.finish_reason]:
+                running.remove(st)
+                reserved -= self._blocks_needed(st.request)
+                self.cache.release(st.key)
+
+    # -- steps ------------------------------------------------------------------------------
+    def _prefill(self, st: _State, speculative: bool) -> TokenEvent:
+        prompt = list(st.request.prompt)
+        logits, hidden = self.decoder.forward([Chunk(st.key, prompt, 0)])
+        st.length = len(prompt)
+        first = sample_next(logits[0, -1], st.request.sampling, st.generator)
+        if speculative:
+            # MTP position i sees h_i and t_{i+1}: the prompt shifted by one, then `first`
+            mtp_logits = self.decoder.forward_mtp([Chunk(st.key, prompt[1:] + [first], 0)],
+                                                  hidden)
+            st.draft = int(torch.argmax(mtp_logits[0, -1]))
+        event = self._emit(st, [first])
+        if st.finish_reason:
+            self.cache.release(st.key)
+        return event
+
+    def _decode_step(self, running: List[_State]) -> List[List[int]]:
+        active = [st for st in running if not st.finish_reason]
+        if not active:
+            return [[] for _ in running]
+        logits, _ = self.decoder.forward([Chunk(st.key, [st.pending], st.length)
+                                          for st in active])
+        out = {}
+        for i, st in enumerate(active):
+            st.length += 1
+            out[st.key] = [sample_next(logits[i, 0], st.request.sampling, st.generator)]
+            self.stats.forwards += 1
+        return [out.get(st.key, []) for st in running]
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _emit(self, st: _State, new_tokens: List[int]) -> TokenEvent:
+        """Append tokens to the request until a stop condition holds."""
+        r, kept = st.request, []
+        for t in new_tokens:
+            st.generated.append(t)
+            kept.append(t)
+            st.pending = t
+            if t in r.stop_token_ids:
+                st.finish_reason = "stop_token"
+            elif r.stop_strings and self.decode is not None and any(
+                    s in self.decode(st.generated) for s in r.stop_strings):
+                st.finish_reason = "stop_string"
+            elif len(st.generated) >= r.max_new_tokens:
+                st.finish_reason = "length"
+            if st.finish_reason:
+                break
+        text = ""
+        if self.decode is not None:
+            full = self._text(st.generated, r)
+            # hold back an incomplete multi-byte character until it completes
+            if st.finish_reason or not full.endswith("\ufffd"):
+                text, st.text_sent = full[len(st.text_sent):], full
+        return TokenEvent(st.index, kept, text, bool(st.finish_reason), st.finish_reason)
+
+    def _text(self, tokens: List[int], request: Request) -> str:
+        text = self.decode(tokens)
+        cut = [text.find(s) for s in request.stop_strings if s in text]
+        return text[: min(cut)] if cut else text
+
+    def _blocks_needed(self, request: Request) -> int:
+        # prompt + generated tokens, plus the speculative draft position
+        return self.cache.blocks_for(len(request.prompt) + request.max_new_tokens + 1)
+
+    def _check(self, requests: Sequence[Request], speculative: bool) -> None:
+        for i, r in enumerate(requests):
+            if not r.prompt:
+                raise ValueError(f"request {i} has an empty prompt: allowed are >= 1 tokens")
+            if r.max_new_tokens < 1:
+                raise ValueError(f"request {i}: max_new_tokens={r.max_new_tokens} is invalid: "
+                                 "allowed values are >= 1")
+            total = len(r.prompt) + r.max_new_tokens
+            if total > self.config.max_position_embeddings:
+                raise ValueError(f"request {i}: prompt ({len(r.prompt)}) + max_new_tokens "
+                                 f"({r.max_new_tokens}) = {total} exceeds the model's "
+                                 f"max_position_embeddings={self.config.max_position_embeddings}")
+            if self._blocks_needed(r) > self.cache.num_blocks:
+                raise ValueError(f"request {i} needs {self._blocks_needed(r)} cache blocks; the "
+                                 f"cache has {self.cache.num_blocks} (raise num_blocks)")
+            if r.stop_strings and self.decode is None:
+                raise ValueError(f"request {i} has stop_strings but the engine has no decode "
+                                 "function to turn tokens into text")
+            if speculative:
+                if not r.sampling.greedy:
+                    raise ValueError(f"request {i}: speculative decoding verifies greedy choices "
+                                     "only: allowed temperature is 0")
+                if self.decoder.mtp_layer is None:
+                    raise ValueError("speculative decoding needs the MTP module: the model has "
+                                     "mtp_num_layers=None")

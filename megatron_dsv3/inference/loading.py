@@ -1,0 +1,134 @@
+"""Models and tokenizers for generation from the two checkpoint formats we read.
+
+- an HF DeepSeek-V3 directory (config.json + safetensors): `config_from_hf` + `load_hf`, and the
+  directory's own tokenizer when it has one (transformers' AutoTokenizer);
+- our trainer's checkpoint (`Trainer.save`: <dir>/rank0.pt holding the model state dicts and the
+  TrainArgs the run was made with), given as that directory or as the run directory holding
+  `checkpoint/`: the config is rebuilt from the preset and overrides the run used.
+Models whose vocabulary is 256 (the tiny byte-level training job) use `ByteTokenizer`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be used for generation, with the reason."""
+
+
+@dataclass
+class Tokenizer:
+    encode: Callable[[str], List[int]]
+    decode: Callable[[List[int]], str]
+    eos_token_ids: List[int]
+    name: str
+
+
+def byte_tokenizer() -> Tokenizer:
+    from megatron_dsv3.training.data import EOD, ByteTokenizer
+
+    tok = ByteTokenizer()
+    return Tokenizer(tok.tokenize, tok.detokenize, [EOD], "byte-level (training/data.py)")
+
+
+def hf_tokenizer(path: str) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    eos = [] if tok.eos_token_id is None else [int(tok.eos_token_id)]
+    return Tokenizer(lambda text: tok.encode(text, add_special_tokens=False),
+                     lambda ids: tok.decode(ids, skip_special_tokens=True), eos,
+                     f"HF tokenizer of {path}")
+
+
+def trainer_checkpoint_file(path: str) -> Optional[str]:
+    for candidate in (os.path.join(path, "rank0.pt"), os.path.join(path, "checkpoint", "rank0.pt")):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def load_trainer_checkpoint(file: str, dtype: Optional[torch.dtype] = None):
+    """DeepSeekV3Model with the weights of a single-process trainer checkpoint file."""
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.model import build_model
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated or foreign file
+        raise CheckpointError(f"{file} is not a readable trainer checkpoint: {error}") from error
+    if not isinstance(state, dict) or "models" not in state or "args" not in state:
+        raise CheckpointError(f"{file} is not a trainer checkpoint: expected a dict with 'models' "
+                              "and 'args' (written by megatron_dsv3.training.trainer.Trainer.save)")
+    args = state["args"]
+    if state.get("world_size", 1) != 1 or args.get("pp", 1) != 1 or args.get("ep", 1) != 1:
+        raise CheckpointError(
+            f"{file} was written by a distributed run (world size {state.get('world_size')}, "
+            f"pp={args.get('pp')}, ep={args.get('ep')}); generation loads trainer checkpoints "
+            "of single-process runs (world size 1, pp=1, ep=1)")
+    overrides = dict(args.get("config_overrides") or {})
+    overrides.setdefault("init_seed", args.get("seed", 1234))
+    if args.get("fp8"):
+        pow2 = args.get("fp8_pow2_scales")
+        overrides["dsv3_fp8_recipe"] = "deepseek-pow2" if pow2 else "deepseek"
+    if dtype is None:
+        dtype = torch.bfloat16 if args.get("bf16") else torch.float32
+    overrides.update(bf16=dtype == torch.bfloat16, params_dtype=dtype, pipeline_dtype=dtype,
+                     perform_initialization=False, use_cpu_initialization=True)
+    config = get_config(args.get("preset", "deepseek-v3-tiny"), **overrides)
+    model = build_model(config)
+    try:
+        model.load_state_dict(state["models"][0])
+    except RuntimeError as error:
+        raise CheckpointError(f"{file} does not fit the model its arguments describe: "
+                              f"{error}") from error
+    return model
+
+
+def load_hf_checkpoint(path: str, dtype: torch.dtype = torch.float32):
+    from megatron_dsv3.checkpoint.hf import config_from_hf, load_hf
+    from megatron_dsv3.model import build_model
+
+    config = config_from_hf(path, dtype=dtype, perform_initialization=False,
+                            use_cpu_initialization=True)
+    model = build_model(config)
+    load_hf(model, path)
+    return model
+
+
+def load_for_generation(path: str, dtype: Optional[torch.dtype] = None, device=None):
+    """(model in eval mode on `device`, Tokenizer) from an HF or trainer checkpoint directory.
+    Weights are read on the CPU, then moved."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist or is not a directory")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        model = load_hf_checkpoint(path, dtype or torch.float32)
+        if any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            tokenizer = hf_tokenizer(path)
+        elif model.config.vocab_size == 256:
+            tokenizer = byte_tokenizer()
+        else:
+            raise CheckpointError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}) and its "
+                                  f"vocabulary ({model.config.vocab_size}) is not byte-level (256)")
+    else:
+        file = trainer_checkpoint_file(path)
+        if file is None:
+            raise CheckpointError(
+                f"{path} is neither an HF checkpoint (no config.json) nor a trainer checkpoint "
+                "(no rank0.pt or checkpoint/rank0.pt)")
+        model = load_trainer_checkpoint(file, dtype)
+        if model.config.vocab_size != 256:
+            raise CheckpointError(f"{file}: the trainer checkpoint's vocabulary is "
+                                  f"{model.config.vocab_size}; only byte-level (256) has a "
+                                  "tokenizer")
+        tokenizer = byte_tokenizer()
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer

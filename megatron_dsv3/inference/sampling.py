@@ -1,0 +1,63 @@
+"""Next-token choice from logits: greedy, or sampled with temperature, top-k and top-p."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    """0 = greedy (argmax); otherwise logits are divided by it before sampling."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0 = all)."""
+    top_p: float = 1.0
+    """Sample among the smallest set of most likely tokens whose probability reaches top_p."""
+    seed: Optional[int] = None
+    """Seed of the request's own torch.Generator (None: drawn from torch's global RNG)."""
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} is invalid: allowed values are >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} is invalid: allowed values are >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} is invalid: allowed values are in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [V] / temperature with everything outside top-k and top-p set to -inf."""
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def make_generator(params: SamplingParams, device) -> Optional[torch.Generator]:
+    if params.greedy or params.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(params.seed)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams,
+                generator: Optional[torch.Generator] = None) -> int:
+    """One token id from logits [V]."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(filtered_logits(logits, params), dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,122 @@
+"""`python -m megatron_dsv3.generate` on a trainer checkpoint (byte-level) and on an HF checkpoint
+with its own tokenizer, against in-process generation and transformers' own greedy decoding."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "checkpoint"))
+from hf_checkpoints import add_mtp_layers, make_hf_checkpoint  # noqa: E402
+
+from megatron_dsv3.configs import get_config  # noqa: E402
+from megatron_dsv3.generate import main  # noqa: E402
+from megatron_dsv3.inference import InferenceEngine, Request  # noqa: E402
+from megatron_dsv3.model import build_model  # noqa: E402
+from megatron_dsv3.training.data import ByteTokenizer  # noqa: E402
+from megatron_dsv3.training.trainer import TrainArgs  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHARS = "abcdefghijklmnopqrstuvwxyz .,;:()=_0123456789ABCDEFGHIJKLMNOPQRS"
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory, single_rank_world):
+    """A run directory as Trainer.save leaves it: <run>/checkpoint/rank0.pt with the model state,
+    the TrainArgs (preset, seed, overrides) and the world size."""
+    run = tmp_path_factory.mktemp("run")
+    args = TrainArgs(seed=7, save_dir=str(run), config_overrides={"init_method_std": 0.2})
+    model = build_model(get_config(args.preset, init_seed=7, init_method_std=0.2))
+    os.makedirs(run / "checkpoint")
+    torch.save({"models": [model.state_dict()], "optimizer": {}, "step": 3,
+                "rng": torch.get_rng_state(), "args": dataclasses.asdict(args), "world_size": 1},
+               run / "checkpoint" / "rank0.pt")
+    return str(run), model.eval()
+
+
+def run_cli(*argv):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "megatron_dsv3.generate", *argv], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_generates_from_a_trainer_checkpoint_in_a_subprocess(trainer_run):
+    run, model = trainer_run
+    prompts = ["def main(", "import os"]
+    tok = ByteTokenizer()
+    expected = InferenceEngine(model, block_size=16, decode=tok.detokenize).generate(
+        [Request(tok.tokenize(p), 12, stop_token_ids=[0]) for p in prompts])
+    out = run_cli("--checkpoint", run, "--prompt", prompts[0], "--prompt", prompts[1],
+                  "--max-new-tokens", "12", "--speculative", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    for i, (p, e) in enumerate(zip(prompts, expected)):
+        assert f"=== request {i} ({len(e.tokens)} tokens, {e.finish_reason}) ===\n{p}{e.text}\n" \
+            in out.stdout
+    assert "MTP acceptance" in out.stderr and "tokens per main-model forward" in out.stderr
+
+
+def test_cli_streams_and_samples_reproducibly(trainer_run, capsys):
+    run, _ = trainer_run
+    argv = ["--checkpoint", os.path.join(run, "checkpoint"), "--prompt", "x = ",
+            "--max-new-tokens", "10", "--temperature", "0.9", "--top-k", "5", "--seed", "3",
+            "--stream", "--ignore-eos"]
+    outputs = []
+    for _ in range(2):
+        assert main(argv) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("x = ")
+
+
+def test_cli_reports_bad_checkpoints_without_a_traceback(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "rank0.pt").write_bytes(b"not a checkpoint")
+    distributed = tmp_path / "distributed"
+    (distributed / "checkpoint").mkdir(parents=True)
+    torch.save({"models": [{}], "args": dataclasses.asdict(TrainArgs(pp=2)), "world_size": 8},
+               distributed / "checkpoint" / "rank0.pt")
+    cases = [(str(tmp_path / "missing"), "does not exist"),
+             (str(empty), "neither an HF checkpoint"),
+             (str(broken), "not a readable trainer checkpoint"),
+             (str(distributed), "written by a distributed run")]
+    for path, message in cases:
+        assert main(["--checkpoint", path, "--prompt", "a"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def char_tokenizer(path):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                            eos_token="<eos>").save_pretrained(path)
+
+
+def test_cli_on_an_hf_checkpoint_with_its_tokenizer_matches_transformers_greedy(tmp_path, capsys):
+    path = str(tmp_path / "hf")
+    hf_model = make_hf_checkpoint(path, rope_interleave=False, vocab_size=64)
+    add_mtp_layers(path, hf_model, depth=1)
+    char_tokenizer(path)
+    prompt = "def f(x):"
+    ids = [CHARS.index(c) + 2 for c in prompt]
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    ref_text = "".join(CHARS[i - 2] for i in ref if i >= 2)
+    for extra in ([], ["--speculative"]):
+        code = main(["--checkpoint", path, "--prompt", prompt, "--max-new-tokens", "10",
+                     "--ignore-eos", "--device", "cpu", *extra])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert f"=== request 0 (10 tokens, length) ===\n{prompt}{ref_text}\n" in out.out
+        assert "HF tokenizer" in out.err
