@@ -4,10 +4,8 @@ on deepseek-v3-tiny with random weights; outputs must be identical.
     python bench/inference_cached_decode.py     # ~1 min on 2 cores
 """
 import torch, megatron_dsv3, time
-import torch.distributed as dist
-from megatron.core import parallel_state
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29919", rank=0, world_size=1)
-parallel_state.initialize_model_parallel()
+from megatron_dsv3.training.trainer import init_single_process
+init_single_process()
 from megatron_dsv3.configs import get_config
 from megatron_dsv3.model import build_model
 from megatron_dsv3.inference import *

@@ -5,25 +5,15 @@ reports acceptance rate and tokens per main-model forward; outputs must be ident
     python bench/inference_speculative.py       # ~1 min on 2 cores
 """
 import torch, megatron_dsv3, time, statistics
-import torch.distributed as dist
-from megatron.core import parallel_state
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29918", rank=0, world_size=1)
-parallel_state.initialize_model_parallel()
+from megatron_dsv3.training.trainer import init_single_process
+init_single_process()
 from megatron_dsv3.configs import get_config
 from megatron_dsv3.model import build_model
 from megatron_dsv3.inference import *
 torch.manual_seed(0)
+from megatron_dsv3.testing.tiny_training import train_on_repeated_text
 SENTENCE = b"the quick brown fox jumps over the lazy dog; "
-model = build_model(get_config("deepseek-v3-tiny"))
-data = torch.tensor(list(SENTENCE * 12))
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-g = torch.Generator().manual_seed(0)
-for _ in range(30):
-    start = torch.randint(0, len(data) - 33, (8,), generator=g)
-    batch = torch.stack([data[s:s + 33] for s in start])
-    loss = model(batch[:, :-1], torch.arange(32).expand(8, 32), None, labels=batch[:, 1:]).mean()
-    optimizer.zero_grad(); loss.backward(); optimizer.step()
-model.eval()
+model = train_on_repeated_text(build_model(get_config("deepseek-v3-tiny")), SENTENCE)
 def rerun(prompts, n):
     out = []
     with torch.no_grad():

@@ -45,23 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def init_single_process() -> None:
-    """A one-rank gloo world and Megatron's parallel_state (the model's layers need them)."""
-    import socket
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
@@ -69,6 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import megatron_dsv3  # noqa: F401
     from megatron_dsv3.inference import InferenceEngine, Request, SamplingParams
     from megatron_dsv3.inference.loading import load_for_generation
+    from megatron_dsv3.training.trainer import init_single_process
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None

@@ -149,23 +149,6 @@ def holders(lay: Layout) -> Dict[str, int]:
 
 # --- parameter counts from the built model ---------------------------------------------------
 
-def _ensure_world() -> None:
-    """A single-rank gloo world with all parallel sizes 1, so that Megatron modules can be built."""
-    import socket
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
-
-
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
@@ -175,8 +158,9 @@ def count_parameters(config, progress: bool = False) -> Dict:
     import torch
 
     from megatron_dsv3.model import build_model
+    from megatron_dsv3.training.trainer import init_single_process
 
-    _ensure_world()
+    init_single_process()
     done = threading.Event()
     if progress:
         def tick():

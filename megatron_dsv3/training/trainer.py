@@ -87,7 +87,19 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1):
                                                  expert_model_parallel_size=ep)
 
 
-init_single_process = init_distributed
+def init_single_process() -> None:
+    """A one-rank gloo world on a free local port and Megatron's parallel_state with all sizes 1
+    (what building our modules needs outside a launcher), if not set up yet."""
+    import socket
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
 
 
 def lr_at(step: int, args: TrainArgs) -> float:

@@ -12,6 +12,7 @@ from megatron_dsv3.configs import get_config
 from megatron_dsv3.inference import Chunk, InferenceEngine, LatentCache, LatentDecoder, Request
 from megatron_dsv3.inference import SamplingParams
 from megatron_dsv3.model import build_model
+from megatron_dsv3.testing.tiny_training import train_on_repeated_text
 
 SENTENCE = b"the quick brown fox jumps over the lazy dog; "
 PROMPTS = [b"the quick", b"over the lazy dog; the", b"fox jumps", b"xyz q", b"t"]
@@ -27,20 +28,7 @@ def random_model(single_rank_world):
 def trained_model(single_rank_world):
     """30 AdamW steps on windows of a repeated sentence (LM loss + MTP loss, as in training)."""
     torch.manual_seed(0)
-    model = build_model(get_config("deepseek-v3-tiny"))
-    data = torch.tensor(list(SENTENCE * 12))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        start = torch.randint(0, len(data) - 33, (8,), generator=g)
-        batch = torch.stack([data[s:s + 33] for s in start])
-        loss = model(batch[:, :-1], torch.arange(32).expand(8, 32), None,
-                     labels=batch[:, 1:]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.pop_mtp_losses()
-    return model.eval()
+    return train_on_repeated_text(build_model(get_config("deepseek-v3-tiny")), SENTENCE)
 
 
 def plain_and_speculative(model, prompts, max_new, block_size=2, **request_kw):
