@@ -79,6 +79,16 @@ def test_rolled_back_positions_leave_the_cache_as_a_fresh_prefill_would(trained_
     latents of every main and MTP layer equal those of a fresh prefill of the accepted tokens."""
     prompt = list(b"xyz the quick")
     engine = InferenceEngine(trained_model, block_size=1, max_batch_size=1)
+    # The trained MTP head may get every draft of this prompt right; spoil every third one (its
+    # argmax moved to the next token id) so that rejections and their roll-back surely happen.
+    mtp, calls = engine.decoder.forward_mtp, [0]
+
+    def spoiled_mtp(*args, **kwargs):
+        logits = mtp(*args, **kwargs)
+        calls[0] += 1
+        return logits.roll(1, dims=-1) if calls[0] % 3 == 0 else logits
+
+    engine.decoder.forward_mtp = spoiled_mtp
     cfg = trained_model.config
     generated, checked = [], 0
 
