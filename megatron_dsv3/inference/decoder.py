@@ -104,6 +104,17 @@ class LatentDecoder:
         return self._logits(hidden), hidden.transpose(0, 1)
 
     @torch.no_grad()
+    def idle(self, mtp: bool = False) -> None:
+        """A forward without tokens: every FFN (main layers, then the MTP layer if `mtp`) runs on
+        zero tokens, so that this rank's MoE layers take part in the expert-parallel all-to-alls
+        of a step in which it has nothing to compute (megatron_dsv3.inference.parallel)."""
+        config = self.model.config
+        x = torch.zeros(0, 1, config.hidden_size, dtype=config.params_dtype, device=self.device)
+        layers = self.layers + ([self.mtp_layer.transformer_layer] if mtp and self.mtp_layer else [])
+        for layer in layers:
+            layer.forward_mlp(x)
+
+    @torch.no_grad()
     def forward_mtp(self, chunks: Sequence[Chunk], main_hidden: torch.Tensor) -> torch.Tensor:
         """MTP depth 1 at positions i = chunk.start.. with chunk.tokens = t_{i+1} and
         main_hidden [b, s, h] = the main model's final-normed h_i. -> logits [b, s, V] for

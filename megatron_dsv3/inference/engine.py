@@ -10,6 +10,9 @@ running requests decode together, one token each per step (two with `speculative
 token and the MTP draft), each at its own position. A request is admitted when the free blocks
 can hold its prompt plus max_new_tokens (+1 draft position), so a running request never runs out
 of cache; finished requests return their blocks and waiting ones take their place.
+
+With expert parallelism every rank of the expert-parallel group runs its own engine over its own
+requests (attention data-parallel), in lockstep (megatron_dsv3.inference.parallel).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from megatron_dsv3.inference.cache import LatentCache
 from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
+from megatron_dsv3.inference.parallel import lockstep_for
 from megatron_dsv3.inference.sampling import SamplingParams, make_generator, sample_next
 from megatron_dsv3.inference.speculative import speculative_step
 
@@ -95,7 +99,11 @@ class _State:
 class InferenceEngine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
                  max_batch_size: int = 16, decode: Optional[Callable[[List[int]], str]] = None,
-                 cache_dtype: Optional[torch.dtype] = None):
+                 cache_dtype: Optional[torch.dtype] = None, lockstep="auto"):
+        """`lockstep`: with expert parallelism ("auto": when the model's MoE layers have an
+        expert-parallel group of more than one rank) every rank of that group must run this
+        engine's `stream`/`generate` at the same time, each with its own requests (see
+        megatron_dsv3.inference.parallel); None turns it off, or pass a `Lockstep`."""
         model.eval()
         self.model, self.config, self.decode = model, model.config, decode
         self.max_batch_size = max_batch_size
@@ -108,6 +116,7 @@ class InferenceEngine:
         self.cache = LatentCache.for_config(self.config, num_blocks, block_size, device=device,
                                             dtype=cache_dtype or self.config.params_dtype)
         self.decoder = LatentDecoder(model, self.cache)
+        self.lockstep = lockstep_for(model) if lockstep == "auto" else lockstep
         self.stats = GenerationStats()
         self._keys = itertools.count()
 
@@ -143,16 +152,32 @@ class InferenceEngine:
 
     def _serve(self, waiting, running: List[_State], speculative: bool) -> Iterator[TokenEvent]:
         reserved = 0
-        while waiting or running:
-            while waiting and len(running) < self.max_batch_size:
+        while True:
+            admitted: List[_State] = []
+            while waiting and len(running) + len(admitted) < self.max_batch_size:
                 need = self._blocks_needed(waiting[0].request)
                 if reserved + need > self.cache.num_blocks:
                     break
-                st = waiting.popleft()
+                admitted.append(waiting.popleft())
                 reserved += need
+            idle_prefills = 0
+            if self.lockstep is not None:  # expert parallelism: all ranks step together
+                busy, most = self.lockstep.agree(bool(admitted or running or waiting),
+                                                 len(admitted))
+                if not busy:
+                    break
+                idle_prefills = most - len(admitted)
+            elif not (admitted or running or waiting):
+                break
+            for st in admitted:
                 running.append(st)
                 yield self._prefill(st, speculative)
-            if speculative:
+            for _ in range(idle_prefills):
+                self.decoder.idle(mtp=speculative)
+            if self.lockstep is not None and all(st.finish_reason for st in running):
+                self.decoder.idle(mtp=speculative)  # nothing to decode here this step
+                new_tokens = [[] for _ in running]
+            elif speculative:
                 new_tokens = speculative_step(self.decoder, running, self.stats)
             else:
                 new_tokens = self._decode_step(running)

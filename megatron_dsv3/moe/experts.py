@@ -67,26 +67,6 @@ class GroupedExperts(MegatronModule):
                 for name, param in (("fc1_weight", self.fc1_weight),
                                     ("fc2_weight", self.fc2_weight))}
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """fc1_weight / fc2_weight as [E, ...] tensors sharded along the expert dim by expert-
-        parallel rank (replicated over the expert-data-parallel group): a checkpoint saved with
-        one expert-parallel size loads with any other."""
-        from megatron.core import parallel_state
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-        ep_size = self.config.num_moe_experts // self.num_local_experts
-        ep_rank = self.local_expert_offset // self.num_local_experts
-        edp = parallel_state.get_expert_data_parallel_group(check_initialized=False)
-        edp_rank = edp.rank() if edp is not None else 0
-        axis = len(sharded_offsets)
-        out = {}
-        for name in ("fc1_weight", "fc2_weight"):
-            key = f"{prefix}{name}"
-            out[key] = ShardedTensor.from_rank_offsets(
-                key, getattr(self, name), *sharded_offsets, (axis, ep_rank, ep_size),
-                replica_id=(0, 0, edp_rank), prepend_axis_num=axis)
-        return out
-
     def forward(self, rows: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
         """rows [N, h] sorted by local expert -> [N, h]."""
         h = grouped_linear(rows, self.fc1_weight, tokens_per_expert, self.gemm)
