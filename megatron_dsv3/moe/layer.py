@@ -42,6 +42,8 @@ class DeepSeekMoE(MegatronModule):
                                     num_local_experts=self.dispatcher.num_local_experts,
                                     local_expert_offset=self.dispatcher.local_expert_offset,
                                     key=f"{key}.experts", pg_collection=pg_collection)
+        # Redundant experts (megatron_dsv3.moe.eplb.apply_placement): the logical -> physical map
+        self.replicas, self.placement = None, None
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size:
             self.shared_experts = build_module(
@@ -55,6 +57,8 @@ class DeepSeekMoE(MegatronModule):
         x = hidden_states.reshape(s * b, h)
         valid = None if padding_mask is None else ~padding_mask.transpose(0, 1).reshape(-1)
         weights, indices, aux_loss = self.router(x, seq_len=s, valid=valid)
+        if self.replicas is not None:
+            indices = self.replicas(indices)
         out = self.dispatcher.forward_experts(x, indices, weights, self.experts)
         if self.shared_experts is not None:
             shared, _ = self.shared_experts(x)

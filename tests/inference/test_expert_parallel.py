@@ -56,3 +56,51 @@ def test_expert_parallel_decode_equals_one_rank(single_rank_world, speculative):
     rounds = {r for _, r, _ in results}
     assert len(rounds) == 1                              # every rank ran every step
     assert sum(t for _, _, t in results) > 0             # tokens did cross simulated nodes
+
+
+def _serve_then_rebalance(rank, world):
+    from megatron_dsv3.moe.eplb import (ExpertLoadRecorder, apply_placement, moe_layers,
+                                        plan_placement)
+
+    m = model(world)
+    layers = moe_layers(m)
+    mine = [requests()[i] for i in shard(requests(), rank, world)]
+
+    def serve():
+        for moe in layers:
+            moe.dispatcher.counters.reset()
+        tokens = [r.tokens for r in InferenceEngine(m, block_size=4, max_batch_size=2)
+                  .generate(mine)]
+        rows = torch.tensor([_rows(moe.dispatcher.counters)
+                             for moe in layers])    # rows this rank computed (MTP: none, greedy)
+        everyone = [torch.zeros_like(rows) for _ in range(world)]
+        torch.distributed.all_gather(everyone, rows)
+        return tokens, torch.stack(everyone)                         # [ranks, layers]
+
+    recorder = ExpertLoadRecorder(m)
+    tokens, before = serve()
+    loads = recorder.loads(group=layers[0].dispatcher.ep_group)      # global, [layers, E]
+    recorder.remove()
+    apply_placement(m, [plan_placement(l, num_groups=4, num_nodes=2, num_ranks=world,
+                                       num_redundant=4) for l in loads.tolist()])
+    again, after = serve()
+    return tokens, again, before, after, loads
+
+
+def _rows(counters):
+    return 0 if counters.tokens_per_expert is None else int(counters.tokens_per_expert.sum())
+
+
+def test_redundant_experts_keep_tokens_and_cut_the_busiest_ranks_load(single_rank_world):
+    results = run_distributed(_serve_then_rebalance, WORLD,
+                              env={"MEGATRON_DSV3_RANKS_PER_NODE": "2"},
+                              megatron_parallel={"expert_model_parallel_size": WORLD})
+    for tokens, again, _, _, _ in results:
+        assert again == tokens
+    _, _, before, after, loads = results[0]
+    # every routed (token, expert) pair was computed exactly once, before and after
+    assert (before.sum(0) == loads.sum(1)).all() and (after.sum(0) == loads.sum(1)).all()
+    worst_before, worst_after = before.max(0).values, after.max(0).values   # per MoE layer
+    print(f"\nmax rows per rank, per MoE layer: {worst_before.tolist()} -> {worst_after.tolist()}"
+          f" (mean {(loads.sum(1) / WORLD).tolist()})")
+    assert (worst_after <= worst_before).all() and worst_after.sum() < worst_before.sum()

@@ -1,0 +1,107 @@
+"""Redundant experts: the hierarchical placement, the replica map, and applying a placement to a
+running model with its outputs unchanged."""
+
+import itertools
+
+import pytest
+import torch
+
+from megatron_dsv3.configs import get_config
+from megatron_dsv3.inference import InferenceEngine, Request
+from megatron_dsv3.model import build_model
+from megatron_dsv3.moe.eplb import (ExpertLoadRecorder, ReplicaMap, apply_placement,
+                                    contiguous_placement, moe_layers, plan_placement)
+
+
+def zipf_loads(E, seed, s=1.2):
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.randperm(E, generator=g) + 1
+    return (1000.0 / ranks.double() ** s).round().tolist()
+
+
+@pytest.mark.parametrize("E,G,N,W,R", [(16, 4, 2, 4, 4), (16, 4, 2, 4, 0), (32, 8, 4, 8, 8),
+                                       (16, 1, 1, 4, 4), (64, 8, 2, 16, 16)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_placement_keeps_the_rules(E, G, N, W, R, seed):
+    loads = zipf_loads(E, seed)
+    p = plan_placement(loads, num_groups=G, num_nodes=N, num_ranks=W, num_redundant=R)
+    S, per_node, per_group = (E + R) // W, W // N, E // G
+    assert p.num_ranks == W and all(len(r) == S for r in p.slots)
+    phys = p.physical_to_logical
+    assert set(phys.tolist()) == set(range(E)) and phys.numel() == E + R
+    for g in range(G):  # a group's experts and all their replicas on one node
+        nodes = {r // per_node for r, slots in enumerate(p.slots) for e in slots
+                 if e // per_group == g}
+        assert len(nodes) == 1
+    for slots in p.slots:  # no rank holds one expert twice (there is always room here)
+        assert len(set(slots)) == len(slots)
+    after = p.rank_loads(loads)
+    before = contiguous_placement(E, W, N).rank_loads(loads)
+    assert after.sum().item() == pytest.approx(sum(loads))
+    if R:
+        assert after.max() < before.max()
+
+
+def test_the_hot_expert_is_split_over_its_nodes_ranks():
+    """Expert 0 carries 100 of 143: its node (groups 0 and 2, 111) cannot go below 55.5 per rank;
+    two replicas of expert 0 on the node's two ranks reach 56."""
+    loads = [100, 1, 1, 1, 5, 5, 5, 5, 2, 2, 2, 2, 3, 3, 3, 3]
+    p = plan_placement(loads, num_groups=4, num_nodes=2, num_ranks=4, num_redundant=4)
+    assert p.replicas()[0] in ([0, 5], [0, 1, 5])
+    assert 0 in p.slots[0] and 0 in p.slots[1]
+    assert contiguous_placement(16, 4, 2).rank_loads(loads).max() == 103
+    assert 55.5 <= p.rank_loads(loads).max() <= 56
+
+
+def test_replica_map_is_round_robin_per_expert():
+    p = plan_placement([9, 1, 1, 1, 1, 1, 1, 1], num_groups=1, num_nodes=1, num_ranks=4,
+                       num_redundant=4)
+    reps = p.replicas()
+    indices = torch.randint(0, 8, (50, 3))
+    got = ReplicaMap(p)(indices)
+    seen = {e: 0 for e in range(8)}
+    for pos, e in enumerate(indices.flatten().tolist()):  # naive loop in token order
+        assert got.flatten()[pos].item() == reps[e][seen[e] % len(reps[e])]
+        seen[e] += 1
+    assert (p.physical_to_logical[got] == indices).all()
+
+
+def test_bad_arguments_name_the_field():
+    with pytest.raises(ValueError, match="num_redundant=3"):
+        plan_placement([1.0] * 16, num_groups=4, num_nodes=2, num_ranks=4, num_redundant=3)
+    with pytest.raises(ValueError, match="num_groups=3"):
+        plan_placement([1.0] * 16, num_groups=3, num_nodes=1, num_ranks=4, num_redundant=0)
+    with pytest.raises(ValueError, match="num_ranks=3"):
+        plan_placement([1.0] * 16, num_groups=4, num_nodes=2, num_ranks=3, num_redundant=0)
+
+
+def test_applied_placement_leaves_outputs_unchanged(single_rank_world):
+    torch.manual_seed(0)
+    cfg = get_config("deepseek-v3-tiny", init_method_std=0.1)
+    model = build_model(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24))
+    pos = torch.arange(24).expand(2, -1)
+    prompts = [Request(tokens[0, :7].tolist(), 6), Request(tokens[1, :3].tolist(), 8)]
+    with torch.no_grad():
+        before = model(tokens, pos, None)
+    plain = InferenceEngine(model, block_size=4).generate(prompts)
+    recorder = ExpertLoadRecorder(model)
+    with torch.no_grad():
+        model(tokens, pos, None)
+    loads = recorder.loads()
+    recorder.remove()
+    assert loads.shape == (len(moe_layers(model)), 16) and (loads.sum(1) == 48 * 4).all()
+    placements = [plan_placement(l, num_groups=4, num_nodes=2, num_ranks=4, num_redundant=4)
+                  for l in loads.tolist()]
+    apply_placement(model, placements)
+    assert all(m.experts.fc1_weight.shape[0] == 20 for m in moe_layers(model))
+    with torch.no_grad():
+        after = model(tokens, pos, None)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert [r.tokens for r in InferenceEngine(model, block_size=4).generate(prompts)] == \
+        [r.tokens for r in plain]
+    # placed again from other loads: still the same model
+    apply_placement(model, [plan_placement(list(reversed(l)), num_groups=4, num_nodes=2,
+                                           num_ranks=4, num_redundant=8) for l in loads.tolist()])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, pos, None), before, rtol=1e-5, atol=1e-5)
