@@ -19,7 +19,9 @@ from typing import Hashable, List, Sequence, Tuple
 
 import torch
 
+from megatron_dsv3.dispatch.topology import current_lane
 from megatron_dsv3.inference.cache import LatentCache
+from megatron_dsv3.pipeline.overlap import StepTrace
 
 
 @dataclass
@@ -74,16 +76,18 @@ class LatentDecoder:
 
     def _run_layers(self, layers, first_cache_layer: int, hidden, positions, valid, slots, index,
                     key_mask):
+        lane = current_lane()  # the micro-batch, in a two-micro-batch decode step
         for j, layer in enumerate(layers):
             cache_layer = first_cache_layer + j
             attn = layer.self_attention
-            x = layer.input_layernorm(hidden)                                # [s, b, h]
-            c_kv, k_rope = attn.latents(x, positions)                        # [b, s, c], [b, s, dr]
-            self.cache.write(cache_layer, slots, c_kv[valid], k_rope[valid])
-            cache_c_kv, cache_k_rope = self.cache.read(cache_layer, index)   # [b, T, c], [b, T, dr]
-            out, bias = attn.forward_absorbed(x, positions, cache_c_kv, cache_k_rope,
-                                              key_mask=key_mask)
-            hidden = hidden + (out if bias is None else out + bias)
+            with StepTrace.op("attn", cache_layer, lane, lane, True):    # timeline, when traced
+                x = layer.input_layernorm(hidden)                            # [s, b, h]
+                c_kv, k_rope = attn.latents(x, positions)                    # [b, s, c], [b, s, dr]
+                self.cache.write(cache_layer, slots, c_kv[valid], k_rope[valid])
+                cache_c_kv, cache_k_rope = self.cache.read(cache_layer, index)  # [b, T, c], [b, T, dr]
+                out, bias = attn.forward_absorbed(x, positions, cache_c_kv, cache_k_rope,
+                                                  key_mask=key_mask)
+                hidden = hidden + (out if bias is None else out + bias)
             hidden = layer.forward_mlp(hidden)
         return hidden
 

@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import collections
 import itertools
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 
+from megatron_dsv3.dispatch.topology import dispatch_lane
 from megatron_dsv3.inference.cache import LatentCache
 from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
 from megatron_dsv3.inference.parallel import lockstep_for
 from megatron_dsv3.inference.sampling import SamplingParams, make_generator, sample_next
 from megatron_dsv3.inference.speculative import speculative_step
+from megatron_dsv3.pipeline.overlap import StepTrace
 
 
 @dataclass
@@ -99,11 +102,19 @@ class _State:
 class InferenceEngine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: Optional[int] = None,
                  max_batch_size: int = 16, decode: Optional[Callable[[List[int]], str]] = None,
-                 cache_dtype: Optional[torch.dtype] = None, lockstep="auto"):
+                 cache_dtype: Optional[torch.dtype] = None, lockstep="auto",
+                 micro_batches: int = 1):
         """`lockstep`: with expert parallelism ("auto": when the model's MoE layers have an
         expert-parallel group of more than one rank) every rank of that group must run this
         engine's `stream`/`generate` at the same time, each with its own requests (see
-        megatron_dsv3.inference.parallel); None turns it off, or pass a `Lockstep`."""
+        megatron_dsv3.inference.parallel); None turns it off, or pass a `Lockstep`.
+
+        `micro_batches=2`: each decode step runs the running requests as two micro-batches in two
+        threads, the second on the dispatcher's other lane (megatron_dsv3.dispatch.topology), so
+        that one computes while the other's dispatch and combine are in flight. `trace_steps`
+        (a set of decode-step numbers) records those steps' timelines into `traces`."""
+        if micro_batches not in (1, 2):
+            raise ValueError(f"micro_batches={micro_batches!r} is invalid: allowed values are 1, 2")
         model.eval()
         self.model, self.config, self.decode = model, model.config, decode
         self.max_batch_size = max_batch_size
@@ -117,6 +128,10 @@ class InferenceEngine:
                                             dtype=cache_dtype or self.config.params_dtype)
         self.decoder = LatentDecoder(model, self.cache)
         self.lockstep = lockstep_for(model) if lockstep == "auto" else lockstep
+        self.micro_batches = micro_batches
+        self.trace_steps: set = set()
+        self.traces: dict = {}
+        self._step = 0
         self.stats = GenerationStats()
         self._keys = itertools.count()
 
@@ -174,13 +189,7 @@ class InferenceEngine:
                 yield self._prefill(st, speculative)
             for _ in range(idle_prefills):
                 self.decoder.idle(mtp=speculative)
-            if self.lockstep is not None and all(st.finish_reason for st in running):
-                self.decoder.idle(mtp=speculative)  # nothing to decode here this step
-                new_tokens = [[] for _ in running]
-            elif speculative:
-                new_tokens = speculative_step(self.decoder, running, self.stats)
-            else:
-                new_tokens = self._decode_step(running)
+            new_tokens = self._traced_step(running, speculative)
             for st, toks in zip(list(running), new_tokens):
                 if toks:  # (requests that finished at prefill get none)
                     event = self._emit(st, toks)
@@ -207,7 +216,59 @@ class InferenceEngine:
             self.cache.release(st.key)
         return event
 
-    def _decode_step(self, running: List[_State]) -> List[List[int]]:
+    def _traced_step(self, running: List[_State], speculative: bool) -> List[List[int]]:
+        step, self._step = self._step, self._step + 1
+        if step not in self.trace_steps:
+            return self._step_tokens(running, speculative)
+        with StepTrace().recording() as trace:
+            out = self._step_tokens(running, speculative)
+        self.traces[step] = trace.to_json()
+        return out
+
+    def _step_tokens(self, running: List[_State], speculative: bool) -> List[List[int]]:
+        """One decode step over the running requests -> new tokens of each (finished: none)."""
+        if self.micro_batches == 1:
+            return self._micro_batch_step(running, speculative, self.stats)
+        active = [st for st in running if not st.finish_reason]
+        for st in active:  # blocks for this step's positions, taken here rather than in threads
+            self.cache.ensure(st.key, st.length + (2 if speculative else 1))
+        half = (len(active) + 1) // 2
+        parts, stats = [active[:half], active[half:]], [GenerationStats(), GenerationStats()]
+        results: List[List[List[int]]] = [[], []]
+        errors: List[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                with dispatch_lane(i):
+                    results[i] = self._micro_batch_step(parts[i], speculative, stats[i])
+            except BaseException as error:  # re-raised in the caller's thread
+                errors.append(error)
+
+        worker = threading.Thread(target=run, args=(1,), name="dsv3-decode-mb1", daemon=True)
+        worker.start()
+        try:
+            run(0)
+        finally:
+            worker.join()
+        if errors:
+            raise errors[0]
+        for s in stats:
+            self.stats.forwards += s.forwards
+            self.stats.drafted += s.drafted
+            self.stats.accepted += s.accepted
+        produced = {st.key: toks for i in (0, 1) for st, toks in zip(parts[i], results[i])}
+        return [produced.get(st.key, []) for st in running]
+
+    def _micro_batch_step(self, running: List[_State], speculative: bool,
+                          stats: GenerationStats) -> List[List[int]]:
+        if self.lockstep is not None and all(st.finish_reason for st in running):
+            self.decoder.idle(mtp=speculative)  # nothing to decode here this step
+            return [[] for _ in running]
+        if speculative:
+            return speculative_step(self.decoder, running, stats)
+        return self._decode_step(running, stats)
+
+    def _decode_step(self, running: List[_State], stats: GenerationStats) -> List[List[int]]:
         active = [st for st in running if not st.finish_reason]
         if not active:
             return [[] for _ in running]
@@ -217,7 +278,7 @@ class InferenceEngine:
         for i, st in enumerate(active):
             st.length += 1
             out[st.key] = [sample_next(logits[i, 0], st.request.sampling, st.generator)]
-            self.stats.forwards += 1
+            stats.forwards += 1
         return [out.get(st.key, []) for st in running]
 
     # -- bookkeeping ------------------------------------------------------------------------

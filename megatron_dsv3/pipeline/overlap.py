@@ -117,21 +117,24 @@ class StepTrace:
                 "overlap_seconds": self.overlap_seconds()}
 
 
-def plot_overlap_timeline(trace: Dict, path: str, title: str = "") -> None:
+def plot_overlap_timeline(trace: Dict, path: str, title: str = "",
+                          lanes=("forward ops (lane 0)", "backward ops (lane 1)")) -> None:
     """Rows: lane 0 (forward passes) and lane 1 (backward passes), each with its operations and,
-    below, its all-to-all transfers in flight (inter-node and intra-node stages coloured apart)."""
+    below, its all-to-all transfers in flight (inter-node and intra-node stages coloured apart).
+    `lanes` names the two operation rows (decoding: the two micro-batches)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"F": "#4c72b0", "B": "#dd8452", "dispatch_inter": "#2ca02c",
+    colours = {"F": "#4c72b0", "B": "#dd8452", "attn": "#4c72b0", "dispatch_inter": "#2ca02c",
                "dispatch_intra": "#98df8a", "combine_intra": "#c5b0d5", "combine_inter": "#9467bd"}
     rows = {("op", 0): 3, ("a2a", 0): 2, ("op", 1): 1, ("a2a", 1): 0}
     fig, ax = plt.subplots(figsize=(12, 3.2))
     for o in trace["ops"]:
         y = rows[("op", o["lane"])]
-        ax.barh(y, o["end"] - o["start"], left=o["start"], height=0.8, color=colours[o["kind"]],
+        ax.barh(y, o["end"] - o["start"], left=o["start"], height=0.8,
+                color=colours.get(o["kind"], "grey"),
                 edgecolor="black" if o["pair"] else "none", linewidth=0.6)
         ax.text((o["start"] + o["end"]) / 2, y, f"{o['kind']}{o['chunk']}.{o['mb']}",
                 ha="center", va="center", fontsize=6, color="white")
@@ -140,8 +143,7 @@ def plot_overlap_timeline(trace: Dict, path: str, title: str = "") -> None:
         ax.barh(y, max(t["end"] - t["start"], 1e-4), left=t["start"], height=0.6,
                 color=colours.get(t["stage"], "grey"), alpha=0.8)
     ax.set_yticks([3, 2, 1, 0])
-    ax.set_yticklabels(["forward ops (lane 0)", "lane 0 all-to-alls", "backward ops (lane 1)",
-                        "lane 1 all-to-alls"])
+    ax.set_yticklabels([lanes[0], "lane 0 all-to-alls", lanes[1], "lane 1 all-to-alls"])
     ax.set_xlabel("seconds in the step")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles, list(colours), fontsize=7, ncol=6, loc="upper center",

@@ -28,34 +28,47 @@ def model(ep: int):
                                   expert_model_parallel_size=ep))
 
 
-def _serve(rank, world, speculative):
+def _serve(rank, world, speculative, micro_batches):
     from megatron_dsv3.dispatch import NodeAwareDispatcher
 
     m = model(world)
     dispatchers = [mod.dispatcher for mod in m.modules() if hasattr(mod, "dispatcher")]
     assert dispatchers and all(isinstance(d, NodeAwareDispatcher) for d in dispatchers)
-    engine = InferenceEngine(m, block_size=4, max_batch_size=2)
+    engine = InferenceEngine(m, block_size=4, max_batch_size=2, micro_batches=micro_batches)
+    engine.trace_steps = {1, 2}
     mine = shard(requests(), rank, world)
     out = engine.generate([requests()[i] for i in mine], speculative=speculative)
     traffic = sum(d.counters.inter_node_copies for d in dispatchers)
-    return {i: r.tokens for i, r in zip(mine, out)}, engine.lockstep.rounds, traffic
+    return ({i: r.tokens for i, r in zip(mine, out)}, engine.lockstep.rounds, traffic,
+            list(engine.traces.values()))
 
 
-@pytest.mark.parametrize("speculative", [False, True])
-def test_expert_parallel_decode_equals_one_rank(single_rank_world, speculative):
+@pytest.mark.parametrize("speculative,micro_batches", [(False, 1), (True, 2)])
+def test_expert_parallel_decode_equals_one_rank(single_rank_world, speculative, micro_batches):
+    """With two micro-batches each decode step runs them in two threads on the dispatcher's two
+    lanes; the traced steps show each micro-batch's all-to-alls in flight while the other
+    computes attention."""
     reference = InferenceEngine(model(1), block_size=4).generate(requests(),
                                                                  speculative=speculative)
-    results = run_distributed(_serve, WORLD, args=(speculative,),
+    results = run_distributed(_serve, WORLD, args=(speculative, micro_batches),
                               env={"MEGATRON_DSV3_RANKS_PER_NODE": "2"},
                               megatron_parallel={"expert_model_parallel_size": WORLD})
     tokens = {}
-    for served, _, _ in results:
+    for served, *_ in results:
         tokens.update(served)
     assert sorted(tokens) == list(range(len(PROMPTS)))  # every request served exactly once
     assert [tokens[i] for i in range(len(PROMPTS))] == [r.tokens for r in reference]
-    rounds = {r for _, r, _ in results}
+    rounds = {r for _, r, _, _ in results}
     assert len(rounds) == 1                              # every rank ran every step
-    assert sum(t for _, _, t in results) > 0             # tokens did cross simulated nodes
+    assert sum(t for _, _, t, _ in results) > 0          # tokens did cross simulated nodes
+    traces = [t for *_, ts in results for t in ts]
+    assert len(traces) == 2 * WORLD
+    expected = {0, 1} if micro_batches == 2 else {0}
+    # both micro-batches' all-to-alls on every rank (an empty micro-batch idles through them)
+    assert all({t["lane"] for t in trace["transfers"]} == expected for trace in traces)
+    assert any({o["lane"] for o in trace["ops"]} == expected for trace in traces)
+    if micro_batches == 2:
+        assert sum(t["overlap_seconds"] for t in traces) > 0
 
 
 def _serve_then_rebalance(rank, world):
