@@ -125,3 +125,24 @@ class LatentCache:
         flat = self.data[layer].view(-1, self.values_per_token_per_layer)
         kv = flat[index]
         return kv[..., : self.kv_lora_rank], kv[..., self.kv_lora_rank:]
+
+    # -- hand-off (prefill/decode separation) -------------------------------------------------
+    def export(self, request: Hashable, num_positions: int) -> torch.Tensor:
+        """[layers, num_positions, c + dr]: the request's latents of every layer, positions
+        0..num_positions-1, as one dense tensor to send to another rank."""
+        index = torch.tensor(self.slots(request, range(num_positions)), dtype=torch.long,
+                             device=self.data.device)
+        return self.data.view(self.num_layers, -1, self.values_per_token_per_layer)[:, index]
+
+    def adopt(self, request: Hashable, latents: torch.Tensor) -> None:
+        """Take blocks for `request` and store `latents` [layers, n, c + dr] (from `export`) at
+        its positions 0..n-1."""
+        layers, n, width = latents.shape
+        if (layers, width) != (self.num_layers, self.values_per_token_per_layer):
+            raise ValueError(f"latents for {layers} layers x {width} values; this cache holds "
+                             f"{self.num_layers} x {self.values_per_token_per_layer}")
+        self.ensure(request, n)
+        index = torch.tensor(self.slots(request, range(n)), dtype=torch.long,
+                             device=self.data.device)
+        flat = self.data.view(self.num_layers, -1, self.values_per_token_per_layer)
+        flat[:, index] = latents.to(flat.dtype)

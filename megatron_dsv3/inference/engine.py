@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence
 
@@ -44,6 +45,8 @@ class Request:
     stop_strings: Sequence[str] = ()
     """Generation ends once the decoded output contains one (needs the engine's `decode`); the
     text is cut before it."""
+    arrival: float = 0.0
+    """Seconds after the stream starts at which the request arrives (admitted no earlier)."""
 
 
 @dataclass
@@ -55,6 +58,7 @@ class TokenEvent:
     text: str = ""                  # newly completed text (empty without `decode`)
     finished: bool = False
     finish_reason: Optional[str] = None   # "length", "stop_token" or "stop_string"
+    time: float = 0.0               # time.time() when the tokens were produced
 
 
 @dataclass
@@ -137,10 +141,11 @@ class InferenceEngine:
 
     # -- public API -------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], *, speculative: bool = False,
-                 on_event: Optional[Callable[[TokenEvent], None]] = None) -> List[Completion]:
+                 on_event: Optional[Callable[[TokenEvent], None]] = None,
+                 start_time: Optional[float] = None) -> List[Completion]:
         results: List[Optional[Completion]] = [None] * len(requests)
         tokens: List[List[int]] = [[] for _ in requests]
-        for event in self.stream(requests, speculative=speculative):
+        for event in self.stream(requests, speculative=speculative, start_time=start_time):
             tokens[event.index] += event.tokens
             if on_event is not None:
                 on_event(event)
@@ -151,13 +156,17 @@ class InferenceEngine:
                 r.text = self._text(tokens[i], requests[i])
         return results
 
-    def stream(self, requests: Sequence[Request], *, speculative: bool = False
-               ) -> Iterator[TokenEvent]:
+    def stream(self, requests: Sequence[Request], *, speculative: bool = False,
+               start_time: Optional[float] = None) -> Iterator[TokenEvent]:
         """Yield a TokenEvent per request and step as tokens are produced (one stream at a time
-        per engine: its admission control assumes it owns the cache)."""
+        per engine: its admission control assumes it owns the cache). Requests are admitted in
+        order of arrival, `request.arrival` seconds after `start_time` (time.time(), default
+        now)."""
         self._check(requests, speculative)
-        waiting = collections.deque(_State(i, next(self._keys), r, self.device)
-                                    for i, r in enumerate(requests))
+        self._t0 = time.time() if start_time is None else start_time
+        order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
+        waiting = collections.deque(_State(i, next(self._keys), requests[i], self.device)
+                                    for i in order)
         running: List[_State] = []
         try:
             yield from self._serve(waiting, running, speculative)
@@ -169,7 +178,9 @@ class InferenceEngine:
         reserved = 0
         while True:
             admitted: List[_State] = []
-            while waiting and len(running) + len(admitted) < self.max_batch_size:
+            now = time.time() - self._t0
+            while (waiting and len(running) + len(admitted) < self.max_batch_size
+                   and waiting[0].request.arrival <= now):
                 need = self._blocks_needed(waiting[0].request)
                 if reserved + need > self.cache.num_blocks:
                     break
@@ -184,6 +195,9 @@ class InferenceEngine:
                 idle_prefills = most - len(admitted)
             elif not (admitted or running or waiting):
                 break
+            elif not (admitted or running):  # idle until the next request arrives
+                time.sleep(max(0.0, waiting[0].request.arrival - now))
+                continue
             for st in admitted:
                 running.append(st)
                 yield self._prefill(st, speculative)
@@ -304,7 +318,8 @@ class InferenceEngine:
             # hold back an incomplete multi-byte character until it completes
             if st.finish_reason or not full.endswith("\ufffd"):
                 text, st.text_sent = full[len(st.text_sent):], full
-        return TokenEvent(st.index, kept, text, bool(st.finish_reason), st.finish_reason)
+        return TokenEvent(st.index, kept, text, bool(st.finish_reason), st.finish_reason,
+                          time.time())
 
     def _text(self, tokens: List[int], request: Request) -> str:
         text = self.decode(tokens)
@@ -322,6 +337,9 @@ class InferenceEngine:
             if r.max_new_tokens < 1:
                 raise ValueError(f"request {i}: max_new_tokens={r.max_new_tokens} is invalid: "
                                  "allowed values are >= 1")
+            if not r.arrival >= 0:
+                raise ValueError(f"request {i}: arrival={r.arrival} is invalid: allowed values "
+                                 "are >= 0 (seconds after the stream starts)")
             total = len(r.prompt) + r.max_new_tokens
             if total > self.config.max_position_embeddings:
                 raise ValueError(f"request {i}: prompt ({len(r.prompt)}) + max_new_tokens "

@@ -1,0 +1,255 @@
+"""Prefill/decode separation: prefill ranks build a request's latent cache, decode ranks continue.
+
+    roles = Roles(prefill=[0], decode=[1, 2])           # ranks of the default process group
+    done = serve_separated(model, requests, roles, speculative=True)   # on every rank
+
+A prefill rank takes the requests `roles.prefill_rank(i)` names, in order of arrival: one forward
+over the prompt writes its latents (every decoder layer and the MTP layer) into the rank's own
+cache, the first token is sampled (and, speculative, the MTP draft computed); then the request
+moves to decode rank `roles.decode_rank(i)` as two point-to-point messages (tags 0 and 1):
+
+    header  float64 [request index, prompt length, first token, draft or -1, finished at
+            prefill (0/1), time of the first token]
+    latents [layers, prompt length, kv_lora_rank + rope dim] in the cache dtype (576 values per
+            token and layer for DeepSeek-V3), unless the request already finished
+
+and its blocks return to the prefill rank's free list. A decode rank receives from each prefill
+rank in a thread; between decode steps it adopts arrived requests into free blocks
+(LatentCache.adopt) and decodes all of them together, exactly as the colocated engine would after
+its own prefill, so every request's tokens are those of colocated serving. When a prefill rank
+has sent all its requests it sends a header with index -1 to every decode rank.
+
+`mixed_load` generates a request stream (Poisson arrivals, short and long prompts) and
+`latency_summary` turns per-request times into time to first token and time per output token.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_dsv3.inference.engine import InferenceEngine, Request, _State
+
+HEADER = 6
+HEADER_TAG, LATENT_TAG = 0, 1
+
+
+@dataclass
+class Roles:
+    prefill: List[int]
+    decode: List[int]
+
+    def __post_init__(self):
+        if not self.prefill or not self.decode or set(self.prefill) & set(self.decode):
+            raise ValueError(f"roles prefill={self.prefill} decode={self.decode}: allowed are two "
+                             "non-empty, disjoint lists of ranks")
+
+    def prefill_rank(self, i: int) -> int:
+        return self.prefill[i % len(self.prefill)]
+
+    def decode_rank(self, i: int) -> int:
+        return self.decode[i % len(self.decode)]
+
+
+@dataclass
+class Served:
+    """One request's outcome on the rank that finished it."""
+
+    tokens: List[int]
+    finish_reason: str
+    token_times: List[float]   # time.time() at which each token was produced
+
+
+def serve_separated(model, requests: Sequence[Request], roles: Roles, *,
+                    speculative: bool = False, block_size: int = 16,
+                    max_batch_size: int = 16, num_blocks: Optional[int] = None,
+                    start_time: Optional[float] = None) -> Dict[int, Served]:
+    """Run this rank's role; decode ranks return {request index: Served} of the requests they
+    finished, prefill ranks {}. `start_time` (time.time(), shared by all ranks) anchors the
+    requests' arrival times."""
+    rank = dist.get_rank()
+    if rank not in roles.prefill + roles.decode:
+        raise ValueError(f"rank {rank} has no role: prefill={roles.prefill}, "
+                         f"decode={roles.decode}")
+    engine = InferenceEngine(model, block_size=block_size, max_batch_size=max_batch_size,
+                             num_blocks=num_blocks, lockstep=None)
+    engine._check(requests, speculative)
+    t0 = time.time() if start_time is None else start_time
+    if rank in roles.prefill:
+        _prefill_role(engine, requests, roles, rank, speculative, t0)
+        return {}
+    return _DecodeRole(engine, requests, roles, speculative).run()
+
+
+def _prefill_role(engine: InferenceEngine, requests, roles: Roles, rank: int,
+                  speculative: bool, t0: float) -> None:
+    mine = sorted((i for i in range(len(requests)) if roles.prefill_rank(i) == rank),
+                  key=lambda i: requests[i].arrival)
+    for i in mine:
+        time.sleep(max(0.0, t0 + requests[i].arrival - time.time()))
+        st = _State(i, next(engine._keys), requests[i], engine.device)
+        event = engine._prefill(st, speculative)
+        draft = -1 if st.draft is None else st.draft
+        header = torch.tensor([i, st.length, event.tokens[0], draft, int(event.finished),
+                               event.time], dtype=torch.float64)
+        dst = roles.decode_rank(i)
+        dist.send(header, dst, tag=HEADER_TAG)
+        if not event.finished:
+            dist.send(engine.cache.export(st.key, st.length).contiguous(), dst, tag=LATENT_TAG)
+            engine.cache.release(st.key)
+    for dst in roles.decode:
+        dist.send(torch.full((HEADER,), -1.0, dtype=torch.float64), dst, tag=HEADER_TAG)
+
+
+class _DecodeRole:
+    """A receiver thread per prefill rank (blocking receives: gloo's irecv never reports
+    completion to is_completed) feeds a queue that the decode loop drains between steps."""
+
+    def __init__(self, engine: InferenceEngine, requests, roles: Roles, speculative: bool):
+        self.engine, self.requests, self.speculative = engine, requests, speculative
+        self.cache = engine.cache
+        self.inbox: queue.Queue = queue.Queue()
+        self.senders = len(roles.prefill)
+        self.arrived: List = []
+        self.served: Dict[int, Served] = {}
+        self.threads = [threading.Thread(target=self._receive, args=(src,), daemon=True,
+                                         name=f"dsv3-handoff-from-{src}") for src in roles.prefill]
+        for t in self.threads:
+            t.start()
+
+    def _receive(self, src: int) -> None:
+        try:
+            while True:
+                header = torch.empty(HEADER, dtype=torch.float64)
+                dist.recv(header, src, tag=HEADER_TAG)
+                index, n, first, draft, finished, t_first = header.tolist()
+                if index < 0:
+                    break
+                latents = None
+                if not finished:
+                    latents = torch.empty(self.cache.num_layers, int(n),
+                                          self.cache.values_per_token_per_layer,
+                                          dtype=self.cache.data.dtype)
+                    dist.recv(latents, src, tag=LATENT_TAG)
+                self.inbox.put((int(index), int(n), int(first), int(draft), t_first, latents))
+        except BaseException as error:  # re-raised by the decode loop
+            self.inbox.put(error)
+        self.inbox.put(None)  # this sender is done
+
+    def _poll(self, block: bool) -> None:
+        """Move arrived hand-offs to `arrived`; with `block`, wait for at least one message."""
+        while self.senders:
+            try:
+                item = self.inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                self.senders -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                self.arrived.append(item)
+
+    def _record(self, st: _State, tokens: List[int], at: float) -> None:
+        served = self.served.setdefault(st.index, Served([], "", []))
+        served.tokens += tokens
+        served.token_times += [at] * len(tokens)
+        served.finish_reason = st.finish_reason or ""
+
+    def run(self) -> Dict[int, Served]:
+        engine, running, reserved = self.engine, [], 0
+        while True:
+            self._poll(block=not running and not self.arrived)
+            while self.arrived and len(running) < engine.max_batch_size:
+                index, n, first, draft, t_first, latents = self.arrived[0]
+                request = self.requests[index]
+                need = engine._blocks_needed(request)
+                if latents is not None and reserved + need > self.cache.num_blocks:
+                    break
+                self.arrived.pop(0)
+                st = _State(index, next(engine._keys), request, engine.device)
+                event = engine._emit(st, [first])      # the prefill rank's token, same checks
+                self._record(st, event.tokens, t_first)
+                if latents is None:
+                    continue
+                self.cache.adopt(st.key, latents)
+                st.length, st.draft = n, (draft if draft >= 0 else None)
+                running.append(st)
+                reserved += need
+            if running:
+                for st, toks in zip(list(running), engine._step_tokens(running,
+                                                                       self.speculative)):
+                    if toks:
+                        event = engine._emit(st, toks)
+                        engine.stats.tokens += len(event.tokens)
+                        self._record(st, event.tokens, event.time)
+                for st in [st for st in running if st.finish_reason]:
+                    running.remove(st)
+                    reserved -= engine._blocks_needed(st.request)
+                    self.cache.release(st.key)
+            elif not self.senders and not self.arrived:
+                for t in self.threads:
+                    t.join()
+                return self.served
+
+
+def serve_colocated(model, requests: Sequence[Request], rank: int, world: int, *,
+                    speculative: bool = False, block_size: int = 16, max_batch_size: int = 16,
+                    num_blocks: Optional[int] = None,
+                    start_time: Optional[float] = None) -> Dict[int, Served]:
+    """The baseline: every rank prefills and decodes its share of the requests (round-robin)."""
+    engine = InferenceEngine(model, block_size=block_size, max_batch_size=max_batch_size,
+                             num_blocks=num_blocks, lockstep=None)
+    mine = list(range(rank, len(requests), world))
+    served: Dict[int, Served] = {}
+    for event in engine.stream([requests[i] for i in mine], speculative=speculative,
+                               start_time=start_time):
+        s = served.setdefault(mine[event.index], Served([], "", []))
+        s.tokens += event.tokens
+        s.token_times += [event.time] * len(event.tokens)
+        s.finish_reason = event.finish_reason or ""
+    return served
+
+
+def mixed_load(num_requests: int, *, rate: float, vocab_size: int, seed: int = 0,
+               short_prompt=(4, 16), long_prompt=(48, 96), long_fraction: float = 0.3,
+               new_tokens=(8, 24)) -> List[Request]:
+    """Poisson arrivals at `rate` requests/s; prompts short (chat turns) or, with probability
+    `long_fraction`, long (documents); output lengths uniform in `new_tokens`."""
+    if rate <= 0 or num_requests < 1:
+        raise ValueError(f"rate={rate}, num_requests={num_requests}: both must be positive")
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(num_requests):
+        lo, hi = long_prompt if rng.random() < long_fraction else short_prompt
+        prompt = [rng.randrange(1, vocab_size) for _ in range(rng.randint(lo, hi))]
+        out.append(Request(prompt, rng.randint(*new_tokens), arrival=t))
+        t += rng.expovariate(rate)
+    return out
+
+
+def latency_summary(requests: Sequence[Request], served: Dict[int, Served],
+                    start_time: float) -> Dict[str, float]:
+    """Time to first token (from arrival) and time per output token after the first, in
+    seconds: mean and 90th percentile over requests."""
+    ttft, tpot = [], []
+    for i, s in served.items():
+        ttft.append(s.token_times[0] - (start_time + requests[i].arrival))
+        if len(s.token_times) > 1:
+            tpot.append((s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1))
+
+    def p90(xs):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(0.9 * len(xs)))] if xs else float("nan")
+
+    return {"ttft_mean": sum(ttft) / len(ttft), "ttft_p90": p90(ttft),
+            "tpot_mean": sum(tpot) / len(tpot) if tpot else float("nan"), "tpot_p90": p90(tpot),
+            "requests": len(served)}

@@ -1,0 +1,75 @@
+"""Prefill/decode separation over gloo: one prefill rank hands latent caches to two decode ranks;
+every request's tokens equal colocated serving's (one engine doing both)."""
+
+import pytest
+import torch
+
+from megatron_dsv3.configs import get_config
+from megatron_dsv3.inference import InferenceEngine, Request
+from megatron_dsv3.inference.disaggregated import (Roles, Served, latency_summary, mixed_load,
+                                                   serve_separated)
+from megatron_dsv3.model import build_model
+from megatron_dsv3.testing.distributed import run_distributed
+
+
+def model():
+    torch.manual_seed(0)
+    return build_model(get_config("deepseek-v3-tiny", init_method_std=0.1))
+
+
+def workload():
+    reqs = mixed_load(7, rate=200.0, vocab_size=256, seed=3, short_prompt=(2, 6),
+                      long_prompt=(20, 30), new_tokens=(3, 9))
+    reqs.append(Request([9, 8, 7], 1))  # finishes at prefill: nothing to hand over but the token
+    return reqs
+
+
+def _role(rank, world, speculative):
+    out = serve_separated(model(), workload(), Roles(prefill=[0], decode=[1, 2]),
+                          speculative=speculative, block_size=4, max_batch_size=3)
+    return {i: (s.tokens, s.finish_reason, s.token_times) for i, s in out.items()}
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_separated_serving_equals_colocated(single_rank_world, speculative):
+    reqs = workload()
+    colocated = InferenceEngine(model(), block_size=4).generate(reqs, speculative=speculative)
+    results = run_distributed(_role, 3, args=(speculative,), megatron_parallel={})
+    assert results[0] == {}                                   # the prefill rank finishes none
+    served = {**results[1], **results[2]}
+    assert sorted(served) == list(range(len(reqs)))
+    assert set(results[1]) == set(range(0, len(reqs), 2))    # request i -> decode rank 1 + i % 2
+    for i, r in enumerate(colocated):
+        tokens, reason, times = served[i]
+        assert tokens == r.tokens and reason == r.finish_reason
+        assert len(times) == len(tokens) and times == sorted(times)
+
+
+def test_mixed_load_and_latency_summary():
+    reqs = mixed_load(200, rate=10.0, vocab_size=100, seed=0)
+    arrivals = [r.arrival for r in reqs]
+    assert arrivals == sorted(arrivals) and arrivals[0] == 0.0
+    assert 15 < arrivals[-1] < 25                             # ~199 gaps of mean 0.1 s
+    long = sum(len(r.prompt) >= 48 for r in reqs) / len(reqs)
+    assert 0.2 < long < 0.4
+    assert all(8 <= r.max_new_tokens <= 24 and 0 < min(r.prompt) for r in reqs)
+    two = [Request([1], 3, arrival=0.0), Request([1], 1, arrival=1.0)]
+    served = {0: Served([5, 6, 7], "length", [10.5, 10.7, 10.9]),
+              1: Served([4], "length", [12.0])}
+    summary = latency_summary(two, served, start_time=10.0)
+    assert summary["ttft_mean"] == pytest.approx((0.5 + 1.0) / 2)
+    assert summary["tpot_mean"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="rate"):
+        mixed_load(3, rate=0, vocab_size=10)
+    with pytest.raises(ValueError, match="disjoint"):
+        Roles(prefill=[0], decode=[0, 1])
+
+
+def test_arrivals_gate_admission_and_are_checked(single_rank_world):
+    engine = InferenceEngine(model(), block_size=4)
+    events = list(engine.stream([Request([1, 2], 2, arrival=0.3), Request([3], 2)]))
+    assert events[0].index == 1                      # the later-listed request arrived first
+    first_of_late = next(e for e in events if e.index == 0)
+    assert first_of_late.time - events[0].time >= 0.25
+    with pytest.raises(ValueError, match="arrival=-1"):
+        engine.generate([Request([1], 2, arrival=-1)])
