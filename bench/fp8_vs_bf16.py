@@ -1,6 +1,6 @@
 """FP8 (DeepSeek's fine-grained recipe, emulated) against BF16 training of deepseek-v3-tiny.
 
-    python bench/fp8_vs_bf16.py [--steps 300] [--last 100] [--json] [--plot docs/img/fp8_vs_bf16.png]
+    python bench/fp8_vs_bf16.py [--steps 300] [--last 100] [--seed 1234] [--json] [--plot docs/img/fp8_vs_bf16.png]
 
 Both runs: same seed, same data (the stdlib corpus of the main job), BF16 parameters and
 activations (optionally BF16 AdamW moments); the FP8 run additionally quantises every GEMM input of the
@@ -17,9 +17,9 @@ import megatron_dsv3  # noqa: F401
 from megatron_dsv3.training.trainer import TrainArgs, Trainer
 
 
-def run(steps, fp8, cache_dir, bf16_moments):
+def run(steps, fp8, cache_dir, bf16_moments, seed):
     args = TrainArgs(steps=steps, bf16=True, bf16_moments=bf16_moments, fp8=fp8, save_dir=None,
-                     cache_dir=cache_dir, log_interval=50)
+                     cache_dir=cache_dir, log_interval=50, seed=seed)
     return Trainer(args, log=lambda m: print(("fp8 " if fp8 else "bf16 ") + m, flush=True)).train()
 
 
@@ -30,14 +30,16 @@ def main():
     p.add_argument("--plot", default=None)
     p.add_argument("--bf16-moments", action="store_true", help="AdamW moments in BF16 in both runs")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--seed", type=int, default=TrainArgs.seed,
+                   help="initialisation and data seed of both runs")
     a = p.parse_args()
     cache = os.path.join(tempfile.gettempdir(), "dsv3_bench_cache")
-    bf16 = [r["lm_loss"] for r in run(a.steps, False, cache, a.bf16_moments)]
-    fp8 = [r["lm_loss"] for r in run(a.steps, True, cache, a.bf16_moments)]
+    bf16 = [r["lm_loss"] for r in run(a.steps, False, cache, a.bf16_moments, a.seed)]
+    fp8 = [r["lm_loss"] for r in run(a.steps, True, cache, a.bf16_moments, a.seed)]
     tail = slice(len(bf16) - a.last, len(bf16))
     rel = [abs(f - b) / b for f, b in zip(fp8[tail], bf16[tail])]
     mean_b, mean_f = sum(bf16[tail]) / a.last, sum(fp8[tail]) / a.last
-    result = {"steps": a.steps, "last": a.last,
+    result = {"seed": a.seed, "steps": a.steps, "last": a.last,
               "mean_rel_loss_diff_last": sum(rel) / a.last,
               "rel_diff_of_mean_loss_last": abs(mean_f - mean_b) / mean_b,
               "bf16_loss_last_mean": mean_b, "fp8_loss_last_mean": mean_f,

@@ -8,7 +8,10 @@ batched requests, greedy and sampled decoding, streaming, and MTP speculative de
 `cache` (block table, free list, [c_kv | k_rope] per token and layer), `decoder` (the model's
 layers over the cache), `sampling`, `engine` (requests, steps, stop conditions, streaming),
 `speculative` (MTP draft, main-model verification, roll-back), `loading` (checkpoints and
-tokenizers for the command line `python -m megatron_dsv3.generate`).
+tokenizers for the command line `python -m megatron_dsv3.generate`), `parallel` (attention
+data-parallel, experts expert-parallel: engines in lockstep; `micro_batches=2` overlaps one
+micro-batch's all-to-alls with the other's computation), `disaggregated` (prefill ranks hand latent
+caches to decode ranks; a mixed-load request generator). Redundant experts: megatron_dsv3.moe.eplb.
 """
 
 from megatron_dsv3.inference.cache import CacheFull, LatentCache, latent_width

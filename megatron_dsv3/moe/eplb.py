@@ -16,7 +16,7 @@ N nodes and P >= E physical expert slots (P / W per rank), in three balanced pac
 Applied to a model (`apply_placement`): each rank's expert stack becomes the weights of the
 logical experts of its slots (gathered over the expert-parallel group), the dispatcher sees P
 experts in slots of P / W, and the MoE layer maps each routed (token, logical expert) to one of
-the expert's replicas, round-robin over the tokens. Replicas are copies, so every token's output
+the expert's replicas, round-robin over the tokens (counted across steps). Replicas are copies, so every token's output
 is unchanged; only where the work happens moves.
 
     recorder = ExpertLoadRecorder(model)          # counts routed tokens per layer and expert
@@ -143,8 +143,10 @@ def plan_placement(loads: Sequence[float], *, num_groups: int, num_nodes: int, n
 
 
 class ReplicaMap(torch.nn.Module):
-    """(token, logical expert) -> one of the expert's replicas (physical id): the k-th token
-    routed to an expert with n replicas takes replica k mod n."""
+    """(token, logical expert) -> one of the expert's replicas (physical id), round-robin: the
+    k-th token routed to an expert with n replicas, counted over all calls so far (so that
+    small decode batches, a token or two per expert, still spread over the replicas), takes
+    replica k mod n."""
 
     def __init__(self, placement: Placement):
         super().__init__()
@@ -153,6 +155,8 @@ class ReplicaMap(torch.nn.Module):
         table = torch.tensor([r + [r[0]] * (width - len(r)) for r in replicas], dtype=torch.long)
         self.register_buffer("table", table, persistent=False)  # [E, max replicas]
         self.register_buffer("count", torch.tensor([len(r) for r in replicas]), persistent=False)
+        self.register_buffer("seen", torch.zeros(len(replicas), dtype=torch.long),
+                             persistent=False)  # tokens routed to each expert so far
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         flat = indices.flatten().long()
@@ -161,7 +165,8 @@ class ReplicaMap(torch.nn.Module):
         starts = torch.searchsorted(sorted_e, sorted_e, right=False)
         kth = torch.empty_like(flat)
         kth[order] = torch.arange(flat.numel(), device=flat.device) - starts  # rank among its expert
-        choice = kth % self.count[flat]
+        choice = (self.seen[flat] + kth) % self.count[flat]
+        self.seen += torch.bincount(flat, minlength=self.seen.numel())
         return self.table[flat, choice].view_as(indices).to(indices.dtype)
 
 

@@ -145,8 +145,10 @@ def plot_overlap_timeline(trace: Dict, path: str, title: str = "",
     ax.set_yticks([3, 2, 1, 0])
     ax.set_yticklabels([lanes[0], "lane 0 all-to-alls", lanes[1], "lane 1 all-to-alls"])
     ax.set_xlabel("seconds in the step")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    ax.legend(handles, list(colours), fontsize=7, ncol=6, loc="upper center",
+    present = {o["kind"] for o in trace["ops"]} | {t["stage"] for t in trace["transfers"]}
+    shown = {k: c for k, c in colours.items() if k in present}
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in shown.values()]
+    ax.legend(handles, list(shown), fontsize=7, ncol=6, loc="upper center",
               bbox_to_anchor=(0.5, -0.25))
     ax.set_title(title or f"overlapped F&B pairs (outlined); transfers of one lane in flight while "
                  f"the other computes: {trace['overlap_seconds']:.3f} s")

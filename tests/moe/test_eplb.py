@@ -53,17 +53,19 @@ def test_the_hot_expert_is_split_over_its_nodes_ranks():
     assert 55.5 <= p.rank_loads(loads).max() <= 56
 
 
-def test_replica_map_is_round_robin_per_expert():
+def test_replica_map_is_round_robin_per_expert_across_calls():
     p = plan_placement([9, 1, 1, 1, 1, 1, 1, 1], num_groups=1, num_nodes=1, num_ranks=4,
                        num_redundant=4)
     reps = p.replicas()
-    indices = torch.randint(0, 8, (50, 3))
-    got = ReplicaMap(p)(indices)
+    replica_map = ReplicaMap(p)
     seen = {e: 0 for e in range(8)}
-    for pos, e in enumerate(indices.flatten().tolist()):  # naive loop in token order
-        assert got.flatten()[pos].item() == reps[e][seen[e] % len(reps[e])]
-        seen[e] += 1
-    assert (p.physical_to_logical[got] == indices).all()
+    for rows in (50, 1, 1, 3):  # decode-sized calls too: they must not all take replica 0
+        indices = torch.randint(0, 8, (rows, 3))
+        got = replica_map(indices)
+        for pos, e in enumerate(indices.flatten().tolist()):  # naive loop in token order
+            assert got.flatten()[pos].item() == reps[e][seen[e] % len(reps[e])]
+            seen[e] += 1
+        assert (p.physical_to_logical[got] == indices).all()
 
 
 def test_bad_arguments_name_the_field():
