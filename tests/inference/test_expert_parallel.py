@@ -46,8 +46,9 @@ def _serve(rank, world, speculative, micro_batches):
 @pytest.mark.parametrize("speculative,micro_batches", [(False, 1), (True, 2)])
 def test_expert_parallel_decode_equals_one_rank(single_rank_world, speculative, micro_batches):
     """With two micro-batches each decode step runs them in two threads on the dispatcher's two
-    lanes; the traced steps show each micro-batch's all-to-alls in flight while the other
-    computes attention."""
+    lanes; the traced steps hold both micro-batches' all-to-alls, interleaved in time (how much
+    of the transfers the other micro-batch's computation covers is measured in
+    bench/inference_serving.py, not asserted)."""
     reference = InferenceEngine(model(1), block_size=4).generate(requests(),
                                                                  speculative=speculative)
     results = run_distributed(_serve, WORLD, args=(speculative, micro_batches),
@@ -67,8 +68,13 @@ def test_expert_parallel_decode_equals_one_rank(single_rank_world, speculative, 
     # both micro-batches' all-to-alls on every rank (an empty micro-batch idles through them)
     assert all({t["lane"] for t in trace["transfers"]} == expected for trace in traces)
     assert any({o["lane"] for o in trace["ops"]} == expected for trace in traces)
-    if micro_batches == 2:
-        assert sum(t["overlap_seconds"] for t in traces) > 0
+    if micro_batches == 2:  # the two micro-batches' work interleaved in time (threads)
+        for trace in traces:
+            spans = [[r for r in trace["ops"] + trace["transfers"] if r["lane"] == lane]
+                     for lane in (0, 1)]
+            first = [min(r["start"] for r in s) for s in spans]
+            last = [max(r["end"] for r in s) for s in spans]
+            assert max(first) < min(last)
 
 
 def _serve_then_rebalance(rank, world):
