@@ -169,16 +169,40 @@ class MLASelfAttention(MegatronModule):
         q_latent = torch.einsum("sbhd,hdc->bhsc", q_nope.float(), w_uk)
         scores = (torch.einsum("bhsc,btc->bhst", q_latent, cache_c_kv.float())
                   + torch.einsum("sbhr,btr->bhst", q_rope.float(), cache_k_rope.float()))
+        probs = self._cached_probs(scores, position_ids, key_positions, key_mask)
+        ctx_latent = torch.einsum("bhst,btc->sbhc", probs, cache_c_kv.float())
+        context = torch.einsum("sbhc,hdc->sbhd", ctx_latent, w_uv)
+        context = context.reshape(s, b, self.num_heads * self.dv).to(hidden_states.dtype)
+        return self.linear_proj(context)
+
+    def forward_expanded(self, hidden_states, position_ids, cache_c_kv, cache_k_rope,
+                         key_positions=None, key_mask=None):
+        """`forward_absorbed` without the absorption, for comparison: every step expands all
+        cached latents into per-head keys and values (k_nope, v = W_UK c_kv, W_UV c_kv) and
+        attends over them, as a cache of latents read by the plain MLA formula would."""
+        s, b, _ = hidden_states.shape
+        q_nope, q_rope = self._query(self._query_latent(hidden_states))
+        cos, sin = self._positions(s, b, hidden_states.device, position_ids)
+        q_rope = apply_rotary(q_rope, cos, sin)
+        w = self.linear_kv_up_proj.weight.view(self.num_heads, self.dn + self.dv, self.kv_lora_rank)
+        kv = torch.einsum("btc,hdc->bthd", cache_c_kv.float(), w.float())   # [b, T, H, dn + dv]
+        k_nope, v = kv[..., : self.dn], kv[..., self.dn:]
+        scores = (torch.einsum("sbhd,bthd->bhst", q_nope.float(), k_nope)
+                  + torch.einsum("sbhr,btr->bhst", q_rope.float(), cache_k_rope.float()))
+        probs = self._cached_probs(scores, position_ids, key_positions, key_mask)
+        context = torch.einsum("bhst,bthd->sbhd", probs, v)
+        context = context.reshape(s, b, self.num_heads * self.dv).to(hidden_states.dtype)
+        return self.linear_proj(context)
+
+    def _cached_probs(self, scores, position_ids, key_positions, key_mask):
+        """Softmax of scores [b, H, s, T] over the keys each query may see (causal by position,
+        valid by key_mask)."""
+        b, _, _, T = scores.shape
         scores = scores * self.softmax_scale
-        T = cache_c_kv.shape[1]
         if key_positions is None:
             key_positions = torch.arange(T, device=scores.device).expand(b, T)
         allowed = key_positions[:, None, :] <= position_ids[:, :, None]  # [b, s, T]
         if key_mask is not None:
             allowed = allowed & key_mask[:, None, :]
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        ctx_latent = torch.einsum("bhst,btc->sbhc", probs, cache_c_kv.float())
-        context = torch.einsum("sbhc,hdc->sbhd", ctx_latent, w_uv)
-        context = context.reshape(s, b, self.num_heads * self.dv).to(hidden_states.dtype)
-        return self.linear_proj(context)
+        return torch.softmax(scores, dim=-1)

@@ -38,8 +38,10 @@ class Chunk:
 
 
 class LatentDecoder:
-    def __init__(self, model, cache: LatentCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache: LatentCache, absorbed: bool = True):
+        """`absorbed=False` reads the same cache through the un-absorbed formula (latents
+        expanded into per-head keys and values every step): for comparison only."""
+        self.model, self.cache, self.absorbed = model, cache, absorbed
         self.layers = list(model.decoder.layers)
         mtp = getattr(model, "mtp", None)
         self.mtp_layer = mtp.layers[0] if mtp is not None and len(mtp.layers) else None
@@ -85,8 +87,8 @@ class LatentDecoder:
                 c_kv, k_rope = attn.latents(x, positions)                    # [b, s, c], [b, s, dr]
                 self.cache.write(cache_layer, slots, c_kv[valid], k_rope[valid])
                 cache_c_kv, cache_k_rope = self.cache.read(cache_layer, index)  # [b, T, c], [b, T, dr]
-                out, bias = attn.forward_absorbed(x, positions, cache_c_kv, cache_k_rope,
-                                                  key_mask=key_mask)
+                attend = attn.forward_absorbed if self.absorbed else attn.forward_expanded
+                out, bias = attend(x, positions, cache_c_kv, cache_k_rope, key_mask=key_mask)
                 hidden = hidden + (out if bias is None else out + bias)
             hidden = layer.forward_mlp(hidden)
         return hidden

@@ -112,9 +112,13 @@ def test_softmax_scale_carries_mscale_squared(single_rank_world):
     assert abs(mla.softmax_scale - expected) < 1e-12
 
 
-def test_absorbed_decode_equals_training_path(single_rank_world):
+@pytest.mark.parametrize("method", ["forward_absorbed", "forward_expanded"])
+def test_cached_decode_equals_training_path(single_rank_world, method):
+    """Absorbed decoding (and, for comparison, the un-absorbed formula over the same latents)
+    one token at a time over the latent cache equals the full causal forward."""
     config = get_config("deepseek-v3-tiny")
     mla = build_mla(config)
+    attend = getattr(mla, method)
     s, b = 9, 2
     x = torch.randn(s, b, config.hidden_size)
     with torch.no_grad():
@@ -122,11 +126,11 @@ def test_absorbed_decode_equals_training_path(single_rank_world):
         pos = torch.arange(s).expand(b, s)
         # prefill the first 4 tokens, then decode one token at a time over the latent cache
         c_kv, k_rope = mla.latents(x[:4], pos[:, :4])
-        outs = [mla.forward_absorbed(x[:4], pos[:, :4], c_kv, k_rope)[0]]
+        outs = [attend(x[:4], pos[:, :4], c_kv, k_rope)[0]]
         for t in range(4, s):
             c_new, r_new = mla.latents(x[t:t + 1], pos[:, t:t + 1])
             c_kv, k_rope = torch.cat([c_kv, c_new], 1), torch.cat([k_rope, r_new], 1)
-            outs.append(mla.forward_absorbed(x[t:t + 1], pos[:, t:t + 1], c_kv, k_rope)[0])
+            outs.append(attend(x[t:t + 1], pos[:, t:t + 1], c_kv, k_rope)[0])
     assert c_kv.shape == (b, s, config.kv_lora_rank) and k_rope.shape == (b, s, config.qk_pos_emb_head_dim)
     torch.testing.assert_close(torch.cat(outs, 0), full, rtol=1e-4, atol=1e-5)
 
