@@ -17,6 +17,25 @@ import megatron_dsv3  # noqa: F401
 from megatron_dsv3.training.trainer import TrainArgs, Trainer
 
 
+def nudged_build_model():
+    """build_model that nudges one weight (embedding [0, 0]) by one BF16 step (x (1 + 2^-7))
+    before training: the smallest change a run can see, for the noise floor of the metric."""
+    import torch
+
+    import megatron_dsv3.model as model_module
+
+    build = model_module.build_model
+
+    def build_nudged(config, **kwargs):
+        model = build(config, **kwargs)
+        with torch.no_grad():
+            model.embedding.word_embeddings.weight[0, 0] *= 1 + 2 ** -7
+        return model
+
+    model_module.build_model = build_nudged
+    return lambda: setattr(model_module, "build_model", build)
+
+
 def run(steps, fp8, cache_dir, bf16_moments, seed):
     args = TrainArgs(steps=steps, bf16=True, bf16_moments=bf16_moments, fp8=fp8, save_dir=None,
                      cache_dir=cache_dir, log_interval=50, seed=seed)
@@ -32,14 +51,23 @@ def main():
     p.add_argument("--json", action="store_true")
     p.add_argument("--seed", type=int, default=TrainArgs.seed,
                    help="initialisation and data seed of both runs")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="instead of FP8, a second BF16 run with one weight nudged by one BF16 "
+                        "step: how far two runs differing by a rounding drift apart")
     a = p.parse_args()
     cache = os.path.join(tempfile.gettempdir(), "dsv3_bench_cache")
     bf16 = [r["lm_loss"] for r in run(a.steps, False, cache, a.bf16_moments, a.seed)]
-    fp8 = [r["lm_loss"] for r in run(a.steps, True, cache, a.bf16_moments, a.seed)]
+    if a.noise_floor:
+        restore = nudged_build_model()
+        fp8 = [r["lm_loss"] for r in run(a.steps, False, cache, a.bf16_moments, a.seed)]
+        restore()
+    else:
+        fp8 = [r["lm_loss"] for r in run(a.steps, True, cache, a.bf16_moments, a.seed)]
     tail = slice(len(bf16) - a.last, len(bf16))
     rel = [abs(f - b) / b for f, b in zip(fp8[tail], bf16[tail])]
     mean_b, mean_f = sum(bf16[tail]) / a.last, sum(fp8[tail]) / a.last
-    result = {"seed": a.seed, "steps": a.steps, "last": a.last,
+    result = {"seed": a.seed, "compared": "bf16-nudged" if a.noise_floor else "fp8",
+              "steps": a.steps, "last": a.last,
               "mean_rel_loss_diff_last": sum(rel) / a.last,
               "rel_diff_of_mean_loss_last": abs(mean_f - mean_b) / mean_b,
               "bf16_loss_last_mean": mean_b, "fp8_loss_last_mean": mean_f,
