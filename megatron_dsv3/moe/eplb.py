@@ -146,7 +146,8 @@ class ReplicaMap(torch.nn.Module):
     """(token, logical expert) -> one of the expert's replicas (physical id), round-robin: the
     k-th token routed to an expert with n replicas, counted over all calls so far (so that
     small decode batches, a token or two per expert, still spread over the replicas), takes
-    replica k mod n."""
+    replica k mod n. (With two decode micro-batches in two threads the shared count may
+    interleave; any replica gives the same result, only the balance is approximate.)"""
 
     def __init__(self, placement: Placement):
         super().__init__()
@@ -207,7 +208,9 @@ class ExpertLoadRecorder:
 
 def apply_placement(model, placements: Sequence[Placement]) -> None:
     """Re-lay every MoE layer's routed experts by its placement (one per layer, in
-    `moe_layers` order), on the running model. Collective over the expert-parallel group."""
+    `moe_layers` order), on the running model. Collective over the expert-parallel group.
+    For serving: the replicated experts are frozen and the model refuses to write a
+    distributed checkpoint afterwards (save before placing)."""
     layers = moe_layers(model)
     if len(placements) != len(layers):
         raise ValueError(f"{len(placements)} placements for {len(layers)} MoE layers: allowed is "
@@ -238,6 +241,7 @@ def apply_placement(model, placements: Sequence[Placement]) -> None:
             experts.fc1_weight = torch.nn.Parameter(full[0][mine].clone(), requires_grad=False)
             experts.fc2_weight = torch.nn.Parameter(full[1][mine].clone(), requires_grad=False)
         n_local = S if ep > 1 else S * placement.num_ranks
+        experts.placed = True
         experts.num_local_experts = d.num_local_experts = n_local
         experts.local_expert_offset = d.local_expert_offset = rank * n_local
         d.num_experts = S * placement.num_ranks

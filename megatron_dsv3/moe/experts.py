@@ -56,6 +56,10 @@ class GroupedExperts(MegatronModule):
         not depend on the expert-parallel layout that wrote it. `sharded_offsets` (a layer axis
         Megatron prepends for homogeneous blocks) come first.
         """
+        if getattr(self, "placed", False):
+            raise ValueError("these experts were re-laid with redundant replicas "
+                             "(megatron_dsv3.moe.eplb.apply_placement), which is for serving: "
+                             "checkpoint the model before applying a placement")
         group = self.expt_dp_group or parallel_state.get_expert_data_parallel_group(
             check_initialized=False)
         replica_id = (0, 0, group.rank() if group is not None else 0)

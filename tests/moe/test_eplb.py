@@ -102,6 +102,8 @@ def test_applied_placement_leaves_outputs_unchanged(single_rank_world):
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert [r.tokens for r in InferenceEngine(model, block_size=4).generate(prompts)] == \
         [r.tokens for r in plain]
+    with pytest.raises(ValueError, match="checkpoint the model before applying a placement"):
+        model.sharded_state_dict()
     # placed again from other loads: still the same model
     apply_placement(model, [plan_placement(list(reversed(l)), num_groups=4, num_nodes=2,
                                            num_ranks=4, num_redundant=8) for l in loads.tolist()])
