@@ -34,6 +34,9 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_dsv3.moe.dispatcher import sort_by_expert
+from megatron_dsv3.moe.routing import tokens_per_expert
+
 
 @dataclass
 class Placement:
@@ -136,7 +139,7 @@ def plan_placement(loads: Sequence[float], *, num_groups: int, num_nodes: int, n
                     key=lambda i: (loads[experts[i]] / replicas[i], -i))
             replicas[i] += 1
         physical = [e for e, n in zip(experts, replicas) for _ in range(n)]
-        share = [loads[e] / replicas[experts.index(e)] for e in physical]
+        share = [loads[e] / n for e, n in zip(experts, replicas) for _ in range(n)]
         for members in _pack(share, ranks_per_node, P // num_ranks, labels=physical):
             slots.append(sorted(physical[i] for i in members))
     return Placement(slots, E, num_nodes)
@@ -161,13 +164,12 @@ class ReplicaMap(torch.nn.Module):
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         flat = indices.flatten().long()
-        order = torch.argsort(flat, stable=True)
-        sorted_e = flat[order]
-        starts = torch.searchsorted(sorted_e, sorted_e, right=False)
+        order, counts = sort_by_expert(flat, self.seen.numel())
+        starts = counts.cumsum(0) - counts                  # first sorted position of each expert
         kth = torch.empty_like(flat)
-        kth[order] = torch.arange(flat.numel(), device=flat.device) - starts  # rank among its expert
-        choice = (self.seen[flat] + kth) % self.count[flat]
-        self.seen += torch.bincount(flat, minlength=self.seen.numel())
+        kth[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+        choice = (self.seen[flat] + kth) % self.count[flat]  # kth: rank among its expert's tokens
+        self.seen += counts
         return self.table[flat, choice].view_as(indices).to(indices.dtype)
 
 
@@ -189,9 +191,7 @@ class ExpertLoadRecorder:
 
     def _hook(self, i):
         def hook(_module, _inputs, output):
-            indices = output[1]
-            self.counts[i] += torch.bincount(indices.flatten().cpu(),
-                                             minlength=self.counts[i].numel())
+            self.counts[i] += tokens_per_expert(output[1].cpu(), self.counts[i].numel()).long()
         return hook
 
     def loads(self, group=None) -> torch.Tensor:
