@@ -66,6 +66,12 @@ class Served:
     finish_reason: str
     token_times: List[float]   # time.time() at which each token was produced
 
+    def add(self, event) -> None:
+        """Append a TokenEvent of this request."""
+        self.tokens += event.tokens
+        self.token_times += [event.time] * len(event.tokens)
+        self.finish_reason = event.finish_reason or ""
+
 
 def serve_separated(model, requests: Sequence[Request], roles: Roles, *,
                     speculative: bool = False, block_size: int = 16,
@@ -158,11 +164,8 @@ class _DecodeRole:
             else:
                 self.arrived.append(item)
 
-    def _record(self, st: _State, tokens: List[int], at: float) -> None:
-        served = self.served.setdefault(st.index, Served([], "", []))
-        served.tokens += tokens
-        served.token_times += [at] * len(tokens)
-        served.finish_reason = st.finish_reason or ""
+    def _record(self, event) -> None:
+        self.served.setdefault(event.index, Served([], "", [])).add(event)
 
     def run(self) -> Dict[int, Served]:
         engine, running, reserved = self.engine, [], 0
@@ -177,7 +180,8 @@ class _DecodeRole:
                 self.arrived.pop(0)
                 st = _State(index, next(engine._keys), request, engine.device)
                 event = engine._emit(st, [first])      # the prefill rank's token, same checks
-                self._record(st, event.tokens, t_first)
+                event.time = t_first
+                self._record(event)
                 if latents is None:
                     continue
                 self.cache.adopt(st.key, latents)
@@ -185,16 +189,11 @@ class _DecodeRole:
                 running.append(st)
                 reserved += need
             if running:
-                for st, toks in zip(list(running), engine._step_tokens(running,
-                                                                       self.speculative)):
-                    if toks:
-                        event = engine._emit(st, toks)
-                        engine.stats.tokens += len(event.tokens)
-                        self._record(st, event.tokens, event.time)
-                for st in [st for st in running if st.finish_reason]:
-                    running.remove(st)
-                    reserved -= engine._blocks_needed(st.request)
-                    self.cache.release(st.key)
+                events, freed = engine._finish_step(
+                    running, engine._step_tokens(running, self.speculative))
+                reserved -= freed
+                for event in events:
+                    self._record(event)
             elif not self.senders and not self.arrived:
                 for t in self.threads:
                     t.join()
@@ -212,10 +211,7 @@ def serve_colocated(model, requests: Sequence[Request], rank: int, world: int, *
     served: Dict[int, Served] = {}
     for event in engine.stream([requests[i] for i in mine], speculative=speculative,
                                start_time=start_time):
-        s = served.setdefault(mine[event.index], Served([], "", []))
-        s.tokens += event.tokens
-        s.token_times += [event.time] * len(event.tokens)
-        s.finish_reason = event.finish_reason or ""
+        served.setdefault(mine[event.index], Served([], "", [])).add(event)
     return served
 
 

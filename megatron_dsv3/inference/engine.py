@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import collections
 import itertools
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 
-from megatron_dsv3.dispatch.topology import dispatch_lane
 from megatron_dsv3.inference.cache import LatentCache
 from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
 from megatron_dsv3.inference.parallel import lockstep_for
 from megatron_dsv3.inference.sampling import SamplingParams, make_generator, sample_next
 from megatron_dsv3.inference.speculative import speculative_step
-from megatron_dsv3.pipeline.overlap import StepTrace
+from megatron_dsv3.pipeline.overlap import StepTrace, run_on_two_lanes
 
 
 @dataclass
@@ -203,16 +201,25 @@ class InferenceEngine:
                 yield self._prefill(st, speculative)
             for _ in range(idle_prefills):
                 self.decoder.idle(mtp=speculative)
-            new_tokens = self._traced_step(running, speculative)
-            for st, toks in zip(list(running), new_tokens):
-                if toks:  # (requests that finished at prefill get none)
-                    event = self._emit(st, toks)
-                    self.stats.tokens += len(event.tokens)
-                    yield event
-            for st in [st for st in running if st.finish_reason]:
-                running.remove(st)
-                reserved -= self._blocks_needed(st.request)
-                self.cache.release(st.key)
+            events, freed = self._finish_step(running,
+                                              self._traced_step(running, speculative))
+            reserved -= freed
+            yield from events
+
+    def _finish_step(self, running: List[_State], new_tokens: List[List[int]]):
+        """Apply one step's new tokens (stop conditions included), then drop the requests that
+        finished and free their blocks. -> (events, blocks no longer reserved)."""
+        events = []
+        for st, toks in zip(running, new_tokens):
+            if toks:  # (requests that finished at prefill get none)
+                events.append(self._emit(st, toks))
+                self.stats.tokens += len(events[-1].tokens)
+        freed = 0
+        for st in [st for st in running if st.finish_reason]:
+            running.remove(st)
+            freed += self._blocks_needed(st.request)
+            self.cache.release(st.key)
+        return events, freed
 
     # -- steps ------------------------------------------------------------------------------
     def _prefill(self, st: _State, speculative: bool) -> TokenEvent:
@@ -249,23 +256,11 @@ class InferenceEngine:
         half = (len(active) + 1) // 2
         parts, stats = [active[:half], active[half:]], [GenerationStats(), GenerationStats()]
         results: List[List[List[int]]] = [[], []]
-        errors: List[BaseException] = []
 
         def run(i: int) -> None:
-            try:
-                with dispatch_lane(i):
-                    results[i] = self._micro_batch_step(parts[i], speculative, stats[i])
-            except BaseException as error:  # re-raised in the caller's thread
-                errors.append(error)
+            results[i] = self._micro_batch_step(parts[i], speculative, stats[i])
 
-        worker = threading.Thread(target=run, args=(1,), name="dsv3-decode-mb1", daemon=True)
-        worker.start()
-        try:
-            run(0)
-        finally:
-            worker.join()
-        if errors:
-            raise errors[0]
+        run_on_two_lanes(lambda: run(0), lambda: run(1), name="dsv3-decode-mb0")
         for s in stats:
             self.stats.forwards += s.forwards
             self.stats.drafted += s.drafted

@@ -39,28 +39,35 @@ from megatron_dsv3.dispatch.topology import dispatch_lane
 FORWARD_LANE, BACKWARD_LANE = 0, 1
 
 
-def threaded_forward_backward(run_forward: Callable[[], None],
-                              run_backward: Callable[[], None]) -> None:
-    """Run `run_forward` in a helper thread (lane 0) and `run_backward` here (lane 1), together.
-    An exception in either is raised here after both have finished."""
+def run_on_two_lanes(on_lane0: Callable[[], None], on_lane1: Callable[[], None],
+                     name: str = "dsv3-lane0") -> None:
+    """Run `on_lane0` in a helper thread (dispatch lane 0) and `on_lane1` here (lane 1),
+    together. An exception in either is raised here after both have finished."""
     errors: List[BaseException] = []
 
-    def forward() -> None:
+    def first() -> None:
         try:
-            with dispatch_lane(FORWARD_LANE):
-                run_forward()
+            with dispatch_lane(0):
+                on_lane0()
         except BaseException as error:  # re-raised in the caller's thread
             errors.append(error)
 
-    worker = threading.Thread(target=forward, name="dsv3-pair-forward", daemon=True)
+    worker = threading.Thread(target=first, name=name, daemon=True)
     worker.start()
     try:
-        with dispatch_lane(BACKWARD_LANE):
-            run_backward()
+        with dispatch_lane(1):
+            on_lane1()
     finally:
         worker.join()
     if errors:
         raise errors[0]
+
+
+def threaded_forward_backward(run_forward: Callable[[], None],
+                              run_backward: Callable[[], None]) -> None:
+    """Run `run_forward` in a helper thread (lane 0) and `run_backward` here (lane 1), together.
+    An exception in either is raised here after both have finished."""
+    run_on_two_lanes(run_forward, run_backward, name="dsv3-pair-forward")
 
 
 class StepTrace:
