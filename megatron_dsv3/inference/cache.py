@@ -130,9 +130,7 @@ class LatentCache:
     def export(self, request: Hashable, num_positions: int) -> torch.Tensor:
         """[layers, num_positions, c + dr]: the request's latents of every layer, positions
         0..num_positions-1, as one dense tensor to send to another rank."""
-        index = torch.tensor(self.slots(request, range(num_positions)), dtype=torch.long,
-                             device=self.data.device)
-        return self.data.view(self.num_layers, -1, self.values_per_token_per_layer)[:, index]
+        return self._per_layer()[:, self._first_slots(request, num_positions)]
 
     def adopt(self, request: Hashable, latents: torch.Tensor) -> None:
         """Take blocks for `request` and store `latents` [layers, n, c + dr] (from `export`) at
@@ -142,7 +140,12 @@ class LatentCache:
             raise ValueError(f"latents for {layers} layers x {width} values; this cache holds "
                              f"{self.num_layers} x {self.values_per_token_per_layer}")
         self.ensure(request, n)
-        index = torch.tensor(self.slots(request, range(n)), dtype=torch.long,
-                             device=self.data.device)
-        flat = self.data.view(self.num_layers, -1, self.values_per_token_per_layer)
-        flat[:, index] = latents.to(flat.dtype)
+        self._per_layer()[:, self._first_slots(request, n)] = latents.to(self.data.dtype)
+
+    def _per_layer(self) -> torch.Tensor:
+        """[layers, all slots, c + dr] view of the storage."""
+        return self.data.view(self.num_layers, -1, self.values_per_token_per_layer)
+
+    def _first_slots(self, request: Hashable, n: int) -> torch.Tensor:
+        return torch.tensor(self.slots(request, range(n)), dtype=torch.long,
+                            device=self.data.device)
