@@ -22,6 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_dsv3.cli import positive_int  # noqa: E402
 from megatron_dsv3.testing.distributed import run_distributed  # noqa: E402
 
 STAGES = ("dispatch_inter", "dispatch_intra", "experts", "combine_intra", "combine_inter")
@@ -71,9 +72,9 @@ def _per_token(res, name, key):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--tokens", type=int, default=512, help="tokens per rank")
-    p.add_argument("--chunks", type=int, default=4)
+    p.add_argument("--hidden", type=positive_int, default=512)
+    p.add_argument("--tokens", type=positive_int, default=512, help="tokens per rank")
+    p.add_argument("--chunks", type=positive_int, default=4)
     p.add_argument("--plot", default=None)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()

@@ -14,6 +14,7 @@ import os
 import tempfile
 
 import megatron_dsv3  # noqa: F401
+from megatron_dsv3.cli import positive_int, seed_int
 from megatron_dsv3.training.trainer import TrainArgs, Trainer
 
 
@@ -44,12 +45,12 @@ def run(steps, fp8, cache_dir, bf16_moments, seed):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--last", type=int, default=100)
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument("--last", type=positive_int, default=100)
     p.add_argument("--plot", default=None)
     p.add_argument("--bf16-moments", action="store_true", help="AdamW moments in BF16 in both runs")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--seed", type=int, default=TrainArgs.seed,
+    p.add_argument("--seed", type=seed_int, default=TrainArgs.seed,
                    help="initialisation and data seed of both runs")
     p.add_argument("--noise-floor", action="store_true",
                    help="instead of FP8, a second BF16 run with one weight nudged by one BF16 "

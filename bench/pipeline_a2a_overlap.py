@@ -24,6 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_dsv3.cli import non_negative_float, positive_float, positive_int  # noqa: E402
 from megatron_dsv3.testing.distributed import run_distributed  # noqa: E402
 
 from pipeline_timedilated import MB, S, SleepFn, _config, _forward_step  # noqa: E402
@@ -132,11 +133,12 @@ def _run(rank, world, which, F, B, W, A, N):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pp", type=int, nargs="+", default=[4])
-    p.add_argument("--F", type=float, default=0.04)
-    p.add_argument("--B", type=float, default=0.08)
-    p.add_argument("--W", type=float, default=0.04)
-    p.add_argument("--A", type=float, default=0.02, help="link time of one all-to-all (1F1B stage)")
+    p.add_argument("--pp", type=positive_int, nargs="+", default=[4])
+    p.add_argument("--F", type=positive_float, default=0.04)
+    p.add_argument("--B", type=positive_float, default=0.08)
+    p.add_argument("--W", type=non_negative_float, default=0.04)
+    p.add_argument("--A", type=non_negative_float, default=0.02,
+                   help="link time of one all-to-all (1F1B stage)")
     a = p.parse_args()
     rows = []
     for P in a.pp:

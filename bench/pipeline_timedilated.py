@@ -20,6 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_dsv3.cli import non_negative_float, positive_float, positive_int  # noqa: E402
 from megatron_dsv3.testing.distributed import run_distributed  # noqa: E402
 
 S, MB, H = 4, 1, 16
@@ -144,10 +145,10 @@ def _run(rank, world, which, F, B, W, N):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--pp", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--F", type=float, default=0.04)
-    p.add_argument("--B", type=float, default=0.08)
-    p.add_argument("--W", type=float, default=0.04)
+    p.add_argument("--pp", type=positive_int, nargs="+", default=[4, 8])
+    p.add_argument("--F", type=positive_float, default=0.04)
+    p.add_argument("--B", type=positive_float, default=0.08)
+    p.add_argument("--W", type=non_negative_float, default=0.04)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     from megatron_dsv3.pipeline.simulate import Times, expected_bubble

@@ -16,6 +16,7 @@ import time
 import torch
 
 import megatron_dsv3  # noqa: F401
+from megatron_dsv3.cli import non_negative_int, positive_int
 
 
 def hf_config_from(config):
@@ -54,10 +55,11 @@ def time_steps(step_fn, steps, warmup=3):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--seq", type=positive_int, default=128)
+    p.add_argument("--threads", type=non_negative_int, default=0,
+                   help="torch threads (0 = torch default)")
     p.add_argument("--no-mtp", action="store_true",
                    help="build ours without MTP (HF's training forward has none)")
     p.add_argument("--json", action="store_true")

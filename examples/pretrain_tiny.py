@@ -2,6 +2,7 @@
 
     python examples/pretrain_tiny.py                 # ~300 steps, a few minutes on 2 cores
     python examples/pretrain_tiny.py --steps 50 --save-dir /tmp/run --recompute
+    python examples/pretrain_tiny.py --save-dir /tmp/run --steps 100 --resume   # continue it
 
 Data goes through Megatron's own indexed dataset and GPTDataset; the model is Megatron's GPTModel
 built from megatron_dsv3.layer_specs (MLA, DeepSeek-MoE with aux-loss-free balancing, MTP).
@@ -12,6 +13,7 @@ import dataclasses
 
 import megatron_dsv3  # noqa: F401
 from megatron_dsv3.training.trainer import TrainArgs, Trainer
+from megatron_dsv3.training.validation import RULES, validate_train_args
 
 
 def parse_args(argv=None) -> TrainArgs:
@@ -22,11 +24,20 @@ def parse_args(argv=None) -> TrainArgs:
             continue
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
-        if isinstance(default, bool):
+        if field.name == "resume":  # bare --resume: the latest checkpoint of --save-dir
+            p.add_argument(flag, nargs="?", const="auto", default=None, metavar="CHECKPOINT")
+        elif isinstance(default, bool):
             p.add_argument(flag, action="store_true", default=default)
         else:
-            p.add_argument(flag, type=type(default) if default is not None else str, default=default)
-    return TrainArgs(**vars(p.parse_args(argv)))
+            rule = RULES.get(field.name)
+            p.add_argument(flag, type=type(default) if default is not None else str,
+                           default=default, help=f"allowed: {rule.describe()}" if rule else None)
+    args = TrainArgs(**vars(p.parse_args(argv)))
+    try:  # every range and cross-flag rule, before any process group or model exists
+        validate_train_args(args)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ import sys
 import time
 from typing import List, Optional
 
+from megatron_dsv3.cli import (non_negative_float, non_negative_int, positive_int, probability,
+                               seed_int)
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -27,18 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF checkpoint directory or trainer checkpoint (run dir or checkpoint/)")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch of requests")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of the sampling generators (request i uses seed + i)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32,
+                   help="tokens to generate per request (integer >= 1)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0,
+                   help="number >= 0; 0 = greedy (default)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="integer >= 0; 0 = off")
+    p.add_argument("--top-p", type=probability, default=1.0,
+                   help="nucleus mass, in (0, 1]; 1 = off (default)")
+    p.add_argument("--seed", type=seed_int, default=None,
+                   help="seed of the sampling generators (request i uses seed + i), "
+                   f"{seed_int.describe()}")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS")
     p.add_argument("--speculative", action="store_true",
                    help="MTP speculative decoding (greedy; prints the acceptance rate)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
-    p.add_argument("--block-size", type=int, default=16, help="latent-cache block size (tokens)")
+    p.add_argument("--block-size", type=positive_int, default=16,
+                   help="latent-cache block size (tokens, integer >= 1)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="parameter dtype (default: fp32 for HF checkpoints, the run's for ours)")

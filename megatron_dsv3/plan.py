@@ -35,13 +35,18 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from megatron_dsv3.cli import non_negative_int, positive_float, positive_int
+from megatron_dsv3.configs import layout as layout_rules
+from megatron_dsv3.configs.layout import FLAGS, LayoutError
+
 GiB = 1024 ** 3
 SCHEDULE_CHOICES = ("1f1b", "interleaved", "dualpipe", "dualpipev")
 RECOMPUTE_MODULES = ("layernorm", "mla_up_proj", "moe_act")
 
 
-class PlanError(ValueError):
-    """A layout that does not divide or does not fit; the message names the flag."""
+# A layout that does not divide or does not fit; the message names the flag. The rules are
+# megatron_dsv3.configs.layout's (shared with the converter, the trainer and pretrain_gpt).
+PlanError = LayoutError
 
 
 @dataclass
@@ -52,6 +57,9 @@ class Layout:
     pp: int
     ep: int
     schedule: str
+    first: Optional[int] = None  # --decoder-first-pipeline-num-layers (pipeline rank 0)
+    last: Optional[int] = None  # --decoder-last-pipeline-num-layers (pipeline rank PP-1)
+    vpp: Optional[int] = None  # --virtual-pipeline-model-parallel-size (interleaved)
 
     @property
     def world(self) -> int:
@@ -68,72 +76,40 @@ class Layout:
 
     @property
     def stages(self) -> int:
-        return 2 * self.pp if self.schedule == "dualpipev" else self.pp
+        return layout_rules.num_stages(self.schedule, self.pp, self.vpp)
 
 
 def validate(lay: Layout, config, *, mtp: int, micro_batches: Optional[int] = None) -> None:
     """PlanError naming the flag and its allowed values."""
     from megatron_dsv3.pipeline.schedules import check
 
-    for flag, v in (("--nodes", lay.nodes), ("--gpus-per-node", lay.gpus_per_node),
-                    ("--tp", lay.tp), ("--pp", lay.pp), ("--ep", lay.ep)):
+    for flag, v in (("--nodes", lay.nodes), ("--gpus-per-node", lay.gpus_per_node)):
         if v < 1:
             raise PlanError(f"{flag} {v} is invalid: allowed values are >= 1")
-    if lay.world % (lay.tp * lay.pp):
-        raise PlanError(f"--tp {lay.tp} x --pp {lay.pp} = {lay.tp * lay.pp} does not divide the world "
-                        f"size {lay.world} (--nodes {lay.nodes} x --gpus-per-node "
-                        f"{lay.gpus_per_node}): allowed --pp values with this --tp are "
-                        f"{[p for p in range(1, lay.world + 1) if lay.world % (lay.tp * p) == 0]}")
-    if (lay.dp * lay.tp) % lay.ep:
-        raise PlanError(f"--ep {lay.ep} must divide DP x TP = {lay.dp} x {lay.tp} = "
-                        f"{lay.dp * lay.tp} (expert parallelism lives inside data x tensor "
-                        f"parallelism): allowed values are "
-                        f"{[e for e in range(1, lay.dp * lay.tp + 1) if lay.dp * lay.tp % e == 0]}")
-    experts = config.num_moe_experts or 0
-    if experts and experts % lay.ep:
-        raise PlanError(f"--ep {lay.ep} must divide the {experts} routed experts: allowed values "
-                        f"are {[e for e in range(1, experts + 1) if experts % e == 0]}")
-    if lay.ep > 1 and lay.ep % lay.gpus_per_node and lay.gpus_per_node % lay.ep:
-        raise PlanError(f"--ep {lay.ep} must be a multiple or a divisor of --gpus-per-node "
-                        f"{lay.gpus_per_node} so that expert groups align with nodes")
-    ep_nodes = max(1, lay.ep // lay.gpus_per_node)
-    m = config.moe_router_group_topk
-    if experts and ep_nodes > 1 and m and ep_nodes < m:
-        raise PlanError(f"--ep {lay.ep} spans {ep_nodes} nodes, fewer than the node limit M = "
-                        f"moe_router_group_topk = {m}: allowed are --ep >= {m * lay.gpus_per_node} "
-                        f"or --ep <= {lay.gpus_per_node} (inside one node)")
-    if lay.schedule not in SCHEDULE_CHOICES:
-        raise PlanError(f"--schedule {lay.schedule!r} is invalid: allowed values are "
-                        f"{', '.join(SCHEDULE_CHOICES)}")
-    if lay.schedule in ("dualpipe", "dualpipev") and lay.pp < 2:
-        raise PlanError(f"--schedule {lay.schedule} needs --pp >= 2 (got {lay.pp})")
-    if lay.schedule == "dualpipe" and lay.pp % 2:
-        raise PlanError(f"--schedule dualpipe needs an even --pp: allowed values are 2, 4, 6, ...")
-    if lay.schedule == "dualpipe" and mtp:
-        raise PlanError("--schedule dualpipe with --mtp is not supported: allowed are "
-                        "--schedule dualpipev (DeepSeek-V3's) or --mtp 0")
-    # the last stage may hold no decoder layer (it still runs the final norm, head and MTP)
-    if config.num_layers < lay.stages - 1:
-        per = 2 if lay.schedule == "dualpipev" else 1
-        raise PlanError(f"--pp {lay.pp} gives {lay.stages} stages under --schedule {lay.schedule} "
-                        f"but the model has {config.num_layers} layers: allowed are --pp <= "
-                        f"{(config.num_layers + 1) // per}")
+    layout_rules.check_layout(config, tp=lay.tp, pp=lay.pp, ep=lay.ep, schedule=lay.schedule,
+                              first=lay.first, last=lay.last, vpp=lay.vpp, mtp=mtp,
+                              world=lay.world, gpus_per_node=lay.gpus_per_node,
+                              world_source=f"--nodes {lay.nodes} x --gpus-per-node "
+                                           f"{lay.gpus_per_node}",
+                              names=FLAGS, schedules=SCHEDULE_CHOICES)
     if micro_batches is not None:
         try:
-            check("interleaved" if lay.schedule == "interleaved" else lay.schedule, lay.pp,
-                  micro_batches)
+            check(lay.schedule, lay.pp, micro_batches, lay.vpp or 2)
         except ValueError as e:
             raise PlanError(f"--global-batch-size / (--micro-batch-size x DP) = {micro_batches} "
                             f"micro-batches per step: {e}") from None
 
 
 def placement(lay: Layout, num_layers: int) -> Dict[int, List[List[int]]]:
-    """{pp rank: [global layer numbers of each chunk]} as the model builder places them."""
-    from megatron_dsv3.pipeline.placement import StageLayers, stage_layer_ranges
+    """{pp rank: [global layer numbers of each chunk]} as the model builder places them: our
+    StageLayers under DualPipe(V), Megatron's split (get_transformer_layer_offset) otherwise."""
+    from megatron_dsv3.pipeline.schedules import layout
 
-    if lay.schedule in ("dualpipev", "dualpipe"):
-        return StageLayers(lay.schedule, lay.pp, num_layers).table()
-    return {r: [list(range(a, b))] for r, (a, b) in enumerate(stage_layer_ranges(num_layers, lay.pp))}
+    ranges = layout_rules.stage_layer_ranges(num_layers, lay.schedule, lay.pp, lay.first,
+                                             lay.last, lay.vpp, names=FLAGS)
+    stages = layout(lay.schedule, lay.pp, lay.vpp or 1)
+    return {r: [list(range(*ranges[stages.stage(r, c)])) for c in range(stages.chunks)]
+            for r in range(lay.pp)}
 
 
 def holders(lay: Layout) -> Dict[str, int]:
@@ -242,14 +218,15 @@ def activation_bytes_per_token(config, layer: int, recompute: List[str], tp: int
     return {k: 2 * v for k, v in parts.items()}
 
 
-def peak_in_flight(schedule: str, pp: int, micro_batches: int) -> List[Dict[int, int]]:
+def peak_in_flight(schedule: str, pp: int, micro_batches: int,
+                   chunks: int = 2) -> List[Dict[int, int]]:
     """Per rank, {chunk: micro-batches whose forward activations of that chunk are held} at the
     rank's peak, from replaying our schedule tables (F adds, B releases; FB = F then B)."""
     from megatron_dsv3.pipeline.schedules import build
 
     name = "1f1b" if schedule == "1f1b" else schedule
     out = []
-    for ops in build(name, pp, micro_batches):
+    for ops in build(name, pp, micro_batches, chunks):
         live: Dict[int, int] = {}
         best, best_total = {}, -1
         for op in ops:
@@ -284,7 +261,9 @@ def plan(args) -> Dict:
     if args.first_k_dense is not None:
         overrides["first_k_dense_replace"] = args.first_k_dense
     config = get_config(args.preset, **overrides)
-    lay = Layout(args.nodes, args.gpus_per_node, args.tp, args.pp, args.ep, args.schedule)
+    lay = Layout(args.nodes, args.gpus_per_node, args.tp, args.pp, args.ep, args.schedule,
+                 args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
+                 args.vpp)
     micro_batches = None
     if args.global_batch_size:
         per = args.micro_batch_size * lay.dp if lay.world % (lay.tp * lay.pp) == 0 else 1
@@ -300,7 +279,10 @@ def plan(args) -> Dict:
                    "tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "dp": lay.dp,
                    "expert_dp": lay.expert_dp, "ep_nodes": max(1, lay.ep // lay.gpus_per_node),
                    "schedule": lay.schedule, "stages": lay.stages, "num_layers": config.num_layers,
-                   "mtp_num_layers": args.mtp},
+                   "mtp_num_layers": args.mtp,
+                   "decoder_first_pipeline_num_layers": lay.first,
+                   "decoder_last_pipeline_num_layers": lay.last,
+                   "virtual_pipeline_model_parallel_size": lay.vpp},
         "placement": {str(r): chunks for r, chunks in table.items()},
         "holders": holders(lay),
     }
@@ -312,7 +294,7 @@ def plan(args) -> Dict:
         list(RECOMPUTE_MODULES) if args.recompute == "selective" else args.recompute.split(","))
     if micro_batches is None:
         micro_batches = 2 * lay.pp if lay.schedule in ("dualpipe", "dualpipev") else lay.pp
-    in_flight = peak_in_flight(lay.schedule, lay.pp, micro_batches)
+    in_flight = peak_in_flight(lay.schedule, lay.pp, micro_batches, lay.vpp or 2)
     tokens = args.micro_batch_size * args.seq_length
     hold = holders(lay)
     small = counts["replicated_small"]
@@ -365,7 +347,7 @@ def plan(args) -> Dict:
     from megatron_dsv3.pipeline.simulate import Times, simulate
 
     sim_name = "1f1b" if lay.schedule == "1f1b" else lay.schedule
-    sim = simulate(sim_name, lay.pp, micro_batches, Times(), 2)
+    sim = simulate(sim_name, lay.pp, micro_batches, Times(), lay.vpp or 2)
     moe_layers = sum(1 for g in range(1, config.num_layers + 1)
                      if counts["layers"][g]["experts"]) + (args.mtp or 0)
     ep_nodes = max(1, lay.ep // lay.gpus_per_node)
@@ -412,6 +394,10 @@ def render(result: Dict) -> str:
              f"TP {L['tp']} PP {L['pp']} EP {L['ep']} DP {L['dp']} (expert DP {L['expert_dp']}); "
              f"EP spans {L['ep_nodes']} nodes; schedule {L['schedule']}, {L['stages']} stages "
              f"of {L['num_layers']} layers"]
+    split = [f"{what} pipeline rank {L[f'decoder_{what}_pipeline_num_layers']}"
+             for what in ("first", "last") if L.get(f"decoder_{what}_pipeline_num_layers")]
+    if split:
+        lines[0] += f" ({', '.join(split)} layers, the other ranks split the rest evenly)"
     lines.append("placement (global layer numbers per chunk):")
     for r, chunks in result["placement"].items():
         tags = [k for k, v in result["holders"].items() if str(v) == r
@@ -456,32 +442,55 @@ def render(result: Dict) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_dsv3.plan", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="deepseek-v3", help="deepseek-v3 | deepseek-v3-tiny")
-    p.add_argument("--num-layers", type=int, default=None, help="override the preset's layers")
-    p.add_argument("--first-k-dense", type=int, default=None, help="dense layers first")
-    p.add_argument("--num-experts", dest="num_moe_experts", type=int, default=None)
-    p.add_argument("--moe-router-topk", type=int, default=None)
-    p.add_argument("--moe-router-num-groups", type=int, default=None)
-    p.add_argument("--moe-router-group-topk", type=int, default=None, help="node limit M")
+    p.add_argument("--num-layers", type=positive_int, default=None,
+                   help="override the preset's layers (>= 1)")
+    p.add_argument("--first-k-dense", type=non_negative_int, default=None,
+                   help="dense layers first (0..--num-layers)")
+    p.add_argument("--num-experts", dest="num_moe_experts", type=positive_int, default=None,
+                   help="routed experts (>= 1)")
+    p.add_argument("--moe-router-topk", type=positive_int, default=None,
+                   help="experts per token (>= 1)")
+    p.add_argument("--moe-router-num-groups", type=positive_int, default=None,
+                   help="expert groups (>= 1, dividing --num-experts)")
+    p.add_argument("--moe-router-group-topk", type=positive_int, default=None,
+                   help="node limit M (1..--moe-router-num-groups)")
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
     p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
     p.add_argument("--ep", "--expert-model-parallel-size", dest="ep", type=int, default=1)
     p.add_argument("--schedule", "--pipeline-schedule", dest="schedule", default="1f1b")
-    p.add_argument("--mtp", "--mtp-num-layers", dest="mtp", type=int, default=1)
+    p.add_argument("--decoder-first-pipeline-num-layers", type=positive_int, default=None,
+                   help="decoder layers on the first pipeline rank, over all its chunks "
+                   "(Megatron's flag; DualPipeV: the earlier of its two stages takes the odd one)")
+    p.add_argument("--decoder-last-pipeline-num-layers", type=positive_int, default=None,
+                   help="decoder layers on the last pipeline rank, over all its chunks")
+    p.add_argument("--virtual-pipeline-model-parallel-size", dest="vpp", type=positive_int,
+                   default=None, help="--schedule interleaved: model chunks per rank")
+    p.add_argument("--mtp", "--mtp-num-layers", dest="mtp", type=non_negative_int, default=1,
+                   help="MTP depth (>= 0; 0 = none)")
     p.add_argument("--fp8", action="store_true", help="count an FP8 copy of the weights")
     p.add_argument("--bf16-moments", action="store_true", help="Adam moments in BF16")
     p.add_argument("--zero1", "--use-distributed-optimizer", dest="zero1", action="store_true")
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--seq-length", type=int, default=4096)
-    p.add_argument("--global-batch-size", type=int, default=None)
+    p.add_argument("--micro-batch-size", type=positive_int, default=1, help="(>= 1)")
+    p.add_argument("--seq-length", type=positive_int, default=4096, help="(>= 1)")
+    p.add_argument("--global-batch-size", type=positive_int, default=None,
+                   help="(>= 1, a multiple of --micro-batch-size x DP; default: no step check)")
     p.add_argument("--recompute", default="selective",
                    help="none | selective (all of layernorm,mla_up_proj,moe_act) | a comma list")
     p.add_argument("--dispatch-fp8", action="store_true", help="FP8 dispatch payload")
-    p.add_argument("--gpu-memory-gib", type=float, default=None, help="refuse above this")
+    p.add_argument("--gpu-memory-gib", type=positive_float, default=None,
+                   help="refuse above this (> 0)")
     p.add_argument("--placement-only", action="store_true", help="layout + placement, no model")
     p.add_argument("--json", action="store_true")
     return p
+
+
+# model config fields set by flags: the config's errors name the field, the user typed the flag
+_CONFIG_FLAGS = {"num_layers": "--num-layers", "first_k_dense_replace": "--first-k-dense",
+                 "num_moe_experts": "--num-experts", "moe_router_topk": "--moe-router-topk",
+                 "moe_router_num_groups": "--moe-router-num-groups",
+                 "moe_router_group_topk": "--moe-router-group-topk", "mtp_num_layers": "--mtp"}
 
 
 def main(argv=None) -> int:
@@ -492,10 +501,23 @@ def main(argv=None) -> int:
             print(f"error: --recompute {bad} invalid: allowed values are none, selective or a "
                   f"comma list of {', '.join(RECOMPUTE_MODULES)}", file=sys.stderr)
             return 2
+    from megatron_dsv3.configs import PRESETS
+
+    if args.preset not in PRESETS:
+        print(f"error: --preset {args.preset!r} is invalid: allowed values are "
+              f"{', '.join(sorted(PRESETS))}", file=sys.stderr)
+        return 2
     try:
         result = plan(args)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # the model config refused a value one of our flags set
+        flags = [flag for field, flag in _CONFIG_FLAGS.items()
+                 if re.match(rf"{field}(?!\w)", str(e))]
+        if not flags:
+            raise
+        print(f"error: {flags[0]}: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1) if args.json else render(result))
     if not result.get("fits", True):

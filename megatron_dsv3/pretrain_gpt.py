@@ -37,22 +37,24 @@ import os
 import sys
 from typing import List, Optional
 
+from megatron_dsv3.cli import non_negative_int, positive_int
+
 SCHEDULES = ("1f1b", "interleaved", "no_pipelining", "dualpipe", "dualpipev")
 FP8_RECIPES = ("deepseek", "deepseek-pow2")
 DISPATCHERS = ("node-aware", "flat", "local")
 
 
-def _positive_int(flag: str):
-    def parse(value: str) -> int:
-        try:
-            n = int(value)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise argparse.ArgumentTypeError(
-                f"{flag} {value!r} is invalid: allowed values are integers >= 1")
-        return n
-    return parse
+# (flag, args attribute, allowed values) of every numeric flag we register or read; None = unset
+NUMERIC_FLAGS = (
+    ("--dsv3-dispatch-chunks", "dsv3_dispatch_chunks", positive_int),
+    ("--ranks-per-node", "ranks_per_node", positive_int),
+    ("--pipeline-model-parallel-size", "pipeline_model_parallel_size", positive_int),
+    ("--virtual-pipeline-model-parallel-size", "virtual_pipeline_model_parallel_size",
+     positive_int),
+    ("--num-layers-per-virtual-pipeline-stage", "num_layers_per_virtual_pipeline_stage",
+     positive_int),
+    ("--mtp-num-layers", "mtp_num_layers", non_negative_int.with_note("0 = none")),
+)
 
 
 def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -65,58 +67,70 @@ def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="DeepSeek fine-grained FP8 (1x128 / 128x128 scaling)")
     group.add_argument("--dsv3-dispatcher", choices=DISPATCHERS, default="node-aware",
                        help="expert dispatcher (default: node-aware)")
-    group.add_argument("--dsv3-dispatch-chunks", type=_positive_int("--dsv3-dispatch-chunks"),
-                       default=2, help="chunks the node-aware dispatch is pipelined over")
+    group.add_argument("--dsv3-dispatch-chunks", type=positive_int, default=2,
+                       help="chunks the node-aware dispatch is pipelined over (>= 1)")
     group.add_argument("--dsv3-dispatch-fp8", action="store_true",
                        help="FP8 payload for the expert all-to-all")
-    group.add_argument("--ranks-per-node", type=_positive_int("--ranks-per-node"), default=None,
-                       help="ranks per node for the node-aware dispatcher "
+    group.add_argument("--ranks-per-node", type=positive_int, default=None,
+                       help="ranks per node for the node-aware dispatcher, >= 1 "
                        "(default: LOCAL_WORLD_SIZE)")
     return parser
 
 
 def validate_dsv3_args(args) -> None:
-    """Checks across flags; raises ValueError naming the flag and what is allowed."""
+    """Ranges and checks across flags; raises ValueError naming the flag and what is allowed."""
+    from megatron_dsv3.configs import layout as layout_rules
+
+    for flag, dest, allowed in NUMERIC_FLAGS:  # also for values that did not come through argparse
+        if getattr(args, dest, None) is not None:
+            allowed.check(flag, getattr(args, dest))
     schedule = getattr(args, "pipeline_schedule", None)
-    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    pp = getattr(args, "pipeline_model_parallel_size", None)
+    pp = 1 if pp is None else pp
     vp = getattr(args, "virtual_pipeline_model_parallel_size", None)
-    if schedule is not None and schedule not in SCHEDULES:
-        raise ValueError(f"--pipeline-schedule {schedule!r} is invalid: allowed values are "
-                         f"{', '.join(SCHEDULES)}")
-    if schedule in ("dualpipe", "dualpipev"):
-        if pp < 2:
-            raise ValueError(f"--pipeline-schedule {schedule} needs "
-                             f"--pipeline-model-parallel-size >= 2 (got {pp})")
-        if vp is not None or getattr(args, "num_layers_per_virtual_pipeline_stage", None):
-            raise ValueError(f"--pipeline-schedule {schedule} places its two chunks itself: "
-                             "--virtual-pipeline-model-parallel-size / "
-                             "--num-layers-per-virtual-pipeline-stage must not be set")
-        if schedule == "dualpipe" and getattr(args, "mtp_num_layers", None):
-            raise ValueError("--pipeline-schedule dualpipe with --mtp-num-layers is not "
-                             "supported: allowed are --pipeline-schedule dualpipev (DeepSeek-V3's "
-                             "choice) or no --mtp-num-layers")
-        if schedule == "dualpipe" and pp % 2:
-            raise ValueError(f"--pipeline-schedule dualpipe needs an even "
-                             f"--pipeline-model-parallel-size (got {pp})")
-    if schedule == "interleaved" and vp is None:
-        raise ValueError("--pipeline-schedule interleaved needs "
-                         "--virtual-pipeline-model-parallel-size")
+    # the layout rules the planner, the converter and the trainer apply (configs/layout.py)
+    if schedule is not None:
+        if schedule in layout_rules.DUALPIPE_SCHEDULES and getattr(
+                args, "num_layers_per_virtual_pipeline_stage", None):
+            raise ValueError(f"--pipeline-schedule {schedule} places its two chunks per rank "
+                             "itself: --num-layers-per-virtual-pipeline-stage must not be set")
+        layout_rules.check_schedule(schedule, pp, mtp=getattr(args, "mtp_num_layers", None),
+                                    vpp=vp, names=layout_rules.MEGATRON_FLAGS, allowed=SCHEDULES)
+    num_layers = getattr(args, "num_layers", None)
+    if schedule in layout_rules.DUALPIPE_SCHEDULES and num_layers:
+        # Megatron checks its own schedules' split; ours places the chunks itself (build_chunks)
+        layout_rules.stage_layer_counts(
+            num_layers, schedule, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
+            getattr(args, "decoder_last_pipeline_num_layers", None),
+            names=layout_rules.MEGATRON_FLAGS)
+    world = getattr(args, "world_size", None)
+    if world is not None:
+        tp = getattr(args, "tensor_model_parallel_size", None) or 1
+        ep = getattr(args, "expert_model_parallel_size", None) or 1
+        layout_rules.check_world_size(world, tp, pp, ep, names=layout_rules.MEGATRON_FLAGS)
     if getattr(args, "dsv3_dispatch_fp8", False) and getattr(args, "dsv3_dispatcher", None) == "local":
         raise ValueError("--dsv3-dispatch-fp8 needs --dsv3-dispatcher node-aware or flat "
                          "(the local dispatcher sends nothing)")
 
 
-def parse_dsv3_args(argv: List[str]):
+def parse_dsv3_args(argv: List[str], world_size: Optional[int] = None):
     """Our flags (and the Megatron flags they depend on) from a command line, validated: used
-    before Megatron starts so mistakes fail at once with our messages."""
+    before Megatron starts so mistakes fail at once with our messages. `world_size` (torchrun's
+    WORLD_SIZE), when given, is checked against the TP x PP x EP flags."""
     parser = argparse.ArgumentParser(prog="megatron_dsv3.pretrain_gpt", add_help=False,
                                      allow_abbrev=False)
     add_dsv3_args(parser)
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    parser.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
-    parser.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    parser.add_argument("--mtp-num-layers", type=int, default=None)
+    types = {flag: allowed for flag, _, allowed in NUMERIC_FLAGS}
+    parser.add_argument("--pipeline-model-parallel-size",
+                        type=types["--pipeline-model-parallel-size"], default=1)
+    for flag in ("--virtual-pipeline-model-parallel-size",
+                 "--num-layers-per-virtual-pipeline-stage", "--mtp-num-layers"):
+        parser.add_argument(flag, type=types[flag], default=None)
+    for flag in ("--tensor-model-parallel-size", "--expert-model-parallel-size", "--num-layers",
+                 "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers"):
+        parser.add_argument(flag, type=positive_int, default=None)
     args, _ = parser.parse_known_args(argv)
+    args.world_size = world_size
     try:
         validate_dsv3_args(args)
     except ValueError as e:
@@ -191,7 +205,8 @@ def _megatron_lm_on_path() -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parse_dsv3_args(argv)  # our errors before Megatron's start-up
+    world = os.environ.get("WORLD_SIZE")
+    parse_dsv3_args(argv, int(world) if world else None)  # our errors before Megatron's start-up
     _megatron_lm_on_path()
     sys.argv = [sys.argv[0]] + list(argv)
     import megatron.core  # noqa: F401  (installed megatron-core wins over the checkout's copy)

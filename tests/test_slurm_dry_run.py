@@ -101,10 +101,16 @@ def test_671b_dry_run_has_deepseek_v3_features_and_v_placement(tmp_path):
     # EP64 over 8 nodes: an expert group of consecutive ranks spans 64 / 8 nodes >= M = 4
     assert int(flag(argv, "--expert-model-parallel-size")) // 8 >= int(
         flag(argv, "--moe-router-group-topk"))
+    # Megatron's uneven split flags reach both the ranks and the planner's placement
+    first, last = (int(flag(argv, "--decoder-first-pipeline-num-layers")),
+                   int(flag(argv, "--decoder-last-pipeline-num-layers")))
+    assert (first, last) == (1, 4)
     table = placement_table(out)
-    expected = StageLayers("dualpipev", 16, 61).table()
+    expected = StageLayers("dualpipev", 16, 61, first, last).table()
     assert {r: c for r, (c, _) in table.items()} == expected
     assert sorted(g for chunks in expected.values() for c in chunks for g in c) == list(range(1, 62))
+    # stage 0: one layer with the embedding; stage 31: none (head + MTP); every other stage two
+    assert expected[0] == [[1], []] and all(len(c) == 2 for r in range(1, 16) for c in expected[r])
     assert "embedding" in table[0][1] and "output_head" in table[0][1] and "mtp" in table[0][1]
 
 

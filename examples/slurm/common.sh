@@ -6,11 +6,43 @@
 # defaults that match the #SBATCH header: DRY_NODES, DRY_GPUS_PER_NODE).
 #
 # Environment knobs: RUN_DIR (checkpoints + logs), DATA_PATH/TOKENIZER_MODEL (real data; else
-# --mock-data), NCCL_SOCKET_IFNAME, NCCL_IB_HCA, MASTER_PORT, PYTHON, DRY_RUN.
+# --mock-data), NCCL_SOCKET_IFNAME, NCCL_IB_HCA, MASTER_PORT, PYTHON, DRY_RUN. Every numeric knob
+# (TP, PP, EP, MTP, SAVE_INTERVAL, MASTER_PORT, DRY_NODES, ...) is checked first by
+# dsv3_check_knobs: "error: NAME=value is invalid: allowed values are ..." and exit 2.
 
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
+
+dsv3_require_int() {  # NAME MIN [MAX]: stop with the allowed values unless $NAME is such an integer
+    local name=$1 min=$2 max=${3:-} value=${!1-}
+    local allowed="integers >= $min"
+    [[ -n "$max" ]] && allowed="integers in [$min, $max]"
+    # digits only (no sign, no spaces, no 1.5, no 1e3), at most 18 so that bash cannot overflow
+    if ! [[ "$value" =~ ^[0-9]{1,18}$ ]] || ((10#$value < min)) \
+        || { [[ -n "$max" ]] && ((10#$value > max)); }; then
+        echo "error: $name=$value is invalid: allowed values are $allowed" >&2
+        exit 2
+    fi
+    printf -v "$name" '%d' "$((10#$value))"  # 08 -> 8: bash arithmetic would read it as octal
+}
+
+dsv3_check_knobs() {  # every number the sbatch file or the environment gives us, before any use
+    local name
+    for name in TP PP EP; do dsv3_require_int "$name" 1; done
+    dsv3_require_int MTP 0
+    SAVE_INTERVAL=${SAVE_INTERVAL:-500}
+    dsv3_require_int SAVE_INTERVAL 1
+    if [[ -n "${VOCAB_SIZE:-}" ]]; then dsv3_require_int VOCAB_SIZE 1; fi
+    if [[ -n "${MASTER_PORT:-}" ]]; then dsv3_require_int MASTER_PORT 1 65535; fi
+    if [[ -n "${SLURM_JOB_ID:-}" ]]; then dsv3_require_int SLURM_JOB_ID 0; fi
+    for name in SLURM_JOB_NUM_NODES SLURM_NNODES GPUS_PER_NODE SLURM_GPUS_ON_NODE; do
+        if [[ -n "${!name:-}" ]]; then dsv3_require_int "$name" 1; fi
+    done
+    for name in DRY_NODES DRY_GPUS_PER_NODE; do  # the #SBATCH header's sizes, for dry runs
+        if [[ "${DRY_RUN:-0}" == "1" || -n "${!name:-}" ]]; then dsv3_require_int "$name" 1; fi
+    done
+}
 
 dsv3_topology() {
     if [[ -n "${SLURM_JOB_NODELIST:-}" && "${DRY_RUN:-0}" != "1" ]]; then
@@ -103,6 +135,7 @@ dsv3_requeue_trap() {
 }
 
 dsv3_main() {
+    dsv3_check_knobs
     dsv3_topology
     dsv3_environment
     dsv3_checkpoint_args

@@ -21,50 +21,41 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
+from megatron_dsv3.checkpoint.errors import reading
 from megatron_dsv3.checkpoint.hf_model import ExportSource, check_hf_checkpoint, write_hf
 from megatron_dsv3.checkpoint.hf_config import config_from_hf, read_hf_config
 from megatron_dsv3.checkpoint.mapping import TensorMap, model_maps, tp_chunks
 from megatron_dsv3.checkpoint.progress import Progress
-from megatron_dsv3.checkpoint.safetensors_io import HFReader, atomic_directory
+from megatron_dsv3.checkpoint.commit import (
+    atomic_directory,
+    check_output_outside_input,
+    open_published,
+)
+from megatron_dsv3.checkpoint.safetensors_io import HFReader
+from megatron_dsv3.configs import layout as layout_rules
 
 HF_CONFIG_FILE = "hf_config.json"  # the source config.json, kept for the way back
 COMMON_FILE = "common.pt"  # megatron.core.dist_checkpointing's non-sharded state
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
 
 
-def _divisors(n: int) -> List[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def check_layout(config, tp: int, pp: int, ep: int, *, schedule: str = "1f1b",
+                 first: Optional[int] = None, last: Optional[int] = None,
+                 vpp: Optional[int] = None) -> None:
+    """LayoutError (a ValueError) naming the field and its allowed values unless the layout can
+    hold the model: the rules of megatron_dsv3.configs.layout, the planner's and the trainer's.
 
-
-def check_layout(config, tp: int, pp: int, ep: int) -> None:
-    """ValueError naming the size and its allowed values unless the TP/PP/EP layout can hold the
-    model (every split dimension divisible, every stage with the same number of layers)."""
-    for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
-                        ("expert_model_parallel_size", ep)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is invalid: allowed values are positive integers")
-    split_by_tp = {"num_attention_heads": config.num_attention_heads,
-                   "ffn_hidden_size": config.ffn_hidden_size, "vocab_size": config.vocab_size,
-                   "hidden_size": config.hidden_size}
-    if config.moe_shared_expert_intermediate_size:
-        split_by_tp["moe_shared_expert_intermediate_size"] = config.moe_shared_expert_intermediate_size
-    for field, size in split_by_tp.items():
-        if size % tp:
-            allowed = [d for d in _divisors(config.num_attention_heads)
-                       if all(v % d == 0 for v in split_by_tp.values())]
-            raise ValueError(f"tensor_model_parallel_size={tp} does not divide {field}={size}; "
-                             f"allowed values: {allowed}")
-    if config.num_layers % pp:
-        raise ValueError(f"pipeline_model_parallel_size={pp} does not divide num_layers="
-                         f"{config.num_layers}; allowed values: {_divisors(config.num_layers)}")
-    if config.num_moe_experts % ep:
-        raise ValueError(f"expert_model_parallel_size={ep} does not divide num_moe_experts="
-                         f"{config.num_moe_experts}; allowed values: "
-                         f"{_divisors(config.num_moe_experts)}")
+    The checkpoint itself does not depend on PP or the schedule (tensors are keyed by global layer
+    numbers, so any pipeline layout loads it); they are checked so that the conversion refuses
+    what the training run would refuse: `schedule` (Megatron's '1f1b' by default, or
+    'interleaved' with `vpp`, 'dualpipe', 'dualpipev') and the uneven split `first` / `last`
+    (Megatron's num_layers_in_first/last_pipeline_stage)."""
+    layout_rules.check_layout(config, tp=tp, pp=pp, ep=ep, schedule=schedule, first=first,
+                              last=last, vpp=vpp, names=layout_rules.FIELDS)
 
 
 # -- HF -> dist ---------------------------------------------------------------------------------
@@ -115,15 +106,19 @@ def _streaming_planner(items, resolve):
 
 def hf_to_dist(hf_path: str, out_path: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
                dtype: torch.dtype = torch.bfloat16, allow_unused: bool = False,
-               overwrite: bool = False, progress: bool = True) -> None:
+               overwrite: bool = False, progress: bool = True, schedule: str = "1f1b",
+               first: Optional[int] = None, last: Optional[int] = None,
+               vpp: Optional[int] = None) -> None:
     """Convert the HF checkpoint at `hf_path` into a Megatron distributed checkpoint at `out_path`
-    laid out for a TP x PP x EP run, parameters in `dtype` (the router stays float32)."""
+    laid out for a TP x PP x EP run, parameters in `dtype` (the router stays float32). The
+    layout (`schedule`, uneven split `first`/`last`, `vpp`) is checked by `check_layout`."""
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
+    check_output_outside_input(hf_path, out_path)
     hf = read_hf_config(hf_path)
     config = config_from_hf(hf, dtype=dtype)
-    check_layout(config, tp, pp, ep)
+    check_layout(config, tp, pp, ep, schedule=schedule, first=first, last=last, vpp=vpp)
     maps = model_maps(config, rope_interleave=hf.get("rope_interleave", True))
     reader = HFReader(hf_path)
     check_hf_checkpoint(reader, maps, config, allow_unused)
@@ -175,15 +170,22 @@ def process_group():
             dist.destroy_process_group()
 
 
+def dist_metadata(path: str) -> Dict[str, Any]:
+    """The tensors (key -> metadata) a distributed checkpoint stores; CheckpointFileError naming
+    its .metadata file when that is missing, truncated or not torch.distributed.checkpoint's."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    with reading(os.path.join(path, ".metadata"), "distributed checkpoint metadata"):
+        return FileSystemReader(path).read_metadata().state_dict_metadata
+
+
 class _DistSource(ExportSource):
     """Our tensors from a distributed checkpoint, loaded in batches of at most `batch_bytes`."""
 
     def __init__(self, path: str, maps: Dict[str, TensorMap], allow_unused: bool,
                  batch_bytes: int):
-        from torch.distributed.checkpoint import FileSystemReader
-
         self.path, self.batch_bytes = path, batch_bytes
-        stored = FileSystemReader(path).read_metadata().state_dict_metadata
+        stored = dist_metadata(path)
         self.keys, self.chunks = {}, {}
         for key in maps:
             md = stored.get(key)
@@ -229,8 +231,9 @@ class _DistSource(ExportSource):
             size += nbytes
             self.cursor += 1
         # a partial read: Megatron's check that the request covers every tensor does not apply
-        loaded = dist_checkpointing.load({f"{k}@{s}": v for (k, s), v in request.items()},
-                                         self.path, validate_access_integrity=False)
+        with reading(self.path, "distributed checkpoint"):
+            loaded = dist_checkpointing.load({f"{k}@{s}": v for (k, s), v in request.items()},
+                                             self.path, validate_access_integrity=False)
         self.cache.update({(k, s): loaded[f"{k}@{s}"] for (k, s) in request})
 
     def fetch(self, key, start, stop):
@@ -248,17 +251,16 @@ def dist_to_hf(dist_path: str, out_path: str, *, hf_config: Optional[Any] = None
     `hf_config` (a config.json path/directory or dict) describes the model; by default the one the
     HF -> dist conversion stored next to the checkpoint. fp8=True writes DeepSeek's FP8 layout.
     """
+    check_output_outside_input(dist_path, out_path)
+    open_published(dist_path)
     if hf_config is None:
         stored = os.path.join(dist_path, HF_CONFIG_FILE)
         if not os.path.isfile(stored):
             raise ValueError(f"{dist_path} has no {HF_CONFIG_FILE}; pass hf_config= (--hf-config) "
                              "with the config.json of the model")
         hf_config = stored
-    from torch.distributed.checkpoint import FileSystemReader
-
     hf = hf_config if isinstance(hf_config, dict) else read_hf_config(hf_config)
-    embedding = FileSystemReader(dist_path).read_metadata().state_dict_metadata.get(
-        "embedding.word_embeddings.weight")
+    embedding = dist_metadata(dist_path).get("embedding.word_embeddings.weight")
     dtype = embedding.properties.dtype if embedding is not None else torch.float32
     config = config_from_hf(hf, dtype=dtype)  # (the dtype written to config.json)
     maps = model_maps(config)

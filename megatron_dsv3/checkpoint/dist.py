@@ -8,6 +8,7 @@ torch.cuda.current_device unconditionally; without CUDA these helpers run them o
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List
 
 from megatron_dsv3.compat import cuda_on_cpu
@@ -27,20 +28,35 @@ def sharded_state_dict(models: List) -> Dict:
     return {f"model{i}": m.sharded_state_dict(metadata=meta) for i, m in enumerate(models)}
 
 
-def save(models: List, path: str) -> None:
-    """Save the model chunks of every rank into the distributed checkpoint `path`."""
+def save(models: List, path: str, overwrite: bool = True) -> None:
+    """Save the model chunks of every rank into the distributed checkpoint `path` (collective).
+
+    Every rank writes into one hidden directory that rank 0 publishes as `path` only once all
+    ranks are done (the commit protocol of megatron_dsv3.checkpoint.commit): an interrupted save
+    never replaces the last good checkpoint."""
+    import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies import filesystem_async, state_dict_saver
 
-    with cuda_on_cpu(filesystem_async, state_dict_saver):
-        dist_checkpointing.save(sharded_state_dict(models), path)
+    from megatron_dsv3.checkpoint.commit import atomic_directory
+
+    writer = dist.get_rank() == 0
+    with atomic_directory(path, overwrite) if writer else contextlib.nullcontext() as tmp:
+        box = [tmp]
+        dist.broadcast_object_list(box, src=0)
+        with cuda_on_cpu(filesystem_async, state_dict_saver):
+            dist_checkpointing.save(sharded_state_dict(models), box[0])
+        dist.barrier()  # every rank's files are in place before rank 0 publishes
+    dist.barrier()  # and every rank returns once it is published
 
 
 def load(models: List, path: str) -> None:
     """Fill this rank's model chunks from the distributed checkpoint `path` (any layout)."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(sharded_state_dict(models), path)
+    from megatron_dsv3.checkpoint.commit import open_published
+
+    state = dist_checkpointing.load(sharded_state_dict(models), open_published(path))
     if len(models) == 1:
         models[0].load_state_dict(state)
     else:

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from megatron_dsv3.checkpoint.errors import CheckpointFileError, reading
 from megatron_dsv3.configs import DeepSeekV3Config, get_config
 
 # DeepSeek's FP8 release: E4M3 weights, one float32 `weight_scale_inv` per 128x128 block.
@@ -24,14 +25,38 @@ FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant
                            "weight_block_size": [128, 128]}
 
 
+# The config.json fields without a default: each sets the shape of weights.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                   "v_head_dim", "n_routed_experts", "moe_intermediate_size",
+                   "num_experts_per_tok")
+
+
 def read_hf_config(path: str) -> Dict[str, Any]:
-    """config.json of an HF checkpoint directory (or the path of a config.json itself)."""
+    """config.json of an HF checkpoint directory (or the path of a config.json itself);
+    CheckpointFileError naming the file when it is not JSON or lacks a required field."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise ValueError(f"no HF config at {file!r}: expected a checkpoint directory holding "
                          "config.json, or the path of a config.json")
-    with open(file) as f:
-        return json.load(f)
+    with reading(file, "HF config"):
+        with open(file) as f:
+            hf = json.load(f)
+    if not isinstance(hf, dict):
+        raise CheckpointFileError(file, f"is not an HF config: expected a JSON object, found a "
+                                        f"{type(hf).__name__}")
+    if missing_fields(hf):
+        raise CheckpointFileError(file, missing_fields(hf))
+    return hf
+
+
+def missing_fields(hf: Dict[str, Any]) -> str:
+    """'' or what the config lacks of REQUIRED_FIELDS: "lacks the required field F (and ...)"."""
+    missing = [k for k in REQUIRED_FIELDS if hf.get(k) is None]
+    if not missing:
+        return ""
+    return (f"lacks the required field {missing[0]}"
+            + (f" (and {', '.join(missing[1:])})" if missing[1:] else ""))
 
 
 def _refuse(field: str, value: Any, allowed: str, why: str = "") -> None:
@@ -124,6 +149,8 @@ def _rope_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
 
 def config_fields_from_hf(hf: Dict[str, Any]) -> Dict[str, Any]:
     """The DeepSeekV3Config fields (and `first_k_dense_replace`) an HF config.json sets."""
+    if missing_fields(hf):
+        raise ValueError(f"HF config {missing_fields(hf)}")
     _check_supported(hf)
     experts = hf["n_routed_experts"]
     shared = hf.get("n_shared_experts") or 0

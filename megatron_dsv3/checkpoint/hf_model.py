@@ -26,13 +26,15 @@ from megatron_dsv3.checkpoint.hf_config import (
     config_to_hf,
     read_hf_config,
 )
+from megatron_dsv3.checkpoint.errors import writing
 from megatron_dsv3.checkpoint.mapping import TensorMap, mirror_names, model_maps
 from megatron_dsv3.checkpoint.progress import Progress
+from megatron_dsv3.checkpoint.commit import atomic_directory
 from megatron_dsv3.checkpoint.safetensors_io import (
+    INDEX_FILE,
     SCALE_SUFFIX,
     HFReader,
     ShardedSafetensorsWriter,
-    atomic_directory,
     block_grid,
 )
 
@@ -42,6 +44,11 @@ __all__ = ["config_from_hf", "config_to_hf", "load_hf", "save_hf", "write_hf", "
 # Fields of config_fields_from_hf that do not change any weight (checked: everything else).
 _NOT_ARCHITECTURE = {"init_method_std", "max_position_embeddings", "mtp_num_layers",
                      "first_k_dense_replace"}
+
+
+def is_weight_file(name: str) -> bool:
+    """The files of an HF checkpoint its manifest covers: shards and their index."""
+    return name.endswith(".safetensors") or name == INDEX_FILE
 
 
 # -- the model side -------------------------------------------------------------------------------
@@ -222,7 +229,8 @@ def write_hf(source: ExportSource, config, path: str, *, fp8: bool = True,
     quantised = {t.name for m in maps.values() for t in m.hf_tensors() if fp8 and t.fp8}
     bar = Progress(label, sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size()
                               for _, d, s in plan), enabled=progress)
-    with atomic_directory(path, overwrite) as tmp:
+    # the manifest covers the weights: config.json and tokenizer files are the user's to edit
+    with atomic_directory(path, overwrite, covers=is_weight_file) as tmp:
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes)
         try:
             for key, m in maps.items():
@@ -242,9 +250,9 @@ def write_hf(source: ExportSource, config, path: str, *, fp8: bool = True,
         except BaseException:
             writer.abort()
             raise
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config_to_hf(config, base_config, fp8=fp8, rope_interleave=rope_interleave),
-                      f, indent=2)
+        hf_config = config_to_hf(config, base_config, fp8=fp8, rope_interleave=rope_interleave)
+        with writing(os.path.join(tmp, "config.json")) as file, open(file, "w") as f:
+            json.dump(hf_config, f, indent=2)
     bar.close()
 
 

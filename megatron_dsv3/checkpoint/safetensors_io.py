@@ -2,13 +2,17 @@
 
 Reads open a shard only for the tensor being read (`safe_open` memory-maps it; closing unmaps it),
 so resident memory stays at the tensors in flight. FP8 weights are dequantised on read from their
-`weight_scale_inv` blocks (dequantised = block * scale_inv), also for a region of the tensor.
+`weight_scale_inv` blocks (dequantised = block * scale_inv), also for a region of the tensor;
+block scales must be float32/bfloat16, finite and > 0 on the 128x128 grid (an int32 or NaN scale
+would silently give zero or NaN weights). A short, truncated or malformed shard or index is a
+CheckpointFileError naming the file (and tensor).
 
 Writes stream: every shard's header (names, dtypes, shapes, offsets) is known from the plan before
 the first byte, so each tensor goes to disk as soon as it is produced (safetensors format: 8-byte
 little-endian header length, JSON header padded to 8 bytes, then the tensors' bytes back to back).
 Everything is written into a hidden sibling directory that replaces the destination only once
-complete; an interrupted or failed write never replaces the last good checkpoint.
+complete; an interrupted or failed write never replaces the last good checkpoint, and a full
+disk is reported as "no space left on device while writing <shard>" with the partial shard removed.
 """
 
 from __future__ import annotations
@@ -17,14 +21,14 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import struct
-import uuid
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
 
+from megatron_dsv3.checkpoint.commit import open_published
+from megatron_dsv3.checkpoint.errors import CheckpointFileError, reading, writing
 from megatron_dsv3.checkpoint.mapping import Region, full_region
 from megatron_dsv3.fp8.quant import BLOCK, dequantize_128x128
 
@@ -37,14 +41,50 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_SIZES = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
+SCALE_DTYPES = (torch.float32, torch.bfloat16)  # what a weight_scale_inv may be stored as
 
 
 def read_header(file: str) -> Dict[str, dict]:
-    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets)."""
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets).
+    CheckpointFileError naming the file when it is too short, truncated or not safetensors."""
+    with reading(file, "safetensors shard"):
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            if size < 8:
+                raise CheckpointFileError(file, f"is too short to be a safetensors file: {size} "
+                                                "bytes, fewer than the 8-byte header length")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise CheckpointFileError(file, f"is truncated: its header length says {n} bytes "
+                                                f"but only {size - 8} follow")
+            header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise CheckpointFileError(file, "is not a safetensors file: its header is not a JSON "
+                                        "object")
     header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        try:
+            start, stop = entry["data_offsets"]
+            known = entry["dtype"] in DTYPES
+            elements = math.prod(entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointFileError(file, "has no dtype, shape and data_offsets in the "
+                                            "safetensors header", name) from None
+        if not known:
+            raise CheckpointFileError(file, f"has the unknown dtype {entry['dtype']!r}: allowed "
+                                            f"are {sorted(DTYPES)}", name)
+        if stop - start != elements * DTYPE_SIZES[entry["dtype"]]:
+            raise CheckpointFileError(file, f"has data_offsets {[start, stop]} that do not hold a "
+                                            f"{entry['dtype']} {entry['shape']} tensor", name)
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise CheckpointFileError(
+            file, f"is truncated: its header describes {end} bytes of tensor data but it holds "
+                  f"{size - 8 - n}" if 8 + n + end > size else
+                  f"is corrupt: {size - 8 - n - end} bytes follow the tensor data its header "
+                  "describes")
     return header
 
 
@@ -57,12 +97,20 @@ class HFReader:
     model.safetensors). Errors name the tensor and the file."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path = open_published(path)
         index = os.path.join(path, INDEX_FILE)
         if os.path.isfile(index):
             self.index_file = index
-            with open(index) as f:
-                self.weight_map: Dict[str, str] = json.load(f)["weight_map"]
+            with reading(index, "safetensors index"):
+                with open(index) as f:
+                    parsed = json.load(f)
+            weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointFileError(index, "is not a safetensors index: expected a JSON "
+                                                 "object with a \"weight_map\" of tensor name -> "
+                                                 "shard file")
+            self.weight_map: Dict[str, str] = weight_map
         elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
             self.index_file = os.path.join(path, SINGLE_FILE)
             self.weight_map = {k: SINGLE_FILE for k in read_header(self.index_file)}
@@ -70,6 +118,7 @@ class HFReader:
             raise ValueError(f"{path!r} holds no HF checkpoint: expected {INDEX_FILE} or "
                              f"{SINGLE_FILE}")
         self._headers: Dict[str, Dict[str, dict]] = {}
+        self._scales_checked: set = set()
 
     # -- metadata -----------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -108,7 +157,7 @@ class HFReader:
 
     def check(self, name: str, shape: Sequence[int]) -> None:
         """ValueError naming tensor and file unless `name` exists with `shape` (and, for an FP8
-        weight, a scale_inv with one float per 128x128 block)."""
+        weight, a scale_inv with one finite, positive float32/bfloat16 per 128x128 block)."""
         found = self.shape(name)
         if found != tuple(shape):
             raise ValueError(f"tensor {name} in {self.file_of(name)} has shape {list(found)}; the "
@@ -118,23 +167,44 @@ class HFReader:
         if self.has(scale):
             grid = block_grid(shape) if len(shape) == 2 else None
             if grid is None or self.shape(scale) != grid:
-                raise ValueError(
-                    f"tensor {scale} in {self.file_of(scale)} has shape {list(self.shape(scale))}; "
-                    f"a {list(shape)} weight in 128x128 blocks needs {list(grid or ())}")
+                raise CheckpointFileError(
+                    self.file_of(scale), f"has shape {list(self.shape(scale))}; a {list(shape)} "
+                    f"weight in 128x128 blocks needs {list(grid or ())}", scale)
+            if self.dtype(scale) not in SCALE_DTYPES:
+                raise CheckpointFileError(
+                    self.file_of(scale), f"is stored as {self.dtype(scale)}; block scales must be "
+                    "float32 or bfloat16 (dequantised = block * scale_inv)", scale)
             if not fp8_dtype:
                 raise ValueError(f"tensor {name} in {self.file_of(name)} has a {scale} but is "
                                  f"stored as {self.dtype(name)}, not FP8")
+            self._check_scale_values(scale)
         elif fp8_dtype:
             raise ValueError(f"FP8 tensor {name} in {self.file_of(name)} has no {scale}: "
                              "without its block scales the weight cannot be dequantised")
+
+    def _check_scale_values(self, scale: str) -> None:
+        """Every block scale finite and > 0 (a NaN, infinite, zero or negative scale_inv turns
+        its 128x128 block into NaN, zeros or sign-flipped weights). Read once per tensor."""
+        if scale in self._scales_checked:
+            return
+        values = self._slice(scale, full_region(self.shape(scale))).float()
+        bad = ~(torch.isfinite(values) & (values > 0))
+        if bad.any():
+            block = [int(i) for i in bad.nonzero()[0]]
+            raise CheckpointFileError(
+                self.file_of(scale), f"holds {int(bad.sum())} block scale(s) that are not finite "
+                f"and > 0, e.g. {values[tuple(block)].item()} at block {block}; the weight would "
+                "dequantise to NaN, zeros or flipped signs", scale)
+        self._scales_checked.add(scale)
 
     # -- data ---------------------------------------------------------------------------------
     def _slice(self, name: str, region: Region) -> torch.Tensor:
         file = self.file_of(name)
         self._entry(name)  # a missing shard is reported by name
-        with safe_open(file, framework="pt") as f:
-            piece = f.get_slice(name)
-            return piece[region] if region else f.get_tensor(name)
+        with reading(file, "safetensors shard", tensor=name):
+            with safe_open(file, framework="pt") as f:
+                piece = f.get_slice(name)
+                return piece[region] if region else f.get_tensor(name)
 
     def read(self, name: str, region: Optional[Region] = None) -> torch.Tensor:
         """Tensor `name` (or a rectangular region of it); FP8 weights come back dequantised in
@@ -152,47 +222,6 @@ class HFReader:
         scale = self._slice(name + SCALE_SUFFIX, (slice(r0 // BLOCK, math.ceil(r1 / BLOCK)),
                                                   slice(c0 // BLOCK, math.ceil(c1 / BLOCK))))
         return dequantize_128x128(q, scale)[a - r0:b - r0, c - c0:d - c0]
-
-
-# -- atomic directories -----------------------------------------------------------------------
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str, overwrite: bool = True) -> Iterator[str]:
-    """Yield a hidden temporary sibling of `path` to write into; on success it becomes `path`.
-
-    On an exception the temporary directory is removed and `path` is untouched. An existing `path`
-    is replaced only after the new one is complete (renamed aside, then removed); with
-    overwrite=False an existing `path` is an error before anything is written.
-    """
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.incomplete-{tag}")
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(path):
-        old = os.path.join(parent, f".{os.path.basename(path)}.replaced-{tag}")
-        os.rename(path, old)
-    os.rename(tmp, path)
-    _fsync_dir(parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- streaming safetensors writer ---------------------------------------------------------------
@@ -235,14 +264,16 @@ class ShardedSafetensorsWriter:
         header["__metadata__"] = {"format": "pt"}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * ((-len(blob)) % 8)
-        self._file = open(os.path.join(self.directory, self.files[i]), "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        with writing(os.path.join(self.directory, self.files[i])) as file:
+            self._file = open(file, "wb")
+            self._file.write(struct.pack("<Q", len(blob)) + blob)
 
     def _close_shard(self) -> None:
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            with writing(self._file.name):  # (on failure the caller's abort() removes the shard)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
             self._file = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -252,11 +283,16 @@ class ShardedSafetensorsWriter:
         if name != planned or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"tensor {name} {tensor.dtype} {list(tensor.shape)} written where the "
                              f"plan expects {planned} {dtype} {list(shape)}")
-        if self._next == 0 or self._order[self._next - 1][0] != shard:
-            self._close_shard()
-            self._open_shard(shard)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._file.write(data.view(torch.uint8).numpy().data)  # no copy: the buffer itself
+        try:
+            if self._next == 0 or self._order[self._next - 1][0] != shard:
+                self._close_shard()
+                self._open_shard(shard)
+            data = tensor.detach().to("cpu").contiguous().reshape(-1)
+            with writing(self._file.name):
+                self._file.write(data.view(torch.uint8).numpy().data)  # no copy: the buffer itself
+        except BaseException:
+            self.abort()  # (a failed write leaves no partial shard)
+            raise
         self._next += 1
 
     def finish(self) -> None:
@@ -265,12 +301,20 @@ class ShardedSafetensorsWriter:
             missing = self._order[self._next][1][0]
             raise ValueError(f"checkpoint incomplete: tensor {missing} and "
                              f"{len(self._order) - self._next - 1} more were never written")
-        self._close_shard()
-        with open(os.path.join(self.directory, INDEX_FILE), "w") as f:
+        try:
+            self._close_shard()
+        except BaseException:
+            self.abort()
+            raise
+        with writing(os.path.join(self.directory, INDEX_FILE)) as file, open(file, "w") as f:
             json.dump({"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map},
                       f, indent=2)
 
     def abort(self) -> None:
+        """Close the shard being written and remove it (it is incomplete)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with contextlib.suppress(OSError):
+                file.close()
+            with contextlib.suppress(OSError):
+                os.remove(file.name)

@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
+from megatron_dsv3.liveness import group_timeout
+
 ENV_RANKS_PER_NODE = "MEGATRON_DSV3_RANKS_PER_NODE"
 LANES = 2  # 0: forward passes, 1: backward passes
 _LANE = threading.local()
@@ -165,10 +167,11 @@ def initialize_dispatch_groups(ep_group=None, rpn: Optional[int] = None) -> None
         key = ranks + (L,)
         if key not in _COLLECTIVE_GROUPS:
             rails, nodes = _rails_and_nodes(list(ranks), L, N)
+            t = group_timeout()  # new_group does not inherit the default group's timeout
             _COLLECTIVE_GROUPS[key] = (
-                [LaneGroups([dist.new_group(r) for _ in range(LANES)]) for r in rails],
-                [LaneGroups([dist.new_group(n) for _ in range(LANES)]) for n in nodes],
-                [dist.new_group(list(ranks)) for _ in range(LANES - 1)])
+                [LaneGroups([dist.new_group(r, timeout=t) for _ in range(LANES)]) for r in rails],
+                [LaneGroups([dist.new_group(n, timeout=t) for _ in range(LANES)]) for n in nodes],
+                [dist.new_group(list(ranks), timeout=t) for _ in range(LANES - 1)])
 
 
 def _own_groups(ranks: List[int], L: int, N: int, me: int) -> Tuple[list, list, list]:
@@ -176,13 +179,15 @@ def _own_groups(ranks: List[int], L: int, N: int, me: int) -> Tuple[list, list, 
     created by their members only: every rail is created by its members before any node group,
     so the member-local barriers cannot wait on each other."""
     rails, nodes = _rails_and_nodes(ranks, L, N)
-    rail = LaneGroups([dist.new_group(rails[me % L], use_local_synchronization=True)
+    t = group_timeout()  # new_group does not inherit the default group's timeout
+    rail = LaneGroups([dist.new_group(rails[me % L], timeout=t, use_local_synchronization=True)
                        for _ in range(LANES)])
-    node = LaneGroups([dist.new_group(nodes[me // L], use_local_synchronization=True)
+    node = LaneGroups([dist.new_group(nodes[me // L], timeout=t, use_local_synchronization=True)
                        for _ in range(LANES)])
     own_rails = [rail if l == me % L else None for l in range(L)]
     own_nodes = [node if n == me // L else None for n in range(N)]
-    ep_lanes = [dist.new_group(ranks, use_local_synchronization=True) for _ in range(LANES - 1)]
+    ep_lanes = [dist.new_group(ranks, timeout=t, use_local_synchronization=True)
+                for _ in range(LANES - 1)]
     return own_rails, own_nodes, ep_lanes
 
 

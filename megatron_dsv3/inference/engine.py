@@ -28,7 +28,12 @@ import torch
 from megatron_dsv3.inference.cache import LatentCache
 from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
 from megatron_dsv3.inference.parallel import lockstep_for
-from megatron_dsv3.inference.sampling import SamplingParams, make_generator, sample_next
+from megatron_dsv3.inference.sampling import (
+    SamplingParams,
+    check_finite_logits,
+    make_generator,
+    sample_next,
+)
 from megatron_dsv3.inference.speculative import speculative_step
 from megatron_dsv3.pipeline.overlap import StepTrace, run_on_two_lanes
 
@@ -225,6 +230,7 @@ class InferenceEngine:
     def _prefill(self, st: _State, speculative: bool) -> TokenEvent:
         prompt = list(st.request.prompt)
         logits, hidden = self.decoder.forward([Chunk(st.key, prompt, 0)])
+        check_finite_logits(logits[:, -1:], [st.index], [len(prompt) - 1], "prefill")
         st.length = len(prompt)
         first = sample_next(logits[0, -1], st.request.sampling, st.generator)
         if speculative:
@@ -274,7 +280,7 @@ class InferenceEngine:
             self.decoder.idle(mtp=speculative)  # nothing to decode here this step
             return [[] for _ in running]
         if speculative:
-            return speculative_step(self.decoder, running, stats)
+            return speculative_step(self.decoder, running, stats, f"decode step {self._step - 1}")
         return self._decode_step(running, stats)
 
     def _decode_step(self, running: List[_State], stats: GenerationStats) -> List[List[int]]:
@@ -283,6 +289,8 @@ class InferenceEngine:
             return [[] for _ in running]
         logits, _ = self.decoder.forward([Chunk(st.key, [st.pending], st.length)
                                           for st in active])
+        check_finite_logits(logits, [st.index for st in active], [st.length for st in active],
+                            f"decode step {self._step - 1}")
         out = {}
         for i, st in enumerate(active):
             st.length += 1

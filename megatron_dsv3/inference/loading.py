@@ -16,6 +16,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from megatron_dsv3.checkpoint.errors import CheckpointFileError, reading
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -49,10 +51,19 @@ def hf_tokenizer(path: str) -> Tokenizer:
 
 
 def trainer_checkpoint_file(path: str) -> Optional[str]:
-    for candidate in (os.path.join(path, "rank0.pt"), os.path.join(path, "checkpoint", "rank0.pt")):
-        if os.path.isfile(candidate):
-            return candidate
-    return None
+    """rank0.pt of the trainer checkpoint `path` means (a checkpoint directory, a checkpoint
+    root, or a run directory: its latest published checkpoint), verified against its manifest;
+    None when `path` holds no trainer checkpoint."""
+    from megatron_dsv3.checkpoint.commit import resolve_checkpoint, verify_manifest
+
+    try:
+        directory = resolve_checkpoint(path)
+    except CheckpointFileError:  # a tracker naming a missing directory: say so
+        raise
+    except ValueError:  # nothing of ours there
+        return None
+    verify_manifest(directory, checksum=["rank0.pt"], required=False)
+    return os.path.join(directory, "rank0.pt")
 
 
 def load_trainer_checkpoint(file: str, dtype: Optional[torch.dtype] = None):
@@ -61,8 +72,11 @@ def load_trainer_checkpoint(file: str, dtype: Optional[torch.dtype] = None):
     from megatron_dsv3.model import build_model
 
     try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as error:  # truncated or foreign file
+        with reading(file, "trainer checkpoint"):  # empty, truncated, not torch.save's
+            state = torch.load(file, map_location="cpu", weights_only=False)
+    except CheckpointFileError:
+        raise
+    except Exception as error:  # a foreign pickle (classes we do not have, ...)
         raise CheckpointError(f"{file} is not a readable trainer checkpoint: {error}") from error
     if not isinstance(state, dict) or "models" not in state or "args" not in state:
         raise CheckpointError(f"{file} is not a trainer checkpoint: expected a dict with 'models' "
@@ -122,7 +136,7 @@ def load_for_generation(path: str, dtype: Optional[torch.dtype] = None, device=N
         if file is None:
             raise CheckpointError(
                 f"{path} is neither an HF checkpoint (no config.json) nor a trainer checkpoint "
-                "(no rank0.pt or checkpoint/rank0.pt)")
+                "(no rank0.pt, checkpoints/latest.json or checkpoint/rank0.pt)")
         model = load_trainer_checkpoint(file, dtype)
         if model.config.vocab_size != 256:
             raise CheckpointError(f"{file}: the trainer checkpoint's vocabulary is "

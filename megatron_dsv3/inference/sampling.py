@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -46,6 +46,27 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model produced NaN or infinite logits: no token can be chosen from them (its weights or
+    activations hold NaN/inf, e.g. a checkpoint with broken scales, or an overflow)."""
+
+
+def check_finite_logits(logits: torch.Tensor, requests: Sequence[int], positions: Sequence[int],
+                        step: str) -> None:
+    """NonFiniteLogitsError naming the step, the request and the position unless every logit is
+    finite. logits [b, t, V]: row i is request `requests[i]` (its index in the caller's list) at
+    positions positions[i] .. positions[i] + t - 1. One reduction when all are finite."""
+    finite = torch.isfinite(logits)
+    if bool(finite.all()):
+        return
+    row, t = (int(x) for x in (~finite).any(-1).nonzero()[0])  # the first bad (request, position)
+    value = logits[row, t][~finite[row, t]][0].item()
+    raise NonFiniteLogitsError(
+        f"{step}: request {requests[row]} has non-finite logits ({value}) at position "
+        f"{positions[row] + t}; refusing to choose a token from them (the model's weights or "
+        "activations hold NaN or infinity)")
 
 
 def make_generator(params: SamplingParams, device) -> Optional[torch.Generator]:

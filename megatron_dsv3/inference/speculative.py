@@ -21,16 +21,20 @@ from typing import List
 import torch
 
 from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
+from megatron_dsv3.inference.sampling import check_finite_logits
 
 
-def speculative_step(decoder: LatentDecoder, running: List, stats) -> List[List[int]]:
+def speculative_step(decoder: LatentDecoder, running: List, stats,
+                     step: str = "decode step") -> List[List[int]]:
     """One verify-and-draft step over the running requests (engine._State objects); returns the
-    tokens each produced (before stop conditions) and counts forwards and drafts in `stats`."""
+    tokens each produced (before stop conditions) and counts forwards and drafts in `stats`.
+    Non-finite main-model logits raise NonFiniteLogitsError naming `step`, request and position."""
     active = [st for st in running if not st.finish_reason]
     if not active:
         return [[] for _ in running]
     logits, hidden = decoder.forward([Chunk(st.key, [st.pending, st.draft], st.length)
                                       for st in active])
+    check_finite_logits(logits, [st.index for st in active], [st.length for st in active], step)
     greedy = torch.argmax(logits, dim=-1).tolist()                   # [b, 2]
     produced, mtp_chunks = {}, []
     for i, st in enumerate(active):

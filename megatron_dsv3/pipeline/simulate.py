@@ -6,7 +6,8 @@
 Each rank executes its operation list in order; an operation starts when its rank is free and its
 inputs exist (the previous stage's forward of that micro-batch, the next stage's backward).
 Durations: F forward chunk, B full backward chunk (input and weight gradients), W weight-gradient
-part (a zero-bubble B without it takes B - W), FB an overlapped forward+backward pair. Reported:
+part (a zero-bubble B without it takes B - W), FB an overlapped forward+backward pair; the
+command line takes F, B, FB > 0 and 0 <= W <= B (so no operation runs backwards in time). Reported:
 per-rank timeline, total time, bubble (idle time of a rank: total time minus its busy time, as in
 DeepSeek's table), and peak in-flight activations (forwards whose backward has not run, in units
 of one chunk's activations for one micro-batch).
@@ -20,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
+from megatron_dsv3.cli import non_negative_float, positive_float, positive_int
 from megatron_dsv3.pipeline.schedules import SCHEDULES, Layout, Op, build, layout, neighbours
 
 
@@ -173,16 +175,26 @@ def plot(result: Dict, path: str) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--schedule", required=True, choices=SCHEDULES)
-    p.add_argument("--pp", type=int, required=True, help="pipeline ranks (devices)")
-    p.add_argument("--microbatches", type=int, required=True)
-    p.add_argument("--chunks", type=int, default=2, help="model chunks per rank (interleaved)")
-    p.add_argument("--F", type=float, default=1.0)
-    p.add_argument("--B", type=float, default=2.0)
-    p.add_argument("--W", type=float, default=1.0)
-    p.add_argument("--FB", type=float, default=2.5)
+    p.add_argument("--pp", type=positive_int, required=True,
+                   help="pipeline ranks (devices), integer >= 1")
+    p.add_argument("--microbatches", type=positive_int, required=True,
+                   help="micro-batches per step, integer >= 1 (schedules add their own rules)")
+    p.add_argument("--chunks", type=positive_int, default=2,
+                   help="model chunks per rank (interleaved), integer >= 1")
+    p.add_argument("--F", type=positive_float, default=1.0,
+                   help="forward chunk time, > 0 (default 1)")
+    p.add_argument("--B", type=positive_float, default=2.0,
+                   help="full backward chunk time, > 0 (default 2)")
+    p.add_argument("--W", type=non_negative_float, default=1.0,
+                   help="weight-gradient part of B, in [0, B] (default 1; 0 = none deferred)")
+    p.add_argument("--FB", type=positive_float, default=2.5,
+                   help="overlapped forward+backward pair time, > 0 (default 2.5)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None)
     a = p.parse_args(argv)
+    if a.W > a.B:  # a zero-bubble backward without W takes B - W: it would run backwards in time
+        p.error(f"argument --W: {a.W:g} is invalid: allowed values are numbers in [0, --B] = "
+                f"[0, {a.B:g}] (W is the weight-gradient part of the backward B)")
     try:
         res = simulate(a.schedule, a.pp, a.microbatches, Times(a.F, a.B, a.W, a.FB), a.chunks)
     except ValueError as e:

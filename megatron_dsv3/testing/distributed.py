@@ -4,15 +4,19 @@
 
 `fn(rank, world_size, *args)` runs in every process after init_process_group; its return values
 come back as a list indexed by rank. A failure on any rank raises here with that rank's traceback;
-a rank that hangs is killed after `timeout` seconds, so a test never deadlocks CI.
+a rank that hangs is killed after `timeout` seconds (collectives and the rendezvous time out then
+too), and once one rank has failed the others get FAILED_RANK_GRACE_S seconds, so a test never
+deadlocks CI and a failure is reported in seconds, not minutes.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -25,7 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, env, out_dir, megatron_parallel):
+def _worker(rank, world_size, port, fn, args, env, out_dir, megatron_parallel, timeout):
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -39,11 +43,12 @@ def _worker(rank, world_size, port, fn, args, env, out_dir, megatron_parallel):
     result: Dict[str, Any]
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size)
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
         if megatron_parallel is not None:
             from megatron.core import parallel_state
 
-            parallel_state.initialize_model_parallel(**megatron_parallel)
+            parallel_state.initialize_model_parallel(
+                **{"distributed_timeout_minutes": max(1, round(timeout / 60)), **megatron_parallel})
         result = {"ok": True, "value": fn(rank, world_size, *args)}
     except BaseException:  # report everything, including assertion failures
         result = {"ok": False, "error": traceback.format_exc()}
@@ -54,6 +59,33 @@ def _worker(rank, world_size, port, fn, args, env, out_dir, megatron_parallel):
             dist.destroy_process_group()
     except Exception:
         pass
+
+
+FAILED_RANK_GRACE_S = 20.0  # after one rank failed, how long the others get to finish
+
+
+def _failed(rank: int, proc, out_dir: str) -> bool:
+    """Rank `rank` has ended without success (an exception or a crash)."""
+    if proc.exitcode is None:
+        return False
+    path = os.path.join(out_dir, f"rank{rank}.pkl")
+    if not os.path.exists(path):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return not pickle.load(f)["ok"]
+    except Exception:  # being written
+        return False
+
+
+def _wait(procs, out_dir: str, timeout: float) -> None:
+    """Until every process ended, `timeout` passed, or FAILED_RANK_GRACE_S after a rank failed
+    (its peers would otherwise wait in a collective or a rendezvous for minutes)."""
+    deadline = time.monotonic() + timeout
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        if any(_failed(r, p, out_dir) for r, p in enumerate(procs)):
+            deadline = min(deadline, time.monotonic() + FAILED_RANK_GRACE_S)
+        time.sleep(0.1)
 
 
 def run_distributed(fn: Callable, world_size: int, args: Sequence = (),
@@ -68,12 +100,12 @@ def run_distributed(fn: Callable, world_size: int, args: Sequence = (),
     port = _free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args),
-                                                   dict(env or {}), out_dir, megatron_parallel))
+                                                   dict(env or {}), out_dir, megatron_parallel,
+                                                   timeout))
                  for r in range(world_size)]
         for p in procs:
             p.start()
-        for p in procs:
-            p.join(timeout)
+        _wait(procs, out_dir, timeout)
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
         for p in procs:
             if p.is_alive():

@@ -48,7 +48,13 @@ class TrainArgs:
     log_interval: int = 10
     save_dir: Optional[str] = "runs/tiny"
     save_interval: int = 0
+    # "auto" (the CLI's bare --resume): save_dir's latest checkpoint; or a checkpoint directory,
+    # a checkpoint root or a run directory. Writing into a run directory that already holds a run
+    # needs resume or overwrite.
     resume: Optional[str] = None
+    overwrite: bool = False  # start over in a used save_dir (old checkpoints kept until replaced)
+    keep_checkpoints: int = 2  # published checkpoints kept in save_dir/checkpoints
+    skip_nonfinite_steps: bool = False  # skip (and count) steps with a non-finite loss or gradient
     exit_interval: int = 0  # like Megatron's --exit-interval: save and stop at a multiple of it
     cache_dir: str = "runs/cache"
     corpus_bytes: int = 8 << 20
@@ -66,12 +72,24 @@ class TrainArgs:
     # DualPipeV F&B pairs in two threads: one's all-to-alls in flight while the other computes
     overlap_pairs: bool = False
     trace_step: int = 0  # pp > 1: this step's F/B and all-to-all timeline (json, png) to save_dir
+    # liveness (megatron_dsv3.liveness): a rank that makes no progress for this many seconds ends
+    # the job with a message naming it (0 = off); checkpoint saves and the first step get
+    # watchdog_save_timeout (0 = 3 x watchdog_timeout); collectives time out after
+    # collective_timeout_minutes (0 = torch's default, 30 min for gloo)
+    watchdog_timeout: float = 300.0
+    watchdog_save_timeout: float = 0.0
+    collective_timeout_minutes: float = 10.0
     config_overrides: Dict = dataclasses.field(default_factory=dict)
 
 
-def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1):
+def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, timeout_minutes: float = 10.0):
     """torch.distributed from torchrun's environment (a one-rank gloo world without it) and
-    Megatron's parallel_state with the given sizes, if not set up yet."""
+    Megatron's parallel_state with the given sizes, if not set up yet. Collectives time out after
+    `timeout_minutes` (0: torch's default); Megatron's groups get the default group's timeout
+    (dist.new_group would give them torch's default, not the default group's)."""
+    from megatron_dsv3.liveness import collective_timeout
+
+    timeout = collective_timeout(timeout_minutes)
     if not dist.is_initialized():
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
@@ -80,26 +98,43 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1):
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, rank=int(os.environ.get("RANK", "0")), world_size=world)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                                 pipeline_model_parallel_size=pp,
-                                                 expert_model_parallel_size=ep)
+        dist.init_process_group(backend, rank=int(os.environ.get("RANK", "0")), world_size=world,
+                                timeout=timeout)
+    _init_megatron(timeout, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                   expert_model_parallel_size=ep)
 
 
-def init_single_process() -> None:
+def _init_megatron(timeout, **sizes) -> None:
+    """parallel_state.initialize_model_parallel (if not done yet) with every group on the default
+    group's timeout (or `timeout`): Megatron's argument covers its groups but one (0.16.1 makes
+    EXPERT_DATA_PARALLEL_GROUP_GLOO without it), which gets it afterwards."""
+    from megatron_dsv3.liveness import align_group_timeouts, group_timeout
+
+    if parallel_state.model_parallel_is_initialized():
+        return
+    timeout = group_timeout() or timeout
+    if timeout:
+        sizes["distributed_timeout_minutes"] = timeout.total_seconds() / 60
+    parallel_state.initialize_model_parallel(**sizes)
+    align_group_timeouts(getattr(parallel_state, "_global_process_group_list", None) or [])
+
+
+def init_single_process(timeout_minutes: float = 10.0) -> None:
     """A one-rank gloo world on a free local port and Megatron's parallel_state with all sizes 1
-    (what building our modules needs outside a launcher), if not set up yet."""
+    (what building our modules needs outside a launcher), if not set up yet; collectives time out
+    after `timeout_minutes` (0: torch's default)."""
     import socket
 
+    from megatron_dsv3.liveness import collective_timeout
+
+    timeout = collective_timeout(timeout_minutes)
     if not dist.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+                                world_size=1, timeout=timeout)
+    _init_megatron(timeout)
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -132,32 +167,36 @@ def expert_loads(models, group) -> List[Dict]:
     return stats
 
 
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss or gradient (names the step)."""
+
+
 class Trainer:
     def __init__(self, args: TrainArgs, log=print):
         from megatron_dsv3.configs import get_config
         from megatron_dsv3.model import build_model
         from megatron_dsv3.training.data import build_indexed_corpus, build_train_dataset
+        from megatron_dsv3.configs.layout import check_world_size
+        from megatron_dsv3.training.validation import validate_train_args
         from megatron_dsv3.training.zero import ZeroOneOptimizer
 
+        validate_train_args(args)
         self.args = args
         if args.ranks_per_node:
             os.environ["MEGATRON_DSV3_RANKS_PER_NODE"] = str(args.ranks_per_node)
-        init_distributed(pp=args.pp, ep=args.ep)
+        check_world_size(int(os.environ.get("WORLD_SIZE", "1")), pp=args.pp, ep=args.ep)
+        init_distributed(pp=args.pp, ep=args.ep, timeout_minutes=args.collective_timeout_minutes)
         self.rank = dist.get_rank()
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.pp_rank = dist.get_rank(self.pp_group)
-        for flag in ("overlap_pairs", "trace_step"):
-            if getattr(args, flag) and args.pp < 2:
-                raise ValueError(f"{flag}={getattr(args, flag)} applies to DualPipeV runs: allowed "
-                                 f"with pp >= 2 only (pp={args.pp})")
-        if args.pp > 1 and args.micro_batches < 2 * args.pp:
-            raise ValueError(f"micro_batches={args.micro_batches} is too few for DualPipeV over "
-                             f"pp={args.pp} ranks: allowed values are >= {2 * args.pp}")
         if args.ep > 1:
             from megatron_dsv3.dispatch import initialize_dispatch_groups
 
             initialize_dispatch_groups()
         self.log = log if self.rank == 0 else (lambda *_: None)
+        self._reset_checkpoints = bool(args.overwrite)  # the first save forgets the old run's
+        self.skipped_steps = 0
+        self._prepare_run_dir()
         self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.dp = dist.get_world_size(self.dp_group)
         self.dp_rank = dist.get_rank(self.dp_group)
@@ -214,6 +253,9 @@ class Trainer:
                  f"expert-parallel {args.ep}"
                  f"{', ZeRO-1' if args.zero1 else ''}{', FP8' if args.fp8 else ''}"
                  f"{', BF16' if args.bf16 else ''}{', BF16 moments' if args.bf16_moments else ''}")
+        from megatron_dsv3.liveness import make_watchdog
+
+        self.watchdog = make_watchdog(args.watchdog_timeout, args.watchdog_save_timeout)
 
     # -- data --------------------------------------------------------------------------------
     def micro_batch(self, step: int, j: int) -> Dict[str, torch.Tensor]:
@@ -311,16 +353,34 @@ class Trainer:
         start = time.perf_counter()
         out = self.forward_backward()
         self.optimizer.reduce_gradients()
-        norm_sq = self.optimizer.grad_norm_sq()
+        # squared gradient norm and "this rank's loss is not finite", summed over every rank, so
+        # all ranks take the same decision below
+        stats = torch.stack([self.optimizer.grad_norm_sq(),
+                             torch.tensor(0.0 if math.isfinite(out["lm_loss"])
+                                          and math.isfinite(out["aux_loss"]) else 1.0)])
         if dist.get_world_size() > 1:
-            dist.all_reduce(norm_sq)
-        grad_norm = norm_sq.sqrt().item()
-        if a.clip_grad and grad_norm > a.clip_grad:
-            self.optimizer.scale_gradients(a.clip_grad / (grad_norm + 1e-6))
-        self.optimizer.step()
+            dist.all_reduce(stats)
+        grad_norm = stats[0].sqrt().item()
+        finite = math.isfinite(grad_norm) and stats[1].item() == 0
+        if not finite and not a.skip_nonfinite_steps:
+            raise NonFiniteError(
+                f"step {self.step + 1}: non-finite {'loss' if stats[1].item() else 'gradients'} "
+                f"(grad norm {grad_norm}, loss {out['lm_loss']} on rank {self.rank}); training "
+                "stopped before the optimizer step, so the last checkpoint is sound. Lower --lr, "
+                "check the data, or pass --skip-nonfinite-steps to skip such steps")
+        if finite:
+            if a.clip_grad and grad_norm > a.clip_grad:
+                self.optimizer.scale_gradients(a.clip_grad / (grad_norm + 1e-6))
+            self.optimizer.step()
+        else:  # skipped: no parameter and no router bias changes
+            self.skipped_steps += 1
+            self.log(f"step {self.step + 1}: non-finite loss or gradients, step skipped "
+                     f"({self.skipped_steps} skipped so far)")
         self.optimizer.zero_grad()
         loads = expert_loads(self.models, self.dp_group)
-        update_expert_biases(self.models, self.config.moe_router_bias_update_rate, self.dp_group)
+        update_expert_biases(self.models,
+                             self.config.moe_router_bias_update_rate if finite else 0.0,
+                             self.dp_group)
         elapsed = time.perf_counter() - start
         metrics = torch.tensor([out["lm_loss"], out["aux_loss"]])
         if self.dp > 1:
@@ -339,7 +399,8 @@ class Trainer:
                   "expert_load": [l["load"] for l in loads],
                   "moe_layers": [l["layer"] for l in loads],
                   "bubble_fraction": out.get("bubble_fraction"),
-                  "inter_node_bytes_per_token": traffic}
+                  "inter_node_bytes_per_token": traffic,
+                  "skipped": not finite, "skipped_steps": self.skipped_steps}
         self.step += 1
         return record
 
@@ -380,11 +441,30 @@ class Trainer:
         writer = self.rank == 0 and a.save_dir
         if writer:
             os.makedirs(a.save_dir, exist_ok=True)
-        metrics = open(os.path.join(a.save_dir, "metrics.jsonl"), "a" if a.resume else "w") \
-            if writer else None
+        metrics = self._open_metrics() if writer else None
+        self.watchdog.start(self.step)  # a rank without progress for the timeout ends the job
+        try:
+            self._loop(metrics)
+        finally:
+            if metrics:
+                metrics.close()
+            self.watchdog.close()  # (also when the loop raised: no watchdog outlives training)
+        if writer:
+            from megatron_dsv3.training.plots import plot_expert_load, plot_loss
+
+            plot_loss(self.history, os.path.join(a.save_dir, "loss.png"))
+            plot_expert_load(self.history, os.path.join(a.save_dir, "expert_load.png"),
+                             num_layers=self.config.num_layers)
+        return self.history
+
+    def _loop(self, metrics) -> None:
+        """Steps until args.steps (or exit_interval), logging, periodic and final saves."""
+        a = self.args
         window: List[Dict] = []
+        saved_at = None
         while self.step < a.steps:
             record = self.train_step()
+            self.watchdog.progress(self.step)
             self.history.append(record)
             window.append(record)
             if metrics:
@@ -394,60 +474,164 @@ class Trainer:
                 self.log(format_record(window))
                 window = []
             if a.save_dir and a.save_interval and self.step % a.save_interval == 0:
-                self.save(os.path.join(a.save_dir, f"checkpoint_{self.step:06d}"))
+                with self.watchdog.phase("save"):
+                    self.save()
+                saved_at = self.step
             if a.exit_interval and self.step % a.exit_interval == 0:
                 break
             _maybe_inject_fault(self.rank, self.step)
-        if metrics:
-            metrics.close()
-        if a.save_dir:
-            self.save(os.path.join(a.save_dir, "checkpoint"))
-        if writer:
-            from megatron_dsv3.training.plots import plot_expert_load, plot_loss
+        if a.save_dir and saved_at != self.step:
+            with self.watchdog.phase("save"):
+                self.save()
 
-            plot_loss(self.history, os.path.join(a.save_dir, "loss.png"))
-            plot_expert_load(self.history, os.path.join(a.save_dir, "expert_load.png"),
-                             num_layers=self.config.num_layers)
-        return self.history
+    def _open_metrics(self):
+        """metrics.jsonl for appending: on resume, first cut to the records up to the resumed
+        step (a crashed run may have logged steps its last checkpoint does not hold)."""
+        path = os.path.join(self.args.save_dir, "metrics.jsonl")
+        if self.args.resume and os.path.isfile(path):
+            from megatron_dsv3.checkpoint.commit import write_file_atomic
+
+            kept = []
+            with open(path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= self.step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except (ValueError, KeyError, TypeError):
+                        break  # a torn last line
+            write_file_atomic(path, "".join(kept).encode(), "metrics")
+            return open(path, "a")
+        return open(path, "w")
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save(self, path: str):
-        """Per-rank files <path>/rank<r>.pt (model chunks with router biases, optimizer shard,
-        step, RNG), written to a temporary directory that replaces `path` only when every rank
-        has finished: an interrupted save never replaces the last good checkpoint."""
-        tmp = path + ".tmp"
-        if self.rank == 0:
-            os.makedirs(tmp, exist_ok=True)
-        dist.barrier()
-        torch.save({"models": [m.state_dict() for m in self.models],
-                    "optimizer": self.optimizer.state_dict(), "step": self.step,
-                    "rng": torch.get_rng_state(), "args": dataclasses.asdict(self.args),
-                    "world_size": dist.get_world_size()},
-                   os.path.join(tmp, f"rank{self.rank}.pt"))
-        dist.barrier()
-        if self.rank == 0:
-            old = path + ".old"
-            if os.path.exists(path):
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if os.path.exists(old):
-                import shutil
+    @property
+    def store(self):
+        from megatron_dsv3.checkpoint.commit import CheckpointStore
 
-                shutil.rmtree(old)
+        return CheckpointStore(os.path.join(self.args.save_dir, "checkpoints"),
+                               keep=self.args.keep_checkpoints)
+
+    def _prepare_run_dir(self) -> None:
+        """Refuse to write over an existing run without --resume or --overwrite; resolve a bare
+        --resume to save_dir's latest checkpoint; clear what interrupted saves left behind."""
+        a = self.args
+        if a.resume and a.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: --resume continues the "
+                             "run in save_dir, --overwrite starts a new one there")
+        if a.resume == "auto":
+            latest = self.store.latest() if a.save_dir else None
+            if latest is None:
+                raise ValueError(f"--resume: save_dir {a.save_dir!r} holds no published "
+                                 "checkpoint (checkpoints/latest.json); pass a checkpoint path, "
+                                 "or leave out --resume to start fresh")
+            a.resume = latest
+        if not a.save_dir:
+            return
+        metrics = os.path.join(a.save_dir, "metrics.jsonl")
+        used = [what for what, present in (
+            (f"checkpoint step {self.store.latest_step()}", self.store.latest() is not None),
+            ("an old-layout checkpoint/", os.path.isdir(os.path.join(a.save_dir, "checkpoint"))),
+            ("metrics.jsonl", os.path.isfile(metrics) and os.path.getsize(metrics) > 0)) if present]
+        if used and not (a.resume or a.overwrite):
+            raise ValueError(f"save_dir {a.save_dir} already holds a run ({', '.join(used)}): pass "
+                             "--resume to continue it, --overwrite to start a new run there (its "
+                             "last checkpoint is kept until the new run publishes one), or another "
+                             "--save-dir")
+        if self.rank == 0:
+            removed = self.store.recover()
+            if removed:
+                self.log(f"cleared {len(removed)} leftover(s) of interrupted saves in "
+                         f"{self.store.root}: {', '.join(removed)}")
         dist.barrier()
-        self.log(f"saved checkpoint {path} (step {self.step})")
+
+    def architecture(self) -> Dict:
+        """Config fields that shape the weights or the routing; a resume must not change them."""
+        return {f: getattr(self.config, f, None) for f in ARCHITECTURE_FIELDS}
+
+    def save(self) -> str:
+        """Publish a checkpoint of this step in save_dir/checkpoints (commit protocol of
+        megatron_dsv3.checkpoint.commit): per-rank files <step dir>/rank<r>.pt (model chunks with
+        router biases, optimizer shard, step, RNG, arguments, architecture) are written into a
+        partial directory; rank 0 adds the manifest, renames it into place and points the tracker
+        at it. A kill at any instant leaves the previous published checkpoint loadable."""
+        from megatron_dsv3.checkpoint.commit import ChecksumFile, fault_point
+        from megatron_dsv3.checkpoint.errors import writing
+
+        store = self.store
+        box = [store.begin(self.step) if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        partial = box[0]
+        name = f"rank{self.rank}.pt"
+        file = os.path.join(partial, name)
+        state = {"models": [m.state_dict() for m in self.models],
+                 "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "rng": torch.get_rng_state(), "args": dataclasses.asdict(self.args),
+                 "world_size": dist.get_world_size(), "architecture": self.architecture(),
+                 "skipped_steps": self.skipped_steps}
+        fault_point(f"rank {self.rank}: write {name}")
+        with writing(file):
+            with ChecksumFile(file, fault_label=f"rank {self.rank}: {name} half written") as f:
+                torch.save(state, f)
+        entries = [None] * dist.get_world_size()
+        dist.all_gather_object(entries, (name, f.entry()))
+        box = [None]
+        if self.rank == 0:
+            box = [store.publish(partial, self.step, known=dict(entries),
+                                 reset=self._reset_checkpoints, world_size=len(entries))]
+            self._reset_checkpoints = False
+        dist.broadcast_object_list(box, src=0)
+        self.log(f"saved checkpoint {box[0]} (step {self.step})")
+        return box[0]
 
     def load(self, path: str):
-        state = torch.load(os.path.join(path, f"rank{self.rank}.pt"), weights_only=False)
+        from megatron_dsv3.checkpoint.commit import STEP_DIR, resolve_checkpoint, verify_manifest
+        from megatron_dsv3.checkpoint.errors import reading
+
+        directory = resolve_checkpoint(path)
+        name = f"rank{self.rank}.pt"
+        verify_manifest(directory, checksum=[name],
+                        required=bool(STEP_DIR.match(os.path.basename(directory))))
+        file = os.path.join(directory, name)
+        with reading(file, "trainer checkpoint"):
+            state = torch.load(file, weights_only=False)
         if state["world_size"] != dist.get_world_size():
-            raise ValueError(f"checkpoint {path} was written by {state['world_size']} ranks; this "
-                             f"run has {dist.get_world_size()} (resume with the same layout)")
+            raise ValueError(f"checkpoint {directory} was written by {state['world_size']} ranks; "
+                             f"this run has {dist.get_world_size()} (resume with the same layout)")
+        saved_args = state.get("args", {})
+        for flag in ("pp", "ep"):
+            if saved_args.get(flag, 1) != getattr(self.args, flag):
+                raise ValueError(f"checkpoint {directory} was written with --{flag} "
+                                 f"{saved_args.get(flag, 1)}; this run has --{flag} "
+                                 f"{getattr(self.args, flag)} (resume with the same layout)")
+        saved = state.get("architecture")
+        if saved is not None:
+            ours = self.architecture()
+            diff = [f"{k}: checkpoint {saved.get(k)!r}, this run {ours[k]!r}" for k in ours
+                    if k in saved and saved[k] != ours[k]]
+            if diff:
+                raise ValueError(f"cannot resume from {directory}: the model differs from the one "
+                                 "the checkpoint holds in " + "; ".join(diff)
+                                 + " (use the checkpoint's settings, or start a new run)")
         for m, sd in zip(self.models, state["models"]):
             m.load_state_dict(sd)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         self.step = state["step"]
-        self.log(f"resumed from {path} at step {self.step}")
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.log(f"resumed from {directory} at step {self.step}")
+
+
+# Config fields compared on resume (an architecture or routing change is refused by name).
+ARCHITECTURE_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
+    "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+    "multi_latent_attention", "normalization", "layernorm_epsilon", "rope_type", "rotary_base",
+    "rotary_scaling_factor", "original_max_position_embeddings",
+    "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+    "moe_layer_freq", "moe_router_topk", "moe_router_num_groups", "moe_router_group_topk",
+    "moe_router_topk_scaling_factor", "moe_router_score_function", "moe_router_enable_expert_bias",
+    "mtp_num_layers",
+)
 
 
 def _maybe_inject_fault(rank: int, step: int) -> None:
@@ -457,6 +641,16 @@ def _maybe_inject_fault(rank: int, step: int) -> None:
     if spec and spec == f"{rank}:{step}":
         print(f"[fault injection] rank {rank} dies after step {step}", flush=True)
         os._exit(17)
+    # MEGATRON_DSV3_STOP_RANK_AT="rank:step": that rank stops (SIGSTOP) after that step, as a
+    # hung node would: alive, connections open, no progress (megatron_dsv3.liveness ends the job)
+    if os.environ.get("MEGATRON_DSV3_STOP_RANK_AT") == f"{rank}:{step}":
+        import signal
+
+        from megatron_dsv3.liveness import flush_active
+
+        print(f"[fault injection] rank {rank} stops (SIGSTOP) after step {step}", flush=True)
+        flush_active()  # the others' watchdogs have seen step `step` before it stops
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def format_record(window: List[Dict]) -> str:
@@ -474,6 +668,7 @@ def format_record(window: List[Dict]) -> str:
         parts.append(f"bubble {sum(r['bubble_fraction'] for r in window) / n:.1%}")
     if last.get("inter_node_bytes_per_token") is not None:
         parts.append(f"inter-node {last['inter_node_bytes_per_token']:,.0f} B/token")
-    parts += [
-              "load max/mean " + " ".join(f"{v:.2f}" for v in last["expert_load_max_over_mean"])]
+    if last.get("skipped_steps"):
+        parts.append(f"{last['skipped_steps']} non-finite step(s) skipped")
+    parts.append("load max/mean " + " ".join(f"{v:.2f}" for v in last["expert_load_max_over_mean"]))
     return " | ".join(parts)

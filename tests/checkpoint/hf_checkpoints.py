@@ -66,9 +66,10 @@ def tensors(path: str) -> Dict[str, torch.Tensor]:
 
 
 def rewrite(path: str, new: Dict[str, torch.Tensor], config_updates=None) -> None:
-    """Replace the checkpoint's tensors by `new` (one model.safetensors + index)."""
+    """Replace the checkpoint's tensors by `new` (one model.safetensors + index); a changed
+    checkpoint of ours drops its manifest, as a user changing it on purpose would."""
     for file in os.listdir(path):
-        if file.endswith(".safetensors") or file.endswith(".index.json"):
+        if file.endswith((".safetensors", ".index.json", "checkpoint_manifest.json")):
             os.remove(os.path.join(path, file))
     save_file({k: v.contiguous() for k, v in new.items()}, os.path.join(path, "model.safetensors"),
               metadata={"format": "pt"})

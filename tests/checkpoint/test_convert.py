@@ -3,6 +3,7 @@ same weights load_hf gives, is laid out in the target layout's chunks, converts 
 checkpoints Megatron itself wrote, and refuses layouts and inputs it cannot serve."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -136,9 +137,30 @@ def test_command_line_reports_bad_input_without_a_traceback(hf_dir, tmp_path, ca
     assert main(["convert", "--to", "dist", "--input", hf_dir, "--output", out, "--ep", "3",
                  "--quiet"]) == 1
     assert "error: expert_model_parallel_size=3 does not divide" in capsys.readouterr().err
-    assert main(["convert", "--to", "hf", "--input", str(tmp_path), "--output", out]) == 1
-    assert f"{tmp_path} has no hf_config.json" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["convert", "--to", "hf", "--input", str(empty), "--output", out]) == 1
+    assert f"{empty} has no hf_config.json" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("where,message", [
+    ("same", "is the input itself"), ("inside", "lies inside the input"),
+    ("parent", "contains the input")])
+def test_conversion_refuses_an_output_overlapping_its_input(hf_dir, tmp_path, capsys, where,
+                                                           message):
+    """--overwrite with an output equal to, inside or above the input would delete the source."""
+    from megatron_dsv3.checkpoint.__main__ import main
+
+    src = tmp_path / "src" / "hf"
+    shutil.copytree(hf_dir, src)
+    before = sorted(os.listdir(src))
+    out = {"same": src, "inside": src / "dist", "parent": src.parent}[where]
+    for to in ("dist", "hf"):
+        assert main(["convert", "--to", to, "--input", str(src), "--output", str(out),
+                     "--overwrite", "--quiet"]) == 1
+        assert message in capsys.readouterr().err
+    assert sorted(os.listdir(src)) == before
 
 
 @pytest.mark.parametrize("layout,message", [

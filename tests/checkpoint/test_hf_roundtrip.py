@@ -160,7 +160,7 @@ def test_missing_wrong_shaped_and_fp8_scale_errors_name_tensor_and_file(tmp_path
     broken = str(tmp_path / "missing_shard")
     shutil.copytree(sharded, broken)
     os.remove(os.path.join(broken, victim))
-    with pytest.raises(ValueError, match=rf"shard file .*{victim} is missing"):
+    with pytest.raises(ValueError, match=rf"{victim} is missing"):
         load_hf(model, broken)
 
     state = tensors(path)

@@ -8,11 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_dsv3.checkpoint.safetensors_io import (
-    HFReader,
-    ShardedSafetensorsWriter,
-    atomic_directory,
-)
+from megatron_dsv3.checkpoint.commit import atomic_directory
+from megatron_dsv3.checkpoint.safetensors_io import HFReader, ShardedSafetensorsWriter
 from megatron_dsv3.fp8.quant import quantize_128x128
 
 from hf_checkpoints import naive_dequantize

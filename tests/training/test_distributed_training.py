@@ -35,7 +35,7 @@ def _interrupted(rank, world, tmp):
     first = Trainer(_args(tmp, steps=6, exit_interval=3, save_dir=str(tmp / "run"),
                           zero1=True)).train()
     resumed = Trainer(_args(tmp, steps=6, save_dir=str(tmp / "run"), zero1=True,
-                            resume=str(tmp / "run" / "checkpoint"))).train()
+                            resume="auto")).train()
     return [r["lm_loss"] for r in first + resumed]
 
 
@@ -52,7 +52,7 @@ def test_resume_continues_with_identical_losses(tmp_path):
 def test_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, single_rank_world, monkeypatch):
     trainer = Trainer(_args(tmp_path, steps=2, save_dir=str(tmp_path / "run")))
     trainer.train()
-    good = tmp_path / "run" / "checkpoint" / "rank0.pt"
+    good = tmp_path / "run" / "checkpoints" / "step_000002" / "rank0.pt"
     before = good.read_bytes()
     trainer.step += 1
 
@@ -61,6 +61,7 @@ def test_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, single_rank_w
 
     monkeypatch.setattr(torch, "save", fail)
     with pytest.raises(OSError, match="disk full"):
-        trainer.save(str(tmp_path / "run" / "checkpoint"))
+        trainer.save()
+    assert trainer.store.latest() == str(good.parent)
     assert good.read_bytes() == before
     assert torch.load(good, weights_only=False)["step"] == 2

@@ -27,9 +27,10 @@ def test_tiny_run_loss_falls_and_writes_logs_plots_checkpoint(tmp_path, single_r
     run = tmp_path / "run"
     records = [json.loads(l) for l in open(run / "metrics.jsonl")]
     assert [r["step"] for r in records] == list(range(1, 41))
-    for name in ("loss.png", "expert_load.png", "checkpoint/rank0.pt"):
+    for name in ("loss.png", "expert_load.png", "checkpoints/step_000040/rank0.pt",
+                 "checkpoints/step_000040/checkpoint_manifest.json", "checkpoints/latest.json"):
         assert (run / name).stat().st_size > 0
-    ckpt = torch.load(run / "checkpoint" / "rank0.pt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "step_000040" / "rank0.pt", weights_only=False)
     assert ckpt["step"] == 40
     biases = [k for k in ckpt["models"][0] if k.endswith("router.expert_bias")]
     assert len(biases) == 3 and any(ckpt["models"][0][k].abs().sum() > 0 for k in biases)

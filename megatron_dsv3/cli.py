@@ -1,0 +1,99 @@
+"""Range-checked numbers for our command lines, with one wording for every refusal.
+
+A `NumberRange` is an argparse `type=` (argparse puts the flag in front of the message:
+``argument --top-p: 1.5 is invalid: allowed values are numbers in (0, 1]``) and checks values that
+arrive another way, e.g. dataclass fields (``--clip-grad -1.0 is invalid: allowed values are
+numbers >= 0 (0 = off)``). Floats must be finite; integers must be written as integers.
+
+Imports nothing heavy: every CLI may import it before parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Optional, Union
+
+Number = Union[int, float]
+
+
+def _fmt(x: Number) -> str:
+    return str(x) if isinstance(x, int) or not float(x).is_integer() else str(int(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class NumberRange:
+    integer: bool
+    low: Optional[Number] = None
+    high: Optional[Number] = None
+    low_open: bool = False   # low itself is excluded
+    high_open: bool = False  # high itself is excluded
+    note: str = ""           # what special values mean, e.g. "0 = off"
+
+    def describe(self) -> str:
+        kind = "integers" if self.integer else "numbers"
+        if self.low is not None and self.high is not None:
+            text = (f"{kind} in {'(' if self.low_open else '['}{_fmt(self.low)}, "
+                    f"{_fmt(self.high)}{')' if self.high_open else ']'}")
+        elif self.low is not None:
+            text = f"{kind} {'>' if self.low_open else '>='} {_fmt(self.low)}"
+        elif self.high is not None:
+            text = f"{kind} {'<' if self.high_open else '<='} {_fmt(self.high)}"
+        else:
+            text = f"finite {kind}" if not self.integer else kind
+        return f"{text} ({self.note})" if self.note else text
+
+    def with_note(self, note: str) -> "NumberRange":
+        return dataclasses.replace(self, note=note)
+
+    def contains(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def error(self, flag: str, value) -> str:
+        return f"{flag} {value} is invalid: allowed values are {self.describe()}"
+
+    def check(self, flag: str, value) -> None:
+        """ValueError naming `flag` and the allowed values unless `value` is in the range."""
+        if not self.contains(value):
+            raise ValueError(self.error(flag, value))
+
+    def __call__(self, text: str) -> Number:
+        """argparse `type=`: the parsed number, or ArgumentTypeError with the allowed values."""
+        try:
+            value = int(text) if self.integer else float(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not self.contains(value):
+            shown = text if text and not any(c.isspace() for c in text) else repr(text)
+            raise argparse.ArgumentTypeError(
+                f"{shown} is invalid: allowed values are {self.describe()}")
+        return value
+
+
+def int_range(low: Optional[int] = None, high: Optional[int] = None, note: str = "") -> NumberRange:
+    return NumberRange(True, low, high, note=note)
+
+
+def float_range(low: Optional[float] = None, high: Optional[float] = None, *,
+                low_open: bool = False, high_open: bool = False, note: str = "") -> NumberRange:
+    return NumberRange(False, low, high, low_open, high_open, note)
+
+
+positive_int = int_range(1)
+non_negative_int = int_range(0)
+positive_float = float_range(0, low_open=True)
+non_negative_float = float_range(0)
+probability = float_range(0, 1, low_open=True)  # (0, 1]
+seed_int = int_range(0, 2**32 - 1)  # numpy's RandomState (Megatron's datasets) takes no more
+port_int = int_range(1, 65535)

@@ -1,0 +1,86 @@
+"""The allowed values of every numeric TrainArgs field, checked in one place.
+
+`validate_train_args` is called by examples/pretrain_tiny.py right after parsing (turned into an
+argparse error) and at the top of `Trainer.__init__` (for programmatic callers), so a bad value is
+refused before any process group, model or dataset exists. Messages name the flag as typed on the
+command line (`--clip-grad`) and the allowed values.
+
+Not here: world size vs pp x ep (the launcher's layout), checked where the process groups are made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict
+
+from megatron_dsv3.cli import (
+    NumberRange,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
+
+# field -> allowed values; every int/float field of TrainArgs has an entry (tests check that)
+RULES: Dict[str, NumberRange] = {
+    "steps": positive_int,
+    "seq_length": positive_int,  # and <= the model's max_position_embeddings (below)
+    "micro_batch_size": positive_int,
+    "micro_batches": positive_int,
+    "lr": positive_float,
+    "min_lr": non_negative_float,  # and <= lr (below)
+    "warmup_steps": non_negative_int.with_note("0 = no warm-up"),
+    "weight_decay": non_negative_float,
+    "clip_grad": non_negative_float.with_note("0 = off"),
+    "seed": seed_int,
+    "log_interval": positive_int,
+    "save_interval": non_negative_int.with_note("0 = save at the end only"),
+    "keep_checkpoints": positive_int,
+    "exit_interval": non_negative_int.with_note("0 = off"),
+    "corpus_bytes": positive_int,
+    "pp": positive_int,
+    "ep": positive_int,
+    "ranks_per_node": non_negative_int.with_note("0 = from the launcher"),
+    "dispatch_chunks": positive_int,
+    "trace_step": non_negative_int.with_note("0 = off"),
+    "watchdog_timeout": non_negative_float.with_note("seconds, 0 = off"),
+    "watchdog_save_timeout": non_negative_float.with_note("seconds, 0 = 3 x --watchdog-timeout"),
+    "collective_timeout_minutes": non_negative_float.with_note("0 = torch's default"),
+}
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag of a TrainArgs field (examples/pretrain_tiny.py's spelling)."""
+    return "--" + field.replace("_", "-")
+
+
+def validate_train_args(args) -> None:
+    """ValueError naming the flag and its allowed values for the first bad TrainArgs value."""
+    from megatron_dsv3.configs import PRESETS, get_config
+
+    for field in dataclasses.fields(args):
+        rule = RULES.get(field.name)
+        if rule is not None:
+            rule.check(flag_of(field.name), getattr(args, field.name))
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} is invalid: allowed values are numbers in "
+                         f"[0, --lr] = [0, {args.lr}] (the schedule decays from --lr to --min-lr)")
+    if args.trace_step > args.steps:
+        raise ValueError(f"--trace-step {args.trace_step} is invalid: allowed values are 0 (off) "
+                         f"or a step in [1, --steps] = [1, {args.steps}]")
+    for flag, value in (("--overlap-pairs", args.overlap_pairs), ("--trace-step", args.trace_step)):
+        if value and args.pp < 2:
+            raise ValueError(f"{flag} applies to DualPipeV runs: allowed with --pp >= 2 only "
+                             f"(--pp {args.pp})")
+    if args.pp > 1 and args.micro_batches < 2 * args.pp:
+        raise ValueError(f"--micro-batches {args.micro_batches} is too few for DualPipeV over "
+                         f"--pp {args.pp} ranks: allowed values are integers >= {2 * args.pp}")
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset {args.preset!r} is invalid: allowed values are "
+                         f"{', '.join(sorted(PRESETS))}")
+    config = get_config(args.preset, **dict(args.config_overrides))  # cheap: no model is built
+    if args.seq_length > config.max_position_embeddings:
+        raise ValueError(f"--seq-length {args.seq_length} is invalid: allowed values are integers "
+                         f"in [1, {config.max_position_embeddings}] (max_position_embeddings of "
+                         f"{args.preset})")

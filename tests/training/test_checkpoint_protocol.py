@@ -1,0 +1,144 @@
+"""The trainer's checkpoints: no silent overwrite of a run, resume refuses another architecture,
+manifests catch damaged files, leftovers of interrupted saves are cleared, and a non-finite loss or
+gradient stops training (or is skipped and counted when asked)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from megatron_dsv3.checkpoint.commit import CheckpointStore
+from megatron_dsv3.checkpoint.errors import CheckpointFileError
+from megatron_dsv3.training.trainer import NonFiniteError, TrainArgs, Trainer
+
+
+def _args(tmp, **kw):
+    base = dict(steps=2, save_interval=1, micro_batch_size=2, seq_length=16, log_interval=100,
+                warmup_steps=1, corpus_bytes=1 << 18, cache_dir=str(tmp / "cache"),
+                save_dir=str(tmp / "run"))
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+@pytest.fixture
+def run(tmp_path, single_rank_world):
+    """A finished 2-step run in tmp_path/run (checkpoints of steps 1 and 2); its losses."""
+    history = Trainer(_args(tmp_path)).train()
+    return tmp_path, [r["lm_loss"] for r in history]
+
+
+def test_a_new_run_into_a_used_directory_needs_resume_or_overwrite(run):
+    tmp, _ = run
+    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+        Trainer(_args(tmp))
+    with pytest.raises(ValueError, match="exclude each other"):
+        Trainer(_args(tmp, resume="auto", overwrite=True))
+    assert CheckpointStore(str(tmp / "run" / "checkpoints")).latest_step() == 2  # untouched
+
+
+def test_overwrite_keeps_the_old_checkpoint_until_the_new_run_publishes(run, monkeypatch):
+    tmp, _ = run
+    store = CheckpointStore(str(tmp / "run" / "checkpoints"))
+    old = store.latest()
+    trainer = Trainer(_args(tmp, overwrite=True, steps=1))
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError):
+        trainer.train()  # the new run's first save fails
+    assert store.latest() == old and os.path.isfile(os.path.join(old, "rank0.pt"))
+    monkeypatch.undo()
+    Trainer(_args(tmp, overwrite=True, steps=1)).train()
+    state = store.read_tracker()
+    assert state["step"] == 1 and state["kept"] == [state["latest"]]  # the old run is forgotten
+    assert sorted(n for n in os.listdir(store.root) if n.startswith("step_")) == [state["latest"]]
+
+
+def test_resume_continues_and_cuts_metrics_to_the_checkpoint(run):
+    tmp, losses = run
+    metrics = tmp / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:  # a crashed run logged a step its checkpoint does not hold
+        f.write(json.dumps({"step": 3, "lm_loss": 0.0}) + "\n" + '{"step": 4, "lm')
+    history = Trainer(_args(tmp, steps=4, resume="auto")).train()
+    assert [r["step"] for r in history] == [3, 4]
+    assert [json.loads(line)["step"] for line in open(metrics)] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_different_architecture_naming_each_field(run):
+    tmp, _ = run
+    change = {"moe_router_topk": 1, "moe_router_num_groups": 1, "moe_router_group_topk": 1}
+    with pytest.raises(ValueError) as error:
+        Trainer(_args(tmp, steps=3, resume="auto", config_overrides=change))
+    message = str(error.value)
+    for field in change:
+        assert field in message
+    assert "checkpoint 2, this run 1" in message  # moe_router_topk of tiny is 2
+
+
+def test_loading_names_a_truncated_or_corrupted_file(run):
+    tmp, _ = run
+    latest = CheckpointStore(str(tmp / "run" / "checkpoints")).latest()
+    file = os.path.join(latest, "rank0.pt")
+    data = bytearray(open(file, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    open(file, "wb").write(bytes(data))
+    with pytest.raises(CheckpointFileError, match="rank0.pt.*checksum"):
+        Trainer(_args(tmp, steps=3, resume="auto"))
+    open(file, "wb").write(bytes(data[:100]))
+    with pytest.raises(CheckpointFileError, match="rank0.pt has 100 bytes"):
+        Trainer(_args(tmp, steps=3, resume="auto"))
+
+
+def test_leftovers_of_interrupted_saves_are_cleared_and_the_run_goes_on(run):
+    tmp, _ = run
+    root = tmp / "run" / "checkpoints"
+    (root / ".partial-step_000003-deadbeef").mkdir()
+    (root / ".partial-step_000003-deadbeef" / "rank0.pt").write_bytes(b"half")
+    (root / ".deleting-step_000001-abc").mkdir()
+    (root / ".latest.json.tmp-1234").write_text("{")
+    (root / "step_000003").mkdir()  # renamed into place, never published
+    Trainer(_args(tmp, steps=3, resume="auto")).train()
+    # the unpublished step_000003 was removed at start; the new one took its name
+    assert sorted(os.listdir(root)) == ["latest.json", "step_000002", "step_000003"]
+    assert CheckpointStore(str(root)).latest_step() == 3
+    assert (root / "step_000003" / "checkpoint_manifest.json").is_file()
+
+
+def _poison_gradients_at(trainer, step):
+    original = trainer.forward_backward
+
+    def forward_backward():
+        out = original()
+        if trainer.step + 1 == step:
+            next(trainer.models[0].parameters()).grad.fill_(float("nan"))
+        return out
+
+    trainer.forward_backward = forward_backward
+
+
+def test_a_non_finite_gradient_stops_training_naming_the_step(tmp_path, single_rank_world):
+    trainer = Trainer(_args(tmp_path, steps=3, save_dir=None))
+    _poison_gradients_at(trainer, 2)
+    with pytest.raises(NonFiniteError, match="step 2: non-finite gradients"):
+        trainer.train()
+    assert trainer.step == 1  # the optimizer never stepped on the bad gradients
+
+
+def test_skip_nonfinite_steps_skips_counts_and_changes_nothing(tmp_path, single_rank_world):
+    trainer = Trainer(_args(tmp_path, steps=3, save_dir=None, skip_nonfinite_steps=True))
+    _poison_gradients_at(trainer, 2)
+    snapshots = []
+    original = trainer.train_step
+
+    def train_step():
+        snapshots.append([p.detach().clone() for m in trainer.models for p in m.parameters()]
+                         + [b.clone() for m in trainer.models for n, b in m.named_buffers()
+                            if n.endswith("expert_bias")])
+        return original()
+
+    trainer.train_step = train_step
+    history = trainer.train()
+    assert [r["skipped"] for r in history] == [False, True, False]
+    assert history[-1]["skipped_steps"] == 1
+    before_skip, after_skip = snapshots[1], snapshots[2]
+    assert all(torch.equal(a, b) for a, b in zip(before_skip, after_skip))  # weights and biases
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))
