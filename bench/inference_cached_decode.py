@@ -7,7 +7,7 @@ Then, at DeepSeek-V3's per-head attention shapes, decoding with W_UK/W_UV absorb
 expanding the cached latents into per-head keys and values every step, at 128-2048 positions.
 """
 import torch, megatron_dsv3, time
-from megatron_dsv3.training.trainer import init_single_process
+from megatron_dsv3.world import init_single_process
 init_single_process()
 from megatron_dsv3.configs import get_config
 from megatron_dsv3.model import build_model

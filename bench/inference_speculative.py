@@ -5,7 +5,7 @@ reports acceptance rate and tokens per main-model forward; outputs must be ident
     python bench/inference_speculative.py       # ~1 min on 2 cores
 """
 import torch, megatron_dsv3, time, statistics
-from megatron_dsv3.training.trainer import init_single_process
+from megatron_dsv3.world import init_single_process
 init_single_process()
 from megatron_dsv3.configs import get_config
 from megatron_dsv3.model import build_model

@@ -71,7 +71,7 @@ def main():
 
     from megatron_dsv3.configs import get_config
     from megatron_dsv3.model import build_model
-    from megatron_dsv3.training.trainer import init_single_process
+    from megatron_dsv3.world import init_single_process
 
     init_single_process()
     config = get_config("deepseek-v3-tiny", **({"mtp_num_layers": None} if a.no_mtp else {}))

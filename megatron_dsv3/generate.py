@@ -60,7 +60,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import megatron_dsv3  # noqa: F401
     from megatron_dsv3.inference import InferenceEngine, Request, SamplingParams
     from megatron_dsv3.inference.loading import load_for_generation
-    from megatron_dsv3.training.trainer import init_single_process
+    from megatron_dsv3.world import init_single_process
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None

@@ -134,7 +134,7 @@ def count_parameters(config, progress: bool = False) -> Dict:
     import torch
 
     from megatron_dsv3.model import build_model
-    from megatron_dsv3.training.trainer import init_single_process
+    from megatron_dsv3.world import init_single_process
 
     init_single_process()
     done = threading.Event()

@@ -34,10 +34,10 @@ class Tokenizer:
 
 
 def byte_tokenizer() -> Tokenizer:
-    from megatron_dsv3.training.data import EOD, ByteTokenizer
+    from megatron_dsv3.tokenizer import EOD, ByteTokenizer
 
     tok = ByteTokenizer()
-    return Tokenizer(tok.tokenize, tok.detokenize, [EOD], "byte-level (training/data.py)")
+    return Tokenizer(tok.tokenize, tok.detokenize, [EOD], "byte-level (megatron_dsv3.tokenizer)")
 
 
 def hf_tokenizer(path: str) -> Tokenizer:

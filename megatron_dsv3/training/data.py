@@ -14,20 +14,7 @@ from typing import Iterator, List
 import numpy
 import torch
 
-EOD, PAD, VOCAB = 0, 255, 256
-
-
-class ByteTokenizer:
-    """The tokenizer object Megatron's GPTDataset needs (eod, pad, vocab_size, identifiers)."""
-
-    eod, pad, vocab_size = EOD, PAD, VOCAB
-    unique_identifiers = {"class": "ByteTokenizer", "vocab_size": VOCAB}
-
-    def tokenize(self, text: str) -> List[int]:
-        return list(text.encode("utf-8"))
-
-    def detokenize(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 < int(i) < 255).decode("utf-8", errors="replace")
+from megatron_dsv3.tokenizer import EOD, ByteTokenizer
 
 
 def stdlib_files() -> List[str]:

@@ -30,6 +30,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
 from megatron_dsv3.moe.balancing import routers_of, update_expert_biases
+from megatron_dsv3.world import init_distributed
 
 
 @dataclasses.dataclass
@@ -80,61 +81,6 @@ class TrainArgs:
     watchdog_save_timeout: float = 0.0
     collective_timeout_minutes: float = 10.0
     config_overrides: Dict = dataclasses.field(default_factory=dict)
-
-
-def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, timeout_minutes: float = 10.0):
-    """torch.distributed from torchrun's environment (a one-rank gloo world without it) and
-    Megatron's parallel_state with the given sizes, if not set up yet. Collectives time out after
-    `timeout_minutes` (0: torch's default); Megatron's groups get the default group's timeout
-    (dist.new_group would give them torch's default, not the default group's)."""
-    from megatron_dsv3.liveness import collective_timeout
-
-    timeout = collective_timeout(timeout_minutes)
-    if not dist.is_initialized():
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, rank=int(os.environ.get("RANK", "0")), world_size=world,
-                                timeout=timeout)
-    _init_megatron(timeout, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                   expert_model_parallel_size=ep)
-
-
-def _init_megatron(timeout, **sizes) -> None:
-    """parallel_state.initialize_model_parallel (if not done yet) with every group on the default
-    group's timeout (or `timeout`): Megatron's argument covers its groups but one (0.16.1 makes
-    EXPERT_DATA_PARALLEL_GROUP_GLOO without it), which gets it afterwards."""
-    from megatron_dsv3.liveness import align_group_timeouts, group_timeout
-
-    if parallel_state.model_parallel_is_initialized():
-        return
-    timeout = group_timeout() or timeout
-    if timeout:
-        sizes["distributed_timeout_minutes"] = timeout.total_seconds() / 60
-    parallel_state.initialize_model_parallel(**sizes)
-    align_group_timeouts(getattr(parallel_state, "_global_process_group_list", None) or [])
-
-
-def init_single_process(timeout_minutes: float = 10.0) -> None:
-    """A one-rank gloo world on a free local port and Megatron's parallel_state with all sizes 1
-    (what building our modules needs outside a launcher), if not set up yet; collectives time out
-    after `timeout_minutes` (0: torch's default)."""
-    import socket
-
-    from megatron_dsv3.liveness import collective_timeout
-
-    timeout = collective_timeout(timeout_minutes)
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=1, timeout=timeout)
-    _init_megatron(timeout)
 
 
 def lr_at(step: int, args: TrainArgs) -> float:

@@ -12,7 +12,7 @@ from megatron_dsv3.configs import get_config
 from megatron_dsv3.inference import Chunk, InferenceEngine, LatentCache, LatentDecoder, Request
 from megatron_dsv3.inference import SamplingParams
 from megatron_dsv3.model import build_model
-from megatron_dsv3.training.data import ByteTokenizer
+from megatron_dsv3.tokenizer import ByteTokenizer
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 

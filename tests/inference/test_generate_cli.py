@@ -16,7 +16,7 @@ from megatron_dsv3.configs import get_config  # noqa: E402
 from megatron_dsv3.generate import main  # noqa: E402
 from megatron_dsv3.inference import InferenceEngine, Request  # noqa: E402
 from megatron_dsv3.model import build_model  # noqa: E402
-from megatron_dsv3.training.data import ByteTokenizer  # noqa: E402
+from megatron_dsv3.tokenizer import ByteTokenizer  # noqa: E402
 from megatron_dsv3.training.trainer import TrainArgs  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -222,7 +222,7 @@ def test_every_process_group_gets_the_collective_timeout():
     code = """
 import megatron_dsv3, datetime
 from megatron.core import parallel_state as ps
-from megatron_dsv3.training.trainer import init_single_process
+from megatron_dsv3.world import init_single_process
 from megatron_dsv3.liveness import group_timeout
 from megatron_dsv3.dispatch import initialize_dispatch_groups
 from megatron_dsv3.dispatch import topology
