@@ -41,7 +41,12 @@ def _measure(rank, world, hidden, tokens, group_topk, chunks, timeline):
                      expert_model_parallel_size=8, dsv3_dispatch_chunks=chunks,
                      moe_aux_loss_coeff=0.0, params_dtype=torch.bfloat16, bf16=True)
     x = torch.randn(tokens, 1, hidden, generator=torch.Generator().manual_seed(rank)).bfloat16()
-    fp8 = lambda c, g: NodeAwareDispatcher(c, g, fp8_payload=True)  # noqa: E731
+    def fp8(c, g):  # the node-aware dispatcher with the config's routing and an FP8 payload
+        return NodeAwareDispatcher(c.num_moe_experts, g, hidden_size=c.hidden_size,
+                                   num_groups=c.moe_router_num_groups,
+                                   group_topk=c.moe_router_group_topk,
+                                   chunks=c.dsv3_dispatch_chunks, fp8_payload=True)
+
     out, ys = {}, {}
     for name, dispatcher in (("flat", FlatAllToAllDispatcher), ("node_aware", None),
                              ("node_aware_fp8", fp8)):

@@ -11,7 +11,7 @@ from megatron_dsv3.world import init_single_process
 init_single_process()
 from megatron_dsv3.configs import get_config
 from megatron_dsv3.model import build_model
-from megatron_dsv3.inference import *
+from megatron_dsv3.inference import InferenceEngine, Request
 torch.manual_seed(0)
 m = build_model(get_config("deepseek-v3-tiny", init_method_std=0.2)).eval()
 def rerun(prompts, n):

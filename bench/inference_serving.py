@@ -84,7 +84,7 @@ def _ep_rank(rank, world, micro_batches, link_s, wide):
     engine = InferenceEngine(model, block_size=16, max_batch_size=len(mine),
                              micro_batches=micro_batches)
     engine.generate(mine[:1])                              # warm-up
-    engine.trace_steps = {engine._step + 10}
+    engine.trace_steps = {engine.decode_steps + 10}
     torch.distributed.barrier()
     t = time.perf_counter()
     out = engine.generate(mine)

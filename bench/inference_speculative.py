@@ -9,7 +9,7 @@ from megatron_dsv3.world import init_single_process
 init_single_process()
 from megatron_dsv3.configs import get_config
 from megatron_dsv3.model import build_model
-from megatron_dsv3.inference import *
+from megatron_dsv3.inference import InferenceEngine, Request
 torch.manual_seed(0)
 from megatron_dsv3.testing.tiny_training import train_on_repeated_text
 SENTENCE = b"the quick brown fox jumps over the lazy dog; "

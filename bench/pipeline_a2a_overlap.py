@@ -10,9 +10,9 @@ held in flight for A seconds of link time (the transfer is issued asynchronously
 returns no earlier than A after the issue). DualPipeV stages hold half the layers: half the
 compute and half the link time per transfer. Schedules: Megatron's 1F1B (its own code), ours
 with F&B pairs one after the other, and ours with the pairs in two threads (forward all-to-alls
-on lane 0, backward on lane 1; megatron_dsv3.pipeline.overlap). Iteration time is the slowest
-rank's; compute is the sleeping time of the busiest rank; link time is what the all-to-alls of
-one rank would cost if none were hidden.
+on lane 0, backward on lane 1; megatron_dsv3.lanes, megatron_dsv3.pipeline.overlap). Iteration
+time is the slowest rank's; compute is the sleeping time of the busiest rank; link time is what
+the all-to-alls of one rank would cost if none were hidden.
 """
 
 import argparse
@@ -85,7 +85,8 @@ def _lanes():
     from megatron.core import parallel_state
     import torch.distributed as dist
 
-    from megatron_dsv3.dispatch.topology import LANES, LaneGroups
+    from megatron_dsv3.dispatch.topology import LaneGroups
+    from megatron_dsv3.lanes import LANES
 
     ep = parallel_state.get_expert_model_parallel_group()
     ranks = dist.get_process_group_ranks(ep)
@@ -96,7 +97,6 @@ def _lanes():
 def _run(rank, world, which, F, B, W, A, N):
     import torch.distributed as dist
 
-    from megatron_dsv3.pipeline import set_overlapped_forward_backward
     from megatron_dsv3.pipeline.overlap import threaded_forward_backward
 
     torch.set_num_threads(1)
@@ -118,14 +118,13 @@ def _run(rank, world, which, F, B, W, A, N):
     else:
         from megatron_dsv3.pipeline import forward_backward_dualpipev
 
-        set_overlapped_forward_backward(
-            threaded_forward_backward if which == "ours_dualpipev_overlapped" else None)
+        overlap = threaded_forward_backward if which == "ours_dualpipev_overlapped" else None
         chunks = [MoEStage(F / 2, B / 2, W / 2, A / 2, lanes, busy, _config()) for _ in range(2)]
         start = time.perf_counter()
         forward_backward_dualpipev(forward_step_func=_forward_step,
                                    data_iterator=[iter(data), iter(data)], model=chunks,
-                                   num_microbatches=N, seq_length=S, micro_batch_size=MB)
-        set_overlapped_forward_backward(None)
+                                   num_microbatches=N, seq_length=S, micro_batch_size=MB,
+                                   overlap=overlap)
     dist.barrier()
     return time.perf_counter() - start, busy[0]
 

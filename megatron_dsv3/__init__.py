@@ -1,8 +1,12 @@
 """megatron-dsv3: DeepSeek-V3's training system as a Megatron-Core plugin.
 
+    model = megatron_dsv3.from_hf("DeepSeek-V3/")   # HF checkpoint -> DeepSeekV3Model (eval)
+
 Sub-packages, one per capability: `configs`, `attention` (MLA), `moe` (DeepSeek-MoE), `mtp`,
-`fp8`, `dispatch` (expert parallelism), `pipeline` (DualPipe), `checkpoint`; `layer_specs` binds
-them into Megatron's spec system and `model` builds a GPTModel from them.
+`fp8`, `dispatch` (expert parallelism), `pipeline` (DualPipe), `checkpoint`, `inference`,
+`training`; `layer_specs` binds them into Megatron's spec system and `model` builds a GPTModel
+from them. `from_hf` (megatron_dsv3.api) is imported on first use, so `import megatron_dsv3`
+stays light.
 """
 
 import warnings
@@ -15,3 +19,15 @@ warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 warnings.filterwarnings("ignore", message="full scope is deprecated.*")
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the library entry points, imported on first use (they pull in megatron-core and the model)
+    if name == "from_hf":
+        from megatron_dsv3.api import from_hf
+
+        return from_hf
+    raise AttributeError(f"module 'megatron_dsv3' has no attribute {name!r}")
+
+
+__all__ = ["from_hf"]

@@ -3,11 +3,15 @@
     python -m megatron_dsv3.generate --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 64
     python -m megatron_dsv3.generate --checkpoint HF_DIR --prompt A --prompt B \\
         [--temperature 0.8 --top-k 50 --top-p 0.95 --seed 0] [--speculative] [--stream]
+    python -m megatron_dsv3.generate --checkpoint HF_DIR --prompt-ids 1,2,3 --prompt-ids 7,8
 
 --checkpoint is an HF DeepSeek-V3 directory (config.json + safetensors; its tokenizer when it has
-one) or our trainer's checkpoint (the run directory or its checkpoint/ folder; byte-level). The
-prompts run as one batch; --speculative drafts with the MTP module and verifies with the main model
-(greedy only) and reports the acceptance rate. Statistics go to stderr.
+one) or our trainer's checkpoint (the run directory or its checkpoint/ folder; byte-level). A
+prompt is text (--prompt, needs a tokenizer: the checkpoint's, or byte-level for a 256-token
+vocabulary) or token ids (--prompt-ids, any checkpoint); a prompt given as ids is answered in ids.
+The prompts run as one batch, in command-line order; --speculative drafts with the MTP module and
+verifies with the main model (greedy only) and reports the acceptance rate. Parameters are
+bfloat16 unless --dtype says otherwise. Statistics go to stderr.
 """
 
 from __future__ import annotations
@@ -17,10 +21,29 @@ import sys
 import time
 from typing import List, Optional
 
-from megatron_dsv3.cli import (non_negative_float, non_negative_int, positive_int, probability,
-                               seed_int)
+from megatron_dsv3.cli import (int_range, non_negative_float, non_negative_int, positive_int,
+                               probability, seed_int)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+DEFAULT_DTYPE = "bf16"  # = megatron_dsv3.checkpoint.hf_config.DEFAULT_DTYPE (not imported: torch)
+
+
+def token_ids(text: str) -> List[int]:
+    """argparse type of --prompt-ids: comma-separated integers >= 0 (the upper bound, the
+    vocabulary size, is checked once the checkpoint is loaded: `check_token_ids`)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts):
+        shown = text if text and not any(c.isspace() for c in text) else repr(text)
+        raise argparse.ArgumentTypeError(f"{shown} is invalid: allowed values are comma-separated "
+                                         f"{non_negative_int.describe()}, e.g. 1,2,3")
+    return [non_negative_int(p) for p in parts]
+
+
+def check_token_ids(ids: List[int], vocab_size: int) -> None:
+    """ValueError naming --prompt-ids and the allowed range unless every id is < vocab_size."""
+    allowed = int_range(0, vocab_size - 1, note=f"the model's vocabulary has {vocab_size} tokens")
+    for t in ids:
+        allowed.check("--prompt-ids", t)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="HF checkpoint directory or trainer checkpoint (run dir or checkpoint/)")
-    p.add_argument("--prompt", action="append", required=True,
+    p.add_argument("--prompt", action="append", dest="prompts", default=[],
                    help="prompt text; repeat for a batch of requests")
+    p.add_argument("--prompt-ids", action="append", dest="prompts", type=token_ids,
+                   help="prompt as comma-separated token ids in [0, vocabulary size), e.g. "
+                   "1,2,3; repeatable, mixes with --prompt; answered in token ids")
     p.add_argument("--max-new-tokens", type=positive_int, default=32,
                    help="tokens to generate per request (integer >= 1)")
     p.add_argument("--temperature", type=non_negative_float, default=0.0,
@@ -48,13 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=positive_int, default=16,
                    help="latent-cache block size (tokens, integer >= 1)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="parameter dtype (default: fp32 for HF checkpoints, the run's for ours)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=DEFAULT_DTYPE,
+                   help=f"parameter dtype, for every checkpoint (default: {DEFAULT_DTYPE})")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.prompts:
+        parser.error("a prompt is needed: allowed are one or more --prompt TEXT or "
+                     "--prompt-ids 1,2,3")
     import torch
 
     import megatron_dsv3  # noqa: F401
@@ -63,33 +93,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_dsv3.world import init_single_process
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    dtype = getattr(torch, DTYPES[args.dtype])
+    as_ids = [not isinstance(p, str) for p in args.prompts]  # answered in token ids
     try:
         if args.speculative and args.temperature:
             raise ValueError("--speculative verifies greedy choices: use it with --temperature 0")
         sampling = [SamplingParams(args.temperature, args.top_k, args.top_p,
                                    None if args.seed is None else args.seed + i)
-                    for i in range(len(args.prompt))]
+                    for i in range(len(args.prompts))]
         init_single_process()
         model, tok = load_for_generation(args.checkpoint, dtype=dtype, device=device)
-        stop_ids = [] if args.ignore_eos else tok.eos_token_ids
-        requests = [Request(tok.encode(p), args.max_new_tokens, sampling[i], stop_ids, args.stop)
-                    for i, p in enumerate(args.prompt)]
+        prompts = [_prompt_ids(p, tok, model.config.vocab_size, args.checkpoint)
+                   for p in args.prompts]
+        stop_ids = [] if args.ignore_eos or tok is None else tok.eos_token_ids
+        requests = [Request(p, args.max_new_tokens, sampling[i], stop_ids, args.stop)
+                    for i, p in enumerate(prompts)]
+        decode = None if tok is None else tok.decode
         engine = InferenceEngine(model, block_size=args.block_size,
-                                 max_batch_size=len(requests), decode=tok.decode)
+                                 max_batch_size=len(requests), decode=decode)
         start = time.perf_counter()
         if args.stream:
-            multi = len(requests) > 1
-            if not multi:
-                sys.stdout.write(args.prompt[0])
-            for event in engine.stream(requests, speculative=args.speculative):
-                if multi and event.text:
-                    sys.stdout.write(f"[{event.index}] {event.text!r}\n")
-                elif event.text:
-                    sys.stdout.write(event.text)
-                sys.stdout.flush()
-            if not multi:
-                sys.stdout.write("\n")
+            _stream(engine, requests, args.prompts, as_ids, args.speculative)
             completions = None
         else:
             completions = engine.generate(requests, speculative=args.speculative)
@@ -98,17 +122,58 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if completions is not None:
-        for i, (prompt, c) in enumerate(zip(args.prompt, completions)):
+        for i, (prompt, c) in enumerate(zip(args.prompts, completions)):
             print(f"=== request {i} ({len(c.tokens)} tokens, {c.finish_reason}) ===")
-            print(prompt + c.text)
+            print(_ids(prompt + c.tokens) if as_ids[i] else prompt + c.text)
     s = engine.stats
+    name = "no tokenizer: token ids" if tok is None else tok.name
     line = (f"{len(requests)} request(s), {s.tokens + len(requests)} tokens in {elapsed:.2f} s on "
-            f"{device} ({tok.name}); decode: {s.tokens} tokens in {s.forwards} request-forwards")
+            f"{device} ({name}); decode: {s.tokens} tokens in {s.forwards} request-forwards")
     if args.speculative:
         line += (f"; MTP acceptance {s.acceptance_rate:.1%} ({s.accepted}/{s.drafted}), "
                  f"{s.tokens_per_forward:.2f} tokens per main-model forward")
     print(line, file=sys.stderr)
     return 0
+
+
+def _ids(tokens: List[int]) -> str:
+    return ",".join(map(str, tokens))
+
+
+def _prompt_ids(prompt, tok, vocab_size: int, checkpoint: str) -> List[int]:
+    """Token ids of a --prompt (text, through the tokenizer) or a --prompt-ids (checked against
+    the vocabulary)."""
+    if not isinstance(prompt, str):
+        check_token_ids(prompt, vocab_size)
+        return prompt
+    if tok is None:
+        from megatron_dsv3.inference.loading import TOKENIZER_FILES
+
+        raise ValueError(f"--prompt needs a tokenizer: {checkpoint} has none "
+                         f"({', '.join(TOKENIZER_FILES)}) and its vocabulary ({vocab_size}) is "
+                         "not byte-level (256); give the prompt as token ids instead: "
+                         "--prompt-ids 1,2,3")
+    return tok.encode(prompt)
+
+
+def _stream(engine, requests, prompts, as_ids, speculative: bool) -> None:
+    """Print tokens as they come: one request inline (its prompt first), several one line per
+    event tagged with the request's index; text, or token ids for a prompt given as ids."""
+    multi = len(requests) > 1
+    if not multi:
+        sys.stdout.write(_ids(prompts[0]) if as_ids[0] else prompts[0])
+    for event in engine.stream(requests, speculative=speculative):
+        if as_ids[event.index]:
+            new = _ids(event.tokens)
+            out = f"[{event.index}] {new}\n" if multi else "," + new
+        elif event.text:
+            out = f"[{event.index}] {event.text!r}\n" if multi else event.text
+        else:
+            continue
+        sys.stdout.write(out)
+        sys.stdout.flush()
+    if not multi:
+        sys.stdout.write("\n")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,30 @@
 """DeepSeek-V3 on Megatron's spec system.
 
-    --spec megatron_dsv3.layer_specs layer_spec      (megatron-core 0.16.1+: a TransformerLayer spec)
-    --spec megatron_dsv3.layer_specs get_layer_spec  (0.19+: called as get_layer_spec(config, vp_stage=...))
+    --spec megatron_dsv3.layer_specs layer_spec      (megatron-core 0.16.1 .. 0.19.x)
 
 `layer_spec` is a ModuleSpec of DeepSeekV3TransformerLayer; each layer picks dense MLP or
 DeepSeek-MoE from its global layer number, so one spec is right on every pipeline stage.
 `get_block_spec(config, vp_stage)` gives this stage's TransformerBlockSubmodules, `block_spec` the
-same for the config Megatron-LM parsed (resolved on first access inside Megatron-LM), and
-`get_mtp_block_spec(config)` the MTP block. The backend is chosen once: Transformer Engine linears,
-norms and core attention when TE imports and CUDA is present, portable torch modules otherwise.
+same for the config Megatron-LM parsed (resolved from megatron.training's arguments on attribute
+access, getattr(layer_specs, "block_spec"); not through `--spec`, see below), and
+`get_mtp_block_spec(config)` the MTP block. The backend is chosen once: Transformer Engine
+linears, norms and core attention when TE imports and CUDA is present, portable torch modules
+otherwise.
+
+What `--spec A B` gets, in Megatron-LM core_v0.16.1 and core_v0.19.0 alike: `gpt_builders.py`,
+`gpt_builder`, sets `transformer_layer_spec = import_module(args.spec)`, and
+`megatron/core/transformer/spec_utils.py`, `import_module`, returns `vars(module)[B]`: the object
+itself, never called (a factory such as `get_layer_spec` reaches TransformerBlock's
+`_get_block_submodules`, which accepts only a ModuleSpec or TransformerBlockSubmodules), and
+`vars()` does not see `block_spec` (KeyError): pass `layer_spec`. core_v0.19.0 calls a
+callable spec only in its new Python builder API, `megatron/training/models/gpt.py`,
+`GPTModelBuilder.build_model`: a callable `GPTModelConfig.transformer_layer_spec` is called as
+`spec(model_config, vp_stage=vp_stage)` when it takes `vp_stage`, else `spec(model_config)`
+(`model_config` is the GPTModelConfig, which forwards TransformerConfig fields);
+`get_layer_spec(config, vp_stage)` has that signature.
+
+The plugins are chosen here too and handed down through the specs: `gemm_strategy` (each GEMM-owning
+module's `Gemm`, e.g. FP8) and `make_dispatcher` (each MoE layer's token dispatcher).
 """
 
 from __future__ import annotations
@@ -24,14 +40,69 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron_dsv3 import compat
 from megatron_dsv3.attention.core import SDPAttention
 from megatron_dsv3.attention.mla import MLASelfAttention, MLASubmodules
+from megatron_dsv3.core.gemm import DEFAULT_GEMM, Gemm
 from megatron_dsv3.core.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from megatron_dsv3.core.mlp import MLPSubmodules, SwiGLUMLP
 from megatron_dsv3.core.norm import RMSNorm
+from megatron_dsv3.dispatch.base import LocalDispatcher, TokenDispatcher
+from megatron_dsv3.dispatch.flat import FlatAllToAllDispatcher
+from megatron_dsv3.dispatch.node_aware import NodeAwareDispatcher
+from megatron_dsv3.fp8.recipe import recipe_from_config
 from megatron_dsv3.moe.experts import GroupedExperts
 from megatron_dsv3.moe.layer import DeepSeekMoE, DeepSeekMoESubmodules
 from megatron_dsv3.moe.router import SigmoidGroupRouter
 from megatron_dsv3.mtp.layer import mtp_block_spec
 from megatron_dsv3.transformer_layer import DeepSeekV3LayerSubmodules, DeepSeekV3TransformerLayer
+
+
+def gemm_strategy(config) -> Gemm:
+    """The GEMM strategy of one module built with `config`: the single place where a GEMM strategy
+    is chosen. The specs hand this function (as the `gemm` param) to our linears (local backend)
+    and to the routed experts (both backends); each module calls it once when it is built, so
+    each owns its own Gemm.
+
+    DeepSeek's blockwise FP8 emulation (`fp8.gemm.Fp8BlockwiseGemm`, float32 or power-of-2
+    scales) when `dsv3_fp8_recipe`, or Megatron's `fp8` with fp8_recipe='blockwise', asks for it
+    (`fp8.recipe.recipe_from_config`); plain GEMMs otherwise. GPU GEMM backends (emulated, torch,
+    Transformer Engine) are to be chosen here as well.
+    """
+    recipe = recipe_from_config(config)
+    return DEFAULT_GEMM if recipe is None else recipe.gemm()
+
+
+def dispatcher_class(config, ep_group) -> type:
+    """LocalDispatcher without expert parallelism; with it, `config.dsv3_dispatcher`'s choice:
+    the node-aware dispatcher (default) or the flat all-to-all ('local' is refused with expert
+    parallelism when the config is validated)."""
+    if ep_group is None or ep_group.size() == 1:
+        return LocalDispatcher
+    if getattr(config, "dsv3_dispatcher", "node-aware") == "flat":
+        return FlatAllToAllDispatcher
+    return NodeAwareDispatcher
+
+
+def make_dispatcher(config, ep_group, cls: Optional[type] = None) -> TokenDispatcher:
+    """The token dispatcher of one MoE layer over `ep_group` (None: no expert parallelism):
+    `cls`, by default `dispatcher_class(config, ep_group)`, built with the expert count, the
+    routing facts and the dispatch options it takes, read from `config`. The default of
+    `DeepSeekMoESubmodules.dispatcher` in our specs."""
+    cls = cls or dispatcher_class(config, ep_group)
+    if issubclass(cls, NodeAwareDispatcher):
+        return cls(config.num_moe_experts, ep_group, hidden_size=config.hidden_size,
+                   num_groups=config.moe_router_num_groups,
+                   group_topk=config.moe_router_group_topk,
+                   chunks=getattr(config, "dsv3_dispatch_chunks", 2),
+                   fp8_payload=getattr(config, "dsv3_dispatch_fp8", False),
+                   expert_tensor_parallel_size=getattr(config, "expert_tensor_parallel_size",
+                                                       None) or 1)
+    if issubclass(cls, FlatAllToAllDispatcher):
+        return cls(config.num_moe_experts, ep_group)
+    if issubclass(cls, LocalDispatcher):
+        return cls(config.num_moe_experts)
+    raise TypeError(f"make_dispatcher cannot build {cls.__name__}: allowed classes are "
+                    "LocalDispatcher, FlatAllToAllDispatcher, NodeAwareDispatcher (and their "
+                    "subclasses); for another dispatcher pass a factory (config, ep_group) -> "
+                    "TokenDispatcher as get_layer_spec(dispatcher=...)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,17 +123,26 @@ def backend(use_te: Optional[bool] = None) -> SimpleNamespace:
             name="te", column=TEColumnParallelLinear, row=TERowParallelLinear,
             replicated=ModuleSpec(module=TELinear, params={"parallel_mode": "duplicated"}),
             norm=TENorm, core_attention=TEDotProductAttention)
-    return SimpleNamespace(name="local", column=ColumnParallelLinear, row=RowParallelLinear,
-                           replicated=ReplicatedLinear, norm=RMSNorm, core_attention=SDPAttention)
+    ours = {"gemm": gemm_strategy}
+    return SimpleNamespace(
+        name="local", column=ModuleSpec(module=ColumnParallelLinear, params=ours),
+        row=ModuleSpec(module=RowParallelLinear, params=ours),
+        replicated=ModuleSpec(module=ReplicatedLinear, params=ours),
+        norm=RMSNorm, core_attention=SDPAttention)
 
 
 def get_layer_spec(config=None, vp_stage: Optional[int] = None, *, use_te: Optional[bool] = None,
                    dispatcher=None) -> ModuleSpec:
     """ModuleSpec of the DeepSeek-V3 decoder layer. `config` and `vp_stage` follow megatron-core
     0.19's callable-spec convention (the spec itself does not depend on them). `dispatcher`
-    fixes the token dispatcher class; by default each MoE layer picks one from its expert-parallel
-    group (see `moe.dispatcher.default_dispatcher`)."""
+    fixes the token dispatcher: a class `make_dispatcher` builds, or a factory
+    (config, ep_group) -> TokenDispatcher; by default each MoE layer gets `make_dispatcher`'s
+    choice for its expert-parallel group."""
     b = backend(use_te)
+    if dispatcher is None:
+        dispatcher = make_dispatcher
+    elif isinstance(dispatcher, type):
+        dispatcher = functools.partial(make_dispatcher, cls=dispatcher)
     attention = ModuleSpec(
         module=MLASelfAttention, params={"attn_mask_type": AttnMaskType.causal},
         submodules=MLASubmodules(
@@ -72,8 +152,8 @@ def get_layer_spec(config=None, vp_stage: Optional[int] = None, *, use_te: Optio
     mlp = ModuleSpec(module=SwiGLUMLP, submodules=MLPSubmodules(linear_fc1=b.column,
                                                                 linear_fc2=b.row))
     moe = ModuleSpec(module=DeepSeekMoE, submodules=DeepSeekMoESubmodules(
-        router=SigmoidGroupRouter, experts=GroupedExperts, shared_experts=mlp,
-        dispatcher=dispatcher))
+        router=SigmoidGroupRouter, shared_experts=mlp, dispatcher=dispatcher,
+        experts=ModuleSpec(module=GroupedExperts, params={"gemm": gemm_strategy})))
     return ModuleSpec(module=DeepSeekV3TransformerLayer, submodules=DeepSeekV3LayerSubmodules(
         input_layernorm=b.norm, self_attention=attention, pre_mlp_layernorm=b.norm,
         dense_mlp=mlp, moe=moe))

@@ -3,8 +3,8 @@
 The decoder, embedding, output head and checkpoint layout are GPTModel's. What changes:
 - layers come from `layer_specs` (MLA does its own YaRN RoPE, so no model-level rotary),
 - embedding and output head get layout-independent keyed initial weights,
-- `_postprocess` computes the MTP losses without Megatron's CUDA-only loss tracker and records
-  them in `mtp_loss_tracker` for logging.
+- `_postprocess` computes the MTP losses (megatron_dsv3.mtp.loss) without Megatron's CUDA-only
+  loss tracker and records them in `mtp_loss_tracker` for logging.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from typing import List, Optional
 import torch
 
 from megatron.core.models.gpt.gpt_model import GPTModel
-from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
 from megatron_dsv3.core.init import init_normal_
 from megatron_dsv3.core.linear import group_rank, init_seed_of
 from megatron_dsv3.layer_specs import get_layer_spec, get_mtp_block_spec
-from megatron_dsv3.mtp.layer import roll_left
+from megatron_dsv3.mtp.loss import attach_mtp_losses
 
 
 class DeepSeekV3Model(GPTModel):
@@ -100,25 +99,16 @@ class DeepSeekV3Model(GPTModel):
         return self.compute_language_model_loss(labels, logits)
 
     def _attach_mtp_losses(self, hidden_states, mtp_hidden, labels, loss_mask, gather):
-        """Loss of depth k predicts labels shifted k further; its gradient (lambda / D, divided by
-        the number of tokens it covers) rides on the main hidden states' backward."""
-        depth = len(mtp_hidden)
-        mtp_labels = labels
-        mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
-        losses = []
-        for k, h in enumerate(mtp_hidden):
-            logits, _ = self.output_layer(h, runtime_gather_output=gather)
-            mtp_labels, mask = roll_left(mtp_labels), roll_left(mask)
-            num_tokens = mask.sum().clamp_min(1.0)
-            loss = self.compute_language_model_loss(mtp_labels, logits) * mask
-            losses.append((loss.sum() / num_tokens).detach())
-            scale = self.config.mtp_loss_scaling_factor / depth
-            if self.config.calculate_per_token_loss:
-                hidden_states = MTPLossAutoScaler.apply(hidden_states, scale * loss)
-            else:
-                hidden_states = MTPLossAutoScaler.apply(hidden_states, scale * loss / num_tokens)
+        """megatron_dsv3.mtp.loss with our output head and loss; the per-depth losses go to
+        `mtp_loss_tracker` when training."""
+        hidden_states, losses = attach_mtp_losses(
+            hidden_states, mtp_hidden, labels, loss_mask,
+            logits_of=lambda h: self.output_layer(h, runtime_gather_output=gather)[0],
+            token_loss=self.compute_language_model_loss,
+            scaling_factor=self.config.mtp_loss_scaling_factor,
+            per_token_loss=self.config.calculate_per_token_loss)
         if self.training:
-            self.mtp_loss_tracker.append(torch.stack(losses))
+            self.mtp_loss_tracker.append(losses)
         return hidden_states
 
     def pop_mtp_losses(self) -> Optional[torch.Tensor]:

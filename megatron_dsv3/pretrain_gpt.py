@@ -15,11 +15,11 @@ What is ours:
   `--dsv3-dispatch-chunks N`, `--dsv3-dispatch-fp8`, `--ranks-per-node N`
   (sets MEGATRON_DSV3_RANKS_PER_NODE for the node-aware dispatcher's topology). They land on
   DeepSeekV3Config (dsv3_fp8_recipe, dsv3_dispatch_chunks, dsv3_dispatch_fp8, dsv3_dispatcher,
-  which `moe.dispatcher.default_dispatcher` reads: node-aware or flat with expert parallelism,
+  which `layer_specs.make_dispatcher` reads: node-aware or flat with expert parallelism,
   local without);
 - `model_provider`: DeepSeekV3Model (our layer spec and MTP) from a DeepSeekV3Config made by
   Megatron's `core_transformer_config_from_args`; for dualpipe/dualpipev it returns this rank's two
-  V-placed chunks (`pipeline.build_chunks`) as Megatron's model list;
+  V-placed chunks (`model_chunks.build_model_chunks`) as Megatron's model list;
 - the schedule: `pipeline.use_in_megatron_training(name)` points the training loop's
   `get_forward_backward_func` at the named schedule.
 
@@ -98,7 +98,8 @@ def validate_dsv3_args(args) -> None:
                                     vpp=vp, names=layout_rules.MEGATRON_FLAGS, allowed=SCHEDULES)
     num_layers = getattr(args, "num_layers", None)
     if schedule in layout_rules.DUALPIPE_SCHEDULES and num_layers:
-        # Megatron checks its own schedules' split; ours places the chunks itself (build_chunks)
+        # Megatron checks its own schedules' split; ours places the chunks itself
+        # (model_chunks.build_model_chunks)
         layout_rules.stage_layer_counts(
             num_layers, schedule, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
             getattr(args, "decoder_last_pipeline_num_layers", None),
@@ -179,7 +180,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
     from megatron.training import get_args
 
     from megatron_dsv3.model import DeepSeekV3Model
-    from megatron_dsv3.pipeline import build_chunks
+    from megatron_dsv3.model_chunks import build_model_chunks
 
     args = get_args()
     apply_dsv3_args(args)
@@ -189,9 +190,10 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
     if schedule in ("dualpipe", "dualpipev"):
         from megatron.core import parallel_state
 
-        return build_chunks(config, schedule, parallel_state.get_pipeline_model_parallel_rank(),
-                            args.pipeline_model_parallel_size, pg_collection=pg_collection,
-                            use_te=use_te)
+        return build_model_chunks(config, schedule,
+                                  parallel_state.get_pipeline_model_parallel_rank(),
+                                  args.pipeline_model_parallel_size, pg_collection=pg_collection,
+                                  use_te=use_te)
     kwargs = {} if pg_collection is None else {"pg_collection": pg_collection}
     return DeepSeekV3Model(config, pre_process=pre_process, post_process=post_process,
                            vp_stage=vp_stage, use_te=use_te, **kwargs)

@@ -34,11 +34,7 @@ class DeepSeekV3LayerSubmodules:
 
 
 def global_layer_number(config, layer_number: int, vp_stage=None, pg_collection=None) -> int:
-    """Megatron's global number of local layer `layer_number` on this stage, or — when the config
-    carries a DualPipe placement (`dsv3_stage_layers`) — the number that placement assigns."""
-    placement = getattr(config, "dsv3_stage_layers", None)
-    if placement is not None:
-        return placement.global_layer_number(layer_number, vp_stage, pg_collection)
+    """Megatron's global number of local layer `layer_number` on this stage (its layer offset)."""
     return layer_number + compat.layer_offset(config, vp_stage, getattr(pg_collection, "pp", None))
 
 
@@ -61,7 +57,8 @@ class DeepSeekV3TransformerLayer(TransformerLayer):
         self.pg_collection = pg_collection
         self.tp_group = getattr(pg_collection, "tp", None)
         self.submodules_config = submodules
-        # MTP layers pass their global number (num_layers + depth) explicitly.
+        # `global_number` is given where Megatron's offset does not place the layer: MTP layers
+        # (num_layers + depth) and DualPipe chunks (a spec param, megatron_dsv3.model_chunks).
         self.layer_number = global_number or global_layer_number(config, layer_number, vp_stage,
                                                                  pg_collection)
         self.hidden_dropout = config.hidden_dropout if hidden_dropout is None else hidden_dropout
@@ -88,13 +85,18 @@ class DeepSeekV3TransformerLayer(TransformerLayer):
             out = F.dropout(out, p=self.hidden_dropout)
         return residual + out
 
-    def forward_attention(self, hidden_states, attention_mask=None, packed_seq_params=None):
-        """First half of the layer: hidden + MLA(RMSNorm(hidden))."""
+    def _attention_half(self, hidden_states, attend):
+        """hidden + attend(RMSNorm(hidden)): the first half of both entry points, `attend` being
+        MLA over the sequence (training) or over the latent cache (decoding)."""
         norm, release = recompute_region(self.config, "layernorm", self.input_layernorm)
-        attn_out, attn_bias = self.self_attention(norm(hidden_states), attention_mask=attention_mask,
-                                                  packed_seq_params=packed_seq_params)
+        attn_out, attn_bias = attend(norm(hidden_states))
         release(attn_out)
         return self._dropout_add(attn_out, attn_bias, hidden_states)
+
+    def forward_attention(self, hidden_states, attention_mask=None, packed_seq_params=None):
+        """First half of the layer: hidden + MLA(RMSNorm(hidden))."""
+        return self._attention_half(hidden_states, lambda x: self.self_attention(
+            x, attention_mask=attention_mask, packed_seq_params=packed_seq_params))
 
     def forward_mlp(self, hidden_states, padding_mask=None):
         """Second half: hidden + FFN(RMSNorm(hidden))."""
@@ -109,6 +111,24 @@ class DeepSeekV3TransformerLayer(TransformerLayer):
         output = self.forward_mlp(hidden, padding_mask)
         output = make_viewless_tensor(output, requires_grad=output.requires_grad, keep_graph=True)
         return output, None
+
+    def forward_cached(self, hidden_states: torch.Tensor, cache, position_ids: torch.Tensor,
+                       absorbed: bool = True) -> torch.Tensor:
+        """The layer over a latent cache (decoding): the same two halves as `forward`, with MLA
+        reading every earlier token from the cache instead of the sequence.
+
+        hidden_states [s, b, h] are new tokens at position_ids [b, s]. `cache` is this layer's view
+        of the cache for the batch (megatron_dsv3.inference.decoder.LayerCacheView):
+        `cache.update(c_kv [b, s, c], k_rope [b, s, dr])` stores the new tokens' latents and
+        returns every key's (c_kv [b, T, c], k_rope [b, T, dr], key_mask [b, T]);
+        `cache.attention_span()` brackets the attention half (a timeline record when traced).
+        `absorbed=False` reads the cache through the un-absorbed formula (comparison only).
+        -> hidden [s, b, h].
+        """
+        with cache.attention_span():
+            hidden = self._attention_half(hidden_states, lambda x: self.self_attention.forward_cached(
+                x, position_ids, cache, absorbed=absorbed))
+        return self.forward_mlp(hidden)
 
     def __call__(self, *args, **kwargs):
         # Bypass TransformerLayer.__call__'s CUDA-graph dispatch: plain module call.

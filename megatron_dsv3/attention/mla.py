@@ -152,6 +152,16 @@ class MLASelfAttention(MegatronModule):
         k_rope = apply_rotary(k_rope[:, :, None, :], cos, sin)[:, :, 0]
         return c_kv.transpose(0, 1), k_rope.transpose(0, 1)
 
+    def forward_cached(self, hidden_states, position_ids, cache, absorbed: bool = True):
+        """New tokens hidden_states [s, b, h] at position_ids [b, s] attending over a latent cache:
+        their latents go into `cache` (a layer's cache view: `update(c_kv, k_rope)` stores them
+        and returns every key's c_kv, k_rope and key mask), then absorbed attention (or, with
+        `absorbed=False`, the expanded formula) reads all keys. -> (output, bias) as forward."""
+        c_kv, k_rope = self.latents(hidden_states, position_ids)          # [b, s, c], [b, s, dr]
+        keys_c_kv, keys_k_rope, key_mask = cache.update(c_kv, k_rope)     # [b, T, c], [b, T, dr]
+        attend = self.forward_absorbed if absorbed else self.forward_expanded
+        return attend(hidden_states, position_ids, keys_c_kv, keys_k_rope, key_mask=key_mask)
+
     def forward_absorbed(self, hidden_states, position_ids, cache_c_kv, cache_k_rope,
                          key_positions=None, key_mask=None):
         """Attention of new tokens against cached latents, with W_UK/W_UV absorbed.

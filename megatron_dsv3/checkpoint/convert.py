@@ -117,7 +117,10 @@ def hf_to_dist(hf_path: str, out_path: str, *, tp: int = 1, pp: int = 1, ep: int
 
     check_output_outside_input(hf_path, out_path)
     hf = read_hf_config(hf_path)
-    config = config_from_hf(hf, dtype=dtype)
+    # (from the path: a checkpoint without MTP weights, as transformers saves them, converts
+    # without MTP, with a warning, and its stored config then says so)
+    config = config_from_hf(hf_path, dtype=dtype)
+    hf = dict(hf, num_nextn_predict_layers=config.mtp_num_layers or 0)
     check_layout(config, tp, pp, ep, schedule=schedule, first=first, last=last, vpp=vpp)
     maps = model_maps(config, rope_interleave=hf.get("rope_interleave", True))
     reader = HFReader(hf_path)

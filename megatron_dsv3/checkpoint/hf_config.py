@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Dict, Optional
 
 import torch
 
 from megatron_dsv3.checkpoint.errors import CheckpointFileError, reading
 from megatron_dsv3.configs import DeepSeekV3Config, get_config
+
+# The parameter dtype a model built from an HF checkpoint gets unless told otherwise: every load
+# path (config_from_hf, inference.loading, python -m megatron_dsv3.generate) uses this one default.
+DEFAULT_DTYPE = torch.bfloat16
 
 # DeepSeek's FP8 release: E4M3 weights, one float32 `weight_scale_inv` per 128x128 block.
 FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
@@ -76,6 +81,43 @@ def rope_settings(hf: Dict[str, Any]) -> Dict[str, Any]:
 
 def mtp_depth(hf: Dict[str, Any]) -> int:
     return int(hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0)
+
+
+def mtp_layers_to_build(path_or_dict, hf: Dict[str, Any], mtp: Optional[bool] = None
+                        ) -> Optional[int]:
+    """The MTP depth to build for an HF checkpoint (None: no MTP layers).
+
+    DeepSeek's checkpoints hold MTP module k as `model.layers.{L + k}.*` (L = num_hidden_layers,
+    k < num_nextn_predict_layers). transformers' DeepseekV3ForCausalLM has no MTP modules, so its
+    `save_pretrained` writes none while config.json keeps num_nextn_predict_layers. mtp=None builds
+    the config's depth when the checkpoint holds `model.layers.{L}.*` (or when there are no weight
+    files next to the config to look at, e.g. a parsed dict) and otherwise leaves MTP out with a
+    warning naming the file; mtp=True builds it regardless (load_hf then names the missing
+    tensors); mtp=False leaves it out.
+    """
+    depth = mtp_depth(hf)
+    if mtp is False:
+        return None
+    if depth == 0:
+        if mtp:
+            raise ValueError("mtp=True, but the HF config sets num_nextn_predict_layers=0: the "
+                             "checkpoint describes no MTP layers")
+        return None
+    if mtp or isinstance(path_or_dict, dict):
+        return depth
+    from megatron_dsv3.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE, HFReader
+
+    directory = path_or_dict if os.path.isdir(path_or_dict) else os.path.dirname(path_or_dict)
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in (INDEX_FILE, SINGLE_FILE)):
+        return depth  # a config without weights: nothing to detect
+    reader = HFReader(directory)
+    first = f"model.layers.{hf['num_hidden_layers']}."
+    if any(name.startswith(first) for name in reader.names()):
+        return depth
+    warnings.warn(f"{reader.index_file} holds no MTP weights ({first}*) although its config sets "
+                  f"num_nextn_predict_layers={depth} (transformers' save_pretrained writes none): "
+                  "loading without MTP; pass mtp=True to insist", stacklevel=3)
+    return None
 
 
 def _check_supported(hf: Dict[str, Any]) -> None:
@@ -183,16 +225,22 @@ def config_fields_from_hf(hf: Dict[str, Any]) -> Dict[str, Any]:
     return fields
 
 
-def config_from_hf(path_or_dict, dtype: torch.dtype = torch.bfloat16,
-                   **overrides: Any) -> DeepSeekV3Config:
+def config_from_hf(path_or_dict, dtype: torch.dtype = DEFAULT_DTYPE, *,
+                   mtp: Optional[bool] = None, **overrides: Any) -> DeepSeekV3Config:
     """Our config for an HF DeepSeek-V3 checkpoint (directory, config.json path, or parsed dict).
 
-    `dtype` is the parameter dtype of the model to build (bfloat16 for training, float32 for exact
-    comparisons); `overrides` set any other DeepSeekV3Config field (parallel sizes, FP8 recipe,
-    training hyper-parameters, or e.g. mtp_num_layers=None to leave MTP out).
+    `dtype` is the parameter dtype of the model to build: bfloat16 by default (DEFAULT_DTYPE, as
+    every load path), float32 for exact comparisons; `overrides` set any other DeepSeekV3Config
+    field (parallel sizes, FP8 recipe, training hyper-parameters, or e.g. mtp_num_layers=None to
+    leave MTP out). `mtp` decides the
+    MTP layers when mtp_num_layers is not overridden (see mtp_layers_to_build: by default they
+    are left out, with a warning, when the checkpoint holds none, as after transformers'
+    save_pretrained).
     """
     hf = path_or_dict if isinstance(path_or_dict, dict) else read_hf_config(path_or_dict)
     fields = config_fields_from_hf(hf)
+    if "mtp_num_layers" not in overrides:
+        fields["mtp_num_layers"] = mtp_layers_to_build(path_or_dict, hf, mtp)
     fields.update(bf16=dtype == torch.bfloat16, params_dtype=dtype, pipeline_dtype=dtype)
     fields.update(overrides)
     try:

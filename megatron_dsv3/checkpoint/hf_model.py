@@ -7,15 +7,17 @@
 Both directions go through the model's own `sharded_state_dict`: every ShardedTensor names a
 global tensor and the region of it this rank holds, so loading reads exactly that region from the HF
 files (no communication), and saving gathers the main replicas' regions to rank 0, which streams
-the HF shards. Nothing is silently dropped: a checkpoint tensor the model does not use, a model
-tensor the checkpoint lacks, or an architecture field that differs from the model's config is an
-error naming it.
+the HF shards. Nothing is silently dropped: a checkpoint tensor the model does not use (unless
+allow_unused, or skip_mtp for the MTP layers), a model tensor the checkpoint lacks (for missing MTP
+layers, with what to do about them), or an architecture field that differs from the model's
+config is an error naming it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -117,38 +119,66 @@ def check_architecture(config, hf: Dict[str, Any]) -> None:
                              f"{field}={ours!r}; build it with config_from_hf(<checkpoint>)")
 
 
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def is_mtp_tensor(name: str, num_layers: int) -> bool:
+    """Whether HF tensor `name` is an MTP module's (model.layers.{L + k}.*, L = num_layers)."""
+    match = _HF_LAYER.match(name)
+    return match is not None and int(match.group(1)) >= num_layers
+
+
 def check_hf_checkpoint(reader: HFReader, maps: Dict[str, TensorMap], config,
-                        allow_unused: bool = False) -> None:
+                        allow_unused: bool = False, *, skip_mtp: bool = False) -> None:
     """Before any weight is read: every tensor the model needs exists with its shape (FP8 weights
-    with their block scales), and every tensor of the checkpoint is used (unless allow_unused)."""
+    with their block scales), and every tensor of the checkpoint is used (unless allow_unused;
+    skip_mtp: except the MTP layers', for a model built without them)."""
+    needed = [t for m in maps.values() for t in m.hf_tensors()]
+    missing = [t.name for t in needed if not reader.has(t.name)]
+    if missing:
+        message = (f"tensor {missing[0]} is missing from the checkpoint: {reader.index_file} does "
+                   "not list it")
+        if len(missing) > 1:
+            message += (f" (nor {len(missing) - 1} other tensor(s) the model needs, e.g. "
+                        f"{missing[1:5]})")
+        L = config.num_layers
+        if (all(is_mtp_tensor(n, L) for n in missing)
+                and not any(is_mtp_tensor(n, L) for n in reader.names())):
+            message += (f"; the checkpoint holds no MTP layers (model.layers.{L}.*"
+                        ": transformers' save_pretrained writes none): build the model without "
+                        "them (config_from_hf and from_hf do unless given mtp=True, or "
+                        "mtp_num_layers=None)")
+        raise ValueError(message)
     used = set()
-    for m in maps.values():
-        for t in m.hf_tensors():
-            reader.check(t.name, t.shape)
-            used.update((t.name, t.name + SCALE_SUFFIX))
+    for t in needed:
+        reader.check(t.name, t.shape)
+        used.update((t.name, t.name + SCALE_SUFFIX))
     for copy, original in mirror_names(config):
         if reader.has(copy):
             reader.check(copy, reader.shape(original))
             used.add(copy)
-    unused = [n for n in reader.names() if n not in used]
+    unused = [n for n in reader.names() if n not in used
+              and not (skip_mtp and is_mtp_tensor(n, config.num_layers))]
     if unused and not allow_unused:
         raise ValueError(
             f"{len(unused)} tensor(s) of {reader.index_file} are not used by the model, e.g. "
             f"{unused[:4]}; pass allow_unused=True (--allow-unused) to leave them out knowingly "
-            "(for example the MTP layers when loading with mtp_num_layers=None)")
+            "(or skip_mtp=True for the MTP layers of a model built with mtp_num_layers=None)")
 
 
 # -- load -------------------------------------------------------------------------------------
-def load_hf(model, path: str, *, allow_unused: bool = False, progress: bool = False) -> None:
+def load_hf(model, path: str, *, allow_unused: bool = False, skip_mtp: bool = False,
+            progress: bool = False) -> None:
     """Fill the slice of the model this rank holds (any TP/PP/EP layout; `model` may be a list of
     virtual-pipeline chunks) from the HF checkpoint at `path` (BF16/FP32, or FP8 with 128x128
-    weight_scale_inv blocks, dequantised on read)."""
+    weight_scale_inv blocks, dequantised on read). skip_mtp=True leaves the checkpoint's MTP
+    layers unread (a model built without MTP); allow_unused=True leaves any unused tensor."""
     hf = read_hf_config(path)
     config = _model_config(model)
     check_architecture(config, hf)
     maps = model_maps(config, rope_interleave=hf.get("rope_interleave", True))
     reader = HFReader(path)
-    check_hf_checkpoint(reader, maps, config, allow_unused)
+    check_hf_checkpoint(reader, maps, config, allow_unused, skip_mtp=skip_mtp)
     shards = local_shards(model)
     for sh in shards:
         if sh.key not in maps:

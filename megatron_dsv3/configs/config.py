@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
+from megatron_dsv3 import compat
+
 
 @dataclasses.dataclass
 class DeepSeekV3Config(MLATransformerConfig):
@@ -53,6 +55,7 @@ class DeepSeekV3Config(MLATransformerConfig):
 
 
 DISPATCHERS = ("node-aware", "flat", "local")
+FP8_RECIPES = ("deepseek", "deepseek-pow2")  # dsv3_fp8_recipe: float32 or power-of-2 scales
 
 
 def _positive(config: Any, field: str, *, optional: bool = False) -> None:
@@ -66,6 +69,31 @@ def _positive(config: Any, field: str, *, optional: bool = False) -> None:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate_fp8(config: Any) -> None:
+    """The FP8 fields our linear layers can run: dsv3_fp8_recipe in FP8_RECIPES, or Megatron's
+    `fp8` with fp8_recipe='blockwise' where Transformer Engine imports (megatron-core's FP8 is
+    TE's autocast: without TE it runs dense layers in high precision and fails for MoE).
+    `dsv3_fp8_recipe`, when set, wins over `fp8` for our modules."""
+    name = getattr(config, "dsv3_fp8_recipe", None)
+    if name is not None:
+        if name not in FP8_RECIPES:
+            raise ValueError(f"dsv3_fp8_recipe={name!r} is invalid: allowed values are None, "
+                             f"{', '.join(repr(r) for r in FP8_RECIPES)}")
+        return
+    if getattr(config, "fp8", None):
+        if not compat.te_importable():
+            raise ValueError(
+                f"fp8={config.fp8!r} needs Transformer Engine, which is not importable here "
+                "(megatron-core's FP8 is TE's autocast: without TE it runs dense layers in high "
+                "precision and fails for MoE). Allowed here: fp8=None with "
+                f"dsv3_fp8_recipe in {list(FP8_RECIPES)} (DeepSeek's recipe, portable emulation)")
+        recipe = str(getattr(config, "fp8_recipe", ""))
+        if "blockwise" not in recipe:
+            raise ValueError(f"fp8_recipe={recipe!r} is not DeepSeek's fine-grained recipe: "
+                             "allowed value with megatron-dsv3 layers is 'blockwise' (or set "
+                             "fp8=None and use dsv3_fp8_recipe)")
 
 
 def validate_config(config: Any) -> None:
@@ -92,8 +120,6 @@ def validate_config(config: Any) -> None:
             f"num_attention_heads={config.num_attention_heads} must be divisible by "
             f"tensor_model_parallel_size={tp}; allowed tensor_model_parallel_size values: "
             f"{_divisors(config.num_attention_heads)}")
-    from megatron_dsv3.fp8.recipe import recipe_from_config
-
     dispatcher = getattr(config, "dsv3_dispatcher", "node-aware")
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"dsv3_dispatcher={dispatcher!r} is invalid: allowed values are "
@@ -102,7 +128,7 @@ def validate_config(config: Any) -> None:
         raise ValueError("dsv3_dispatcher='local' cannot reach experts on other ranks: allowed "
                          "with expert_model_parallel_size=1 only; use 'node-aware' or 'flat' "
                          f"(expert_model_parallel_size={config.expert_model_parallel_size})")
-    recipe_from_config(config)  # dsv3_fp8_recipe / fp8 / fp8_recipe: ValueError naming the field
+    validate_fp8(config)
     chunks = getattr(config, "dsv3_dispatch_chunks", 1)
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks <= 0:
         raise ValueError(f"dsv3_dispatch_chunks={chunks!r} is invalid: allowed values are "

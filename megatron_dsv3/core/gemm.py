@@ -35,8 +35,10 @@ class WeightGradStore:
     """Deferred weight-gradient work (zero-bubble pipelining).
 
     Inside `WeightGradStore.deferring()`, linear layers of ours queue their wgrad GEMM instead of
-    running it during backward; the schedule later calls `flush()` to close the queue as one unit
-    of W work and `pop()` to run the oldest unit where its timeline has a gap.
+    running it during backward (`defer`); the schedule later calls `flush()` to close the queue as
+    one unit of W work and `pop()` to run the oldest unit where its timeline has a gap. A deferred
+    gradient reaches its parameter the way autograd's would (`accumulate_grad`), so Megatron's
+    DistributedDataParallel sees it like any other.
     """
 
     _enabled = False
@@ -61,6 +63,14 @@ class WeightGradStore:
         cls._pending.append(fn)
 
     @classmethod
+    def defer(cls, param: torch.nn.Parameter,
+              weight_grad: Callable[[], torch.Tensor]) -> Optional[torch.Tensor]:
+        """Queue `accumulate_grad(param, weight_grad())`; -> what the deferring backward returns
+        for `param` now (`placeholder_grad`)."""
+        cls.put(lambda: accumulate_grad(param, weight_grad()))
+        return placeholder_grad(param)
+
+    @classmethod
     def flush(cls) -> None:
         cls._units.append(cls._pending)
         cls._pending = []
@@ -82,15 +92,25 @@ class WeightGradStore:
 
 
 def accumulate_grad(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
-    """Add a weight gradient computed outside autograd, the way autograd would have, and fire the
-    hooks Megatron's DDP registers for gradient accumulation."""
-    grad = grad.to(param.dtype)
-    if param.grad is None:
-        param.grad = grad
-    else:
-        param.grad.add_(grad)
-    for hook in getattr(param, "_dsv3_post_accumulate_hooks", ()):
-        hook(param)
+    """Add a weight gradient computed outside autograd's backward, the way autograd would have:
+    through the parameter's own gradient accumulator (AccumulateGrad), so every hook on it runs
+    as in a backward: Megatron's DistributedDataParallel adds the gradient into `main_grad` and,
+    with overlap_grad_reduce, marks it ready for its bucket's reduction; post-accumulate-grad
+    hooks run too."""
+    torch.autograd.backward(param, grad.to(param.dtype))
+
+
+def placeholder_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """The gradient a backward returns for `param` when its real one is deferred.
+
+    Autograd runs `param`'s AccumulateGrad (and the hooks on it) whether or not a gradient
+    arrives. Without Megatron's DDP nothing needs one: None. Under DDP (which gave the param a
+    `main_grad`) the hook adds `param.grad` into main_grad and, with overlap_grad_reduce, refuses
+    a missing gradient: zeros, which change no sum. The real gradient follows through the same
+    hook at W (`accumulate_grad`); the counts of DDP's readiness marks are the same every step,
+    and a param's last mark is its last contribution, so a bucket is reduced only when complete.
+    """
+    return torch.zeros_like(param) if hasattr(param, "main_grad") else None
 
 
 class LinearFunction(torch.autograd.Function):
@@ -113,7 +133,7 @@ class LinearFunction(torch.autograd.Function):
         dw = None
         if ctx.needs_input_grad[1]:
             if WeightGradStore.is_deferring():
-                WeightGradStore.put(lambda: accumulate_grad(weight, gemm.wgrad(dy2d, x2d)))
+                dw = WeightGradStore.defer(weight, lambda: gemm.wgrad(dy2d, x2d))
             else:
                 dw = gemm.wgrad(dy2d, x2d)
         return dx, dw, None

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import torch
 
-from megatron_dsv3.core.gemm import DEFAULT_GEMM, Gemm, WeightGradStore, accumulate_grad
+from megatron_dsv3.core.gemm import DEFAULT_GEMM, Gemm, WeightGradStore
 
 
 def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -64,7 +64,7 @@ class GroupedLinearFunction(torch.autograd.Function):
 
         if ctx.needs_input_grad[1]:
             if WeightGradStore.is_deferring():
-                WeightGradStore.put(lambda: accumulate_grad(w, weight_grad()))
+                dw = WeightGradStore.defer(w, weight_grad)
             else:
                 dw = weight_grad()
         return dx, dw, None, None

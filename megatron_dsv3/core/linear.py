@@ -2,7 +2,8 @@
 
 Constructor and return convention follow Megatron's ColumnParallelLinear/RowParallelLinear, so a
 spec may swap in Megatron's or Transformer Engine's classes; `init_method` may be a `KeyedInit`,
-which gives every layout the same initial weights.
+which gives every layout the same initial weights. `gemm` is a factory config -> Gemm that the
+spec passes in (layer_specs.gemm_strategy, e.g. FP8); without it the GEMMs are plain.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from megatron_dsv3.core.gemm import Gemm, linear
+from megatron_dsv3.core.gemm import DEFAULT_GEMM, Gemm, linear
 from megatron_dsv3.core.init import init_normal_, param_device
 
 
@@ -66,10 +67,9 @@ class _ParallelLinear(MegatronModule):
 
     def __init__(self, input_size: int, output_size: int, *, config, init_method: Optional[Callable],
                  bias: bool = False, skip_bias_add: bool = False, is_expert: bool = False,
-                 tp_group=None, gemm: Optional[Gemm] = None, **_megatron_kwargs):
+                 tp_group=None, gemm: Optional[Callable[..., Gemm]] = None,
+                 **_megatron_kwargs):
         super().__init__(config=config)
-        from megatron_dsv3.fp8.recipe import gemm_for_config
-
         self.tp_group = None if self.replicated else tp_group_or_default(tp_group)
         tp = group_size(self.tp_group)
         self.input_size, self.output_size = input_size, output_size
@@ -93,7 +93,7 @@ class _ParallelLinear(MegatronModule):
             setattr(self.bias, "allreduce", not is_expert)
         else:
             self.register_parameter("bias", None)
-        self.gemm = gemm or gemm_for_config(config)
+        self.gemm = gemm(config) if gemm is not None else DEFAULT_GEMM
 
     def _bias_out(self, out):
         if self.bias is None:

@@ -27,23 +27,21 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_dsv3.dispatch.topology import current_lane, resolve_group
+from megatron_dsv3.dispatch.topology import resolve_group
+from megatron_dsv3.lanes import StepTrace, current_lane
 
 Links = List[str]  # per group member: "inter" (another node), "intra" (same node), "self"
-
-
-# When a list: every labelled transfer's record is appended to it as well (a training step's
-# timeline across all MoE layers and both passes; see megatron_dsv3.pipeline.overlap).
-TRACE: Optional[list] = None
 
 
 class Hop:
     """One all-to-all, forward and backward (`reverse=True` swaps send and recv).
 
     The bytes handed to torch.distributed for each member are added to `counters` by the link
-    they cross. With a `timeline` list, each transfer appends a record {**label, "pass", "start"
-    (issued), "end" (completed), "waited"} (perf_counter seconds). `relayed`: a later hop forwards
-    the received wire rows, so they are kept until `take_received`.
+    they cross. With a `timeline` list, each transfer appends a record {**label, "pass", "lane",
+    "start" (issued), "end" (completed), "waited"} (perf_counter seconds); a labelled transfer
+    with a "stage" also goes to the StepTrace being recorded, if any (megatron_dsv3.lanes).
+    `relayed`: a later hop forwards the received wire rows, so they are kept until
+    `take_received`.
     """
 
     def __init__(self, send: List[int], recv: List[int], group, links: Optional[Links] = None,
@@ -77,7 +75,7 @@ class Hop:
         else:
             work = dist.all_to_all_single(out, wire, output_split_sizes=recv,
                                           input_split_sizes=send, group=group, async_op=True)
-            if self.timeline is not None or TRACE is not None:
+            if self.timeline is not None or StepTrace.is_recording():
                 completion = work.get_future().then(
                     lambda _: record.__setitem__("end", time.perf_counter()))
         self._inflight = (out, work, completion, record)
@@ -94,8 +92,8 @@ class Hop:
         record.setdefault("end", record["waited"])
         if self.timeline is not None:
             self.timeline.append({**(self.label or {}), **record})
-        if TRACE is not None and self.label is not None and self.label.get("stage"):
-            TRACE.append({**self.label, **record, "kind": "a2a"})
+        if self.label is not None and self.label.get("stage"):
+            StepTrace.transfer({**self.label, **record, "kind": "a2a"})
         if self.relayed and record["pass"] == "forward":
             self._received = out
         return out

@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import torch
 
+from megatron_dsv3.dispatch.base import TokenDispatcher, sort_by_expert
 from megatron_dsv3.dispatch.comm import Hop, all_to_all
 from megatron_dsv3.dispatch.counters import TrafficCounters
 from megatron_dsv3.dispatch.topology import build_topology
-from megatron_dsv3.moe.dispatcher import TokenDispatcher, sort_by_expert
 
 
 class FlatAllToAllDispatcher(TokenDispatcher):
-    def __init__(self, config, ep_group=None):
-        super().__init__(config, ep_group)
+    """`num_experts` experts split evenly over the expert-parallel group `ep_group`."""
+
+    def __init__(self, num_experts: int, ep_group):
+        if ep_group is None:
+            raise ValueError("FlatAllToAllDispatcher needs an expert-parallel group (ep_group); "
+                             "without expert parallelism use LocalDispatcher")
+        super().__init__(num_experts, ep_group)
         topo = build_topology(ep_group)
         L = topo.ranks_per_node
         self.links = ["self" if r == topo.ep_rank else "intra" if r // L == topo.node else "inter"

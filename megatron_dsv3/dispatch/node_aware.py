@@ -28,12 +28,12 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from megatron_dsv3.dispatch.base import TokenDispatcher
 from megatron_dsv3.dispatch.comm import BackwardMark, Hop, start, wait
 from megatron_dsv3.dispatch.counters import TrafficCounters
 from megatron_dsv3.dispatch.fp8_payload import Fp8Payload
 from megatron_dsv3.dispatch.layout import Copies, copies_by_destination
 from megatron_dsv3.dispatch.topology import EPTopology, build_topology, node_limit
-from megatron_dsv3.moe.dispatcher import TokenDispatcher
 
 STAGES = ("dispatch_inter", "dispatch_intra", "experts", "combine_intra", "combine_inter")
 
@@ -53,42 +53,45 @@ class Plan:
 
 
 class NodeAwareDispatcher(TokenDispatcher):
-    """Two-stage dispatch over Megatron's expert-parallel group (expert-tensor-parallel size 1).
+    """Two-stage dispatch of `num_experts` experts over the expert-parallel group `ep_group`.
 
-    Options: `chunks` (default config.dsv3_dispatch_chunks) for the overlap pipeline;
-    `fp8_payload` (default config.dsv3_dispatch_fp8, off) sends the dispatch payload as E4M3 with
-    power-of-2 1x128 scales, the combine stays in the compute dtype. `counters` holds the traffic
-    since its last reset; `last_timeline` the per-chunk stage times of the last forward_experts
-    (and of its backward, once that has run).
+    Routing facts (from the binding, `layer_specs.make_dispatcher`): `hidden_size` (the row width,
+    config.hidden_size), `num_groups` / `group_topk` (config.moe_router_num_groups /
+    moe_router_group_topk: the node limit the counters check). Options: `chunks`
+    (config.dsv3_dispatch_chunks) for the overlap pipeline; `fp8_payload`
+    (config.dsv3_dispatch_fp8) sends the dispatch payload as E4M3 with power-of-2 1x128 scales,
+    the combine stays in the compute dtype; `expert_tensor_parallel_size` must be 1. `counters`
+    holds the traffic since its last reset; `last_timeline` the per-chunk stage times of the last
+    forward_experts (and of its backward, once that has run).
     """
 
-    def __init__(self, config, ep_group=None, *, chunks: Optional[int] = None,
-                 fp8_payload: Optional[bool] = None):
+    def __init__(self, num_experts: int, ep_group, *, hidden_size: int,
+                 num_groups: Optional[int], group_topk: Optional[int], chunks: int = 2,
+                 fp8_payload: bool = False, expert_tensor_parallel_size: int = 1):
         if ep_group is None:
             raise ValueError("NodeAwareDispatcher needs an expert-parallel group (ep_group); "
                              "without expert parallelism use LocalDispatcher")
-        ep, experts = ep_group.size(), config.num_moe_experts
-        if experts % ep:
-            raise ValueError(f"num_moe_experts={experts} is not divisible by the expert-parallel "
-                             f"size {ep} (expert_model_parallel_size); allowed sizes: divisors of "
-                             f"{experts}")
-        etp = getattr(config, "expert_tensor_parallel_size", None) or 1
-        if etp != 1:
-            raise ValueError(f"expert_tensor_parallel_size={etp} is not supported by the "
-                             "node-aware dispatcher: allowed value 1 (DeepSeek-V3 trains experts "
-                             "without tensor parallelism)")
-        self.chunks = chunks if chunks is not None else getattr(config, "dsv3_dispatch_chunks", 2)
-        if not isinstance(self.chunks, int) or isinstance(self.chunks, bool) or self.chunks <= 0:
-            raise ValueError(f"chunks={self.chunks!r} is invalid: allowed values are positive "
-                             "integers")
-        use_fp8 = getattr(config, "dsv3_dispatch_fp8", False) if fp8_payload is None else fp8_payload
-        if not isinstance(use_fp8, bool):
-            raise ValueError(f"fp8_payload={use_fp8!r} is invalid: allowed values are True, False")
-        super().__init__(config, ep_group)
+        ep = ep_group.size()
+        if num_experts % ep:
+            raise ValueError(f"num_moe_experts={num_experts} (argument num_experts) is not "
+                             f"divisible by the expert-parallel size {ep} (the ep_group's size, "
+                             f"expert_model_parallel_size); allowed sizes: divisors of "
+                             f"{num_experts}")
+        if expert_tensor_parallel_size != 1:
+            raise ValueError(f"expert_tensor_parallel_size={expert_tensor_parallel_size} is not "
+                             "supported by the node-aware dispatcher: allowed value 1 "
+                             "(DeepSeek-V3 trains experts without tensor parallelism)")
+        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks <= 0:
+            raise ValueError(f"chunks={chunks!r} (dsv3_dispatch_chunks) is invalid: allowed "
+                             "values are positive integers")
+        if not isinstance(fp8_payload, bool):
+            raise ValueError(f"fp8_payload={fp8_payload!r} (dsv3_dispatch_fp8) is invalid: "
+                             "allowed values are True, False")
+        super().__init__(num_experts, ep_group)
+        self.chunks = chunks
         self.topo: EPTopology = build_topology(ep_group)
-        self.node_limit = node_limit(self.topo.num_nodes, config.moe_router_num_groups,
-                                     config.moe_router_group_topk)
-        self.codec = Fp8Payload(config.hidden_size) if use_fp8 else None
+        self.node_limit = node_limit(self.topo.num_nodes, num_groups, group_topk)
+        self.codec = Fp8Payload(hidden_size) if fp8_payload else None
         self.counters = TrafficCounters()
         self.last_timeline: List[Dict] = []
         topo = self.topo

@@ -8,47 +8,26 @@ Global rank g lives on node g // ranks_per_node. The expert-parallel group [g_0,
 then (node i // L, local index i % L). Stage one of a dispatch talks among the ranks with the
 same local index, one per node (the "rail"); stage two among the L ranks of one node.
 
-Lanes: every rail and node group exists twice. Forward passes talk on lane 0 and backward passes
-(autograd, recompute included) on lane 1, chosen per thread (`dispatch_lane`). Collectives on one
-group must be issued in the same order on all its members; with one lane per direction, the order
-is the order of the forward (or backward) operations, the same on all expert-parallel ranks, so a
-DualPipe F&B pair can run its forward and its backward in two threads, each with its all-to-alls
-in flight while the other computes (megatron_dsv3.pipeline.overlap).
+Lanes (megatron_dsv3.lanes): every rail and node group exists once per lane, and a collective goes
+on the calling thread's lane (`LaneGroups.current`). Training sets forward passes on lane 0 and
+backward passes (autograd, recompute included) on lane 1; decoding puts its two micro-batches on
+lanes 0 and 1. On each lane the collectives come in the same order on all expert-parallel ranks,
+so a DualPipe F&B pair can run its forward and its backward in two threads, each with its
+all-to-alls in flight while the other computes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
+from megatron_dsv3.lanes import LANES, current_lane
 from megatron_dsv3.liveness import group_timeout
 
 ENV_RANKS_PER_NODE = "MEGATRON_DSV3_RANKS_PER_NODE"
-LANES = 2  # 0: forward passes, 1: backward passes
-_LANE = threading.local()
-
-
-def current_lane() -> int:
-    return getattr(_LANE, "value", 0)
-
-
-@contextlib.contextmanager
-def dispatch_lane(lane: int):
-    """Dispatch and combine all-to-alls issued by this thread inside the block use `lane`'s
-    process groups (0: forward, 1: backward)."""
-    if lane not in range(LANES):
-        raise ValueError(f"dispatch lane {lane} is invalid: allowed values are 0..{LANES - 1}")
-    saved = current_lane()
-    _LANE.value = lane
-    try:
-        yield
-    finally:
-        _LANE.value = saved
 
 
 class LaneGroups:
@@ -138,8 +117,9 @@ def node_limit(num_nodes: int, num_groups: Optional[int], group_topk: Optional[i
 
 
 # (EP ranks..., L) -> (rail groups by local index, node groups by node, extra lanes of the EP
-# group); None where this rank is no member. Groups from initialize_dispatch_groups (created by every rank) and groups created on
-# first use (by their members) are kept apart, so every rank makes the same collective calls.
+# group); None where this rank is no member. Groups from initialize_dispatch_groups (created by
+# every rank) and groups created on first use (by their members) are kept apart, so every rank
+# makes the same collective calls.
 _COLLECTIVE_GROUPS: Dict[Tuple[int, ...], Tuple[list, list, list]] = {}
 _MEMBER_GROUPS: Dict[Tuple[int, ...], Tuple[list, list, list]] = {}
 

@@ -1,3 +1,27 @@
 """FP8 training with DeepSeek-V3's fine-grained scaling (1x128 activation tiles, 128x128 weight
 blocks, FP32 promotion): `quant` (quantisers and the blockwise GEMM, torch only), `gemm` (the
 three GEMMs of a linear layer), `recipe` (the switch and the Transformer Engine adapter)."""
+
+import importlib
+
+from megatron_dsv3.fp8.quant import (
+    blockwise_matmul,
+    dequantize_1x128,
+    dequantize_128x128,
+    quantize_1x128,
+    quantize_128x128,
+)
+
+# imported on first use: `recipe` reads the config module (megatron-core), `gemm` the core GEMMs
+_LAZY = {"FP8Recipe": "recipe", "recipe_from_config": "recipe", "fp8_recipe_for_te": "recipe",
+         "Fp8BlockwiseGemm": "gemm"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["blockwise_matmul", "dequantize_1x128", "dequantize_128x128", "quantize_1x128",
+           "quantize_128x128", *_LAZY]

@@ -17,19 +17,21 @@ How to switch it on:
   NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1), which drives the TE linears of `layer_specs`' TE backend,
   and our routed experts (GroupedExperts, not a TE module) follow with the same scale choice
   through `Fp8BlockwiseGemm`. Without TE megatron-core silently runs such a config in high
-  precision (dense) or fails with a TypeError (MoE, in TransformerConfig.__post_init__), so
-  `recipe_from_config` refuses `fp8` without TE at configuration time, naming the field to use.
-  `dsv3_fp8_recipe`, when set, wins over `fp8` for our modules.
+  precision (dense) or fails with a TypeError (MoE, in TransformerConfig.__post_init__), so the
+  config's validation (`configs.config.validate_fp8`) refuses `fp8` without TE at configuration
+  time, naming the field to use. `dsv3_fp8_recipe`, when set, wins over `fp8` for our modules.
 - `fp8_recipe_for_te(recipe)` gives the TE recipe with exactly our numerics for users who enter
   `te.pytorch.autocast(enabled=True, recipe=...)` themselves.
 
-Which modules run FP8 (the high-precision list is real because nothing else owns a GEMM strategy):
-our linears (`core.linear`: MLA linear_q_proj / linear_q_down_proj / linear_q_up_proj /
-linear_kv_down_proj / linear_kv_up_proj / linear_proj, the dense and shared-expert MLPs'
-linear_fc1 / linear_fc2, MTP's eh_proj) and the routed experts (`moe.experts.GroupedExperts`,
-fc1 and fc2 per expert through `core.grouped_gemm`'s per-group loop). The embedding and output
-head are Megatron's modules (no `Gemm`), the router multiplies in float32, norms are elementwise
-and the attention core is SDPA: they stay in the compute dtype.
+Who chooses: `megatron_dsv3.layer_specs.gemm_strategy(config)` (the binding) maps the recipe to
+a `Gemm`, and the specs hand that function to each GEMM-owning module; modules below the binding
+never read the recipe. Which modules run FP8 (the high-precision list is real because nothing
+else owns a GEMM strategy): our linears (`core.linear`: MLA linear_q_proj / linear_q_down_proj /
+linear_q_up_proj / linear_kv_down_proj / linear_kv_up_proj / linear_proj, the dense and
+shared-expert MLPs' linear_fc1 / linear_fc2, MTP's eh_proj) and the routed experts
+(`moe.experts.GroupedExperts`, fc1 and fc2 per expert through `core.grouped_gemm`'s per-group
+loop). The embedding and output head are Megatron's modules (no `Gemm`), the router multiplies in
+float32, norms are elementwise and the attention core is SDPA: they stay in the compute dtype.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ import dataclasses
 import os
 from typing import Optional, Tuple
 
-from megatron_dsv3.core.gemm import DEFAULT_GEMM, Gemm
+from megatron_dsv3.configs.config import validate_fp8
+from megatron_dsv3.core.gemm import Gemm
 
-RECIPES = {"deepseek": False, "deepseek-pow2": True}  # name -> power-of-2 scales
+# dsv3_fp8_recipe (the names configs.config.FP8_RECIPES allows) -> power-of-2 scales
+RECIPES = {"deepseek": False, "deepseek-pow2": True}
 HIGH_PRECISION = ("embedding", "output_layer", "router", "norm", "core_attention")
 
 
@@ -65,40 +69,19 @@ class FP8Recipe:
 def recipe_from_config(config) -> Optional[FP8Recipe]:
     """The recipe a config asks for (None: no FP8 in our linear layers).
 
-    Raises ValueError naming the field for a recipe our layers cannot run: an unknown
-    dsv3_fp8_recipe, Megatron's `fp8` with an fp8_recipe other than 'blockwise', or `fp8`
-    without Transformer Engine.
+    Raises ValueError naming the field for a recipe our layers cannot run (the check lives with
+    the config, `configs.config.validate_fp8`): an unknown dsv3_fp8_recipe, Megatron's `fp8` with
+    an fp8_recipe other than 'blockwise', or `fp8` without Transformer Engine.
     """
+    validate_fp8(config)
     name = getattr(config, "dsv3_fp8_recipe", None)
     if name is not None:
-        if name not in RECIPES:
-            raise ValueError(f"dsv3_fp8_recipe={name!r} is invalid: allowed values are None, "
-                             f"{', '.join(repr(r) for r in RECIPES)}")
         return FP8Recipe(pow2_scales=RECIPES[name])
     if getattr(config, "fp8", None):
-        from megatron_dsv3 import compat
-
-        if not compat.te_importable():
-            raise ValueError(
-                f"fp8={config.fp8!r} needs Transformer Engine, which is not importable here "
-                "(megatron-core's FP8 is TE's autocast: without TE it runs dense layers in high "
-                "precision and fails for MoE). Allowed here: fp8=None with "
-                f"dsv3_fp8_recipe in {list(RECIPES)} (DeepSeek's recipe, portable emulation)")
-        recipe = str(getattr(config, "fp8_recipe", ""))
-        if "blockwise" not in recipe:
-            raise ValueError(f"fp8_recipe={recipe!r} is not DeepSeek's fine-grained recipe: "
-                             "allowed value with megatron-dsv3 layers is 'blockwise' (or set "
-                             "fp8=None and use dsv3_fp8_recipe)")
         # the scale choice TE's Float8BlockScaling makes for the TE linears of the same model
         pow2 = os.environ.get("NVTE_FP8_BLOCK_SCALING_FP32_SCALES", "0") != "1"
         return FP8Recipe(pow2_scales=pow2)
     return None
-
-
-def gemm_for_config(config) -> Gemm:
-    """The GEMM strategy for a linear layer built with `config`."""
-    recipe = recipe_from_config(config)
-    return DEFAULT_GEMM if recipe is None else recipe.gemm()
 
 
 def fp8_recipe_for_te(recipe: FP8Recipe):

@@ -6,7 +6,8 @@ batched requests, greedy and sampled decoding, streaming, and MTP speculative de
     results = engine.generate([Request(ids, max_new_tokens=64)], speculative=True)
 
 `cache` (block table, free list, [c_kv | k_rope] per token and layer), `decoder` (the model's
-layers over the cache), `sampling`, `engine` (requests, steps, stop conditions, streaming),
+layers' cached entry points strung over the cache), `sampling` (token choice, log-probabilities),
+`engine` (requests, steps, stop conditions, streaming, a public step API),
 `speculative` (MTP draft, main-model verification, roll-back), `loading` (checkpoints and
 tokenizers for the command line `python -m megatron_dsv3.generate`), `parallel` (attention
 data-parallel, experts expert-parallel: engines in lockstep; `micro_batches=2` overlaps one
@@ -15,16 +16,24 @@ caches to decode ranks; a mixed-load request generator). Redundant experts: mega
 """
 
 from megatron_dsv3.inference.cache import CacheFull, LatentCache, latent_width
-from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
+from megatron_dsv3.inference.decoder import Chunk, LatentDecoder, LayerCacheView
 from megatron_dsv3.inference.engine import (
     Completion,
     GenerationStats,
     InferenceEngine,
     Request,
+    RequestState,
     TokenEvent,
 )
-from megatron_dsv3.inference.sampling import SamplingParams, filtered_logits, sample_next
+from megatron_dsv3.inference.sampling import (
+    Sampled,
+    SamplingParams,
+    filtered_logits,
+    sample_next,
+    with_logprobs,
+)
 
-__all__ = ["CacheFull", "LatentCache", "latent_width", "Chunk", "LatentDecoder", "Completion",
-           "GenerationStats", "InferenceEngine", "Request", "TokenEvent", "SamplingParams",
-           "filtered_logits", "sample_next"]
+__all__ = ["CacheFull", "LatentCache", "latent_width", "Chunk", "LatentDecoder", "LayerCacheView",
+           "Completion", "GenerationStats", "InferenceEngine", "Request", "RequestState",
+           "TokenEvent", "Sampled", "SamplingParams", "filtered_logits", "sample_next",
+           "with_logprobs"]

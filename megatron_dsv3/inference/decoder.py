@@ -10,18 +10,21 @@ and the MTP module (depth 1) the same way over its own cache layer:
     h'_i = eh_proj([RMSNorm(Emb(t_{i+1})); RMSNorm(h_i)]),  one layer,  RMSNorm,  W_out.
 Requests in one forward may have different numbers of new tokens (padded; padded slots write
 nothing and their outputs are dropped) and different cached lengths (keys masked per request).
+
+The per-layer computation is the model's own: DeepSeekV3TransformerLayer.forward_cached and
+MTPLayer.forward_cached, each handed a `LayerCacheView` of its cache layer for the batch; this
+module only lays the batch out over the cache and strings the layers together.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, List, Sequence, Tuple
+from typing import Callable, Hashable, List, Sequence, Tuple
 
 import torch
 
-from megatron_dsv3.dispatch.topology import current_lane
 from megatron_dsv3.inference.cache import LatentCache
-from megatron_dsv3.pipeline.overlap import StepTrace
+from megatron_dsv3.lanes import StepTrace, current_lane
 
 
 @dataclass
@@ -35,6 +38,31 @@ class Chunk:
     @property
     def end(self) -> int:
         return self.start + len(self.tokens)
+
+
+@dataclass
+class LayerCacheView:
+    """One cache layer as a batched forward sees it: what a layer's `forward_cached` writes its
+    new tokens' latents into and reads every key from."""
+
+    cache: LatentCache
+    layer: int                # the cache layer (decoder layers first, then the MTP layers)
+    slots: torch.Tensor       # [n] flat slots of the batch's real new tokens, row-major
+    valid: torch.Tensor       # [b, s] True for a real new token, False for padding
+    index: torch.Tensor       # [b, T] flat slots of every request's keys
+    key_mask: torch.Tensor    # [b, T] True where the request has that key
+    lane: int = 0             # the micro-batch, in a two-micro-batch decode step
+
+    def update(self, c_kv: torch.Tensor, k_rope: torch.Tensor):
+        """Store c_kv [b, s, c] and k_rope [b, s, dr] of the real new tokens (padding writes
+        nothing) -> every key's (c_kv [b, T, c], k_rope [b, T, dr], key_mask [b, T])."""
+        self.cache.write(self.layer, self.slots, c_kv[self.valid], k_rope[self.valid])
+        cache_c_kv, cache_k_rope = self.cache.read(self.layer, self.index)
+        return cache_c_kv, cache_k_rope, self.key_mask
+
+    def attention_span(self):
+        """The attention half as an "attn" op of the step's timeline (when one is recorded)."""
+        return StepTrace.op("attn", self.layer, self.lane, self.lane, True)
 
 
 class LatentDecoder:
@@ -53,9 +81,10 @@ class LatentDecoder:
         self.device = model.embedding.word_embeddings.weight.device
 
     # -- batch layout -----------------------------------------------------------------------
-    def _layout(self, chunks: Sequence[Chunk]):
-        """tokens [b, s], positions [b, s], valid [b, s], flat cache slots of the valid tokens
-        (row-major), gather index [b, T] and key mask [b, T] of every request's keys."""
+    def _layout(self, chunks: Sequence[Chunk]
+                ) -> Tuple[torch.Tensor, torch.Tensor, Callable[[int], LayerCacheView]]:
+        """tokens [b, s], positions [b, s], and the view of a cache layer for this batch (blocks
+        for the chunks' positions are taken here)."""
         s = max(len(c.tokens) for c in chunks)
         tokens = torch.zeros(len(chunks), s, dtype=torch.long)
         positions = torch.zeros(len(chunks), s, dtype=torch.long)
@@ -72,26 +101,14 @@ class LatentDecoder:
         lengths = [c.end for c in chunks]
         index = self.cache.gather_index([c.request for c in chunks], lengths)
         key_mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
-        dev = self.device
-        return (tokens.to(dev), positions.to(dev), valid.to(dev),
-                torch.tensor(slots, dtype=torch.long, device=dev), index, key_mask.to(dev))
+        dev, lane = self.device, current_lane()
+        slots = torch.tensor(slots, dtype=torch.long, device=dev)
+        valid, key_mask = valid.to(dev), key_mask.to(dev)
 
-    def _run_layers(self, layers, first_cache_layer: int, hidden, positions, valid, slots, index,
-                    key_mask):
-        lane = current_lane()  # the micro-batch, in a two-micro-batch decode step
-        for j, layer in enumerate(layers):
-            cache_layer = first_cache_layer + j
-            attn = layer.self_attention
-            with StepTrace.op("attn", cache_layer, lane, lane, True):    # timeline, when traced
-                x = layer.input_layernorm(hidden)                            # [s, b, h]
-                c_kv, k_rope = attn.latents(x, positions)                    # [b, s, c], [b, s, dr]
-                self.cache.write(cache_layer, slots, c_kv[valid], k_rope[valid])
-                cache_c_kv, cache_k_rope = self.cache.read(cache_layer, index)  # [b, T, c], [b, T, dr]
-                attend = attn.forward_absorbed if self.absorbed else attn.forward_expanded
-                out, bias = attend(x, positions, cache_c_kv, cache_k_rope, key_mask=key_mask)
-                hidden = hidden + (out if bias is None else out + bias)
-            hidden = layer.forward_mlp(hidden)
-        return hidden
+        def view(layer: int) -> LayerCacheView:
+            return LayerCacheView(self.cache, layer, slots, valid, index, key_mask, lane)
+
+        return tokens.to(dev), positions.to(dev), view
 
     def _logits(self, hidden):
         logits, _ = self.model.output_layer(hidden)                          # [s, b, V]
@@ -103,9 +120,10 @@ class LatentDecoder:
         """Main model over the chunks' new tokens, writing their latents into the cache.
         -> (logits [b, s, V] float32, final-normed hidden states [b, s, h]); rows past a chunk's
         length are padding."""
-        tokens, positions, valid, slots, index, key_mask = self._layout(chunks)
+        tokens, positions, view = self._layout(chunks)
         hidden = self.model.embedding(input_ids=tokens, position_ids=positions)   # [s, b, h]
-        hidden = self._run_layers(self.layers, 0, hidden, positions, valid, slots, index, key_mask)
+        for j, layer in enumerate(self.layers):
+            hidden = layer.forward_cached(hidden, view(j), positions, absorbed=self.absorbed)
         hidden = self.model.decoder.final_layernorm(hidden)
         return self._logits(hidden), hidden.transpose(0, 1)
 
@@ -127,11 +145,9 @@ class LatentDecoder:
         t_{i+2}."""
         if self.mtp_layer is None:
             raise ValueError("the model has no MTP module (mtp_num_layers is None)")
-        mtp = self.mtp_layer
-        tokens, positions, valid, slots, index, key_mask = self._layout(chunks)
+        tokens, positions, view = self._layout(chunks)
         emb = self.model.embedding(input_ids=tokens, position_ids=positions)      # [s, b, h]
         h = main_hidden[:, : tokens.shape[1]].transpose(0, 1).to(emb.dtype)
-        x, _ = mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(h)], dim=-1))
-        x = self._run_layers([mtp.transformer_layer], len(self.layers), x, positions, valid, slots,
-                             index, key_mask)
-        return self._logits(mtp.final_layernorm(x))
+        x = self.mtp_layer.forward_cached(emb, h, view(len(self.layers)), positions,
+                                          absorbed=self.absorbed)
+        return self._logits(x)

@@ -6,18 +6,21 @@
 A prefill rank takes the requests `roles.prefill_rank(i)` names, in order of arrival: one forward
 over the prompt writes its latents (every decoder layer and the MTP layer) into the rank's own
 cache, the first token is sampled (and, speculative, the MTP draft computed); then the request
-moves to decode rank `roles.decode_rank(i)` as two point-to-point messages (tags 0 and 1):
+moves to decode rank `roles.decode_rank(i)` as point-to-point messages (tags 0, 1 and 2):
 
     header  float64 [request index, prompt length, first token, draft or -1, finished at
-            prefill (0/1), time of the first token]
+            prefill (0/1), time of the first token, its log-probability, k]
+    top     float64 [2, k]: the first token's k most likely tokens and their log-probabilities,
+            when the request asks for them (SamplingParams.logprobs = k > 0)
     latents [layers, prompt length, kv_lora_rank + rope dim] in the cache dtype (576 values per
             token and layer for DeepSeek-V3), unless the request already finished
 
-and its blocks return to the prefill rank's free list. A decode rank receives from each prefill
-rank in a thread; between decode steps it adopts arrived requests into free blocks
-(LatentCache.adopt) and decodes all of them together, exactly as the colocated engine would after
-its own prefill, so every request's tokens are those of colocated serving. When a prefill rank
-has sent all its requests it sends a header with index -1 to every decode rank.
+and its blocks return to the prefill rank's free list (InferenceEngine.hand_off). A decode rank
+receives from each prefill rank in a thread; between decode steps it adopts arrived requests into
+free blocks (InferenceEngine.adopt) and decodes all of them together (InferenceEngine.decode_step),
+exactly as the colocated engine would after its own prefill, so every request's tokens are those
+of colocated serving. When a prefill rank has sent all its requests it sends a header with index
+-1 to every decode rank. Both roles drive their engine through its public step API only.
 
 `mixed_load` generates a request stream (Poisson arrivals, short and long prompts) and
 `latency_summary` turns per-request times into time to first token and time per output token.
@@ -29,16 +32,17 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from megatron_dsv3.inference.engine import InferenceEngine, Request, _State
+from megatron_dsv3.inference.engine import InferenceEngine, Request
+from megatron_dsv3.inference.sampling import Sampled
 
-HEADER = 6
-HEADER_TAG, LATENT_TAG = 0, 1
+HEADER = 8
+HEADER_TAG, LATENT_TAG, TOP_TAG = 0, 1, 2
 
 
 @dataclass
@@ -65,11 +69,15 @@ class Served:
     tokens: List[int]
     finish_reason: str
     token_times: List[float]   # time.time() at which each token was produced
+    logprobs: List[float] = field(default_factory=list)   # as Completion.logprobs
+    top_logprobs: List[Dict[int, float]] = field(default_factory=list)
 
     def add(self, event) -> None:
         """Append a TokenEvent of this request."""
         self.tokens += event.tokens
         self.token_times += [event.time] * len(event.tokens)
+        self.logprobs += event.logprobs
+        self.top_logprobs += event.top_logprobs
         self.finish_reason = event.finish_reason or ""
 
 
@@ -86,7 +94,7 @@ def serve_separated(model, requests: Sequence[Request], roles: Roles, *,
                          f"decode={roles.decode}")
     engine = InferenceEngine(model, block_size=block_size, max_batch_size=max_batch_size,
                              num_blocks=num_blocks, lockstep=None)
-    engine._check(requests, speculative)
+    engine.validate(requests, speculative)
     t0 = time.time() if start_time is None else start_time
     if rank in roles.prefill:
         _prefill_role(engine, requests, roles, rank, speculative, t0)
@@ -100,16 +108,19 @@ def _prefill_role(engine: InferenceEngine, requests, roles: Roles, rank: int,
                   key=lambda i: requests[i].arrival)
     for i in mine:
         time.sleep(max(0.0, t0 + requests[i].arrival - time.time()))
-        st = _State(i, next(engine._keys), requests[i], engine.device)
-        event = engine._prefill(st, speculative)
+        st = engine.admit(i, requests[i])
+        event = engine.prefill(st, speculative)
         draft = -1 if st.draft is None else st.draft
+        top = event.top_logprobs[0] if event.top_logprobs else {}
         header = torch.tensor([i, st.length, event.tokens[0], draft, int(event.finished),
-                               event.time], dtype=torch.float64)
+                               event.time, event.logprobs[0], len(top)], dtype=torch.float64)
         dst = roles.decode_rank(i)
         dist.send(header, dst, tag=HEADER_TAG)
+        if top:
+            dist.send(torch.tensor([list(top), list(top.values())], dtype=torch.float64), dst,
+                      tag=TOP_TAG)
         if not event.finished:
-            dist.send(engine.cache.export(st.key, st.length).contiguous(), dst, tag=LATENT_TAG)
-            engine.cache.release(st.key)
+            dist.send(engine.hand_off(st).contiguous(), dst, tag=LATENT_TAG)
     for dst in roles.decode:
         dist.send(torch.full((HEADER,), -1.0, dtype=torch.float64), dst, tag=HEADER_TAG)
 
@@ -135,16 +146,22 @@ class _DecodeRole:
             while True:
                 header = torch.empty(HEADER, dtype=torch.float64)
                 dist.recv(header, src, tag=HEADER_TAG)
-                index, n, first, draft, finished, t_first = header.tolist()
+                index, n, token, draft, finished, t_first, logprob, k = header.tolist()
                 if index < 0:
                     break
+                top = []
+                if k:
+                    pairs = torch.empty(2, int(k), dtype=torch.float64)
+                    dist.recv(pairs, src, tag=TOP_TAG)
+                    top = [{int(t): v for t, v in zip(*pairs.tolist())}]
+                first = Sampled([int(token)], [logprob], top)
                 latents = None
                 if not finished:
                     latents = torch.empty(self.cache.num_layers, int(n),
                                           self.cache.values_per_token_per_layer,
                                           dtype=self.cache.data.dtype)
                     dist.recv(latents, src, tag=LATENT_TAG)
-                self.inbox.put((int(index), int(n), int(first), int(draft), t_first, latents))
+                self.inbox.put((int(index), first, int(draft), t_first, latents))
         except BaseException as error:  # re-raised by the decode loop
             self.inbox.put(error)
         self.inbox.put(None)  # this sender is done
@@ -172,25 +189,23 @@ class _DecodeRole:
         while True:
             self._poll(block=not running and not self.arrived)
             while self.arrived and len(running) < engine.max_batch_size:
-                index, n, first, draft, t_first, latents = self.arrived[0]
+                index, first, draft, t_first, latents = self.arrived[0]
                 request = self.requests[index]
-                need = engine._blocks_needed(request)
+                need = engine.blocks_needed(request)
                 if latents is not None and reserved + need > self.cache.num_blocks:
                     break
                 self.arrived.pop(0)
-                st = _State(index, next(engine._keys), request, engine.device)
-                event = engine._emit(st, [first])      # the prefill rank's token, same checks
+                st = engine.admit(index, request)
+                # the prefill rank's token, through the same stop conditions
+                event = engine.adopt(st, first, latents, draft if draft >= 0 else None)
                 event.time = t_first
                 self._record(event)
-                if latents is None:
+                if st.finish_reason:
                     continue
-                self.cache.adopt(st.key, latents)
-                st.length, st.draft = n, (draft if draft >= 0 else None)
                 running.append(st)
                 reserved += need
             if running:
-                events, freed = engine._finish_step(
-                    running, engine._step_tokens(running, self.speculative))
+                events, freed = engine.decode_step(running, self.speculative)
                 reserved -= freed
                 for event in events:
                     self._record(event)

@@ -11,8 +11,18 @@ token and the MTP draft), each at its own position. A request is admitted when t
 can hold its prompt plus max_new_tokens (+1 draft position), so a running request never runs out
 of cache; finished requests return their blocks and waiting ones take their place.
 
+Every generated token comes with its log-probability under the model (log_softmax of the raw
+logits at its position, before temperature, top-k and top-p), and with SamplingParams(logprobs=k)
+the k most likely tokens there: TokenEvent.logprobs / top_logprobs, Completion.logprobs /
+top_logprobs.
+
 With expert parallelism every rank of the expert-parallel group runs its own engine over its own
 requests (attention data-parallel), in lockstep (megatron_dsv3.inference.parallel).
+
+`stream` runs the whole loop; serving that places the prefill and the decode of a request on
+different ranks (megatron_dsv3.inference.disaggregated) drives the same steps through the public
+step API: `validate`, `admit`, `prefill`, `hand_off`, `adopt`, `blocks_needed`, `decode_step`,
+and the `cache` attribute (the engine's LatentCache).
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import collections
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,13 +39,15 @@ from megatron_dsv3.inference.cache import LatentCache
 from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
 from megatron_dsv3.inference.parallel import lockstep_for
 from megatron_dsv3.inference.sampling import (
+    Sampled,
     SamplingParams,
     check_finite_logits,
     make_generator,
     sample_next,
+    with_logprobs,
 )
 from megatron_dsv3.inference.speculative import speculative_step
-from megatron_dsv3.pipeline.overlap import StepTrace, run_on_two_lanes
+from megatron_dsv3.lanes import StepTrace, run_on_two_lanes
 
 
 @dataclass
@@ -62,6 +74,9 @@ class TokenEvent:
     finished: bool = False
     finish_reason: Optional[str] = None   # "length", "stop_token" or "stop_string"
     time: float = 0.0               # time.time() when the tokens were produced
+    logprobs: List[float] = field(default_factory=list)   # log p of each token (see Sampled)
+    top_logprobs: List[Dict[int, float]] = field(default_factory=list)
+    """Per token, the most likely tokens -> log p (only with SamplingParams.logprobs > 0)."""
 
 
 @dataclass
@@ -69,6 +84,10 @@ class Completion:
     tokens: List[int]
     text: Optional[str]
     finish_reason: str
+    logprobs: List[float] = field(default_factory=list)
+    """log p(token) of each token: log_softmax of the model's raw logits at its position."""
+    top_logprobs: List[Dict[int, float]] = field(default_factory=list)
+    """Per token, the SamplingParams.logprobs most likely tokens -> log p (empty when 0)."""
 
 
 @dataclass
@@ -90,8 +109,10 @@ class GenerationStats:
         return self.tokens / self.forwards if self.forwards else 0.0
 
 
-class _State:
-    """A request while it runs."""
+class RequestState:
+    """A request while it runs (made by InferenceEngine.admit): its index in the caller's list,
+    its cache key, the tokens generated so far, its cached length, the pending token (generated,
+    not yet in the cache), the MTP draft and, once finished, the finish reason."""
 
     def __init__(self, index: int, key: int, request: Request, device):
         self.index, self.request = index, request
@@ -117,9 +138,10 @@ class InferenceEngine:
         megatron_dsv3.inference.parallel); None turns it off, or pass a `Lockstep`.
 
         `micro_batches=2`: each decode step runs the running requests as two micro-batches in two
-        threads, the second on the dispatcher's other lane (megatron_dsv3.dispatch.topology), so
-        that one computes while the other's dispatch and combine are in flight. `trace_steps`
-        (a set of decode-step numbers) records those steps' timelines into `traces`."""
+        threads, the second on the other lane (megatron_dsv3.lanes; the dispatcher keeps one
+        process group per lane), so that one computes while the other's dispatch and combine are
+        in flight. `trace_steps` (a set of decode-step numbers) records those steps' timelines into
+        `traces`."""
         if micro_batches not in (1, 2):
             raise ValueError(f"micro_batches={micro_batches!r} is invalid: allowed values are 1, 2")
         model.eval()
@@ -131,6 +153,7 @@ class InferenceEngine:
             num_blocks = max_batch_size * -(-tokens // block_size)
         device = model.embedding.word_embeddings.weight.device
         self.device = device
+        # the latent cache (public: `hand_off`/`adopt` move a request's latents between engines)
         self.cache = LatentCache.for_config(self.config, num_blocks, block_size, device=device,
                                             dtype=cache_dtype or self.config.params_dtype)
         self.decoder = LatentDecoder(model, self.cache)
@@ -141,22 +164,30 @@ class InferenceEngine:
         self._step = 0
         self.stats = GenerationStats()
         self._keys = itertools.count()
+        self.start_time = time.time()  # time.time() from which the stream counts arrivals
 
     # -- public API -------------------------------------------------------------------------
+    @property
+    def decode_steps(self) -> int:
+        """Decode steps this engine has run: the next one has this number in `trace_steps`."""
+        return self._step
+
     def generate(self, requests: Sequence[Request], *, speculative: bool = False,
                  on_event: Optional[Callable[[TokenEvent], None]] = None,
                  start_time: Optional[float] = None) -> List[Completion]:
-        results: List[Optional[Completion]] = [None] * len(requests)
-        tokens: List[List[int]] = [[] for _ in requests]
+        results = [Completion([], None, "") for _ in requests]
         for event in self.stream(requests, speculative=speculative, start_time=start_time):
-            tokens[event.index] += event.tokens
+            done = results[event.index]
+            done.tokens += event.tokens
+            done.logprobs += event.logprobs
+            done.top_logprobs += event.top_logprobs
             if on_event is not None:
                 on_event(event)
             if event.finished:
-                results[event.index] = Completion(tokens[event.index], None, event.finish_reason)
-        for i, r in enumerate(results):
-            if self.decode is not None:
-                r.text = self._text(tokens[i], requests[i])
+                done.finish_reason = event.finish_reason
+        if self.decode is not None:
+            for done, request in zip(results, requests):
+                done.text = self._text(done.tokens, request)
         return results
 
     def stream(self, requests: Sequence[Request], *, speculative: bool = False,
@@ -165,26 +196,26 @@ class InferenceEngine:
         per engine: its admission control assumes it owns the cache). Requests are admitted in
         order of arrival, `request.arrival` seconds after `start_time` (time.time(), default
         now)."""
-        self._check(requests, speculative)
-        self._t0 = time.time() if start_time is None else start_time
+        self.validate(requests, speculative)
+        self.start_time = time.time() if start_time is None else start_time
         order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
-        waiting = collections.deque(_State(i, next(self._keys), requests[i], self.device)
-                                    for i in order)
-        running: List[_State] = []
+        waiting = collections.deque(self.admit(i, requests[i]) for i in order)
+        running: List[RequestState] = []
         try:
             yield from self._serve(waiting, running, speculative)
         finally:  # also when the consumer stops early: running requests give their blocks back
             for st in running:
                 self.cache.release(st.key)
 
-    def _serve(self, waiting, running: List[_State], speculative: bool) -> Iterator[TokenEvent]:
+    def _serve(self, waiting, running: List[RequestState],
+               speculative: bool) -> Iterator[TokenEvent]:
         reserved = 0
         while True:
-            admitted: List[_State] = []
-            now = time.time() - self._t0
+            admitted: List[RequestState] = []
+            now = time.time() - self.start_time
             while (waiting and len(running) + len(admitted) < self.max_batch_size
                    and waiting[0].request.arrival <= now):
-                need = self._blocks_needed(waiting[0].request)
+                need = self.blocks_needed(waiting[0].request)
                 if reserved + need > self.cache.num_blocks:
                     break
                 admitted.append(waiting.popleft())
@@ -203,47 +234,115 @@ class InferenceEngine:
                 continue
             for st in admitted:
                 running.append(st)
-                yield self._prefill(st, speculative)
+                yield self.prefill(st, speculative)
             for _ in range(idle_prefills):
                 self.decoder.idle(mtp=speculative)
-            events, freed = self._finish_step(running,
-                                              self._traced_step(running, speculative))
+            events, freed = self.decode_step(running, speculative)
             reserved -= freed
             yield from events
 
-    def _finish_step(self, running: List[_State], new_tokens: List[List[int]]):
-        """Apply one step's new tokens (stop conditions included), then drop the requests that
-        finished and free their blocks. -> (events, blocks no longer reserved)."""
+    # -- step API (also used by megatron_dsv3.inference.disaggregated) ---------------------
+    def validate(self, requests: Sequence[Request], speculative: bool = False) -> None:
+        """ValueError naming the request and the allowed values unless every request can run on
+        this engine (prompt, lengths, arrival, cache size, stop strings, speculative needs)."""
+        for i, r in enumerate(requests):
+            if not r.prompt:
+                raise ValueError(f"request {i} has an empty prompt: allowed are >= 1 tokens")
+            if r.max_new_tokens < 1:
+                raise ValueError(f"request {i}: max_new_tokens={r.max_new_tokens} is invalid: "
+                                 "allowed values are >= 1")
+            if not r.arrival >= 0:
+                raise ValueError(f"request {i}: arrival={r.arrival} is invalid: allowed values "
+                                 "are >= 0 (seconds after the stream starts)")
+            total = len(r.prompt) + r.max_new_tokens
+            if total > self.config.max_position_embeddings:
+                raise ValueError(f"request {i}: prompt ({len(r.prompt)}) + max_new_tokens "
+                                 f"({r.max_new_tokens}) = {total} exceeds the model's "
+                                 f"max_position_embeddings={self.config.max_position_embeddings}")
+            if self.blocks_needed(r) > self.cache.num_blocks:
+                raise ValueError(f"request {i} needs {self.blocks_needed(r)} cache blocks; the "
+                                 f"cache has {self.cache.num_blocks} (raise num_blocks)")
+            if r.stop_strings and self.decode is None:
+                raise ValueError(f"request {i} has stop_strings but the engine has no decode "
+                                 "function to turn tokens into text")
+            if speculative:
+                if not r.sampling.greedy:
+                    raise ValueError(f"request {i}: speculative decoding verifies greedy choices "
+                                     "only: allowed temperature is 0")
+                if self.decoder.mtp_layer is None:
+                    raise ValueError("speculative decoding needs the MTP module: the model has "
+                                     "mtp_num_layers=None")
+
+    def admit(self, index: int, request: Request) -> RequestState:
+        """A new running state for `request` (`index`: its place in the caller's list, reported in
+        its events), under a cache key no other request of this engine has."""
+        return RequestState(index, next(self._keys), request, self.device)
+
+    def blocks_needed(self, request: Request) -> int:
+        """Cache blocks reserved for a request from admission to its end: its prompt, all its new
+        tokens and the speculative draft position."""
+        return self.cache.blocks_for(len(request.prompt) + request.max_new_tokens + 1)
+
+    def prefill(self, state: RequestState, speculative: bool = False) -> TokenEvent:
+        """One forward over the prompt: its latents go into the cache (every decoder layer, and
+        the MTP layer when `speculative`), the first token is chosen (and the MTP draft made).
+        -> the first token's event; a request that finished there has its blocks released."""
+        prompt = list(state.request.prompt)
+        logits, hidden = self.decoder.forward([Chunk(state.key, prompt, 0)])
+        check_finite_logits(logits[:, -1:], [state.index], [len(prompt) - 1], "prefill")
+        state.length = len(prompt)
+        first = sample_next(logits[0, -1], state.request.sampling, state.generator)
+        if speculative:
+            # MTP position i sees h_i and t_{i+1}: the prompt shifted by one, then `first`
+            mtp_logits = self.decoder.forward_mtp([Chunk(state.key, prompt[1:] + [first], 0)],
+                                                  hidden)
+            state.draft = int(torch.argmax(mtp_logits[0, -1]))
+        event = self._emit(state, with_logprobs(logits[0, -1:], [first],
+                                                state.request.sampling.logprobs))
+        if state.finish_reason:
+            self.cache.release(state.key)
+        return event
+
+    def hand_off(self, state: RequestState) -> torch.Tensor:
+        """The prefilled request's latents [layers, cached length, kv_lora_rank + rope dim] (for
+        another engine's `adopt`); its blocks go back to this engine's free list."""
+        latents = self.cache.export(state.key, state.length)
+        self.cache.release(state.key)
+        return latents
+
+    def adopt(self, state: RequestState, first: Sampled, latents: Optional[torch.Tensor],
+              draft: Optional[int] = None) -> TokenEvent:
+        """Continue a request another engine prefilled: its first token (with log-probabilities,
+        as that engine's `prefill` reported them) goes through this engine's stop conditions;
+        unless that finished it, its latents (that engine's `hand_off`) go into this cache and,
+        with the MTP draft, the state is ready for `decode_step`. -> the first token's event."""
+        event = self._emit(state, first)
+        if not state.finish_reason:
+            self.cache.adopt(state.key, latents)
+            state.length, state.draft = latents.shape[1], draft
+        return event
+
+    def decode_step(self, running: List[RequestState],
+                    speculative: bool = False) -> Tuple[List[TokenEvent], int]:
+        """One decode step over the running requests (one token each; with `speculative` the
+        pending token and the MTP draft are verified together), stop conditions applied; the
+        requests that finished leave `running` and release their blocks.
+        -> (events, blocks no longer reserved: blocks_needed of the finished requests)."""
+        new = self._traced_step(running, speculative)
         events = []
-        for st, toks in zip(running, new_tokens):
-            if toks:  # (requests that finished at prefill get none)
-                events.append(self._emit(st, toks))
+        for st, sampled in zip(running, new):
+            if sampled.tokens:  # (requests that finished at prefill get none)
+                events.append(self._emit(st, sampled))
                 self.stats.tokens += len(events[-1].tokens)
         freed = 0
         for st in [st for st in running if st.finish_reason]:
             running.remove(st)
-            freed += self._blocks_needed(st.request)
+            freed += self.blocks_needed(st.request)
             self.cache.release(st.key)
         return events, freed
 
     # -- steps ------------------------------------------------------------------------------
-    def _prefill(self, st: _State, speculative: bool) -> TokenEvent:
-        prompt = list(st.request.prompt)
-        logits, hidden = self.decoder.forward([Chunk(st.key, prompt, 0)])
-        check_finite_logits(logits[:, -1:], [st.index], [len(prompt) - 1], "prefill")
-        st.length = len(prompt)
-        first = sample_next(logits[0, -1], st.request.sampling, st.generator)
-        if speculative:
-            # MTP position i sees h_i and t_{i+1}: the prompt shifted by one, then `first`
-            mtp_logits = self.decoder.forward_mtp([Chunk(st.key, prompt[1:] + [first], 0)],
-                                                  hidden)
-            st.draft = int(torch.argmax(mtp_logits[0, -1]))
-        event = self._emit(st, [first])
-        if st.finish_reason:
-            self.cache.release(st.key)
-        return event
-
-    def _traced_step(self, running: List[_State], speculative: bool) -> List[List[int]]:
+    def _traced_step(self, running: List[RequestState], speculative: bool) -> List[Sampled]:
         step, self._step = self._step, self._step + 1
         if step not in self.trace_steps:
             return self._step_tokens(running, speculative)
@@ -252,7 +351,7 @@ class InferenceEngine:
         self.traces[step] = trace.to_json()
         return out
 
-    def _step_tokens(self, running: List[_State], speculative: bool) -> List[List[int]]:
+    def _step_tokens(self, running: List[RequestState], speculative: bool) -> List[Sampled]:
         """One decode step over the running requests -> new tokens of each (finished: none)."""
         if self.micro_batches == 1:
             return self._micro_batch_step(running, speculative, self.stats)
@@ -261,7 +360,7 @@ class InferenceEngine:
             self.cache.ensure(st.key, st.length + (2 if speculative else 1))
         half = (len(active) + 1) // 2
         parts, stats = [active[:half], active[half:]], [GenerationStats(), GenerationStats()]
-        results: List[List[List[int]]] = [[], []]
+        results: List[List[Sampled]] = [[], []]
 
         def run(i: int) -> None:
             results[i] = self._micro_batch_step(parts[i], speculative, stats[i])
@@ -271,22 +370,23 @@ class InferenceEngine:
             self.stats.forwards += s.forwards
             self.stats.drafted += s.drafted
             self.stats.accepted += s.accepted
-        produced = {st.key: toks for i in (0, 1) for st, toks in zip(parts[i], results[i])}
-        return [produced.get(st.key, []) for st in running]
+        produced = {st.key: new for i in (0, 1) for st, new in zip(parts[i], results[i])}
+        return [produced.get(st.key, Sampled()) for st in running]
 
-    def _micro_batch_step(self, running: List[_State], speculative: bool,
-                          stats: GenerationStats) -> List[List[int]]:
+    def _micro_batch_step(self, running: List[RequestState], speculative: bool,
+                          stats: GenerationStats) -> List[Sampled]:
         if self.lockstep is not None and all(st.finish_reason for st in running):
             self.decoder.idle(mtp=speculative)  # nothing to decode here this step
-            return [[] for _ in running]
+            return [Sampled() for _ in running]
         if speculative:
             return speculative_step(self.decoder, running, stats, f"decode step {self._step - 1}")
         return self._decode_step(running, stats)
 
-    def _decode_step(self, running: List[_State], stats: GenerationStats) -> List[List[int]]:
+    def _decode_step(self, running: List[RequestState],
+                     stats: GenerationStats) -> List[Sampled]:
         active = [st for st in running if not st.finish_reason]
         if not active:
-            return [[] for _ in running]
+            return [Sampled() for _ in running]
         logits, _ = self.decoder.forward([Chunk(st.key, [st.pending], st.length)
                                           for st in active])
         check_finite_logits(logits, [st.index for st in active], [st.length for st in active],
@@ -294,15 +394,16 @@ class InferenceEngine:
         out = {}
         for i, st in enumerate(active):
             st.length += 1
-            out[st.key] = [sample_next(logits[i, 0], st.request.sampling, st.generator)]
+            token = sample_next(logits[i, 0], st.request.sampling, st.generator)
+            out[st.key] = with_logprobs(logits[i, :1], [token], st.request.sampling.logprobs)
             stats.forwards += 1
-        return [out.get(st.key, []) for st in running]
+        return [out.get(st.key, Sampled()) for st in running]
 
     # -- bookkeeping ------------------------------------------------------------------------
-    def _emit(self, st: _State, new_tokens: List[int]) -> TokenEvent:
+    def _emit(self, st: RequestState, new: Sampled) -> TokenEvent:
         """Append tokens to the request until a stop condition holds."""
         r, kept = st.request, []
-        for t in new_tokens:
+        for t in new.tokens:
             st.generated.append(t)
             kept.append(t)
             st.pending = t
@@ -322,42 +423,9 @@ class InferenceEngine:
             if st.finish_reason or not full.endswith("\ufffd"):
                 text, st.text_sent = full[len(st.text_sent):], full
         return TokenEvent(st.index, kept, text, bool(st.finish_reason), st.finish_reason,
-                          time.time())
+                          time.time(), new.logprobs[: len(kept)], new.top_logprobs[: len(kept)])
 
     def _text(self, tokens: List[int], request: Request) -> str:
         text = self.decode(tokens)
         cut = [text.find(s) for s in request.stop_strings if s in text]
         return text[: min(cut)] if cut else text
-
-    def _blocks_needed(self, request: Request) -> int:
-        # prompt + generated tokens, plus the speculative draft position
-        return self.cache.blocks_for(len(request.prompt) + request.max_new_tokens + 1)
-
-    def _check(self, requests: Sequence[Request], speculative: bool) -> None:
-        for i, r in enumerate(requests):
-            if not r.prompt:
-                raise ValueError(f"request {i} has an empty prompt: allowed are >= 1 tokens")
-            if r.max_new_tokens < 1:
-                raise ValueError(f"request {i}: max_new_tokens={r.max_new_tokens} is invalid: "
-                                 "allowed values are >= 1")
-            if not r.arrival >= 0:
-                raise ValueError(f"request {i}: arrival={r.arrival} is invalid: allowed values "
-                                 "are >= 0 (seconds after the stream starts)")
-            total = len(r.prompt) + r.max_new_tokens
-            if total > self.config.max_position_embeddings:
-                raise ValueError(f"request {i}: prompt ({len(r.prompt)}) + max_new_tokens "
-                                 f"({r.max_new_tokens}) = {total} exceeds the model's "
-                                 f"max_position_embeddings={self.config.max_position_embeddings}")
-            if self._blocks_needed(r) > self.cache.num_blocks:
-                raise ValueError(f"request {i} needs {self._blocks_needed(r)} cache blocks; the "
-                                 f"cache has {self.cache.num_blocks} (raise num_blocks)")
-            if r.stop_strings and self.decode is None:
-                raise ValueError(f"request {i} has stop_strings but the engine has no decode "
-                                 "function to turn tokens into text")
-            if speculative:
-                if not r.sampling.greedy:
-                    raise ValueError(f"request {i}: speculative decoding verifies greedy choices "
-                                     "only: allowed temperature is 0")
-                if self.decoder.mtp_layer is None:
-                    raise ValueError("speculative decoding needs the MTP module: the model has "
-                                     "mtp_num_layers=None")

@@ -5,18 +5,22 @@
 - our trainer's checkpoint (`Trainer.save`: <dir>/rank0.pt holding the model state dicts and the
   TrainArgs the run was made with), given as that directory or as the run directory holding
   `checkpoint/`: the config is rebuilt from the preset and overrides the run used.
-Models whose vocabulary is 256 (the tiny byte-level training job) use `ByteTokenizer`.
+Models whose vocabulary is 256 (the tiny byte-level training job) use `ByteTokenizer`; any other
+model without a tokenizer of its own loads with none (prompts and outputs are then token ids).
+Parameters are bfloat16 unless a dtype is given (checkpoint.hf_config.DEFAULT_DTYPE, the default of
+every load path), whatever dtype the checkpoint was stored or trained in.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from megatron_dsv3.checkpoint.errors import CheckpointFileError, reading
+from megatron_dsv3.checkpoint.hf_config import DEFAULT_DTYPE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -66,8 +70,9 @@ def trainer_checkpoint_file(path: str) -> Optional[str]:
     return os.path.join(directory, "rank0.pt")
 
 
-def load_trainer_checkpoint(file: str, dtype: Optional[torch.dtype] = None):
-    """DeepSeekV3Model with the weights of a single-process trainer checkpoint file."""
+def load_trainer_checkpoint(file: str, dtype: torch.dtype = DEFAULT_DTYPE):
+    """DeepSeekV3Model with the weights of a single-process trainer checkpoint file, parameters in
+    `dtype` (bfloat16 by default, whatever the run trained in)."""
     from megatron_dsv3.configs import get_config
     from megatron_dsv3.model import build_model
 
@@ -92,8 +97,6 @@ def load_trainer_checkpoint(file: str, dtype: Optional[torch.dtype] = None):
     if args.get("fp8"):
         pow2 = args.get("fp8_pow2_scales")
         overrides["dsv3_fp8_recipe"] = "deepseek-pow2" if pow2 else "deepseek"
-    if dtype is None:
-        dtype = torch.bfloat16 if args.get("bf16") else torch.float32
     overrides.update(bf16=dtype == torch.bfloat16, params_dtype=dtype, pipeline_dtype=dtype,
                      perform_initialization=False, use_cpu_initialization=True)
     config = get_config(args.get("preset", "deepseek-v3-tiny"), **overrides)
@@ -106,7 +109,9 @@ def load_trainer_checkpoint(file: str, dtype: Optional[torch.dtype] = None):
     return model
 
 
-def load_hf_checkpoint(path: str, dtype: torch.dtype = torch.float32):
+def load_hf_checkpoint(path: str, dtype: torch.dtype = DEFAULT_DTYPE):
+    """DeepSeekV3Model with an HF checkpoint's weights, parameters in `dtype` (bfloat16 by
+    default)."""
     from megatron_dsv3.checkpoint.hf import config_from_hf, load_hf
     from megatron_dsv3.model import build_model
 
@@ -117,20 +122,20 @@ def load_hf_checkpoint(path: str, dtype: torch.dtype = torch.float32):
     return model
 
 
-def load_for_generation(path: str, dtype: Optional[torch.dtype] = None, device=None):
-    """(model in eval mode on `device`, Tokenizer) from an HF or trainer checkpoint directory.
+def load_for_generation(path: str, dtype: torch.dtype = DEFAULT_DTYPE, device=None
+                        ) -> Tuple[torch.nn.Module, Optional[Tokenizer]]:
+    """(model in eval mode on `device`, Tokenizer or None) from an HF or trainer checkpoint
+    directory, parameters in `dtype` (bfloat16 by default). The tokenizer is the checkpoint's own,
+    the byte-level one for a 256-token vocabulary, else None (the caller works in token ids).
     Weights are read on the CPU, then moved."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a directory")
     if os.path.isfile(os.path.join(path, "config.json")):
-        model = load_hf_checkpoint(path, dtype or torch.float32)
+        model = load_hf_checkpoint(path, dtype)
         if any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
             tokenizer = hf_tokenizer(path)
-        elif model.config.vocab_size == 256:
-            tokenizer = byte_tokenizer()
         else:
-            raise CheckpointError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}) and its "
-                                  f"vocabulary ({model.config.vocab_size}) is not byte-level (256)")
+            tokenizer = byte_tokenizer() if model.config.vocab_size == 256 else None
     else:
         file = trainer_checkpoint_file(path)
         if file is None:
@@ -138,11 +143,7 @@ def load_for_generation(path: str, dtype: Optional[torch.dtype] = None, device=N
                 f"{path} is neither an HF checkpoint (no config.json) nor a trainer checkpoint "
                 "(no rank0.pt, checkpoints/latest.json or checkpoint/rank0.pt)")
         model = load_trainer_checkpoint(file, dtype)
-        if model.config.vocab_size != 256:
-            raise CheckpointError(f"{file}: the trainer checkpoint's vocabulary is "
-                                  f"{model.config.vocab_size}; only byte-level (256) has a "
-                                  "tokenizer")
-        tokenizer = byte_tokenizer()
+        tokenizer = byte_tokenizer() if model.config.vocab_size == 256 else None
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer

@@ -1,9 +1,15 @@
-"""Next-token choice from logits: greedy, or sampled with temperature, top-k and top-p."""
+"""Next-token choice from logits: greedy, or sampled with temperature, top-k and top-p; and the
+log-probabilities of the chosen tokens.
+
+Log-probabilities are the model's: log_softmax of the raw logits (float32), before temperature,
+top-k and top-p, so they do not depend on how a token was chosen (as the "logprobs" of most
+generation APIs).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -18,6 +24,9 @@ class SamplingParams:
     """Sample among the smallest set of most likely tokens whose probability reaches top_p."""
     seed: Optional[int] = None
     """Seed of the request's own torch.Generator (None: drawn from torch's global RNG)."""
+    logprobs: int = 0
+    """Also report, for every generated token, the log-probabilities of this many most likely
+    tokens at its position (0 = only the chosen token's, which is always reported)."""
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -26,6 +35,9 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k} is invalid: allowed values are >= 0 (0 = off)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} is invalid: allowed values are in (0, 1]")
+        if self.logprobs < 0:
+            raise ValueError(f"logprobs={self.logprobs} is invalid: allowed values are >= 0 "
+                             "(0 = the chosen token's only)")
 
     @property
     def greedy(self) -> bool:
@@ -82,3 +94,27 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
         return int(torch.argmax(logits))
     probs = torch.softmax(filtered_logits(logits, params), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class Sampled:
+    """Tokens chosen for one request in one step, with their log-probabilities under the model."""
+
+    tokens: List[int] = field(default_factory=list)
+    logprobs: List[float] = field(default_factory=list)
+    """log p(token) per token: log_softmax of the raw logits at its position."""
+    top_logprobs: List[Dict[int, float]] = field(default_factory=list)
+    """Per token, the SamplingParams.logprobs most likely tokens -> their log-probabilities
+    (empty when SamplingParams.logprobs is 0)."""
+
+
+def with_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int = 0) -> Sampled:
+    """`tokens` chosen from logits [n, V] (row j for tokens[j]), with log_softmax(logits) of each
+    and, if `top`, the `top` most likely tokens of each row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)                          # [n, V]
+    chosen = torch.tensor(list(tokens), dtype=torch.long, device=logp.device)
+    out = Sampled(list(tokens), logp.gather(-1, chosen[:, None])[:, 0].tolist())
+    if top:
+        values, ids = torch.topk(logp, min(top, logp.shape[-1]), dim=-1)       # [n, top]
+        out.top_logprobs = [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return out

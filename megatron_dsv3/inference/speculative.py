@@ -11,7 +11,8 @@ One step, all running requests together:
     otherwise (rejected):    emit g1; position n+1 is rolled back (its blocks freed, its slot
                              overwritten later); MTP at position n with (h_n, g1) -> next draft
 Every emitted token is the main model's argmax given accepted tokens only, so the output equals
-plain greedy decoding; an accepted draft yields two tokens for one main-model forward.
+plain greedy decoding; an accepted draft yields two tokens for one main-model forward. Each
+emitted token's log-probability is read from the verifying forward's logits at its position.
 """
 
 from __future__ import annotations
@@ -21,17 +22,18 @@ from typing import List
 import torch
 
 from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
-from megatron_dsv3.inference.sampling import check_finite_logits
+from megatron_dsv3.inference.sampling import Sampled, check_finite_logits, with_logprobs
 
 
 def speculative_step(decoder: LatentDecoder, running: List, stats,
-                     step: str = "decode step") -> List[List[int]]:
-    """One verify-and-draft step over the running requests (engine._State objects); returns the
-    tokens each produced (before stop conditions) and counts forwards and drafts in `stats`.
+                     step: str = "decode step") -> List[Sampled]:
+    """One verify-and-draft step over the running requests (engine.RequestState objects); returns
+    the tokens each produced (before stop conditions) with their log-probabilities and counts
+    forwards and drafts in `stats`.
     Non-finite main-model logits raise NonFiniteLogitsError naming `step`, request and position."""
     active = [st for st in running if not st.finish_reason]
     if not active:
-        return [[] for _ in running]
+        return [Sampled() for _ in running]
     logits, hidden = decoder.forward([Chunk(st.key, [st.pending, st.draft], st.length)
                                       for st in active])
     check_finite_logits(logits, [st.index for st in active], [st.length for st in active], step)
@@ -45,7 +47,7 @@ def speculative_step(decoder: LatentDecoder, running: List, stats,
         st.length = n + len(new)
         decoder.cache.truncate(st.key, st.length)                  # roll back a rejection
         mtp_chunks.append(Chunk(st.key, new, n))
-        produced[st.key] = new
+        produced[st.key] = with_logprobs(logits[i, : len(new)], new, st.request.sampling.logprobs)
         stats.forwards += 1
         stats.drafted += 1
         stats.accepted += int(accepted)
@@ -53,4 +55,4 @@ def speculative_step(decoder: LatentDecoder, running: List, stats,
     mtp_logits = decoder.forward_mtp(mtp_chunks, hidden)
     for i, (st, c) in enumerate(zip(active, mtp_chunks)):
         st.draft = int(torch.argmax(mtp_logits[i, len(c.tokens) - 1]))
-    return [produced.get(st.key, []) for st in running]
+    return [produced.get(st.key, Sampled()) for st in running]

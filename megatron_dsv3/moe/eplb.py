@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_dsv3.moe.dispatcher import sort_by_expert
+from megatron_dsv3.dispatch.base import sort_by_expert
 from megatron_dsv3.moe.routing import tokens_per_expert
 
 
@@ -242,9 +242,9 @@ def apply_placement(model, placements: Sequence[Placement]) -> None:
             experts.fc2_weight = torch.nn.Parameter(full[1][mine].clone(), requires_grad=False)
         n_local = S if ep > 1 else S * placement.num_ranks
         experts.placed = True
-        experts.num_local_experts = d.num_local_experts = n_local
-        experts.local_expert_offset = d.local_expert_offset = rank * n_local
-        d.num_experts = S * placement.num_ranks
+        experts.num_local_experts = n_local
+        experts.local_expert_offset = rank * n_local
+        d.set_expert_layout(S * placement.num_ranks, n_local, rank * n_local)
         moe.replicas = ReplicaMap(placement).to(experts.fc1_weight.device)
         moe.placement = placement
 

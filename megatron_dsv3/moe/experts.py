@@ -8,7 +8,7 @@ generator, so any expert-parallel layout starts from the same experts.
 
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_dsv3.core.gemm import DEFAULT_GEMM, Gemm
 from megatron_dsv3.core.grouped_gemm import grouped_linear
 from megatron_dsv3.core.init import init_normal_, param_device
 from megatron_dsv3.core.linear import init_seed_of
@@ -24,11 +25,13 @@ from megatron_dsv3.core.recompute import recompute_region
 
 
 class GroupedExperts(MegatronModule):
-    def __init__(self, config, num_local_experts: int, local_expert_offset: int = 0,
-                 key: str = "experts", pg_collection=None, **_unused):
-        super().__init__(config=config)
-        from megatron_dsv3.fp8.recipe import gemm_for_config
+    """`gemm`: the GEMM strategy factory, config -> Gemm, of fc1 and fc2 (the spec's param, from
+    layer_specs.gemm_strategy; None: plain GEMMs)."""
 
+    def __init__(self, config, num_local_experts: int, local_expert_offset: int = 0,
+                 key: str = "experts", pg_collection=None,
+                 gemm: Optional[Callable[..., Gemm]] = None, **_unused):
+        super().__init__(config=config)
         self.num_local_experts = num_local_experts
         self.local_expert_offset = local_expert_offset
         self.expt_dp_group = getattr(pg_collection, "expt_dp", None)
@@ -47,7 +50,7 @@ class GroupedExperts(MegatronModule):
                 init_normal_(self.fc1_weight[e, :f], std=std, seed=seed, key=f"{name}.fc1.gate")
                 init_normal_(self.fc1_weight[e, f:], std=std, seed=seed, key=f"{name}.fc1.up")
                 init_normal_(self.fc2_weight[e], std=std, seed=seed, key=f"{name}.fc2")
-        self.gemm = gemm_for_config(config)
+        self.gemm = gemm(config) if gemm is not None else DEFAULT_GEMM
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """The global [E, ...] stacks, this rank's experts at rows [offset, offset + E_local).

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
 
+from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from megatron_dsv3.moe.dispatcher import default_dispatcher, expert_parallel_group
+if TYPE_CHECKING:
+    from megatron_dsv3.dispatch.base import TokenDispatcher
 
 
 @dataclass
@@ -19,7 +21,16 @@ class DeepSeekMoESubmodules:
     router: Union[ModuleSpec, type] = None
     experts: Union[ModuleSpec, type] = None
     shared_experts: Union[ModuleSpec, type] = None
-    dispatcher: Union[ModuleSpec, type] = None
+    dispatcher: Optional[Callable[..., "TokenDispatcher"]] = None
+    """(config, ep_group) -> TokenDispatcher, called once per layer; the binding's default is
+    megatron_dsv3.layer_specs.make_dispatcher."""
+
+
+def _expert_parallel_group(pg_collection=None):
+    group = getattr(pg_collection, "ep", None)
+    if group is None:
+        group = parallel_state.get_expert_model_parallel_group(check_initialized=False)
+    return group
 
 
 class DeepSeekMoE(MegatronModule):
@@ -35,9 +46,11 @@ class DeepSeekMoE(MegatronModule):
         key = f"layers.{layer_number - 1}.mlp"
         self.layer_number = layer_number
         self.router = build_module(submodules.router, config=config, key=f"{key}.gate")
-        ep_group = expert_parallel_group(pg_collection)
-        dispatcher_cls = submodules.dispatcher or default_dispatcher(config, ep_group)
-        self.dispatcher = dispatcher_cls(config, ep_group)
+        if submodules.dispatcher is None:
+            raise ValueError("DeepSeekMoESubmodules.dispatcher is None: the spec must give a "
+                             "dispatcher factory (config, ep_group) -> TokenDispatcher, e.g. "
+                             "megatron_dsv3.layer_specs.make_dispatcher")
+        self.dispatcher = submodules.dispatcher(config, _expert_parallel_group(pg_collection))
         self.experts = build_module(submodules.experts, config=config,
                                     num_local_experts=self.dispatcher.num_local_experts,
                                     local_expert_offset=self.dispatcher.local_expert_offset,

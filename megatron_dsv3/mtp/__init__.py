@@ -2,5 +2,6 @@
 and the output head, each predicting one token further ahead."""
 
 from megatron_dsv3.mtp.layer import MTPLayer, MTPLayerSubmodules, mtp_block_spec, roll_left
+from megatron_dsv3.mtp.loss import attach_mtp_losses
 
-__all__ = ["MTPLayer", "MTPLayerSubmodules", "mtp_block_spec", "roll_left"]
+__all__ = ["MTPLayer", "MTPLayerSubmodules", "mtp_block_spec", "roll_left", "attach_mtp_losses"]

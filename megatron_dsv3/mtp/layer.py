@@ -67,13 +67,27 @@ class MTPLayer(MegatronModule):
         """-> (h^k [s, b, h], input ids shifted once more, position ids shifted once more)."""
         input_ids, position_ids = roll_left(input_ids), roll_left(position_ids)
         emb = embedding(input_ids=input_ids, position_ids=position_ids)
-        x, _ = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden_states)], dim=-1))
-        x, _ = self.transformer_layer(x, attention_mask=attention_mask,
-                                      packed_seq_params=packed_seq_params, padding_mask=padding_mask)
-        out = self.final_layernorm(x)
+        out = self._step(emb, hidden_states, lambda x: self.transformer_layer(
+            x, attention_mask=attention_mask, packed_seq_params=packed_seq_params,
+            padding_mask=padding_mask)[0])
         if compat.MTP_LAYER_RETURNS_PADDING_MASK:
             return out, input_ids, position_ids, padding_mask
         return out, input_ids, position_ids
+
+    def forward_cached(self, next_embedding: torch.Tensor, hidden_states: torch.Tensor, cache,
+                       position_ids: torch.Tensor, absorbed: bool = True) -> torch.Tensor:
+        """This depth over a latent cache (decoding): next_embedding [s, b, h] = Emb(t_{i+k}) and
+        hidden_states [s, b, h] = h^{k-1}_i of new positions i = position_ids [b, s]; the inner
+        layer runs `forward_cached` over `cache`, this depth's layer view (see
+        DeepSeekV3TransformerLayer.forward_cached). -> h^k [s, b, h]."""
+        return self._step(next_embedding, hidden_states, lambda x: self.transformer_layer
+                          .forward_cached(x, cache, position_ids, absorbed=absorbed))
+
+    def _step(self, emb, hidden_states, run_layer):
+        """h^k = RMSNorm(run_layer(eh_proj([RMSNorm(emb); RMSNorm(h^{k-1})]))): the depth's
+        computation, `run_layer` being its transformer layer over the sequence or the cache."""
+        x, _ = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden_states)], dim=-1))
+        return self.final_layernorm(run_layer(x))
 
 
 def mtp_block_spec(config, layer_spec: ModuleSpec, norm, column_linear) -> ModuleSpec:

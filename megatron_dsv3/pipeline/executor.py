@@ -7,52 +7,39 @@ output. Activations and gradients travel with isend/irecv, tagged by (kind, send
 direction, micro-batch) so that no global ordering of point-to-point calls is needed: any
 backend (gloo on CPU, NCCL on GPU) works. A backward marked zero-bubble runs under
 WeightGradStore.deferring(): our linear layers queue their weight-gradient GEMMs, and the W op
-runs them later. FB ops go through `overlapped_forward_backward`, the point where one chunk's
-forward and another's backward may run concurrently (by default one after the other;
-megatron_dsv3.pipeline.overlap.threaded_forward_backward runs them together). Forward passes
-dispatch their MoE tokens on lane 0 of the dispatcher's process groups, backward passes on lane 1.
+runs them later. FB ops go through the pair runner `overlap(run_forward, run_backward)`, the
+point where one chunk's forward and another's backward may run concurrently (by default one after
+the other; megatron_dsv3.pipeline.overlap.threaded_forward_backward runs them together).
+Forward passes run on lane 0 and backward passes on lane 1 (megatron_dsv3.lanes): the MoE
+dispatcher issues their all-to-alls on that lane's process groups.
+
+Beyond Megatron's keyword arguments the executor takes `overlap=` (the pair runner), `trace=` (a
+StepTrace recording this step's operations and the transfers reported during it) and `stats=`
+(a dict receiving the step's wall time, time waiting on other stages and their ratio, the
+measured bubble fraction).
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron_dsv3.core.gemm import WeightGradStore
-from megatron_dsv3.dispatch.topology import dispatch_lane
+from megatron_dsv3.lanes import BACKWARD_LANE, FORWARD_LANE, StepTrace, on_lane
+from megatron_dsv3.pipeline.overlap import sequential_forward_backward
 from megatron_dsv3.pipeline.schedules import Layout, Op, build, check, layout, neighbours
-
-
-# Timing of this rank's last pipelined step: wall time, time waiting on other stages
-# (activations or gradients not there yet) and their ratio, the measured bubble fraction.
-LAST_STEP_STATS: Dict[str, float] = {}
-
-
-def _sequential(run_forward: Callable[[], None], run_backward: Callable[[], None]) -> None:
-    run_forward()
-    run_backward()
-
-
-_OVERLAP_HOOK: Callable = _sequential
-
-
-def set_overlapped_forward_backward(hook: Optional[Callable]) -> None:
-    """Install `hook(run_forward, run_backward)` for FB ops (None restores sequential)."""
-    global _OVERLAP_HOOK
-    _OVERLAP_HOOK = hook or _sequential
-
-
-def overlapped_forward_backward(run_forward, run_backward) -> None:
-    _OVERLAP_HOOK(run_forward, run_backward)
 
 
 class _Runner:
     def __init__(self, lay: Layout, rank: int, model: List, forward_step_func, data_iterator,
                  num_microbatches: int, tensor_shape, dtype, config, group, forward_only: bool,
-                 collect_non_loss_data: bool):
+                 collect_non_loss_data: bool, overlap: Callable, trace: Optional[StepTrace]):
         self.lay, self.rank, self.model = lay, rank, model
+        self.overlap, self.trace = overlap, trace
         self.forward_step_func, self.config, self.group = forward_step_func, config, group
         self.data = data_iterator if isinstance(data_iterator, list) else [data_iterator] * 2
         self.n, self.shape, self.dtype = num_microbatches, tensor_shape, dtype
@@ -83,8 +70,6 @@ class _Runner:
         from_stage = self.lay.stage(*src)
         if src[0] == self.rank:
             return self.local.pop((kind, from_stage, mb))
-        import time
-
         buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         t0 = time.perf_counter()
         dist.irecv(buf, src=self.global_rank[src[0]], group=self.group,
@@ -111,12 +96,13 @@ class _Runner:
 
     def forward(self, chunk: int, mb: int) -> None:
         from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
+        from megatron.core.utils import get_attr_wrapped_model
 
         x = self._recv("F", chunk, mb)
         if x is not None and not self.forward_only:
             x.requires_grad_()
         model = self.model[chunk]
-        model.set_input_tensor(x)
+        get_attr_wrapped_model(model, "set_input_tensor")(x)  # through a DDP wrapper too
         with torch.set_grad_enabled(not self.forward_only):
             output, loss_func = self.forward_step_func(self.data[chunk], model)
         last = self._is_last(chunk)
@@ -149,21 +135,21 @@ class _Runner:
         if x is not None:
             self._send("B", chunk, mb, x.grad)
 
-    def _run_forward(self, chunk: int, mb: int, pair: bool) -> None:
-        from megatron_dsv3.pipeline.overlap import FORWARD_LANE, StepTrace
+    def _timed(self, kind: str, chunk: int, mb: int, lane: int, pair: bool):
+        if self.trace is None:
+            return contextlib.nullcontext()
+        return self.trace.timing(kind, chunk, mb, lane, pair)
 
-        with dispatch_lane(FORWARD_LANE), StepTrace.op("F", chunk, mb, FORWARD_LANE, pair):
+    def _run_forward(self, chunk: int, mb: int, pair: bool) -> None:
+        with on_lane(FORWARD_LANE), self._timed("F", chunk, mb, FORWARD_LANE, pair):
             self.forward(chunk, mb)
 
     def _run_backward(self, chunk: int, mb: int, zb: bool, pair: bool) -> None:
-        from megatron_dsv3.pipeline.overlap import BACKWARD_LANE, StepTrace
-
-        with dispatch_lane(BACKWARD_LANE), StepTrace.op("B", chunk, mb, BACKWARD_LANE, pair):
+        with on_lane(BACKWARD_LANE), self._timed("B", chunk, mb, BACKWARD_LANE, pair):
             self.backward(chunk, mb, zb)
 
-    def run(self, ops: List[Op]) -> None:
-        import time
-
+    def run(self, ops: List[Op]) -> Dict[str, float]:
+        """Run `ops`; -> wall time, time spent waiting on other stages and their ratio."""
         start = time.perf_counter()
         for op in ops:
             if op.kind == "F":
@@ -173,22 +159,22 @@ class _Runner:
             elif op.kind == "W":
                 WeightGradStore.pop()
             elif op.kind == "FB":
-                overlapped_forward_backward(
-                    lambda: self._run_forward(op.chunk, op.mb, True),
-                    lambda: self._run_backward(op.chunk2, op.mb2, False, True))
+                self.overlap(lambda: self._run_forward(op.chunk, op.mb, True),
+                             lambda: self._run_backward(op.chunk2, op.mb2, False, True))
         for work, _ in self.sends:
             work.wait()
         self.sends.clear()
         wall = time.perf_counter() - start
-        LAST_STEP_STATS.update(wall_s=wall, recv_wait_s=self.recv_wait,
-                               bubble_fraction=self.recv_wait / wall if wall > 0 else 0.0)
+        return {"wall_s": wall, "recv_wait_s": self.recv_wait,
+                "bubble_fraction": self.recv_wait / wall if wall > 0 else 0.0}
 
 
 def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model, num_microbatches,
                       seq_length, micro_batch_size, decoder_seq_length=None, forward_only=False,
                       collect_non_loss_data=False, first_val_step=None,
                       adjust_tensor_shapes_fn=None, p2p_communicator=None, pg_collection=None,
-                      force_all_reduce=False):
+                      force_all_reduce=False, overlap: Optional[Callable] = None,
+                      trace: Optional[StepTrace] = None, stats: Optional[Dict] = None):
     from megatron.core import parallel_state
     from megatron.core.utils import get_model_config
 
@@ -206,14 +192,18 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
     dtype = config.pipeline_dtype or config.params_dtype
     per_direction = num_microbatches // 2 if schedule == "dualpipe" else num_microbatches
     runner = _Runner(lay, rank, model, forward_step_func, data_iterator, per_direction, shape,
-                     dtype, config, group, forward_only, collect_non_loss_data)
+                     dtype, config, group, forward_only, collect_non_loss_data,
+                     overlap or sequential_forward_backward, trace)
     runner.n = num_microbatches  # losses are averaged over every micro-batch of the step
     if forward_only:
         ops = [Op("F", c, m) for m in range(per_direction) for c in (0, 1)]
     else:
         ops = build(schedule, ranks, num_microbatches)[rank]
     WeightGradStore.clear()
-    runner.run(ops)
+    with trace.recording() if trace is not None else contextlib.nullcontext():
+        step = runner.run(ops)
+    if stats is not None:
+        stats.update(step)
     if not forward_only:
         if schedule == "dualpipe":
             sync_mirrored_grads(model, group)
@@ -259,8 +249,10 @@ def sync_mirrored_grads(model: List, group) -> None:
 
 def forward_backward_dualpipev(**kwargs):
     """Megatron's forward_backward_pipelining_without_interleaving signature; `model` is this
-    rank's [chunk for stage r, chunk for stage 2P-1-r] and `data_iterator` one iterator per chunk
-    (rank 0's two chunks both read the batch: tokens for the embedding, labels for the loss)."""
+    rank's [chunk for stage r, chunk for stage 2P-1-r] (bare or wrapped, e.g. in Megatron's
+    DistributedDataParallel) and `data_iterator` one iterator per chunk (rank 0's two chunks both
+    read the batch: tokens for the embedding, labels for the loss). Also takes `overlap=`,
+    `trace=` and `stats=` (module docstring)."""
     return _forward_backward("dualpipev", **kwargs)
 
 

@@ -2,15 +2,20 @@
 thread while its backward runs in the calling thread, so one micro-batch's MoE dispatch and
 combine are in flight while the other micro-batch computes.
 
-    from megatron_dsv3.pipeline import set_overlapped_forward_backward
+A pair runner is `runner(run_forward, run_backward)`; the executor takes one as `overlap=`:
+
+    from megatron_dsv3.pipeline import forward_backward_dualpipev
     from megatron_dsv3.pipeline.overlap import threaded_forward_backward
-    set_overlapped_forward_backward(threaded_forward_backward)
+    forward_backward_dualpipev(..., overlap=threaded_forward_backward)
+
+(default: `sequential_forward_backward`, one half after the other).
 
 Why this is safe:
 - Collectives. Forward passes issue their all-to-alls on lane 0 of the dispatcher's process
-  groups, backward passes (autograd and recompute) on lane 1 (megatron_dsv3.dispatch.topology).
-  On each lane the order of collectives is the order of the rank's F (or B) operations, which
-  every expert-parallel rank shares, so the two threads never cross their transfers.
+  groups, backward passes (autograd and recompute) on lane 1 (megatron_dsv3.lanes; the executor
+  sets each pass's lane). On each lane the order of collectives is the order of the rank's F (or
+  B) operations, which every expert-parallel rank shares, so the two threads never cross their
+  transfers.
 - Arithmetic. The forward reads parameters; the backward writes gradients; no tensor is written by
   both. Each pass computes exactly what it computes alone, so the results are bitwise those of the
   sequential pair (tests/pipeline/test_overlap.py).
@@ -19,109 +24,29 @@ Why this is safe:
   current streams; set each thread's stream before relying on kernel overlap.
 
 Pipeline point-to-point transfers stay tagged by (kind, stage, direction, micro-batch), so both
-threads may send and receive at once.
-
-`StepTrace` records what happened in a step: F and B operations (with their thread's lane and
-whether they ran in a pair) and every dispatch/combine transfer (issue, completion and wait
-times, by lane), for the timeline plot of `plot_overlap_timeline`.
+threads may send and receive at once. A step's timeline (`megatron_dsv3.lanes.StepTrace`, passed
+to the executor as `trace=`) is drawn by `plot_overlap_timeline`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict
 
-from megatron_dsv3.dispatch import comm
-from megatron_dsv3.dispatch.topology import dispatch_lane
-
-FORWARD_LANE, BACKWARD_LANE = 0, 1
+from megatron_dsv3.lanes import run_on_two_lanes
 
 
-def run_on_two_lanes(on_lane0: Callable[[], None], on_lane1: Callable[[], None],
-                     name: str = "dsv3-lane0") -> None:
-    """Run `on_lane0` in a helper thread (dispatch lane 0) and `on_lane1` here (lane 1),
-    together. An exception in either is raised here after both have finished."""
-    errors: List[BaseException] = []
-
-    def first() -> None:
-        try:
-            with dispatch_lane(0):
-                on_lane0()
-        except BaseException as error:  # re-raised in the caller's thread
-            errors.append(error)
-
-    worker = threading.Thread(target=first, name=name, daemon=True)
-    worker.start()
-    try:
-        with dispatch_lane(1):
-            on_lane1()
-    finally:
-        worker.join()
-    if errors:
-        raise errors[0]
+def sequential_forward_backward(run_forward: Callable[[], None],
+                                run_backward: Callable[[], None]) -> None:
+    """The pair one half after the other, in the calling thread (the executor's default)."""
+    run_forward()
+    run_backward()
 
 
 def threaded_forward_backward(run_forward: Callable[[], None],
                               run_backward: Callable[[], None]) -> None:
-    """Run `run_forward` in a helper thread (lane 0) and `run_backward` here (lane 1), together.
-    An exception in either is raised here after both have finished."""
+    """Run `run_forward` in a helper thread and `run_backward` here, together. An exception in
+    either is raised here after both have finished."""
     run_on_two_lanes(run_forward, run_backward, name="dsv3-pair-forward")
-
-
-class StepTrace:
-    """Timeline of one step on this rank: `ops` ({"kind": "F"|"B", chunk, mb, lane, pair, start,
-    end}) and `transfers` (the dispatch/combine all-to-all records of megatron_dsv3.dispatch.comm:
-    stage, pass, lane, start, end, waited), times in seconds from the step's start."""
-
-    ACTIVE: Optional["StepTrace"] = None
-
-    def __init__(self):
-        self.ops: List[Dict] = []
-        self.transfers: List[Dict] = []
-        self.t0 = 0.0
-
-    @contextlib.contextmanager
-    def recording(self):
-        self.t0 = time.perf_counter()
-        saved = comm.TRACE
-        comm.TRACE, StepTrace.ACTIVE = self.transfers, self
-        try:
-            yield self
-        finally:
-            comm.TRACE, StepTrace.ACTIVE = saved, None
-            for record in self.ops + self.transfers:
-                for key in ("start", "end", "waited"):
-                    if key in record:
-                        record[key] -= self.t0
-
-    @staticmethod
-    @contextlib.contextmanager
-    def op(kind: str, chunk: int, mb: int, lane: int, pair: bool):
-        trace = StepTrace.ACTIVE
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if trace is not None:
-                trace.ops.append({"kind": kind, "chunk": chunk, "mb": mb, "lane": lane,
-                                  "pair": pair, "start": start, "end": time.perf_counter()})
-
-    def overlap_seconds(self) -> float:
-        """Seconds during which a transfer of one lane was in flight (issued, not yet complete)
-        while a paired operation of the other lane was running, summed over transfers. Zero when
-        the pair's halves run one after the other."""
-        total = 0.0
-        for t in self.transfers:
-            other = [o for o in self.ops if o["lane"] != t.get("lane") and o["pair"]]
-            for o in other:
-                total += max(0.0, min(t["end"], o["end"]) - max(t["start"], o["start"]))
-        return total
-
-    def to_json(self) -> Dict:
-        return {"ops": self.ops, "transfers": self.transfers,
-                "overlap_seconds": self.overlap_seconds()}
 
 
 def plot_overlap_timeline(trace: Dict, path: str, title: str = "",

@@ -188,7 +188,6 @@ def _zb1p(ranks: int, n: int, times) -> List[List[Op]]:
     the op durations, so this list is built by playing the schedule forward with `times`."""
     base = [[Op(o.kind, o.chunk, o.mb, zb=o.kind == "B") for o in _one_f_one_b(r, ranks, n)]
             for r in range(ranks)]
-    lay = layout("zb1p", ranks)
     out: List[List[Op]] = [[] for _ in range(ranks)]
     clock = [0.0] * ranks
     pos = [0] * ranks

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 from megatron_dsv3.cli import non_negative_float, positive_float, positive_int
-from megatron_dsv3.pipeline.schedules import SCHEDULES, Layout, Op, build, layout, neighbours
+from megatron_dsv3.pipeline.schedules import SCHEDULES, Op, build, layout, neighbours
 
 
 @dataclass

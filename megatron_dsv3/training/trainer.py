@@ -13,7 +13,6 @@ checkpoints (`save_interval`; `resume` continues from one with the same losses).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -161,9 +160,9 @@ class Trainer:
                          dsv3_dispatch_chunks=args.dispatch_chunks)
         self.config = get_config(args.preset, **overrides)
         if args.pp > 1:
-            from megatron_dsv3.pipeline import build_chunks
+            from megatron_dsv3.model_chunks import build_model_chunks
 
-            self.models = build_chunks(self.config, "dualpipev", self.pp_rank, args.pp)
+            self.models = build_model_chunks(self.config, "dualpipev", self.pp_rank, args.pp)
         else:
             self.models = [build_model(self.config)]
         params, seen = [], set()
@@ -227,22 +226,21 @@ class Trainer:
     def forward_backward_pipelined(self) -> Dict[str, float]:
         """DualPipeV over the pipeline group; the loss lives on pipeline rank 0 (V's last stage)
         and is broadcast to the other stages for logging."""
+        from megatron_dsv3.lanes import StepTrace
         from megatron_dsv3.pipeline import forward_backward_dualpipev
-        from megatron_dsv3.pipeline.executor import LAST_STEP_STATS
-
-        from megatron_dsv3.pipeline import set_overlapped_forward_backward
-        from megatron_dsv3.pipeline.overlap import StepTrace, threaded_forward_backward
+        from megatron_dsv3.pipeline.overlap import threaded_forward_backward
 
         a = self.args
         batches = [self.micro_batch(self.step, j) for j in range(a.micro_batches)]
-        set_overlapped_forward_backward(threaded_forward_backward if a.overlap_pairs else None)
-        trace = StepTrace()
         tracing = a.trace_step == self.step + 1 and a.save_dir
-        with trace.recording() if tracing else contextlib.nullcontext():
-            records = forward_backward_dualpipev(
-                forward_step_func=self._forward_step, data_iterator=[iter(batches), iter(batches)],
-                model=self.models, num_microbatches=a.micro_batches, seq_length=a.seq_length,
-                micro_batch_size=a.micro_batch_size)
+        trace = StepTrace() if tracing else None
+        stats: Dict[str, float] = {}
+        records = forward_backward_dualpipev(
+            forward_step_func=self._forward_step, data_iterator=[iter(batches), iter(batches)],
+            model=self.models, num_microbatches=a.micro_batches, seq_length=a.seq_length,
+            micro_batch_size=a.micro_batch_size,
+            overlap=threaded_forward_backward if a.overlap_pairs else None, trace=trace,
+            stats=stats)
         if tracing:
             self._write_trace(trace)
         lm = torch.tensor([sum(float(r["lm loss"]) for r in records) / a.micro_batches
@@ -252,7 +250,7 @@ class Trainer:
                   if r.last_aux_loss is not None) / a.micro_batches
         return {"lm_loss": lm.item(), "aux_loss": aux,
                 "tokens": a.micro_batches * a.micro_batch_size * a.seq_length,
-                "bubble_fraction": LAST_STEP_STATS.get("bubble_fraction", 0.0)}
+                "bubble_fraction": stats.get("bubble_fraction", 0.0)}
 
     def _write_trace(self, trace) -> None:
         from megatron_dsv3.pipeline.overlap import plot_overlap_timeline

@@ -201,3 +201,17 @@ def test_dist_checkpoint_without_a_model_tensor_is_refused(hf_dir, tmp_path, sin
                                          r"distributed checkpoint"):
         dist_to_hf(str(saved), str(tmp_path / "back"), hf_config=hf_dir, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["megatron"]
+
+
+def test_checkpoint_saved_by_transformers_without_mtp_weights_converts_both_ways(tmp_path):
+    """transformers writes no MTP weights but keeps num_nextn_predict_layers=1: the conversion
+    leaves MTP out with a warning, and the way back gives the same tensors."""
+    src = str(tmp_path / "hf")
+    make_hf_checkpoint(src, rope_interleave=False, num_nextn_predict_layers=1)
+    with pytest.warns(UserWarning, match="holds no MTP weights"):
+        hf_to_dist(src, str(tmp_path / "dist"), dtype=torch.float32, progress=False)
+    dist_to_hf(str(tmp_path / "dist"), str(tmp_path / "back"), fp8=False, progress=False)
+    assert read_hf_config(str(tmp_path / "back"))["num_nextn_predict_layers"] == 0
+    original, back = tensors(src), tensors(str(tmp_path / "back"))
+    assert set(original) == set(back)
+    assert all(torch.equal(original[k].float(), back[k].float()) for k in original)

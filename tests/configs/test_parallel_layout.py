@@ -225,12 +225,12 @@ def test_converter_cli_accepts_the_slurm_layout_and_refuses_what_megatron_refuse
 def _load_uneven_chunks(rank, world, hf_dir, dist_dir, reference):
     from megatron_dsv3.checkpoint import dist as dist_ckpt
     from megatron_dsv3.checkpoint.hf_model import config_from_hf
-    from megatron_dsv3.pipeline import build_chunks
+    from megatron_dsv3.model_chunks import build_model_chunks
 
     config = config_from_hf(hf_dir, dtype=torch.float32, pipeline_model_parallel_size=2,
                             num_layers_in_first_pipeline_stage=1,
                             num_layers_in_last_pipeline_stage=4)
-    chunks = build_chunks(config, "dualpipev", rank, 2)
+    chunks = build_model_chunks(config, "dualpipev", rank, 2)
     dist_ckpt.load(chunks, dist_dir)
     compared = 0
     for chunk in chunks:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_dsv3.core.gemm import Gemm
-from megatron_dsv3.core.grouped_gemm import GroupedLinearFunction, grouped_linear
+from megatron_dsv3.core.grouped_gemm import grouped_linear
 
 
 class LoopGemm(Gemm):

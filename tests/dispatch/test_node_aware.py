@@ -46,7 +46,7 @@ def _case(rank, world, overrides, bias, empty_rank, chunks, fp8):
 
     from megatron_dsv3.configs import get_config
     from megatron_dsv3.layer_specs import get_layer_spec
-    from megatron_dsv3.moe.dispatcher import LocalDispatcher
+    from megatron_dsv3.dispatch.base import LocalDispatcher
     from megatron_dsv3.moe.layer import DeepSeekMoE
 
     cfg = get_config("deepseek-v3-tiny", moe_aux_loss_coeff=0.0, expert_model_parallel_size=8,
@@ -108,9 +108,10 @@ def _over_node_limit(rank, world):
 
     from megatron_dsv3.configs import get_config
     from megatron_dsv3.dispatch import NodeAwareDispatcher
+    from megatron_dsv3.layer_specs import make_dispatcher
 
     cfg = get_config("deepseek-v3-tiny", expert_model_parallel_size=8)
-    d = NodeAwareDispatcher(cfg, parallel_state.get_expert_model_parallel_group())
+    d = make_dispatcher(cfg, parallel_state.get_expert_model_parallel_group(), NodeAwareDispatcher)
     T, h = 3 + rank, cfg.hidden_size
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(T, h, generator=g)
@@ -134,12 +135,13 @@ def _errors(rank, world):
     from megatron_dsv3.configs import get_config
     from megatron_dsv3.dispatch import NodeAwareDispatcher
     from megatron_dsv3.dispatch.topology import build_topology
+    from megatron_dsv3.layer_specs import make_dispatcher
 
     ep = parallel_state.get_expert_model_parallel_group()
     cfg = get_config("deepseek-v3-tiny", moe_router_num_groups=2, moe_router_group_topk=1,
                      expert_model_parallel_size=8)
     with pytest.raises(ValueError, match=r"moe_router_num_groups=2 .* spans 4 nodes"):
-        NodeAwareDispatcher(cfg, ep)  # 2 groups cannot be split over 4 nodes
+        make_dispatcher(cfg, ep, NodeAwareDispatcher)  # 2 groups cannot be split over 4 nodes
     os.environ["MEGATRON_DSV3_RANKS_PER_NODE"] = "3"  # 8 ranks do not split into nodes of 3
     with pytest.raises(ValueError, match="MEGATRON_DSV3_RANKS_PER_NODE"):
         build_topology(ep)
@@ -231,18 +233,15 @@ def test_node_aware_dispatch_on_4_simulated_nodes():
 def test_constructor_rejects_layouts_it_cannot_serve():
     from megatron_dsv3.dispatch import NodeAwareDispatcher
 
-    cfg = SimpleNamespace(num_moe_experts=16, hidden_size=64, moe_router_num_groups=4,
-                          moe_router_group_topk=2, expert_tensor_parallel_size=1,
-                          dsv3_dispatch_chunks=2, dsv3_dispatch_fp8=False)
+    routing = dict(hidden_size=64, num_groups=4, group_topk=2)
     group = SimpleNamespace(size=lambda: 8, rank=lambda: 0)
     with pytest.raises(ValueError, match="ep_group"):
-        NodeAwareDispatcher(cfg, None)
+        NodeAwareDispatcher(16, None, **routing)
     with pytest.raises(ValueError, match=r"num_moe_experts=16 .* expert-parallel size 3"):
-        NodeAwareDispatcher(cfg, SimpleNamespace(size=lambda: 3, rank=lambda: 0))
+        NodeAwareDispatcher(16, SimpleNamespace(size=lambda: 3, rank=lambda: 0), **routing)
     with pytest.raises(ValueError, match="expert_tensor_parallel_size=2"):
-        NodeAwareDispatcher(SimpleNamespace(**{**vars(cfg), "expert_tensor_parallel_size": 2}),
-                            group)
+        NodeAwareDispatcher(16, group, expert_tensor_parallel_size=2, **routing)
     with pytest.raises(ValueError, match="chunks=0"):
-        NodeAwareDispatcher(cfg, group, chunks=0)
+        NodeAwareDispatcher(16, group, chunks=0, **routing)
     with pytest.raises(ValueError, match="fp8_payload='yes'"):
-        NodeAwareDispatcher(cfg, group, fp8_payload="yes")
+        NodeAwareDispatcher(16, group, fp8_payload="yes", **routing)

@@ -11,7 +11,8 @@ from megatron_dsv3.configs import get_config
 from megatron_dsv3.core.gemm import DEFAULT_GEMM
 from megatron_dsv3.fp8.gemm import Fp8BlockwiseGemm
 from megatron_dsv3.fp8.quant import AMAX_FLOOR, GRAD_AMAX_FLOOR
-from megatron_dsv3.fp8.recipe import FP8Recipe, gemm_for_config, recipe_from_config
+from megatron_dsv3.fp8.recipe import FP8Recipe, recipe_from_config
+from megatron_dsv3.layer_specs import gemm_strategy
 
 # every GEMM-owning module kind of deepseek-v3-tiny (MLA with query compression, dense MLP,
 # shared expert, routed experts, MTP projection)
@@ -20,8 +21,8 @@ FP8_KINDS = {"linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "l
 
 
 def test_dsv3_fp8_recipe_switches_our_gemms_and_names_bad_values():
-    assert gemm_for_config(get_config("deepseek-v3-tiny")) is DEFAULT_GEMM
-    g = gemm_for_config(get_config("deepseek-v3-tiny", dsv3_fp8_recipe="deepseek-pow2"))
+    assert gemm_strategy(get_config("deepseek-v3-tiny")) is DEFAULT_GEMM
+    g = gemm_strategy(get_config("deepseek-v3-tiny", dsv3_fp8_recipe="deepseek-pow2"))
     assert isinstance(g, Fp8BlockwiseGemm) and g.pow2_scales
     with pytest.raises(ValueError, match="dsv3_fp8_recipe='e5m2'.*'deepseek', 'deepseek-pow2'"):
         get_config("deepseek-v3-tiny", dsv3_fp8_recipe="e5m2")

@@ -14,6 +14,8 @@ from megatron_dsv3.inference import SamplingParams
 from megatron_dsv3.model import build_model
 from megatron_dsv3.tokenizer import ByteTokenizer
 
+from logprobs_reference import assert_logprobs_match
+
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
@@ -148,6 +150,26 @@ def test_sampling_is_reproducible_and_stays_in_the_top_k_of_the_full_forward(mod
     engine = InferenceEngine(model, block_size=4)
     one = engine.generate([Request(prompts[0], 6, SamplingParams(1.0, top_k=1, seed=3))])
     assert one[0].tokens == greedy_by_rerun(model, prompts[0], 6)
+
+
+def test_logprobs_are_the_full_forwards_log_softmax_for_greedy_and_sampled_tokens(model):
+    """The model's distribution (raw logits, not the temperature-scaled, top-k-cut one the sampler
+    drew from) at the position that produced each token, in completions and stream events."""
+    prompts = [random_tokens(n, 60 + n) for n in (4, 7, 2)]
+    params = [SamplingParams(logprobs=3), SamplingParams(0.7, top_k=5, seed=1, logprobs=3),
+              SamplingParams()]
+    engine = InferenceEngine(model, block_size=4)
+    events = []
+    results = engine.generate([Request(p, 8, sp) for p, sp in zip(prompts, params)],
+                              on_event=events.append)
+    for i, (p, sp, r) in enumerate(zip(prompts, params, results)):
+        reference = full_logits(model, p + r.tokens)[len(p) - 1: -1]
+        assert_logprobs_match(reference, r, sp.logprobs)
+        mine = [e for e in events if e.index == i]
+        assert [x for e in mine for x in e.logprobs] == r.logprobs
+        assert [x for e in mine for x in e.top_logprobs] == r.top_logprobs
+    with pytest.raises(ValueError, match="logprobs=-1"):
+        SamplingParams(logprobs=-1)
 
 
 def test_stop_token_stop_string_and_length(model):

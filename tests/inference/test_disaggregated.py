@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_dsv3.configs import get_config
-from megatron_dsv3.inference import InferenceEngine, Request
+from megatron_dsv3.inference import InferenceEngine, Request, SamplingParams
 from megatron_dsv3.inference.disaggregated import (Roles, Served, latency_summary, mixed_load,
                                                    serve_separated)
 from megatron_dsv3.model import build_model
@@ -21,13 +21,16 @@ def workload():
     reqs = mixed_load(7, rate=200.0, vocab_size=256, seed=3, short_prompt=(2, 6),
                       long_prompt=(20, 30), new_tokens=(3, 9))
     reqs.append(Request([9, 8, 7], 1))  # finishes at prefill: nothing to hand over but the token
+    for i in (1, 7):  # the first token's top-2 alternatives travel with the hand-off too
+        reqs[i].sampling = SamplingParams(logprobs=2)
     return reqs
 
 
 def _role(rank, world, speculative):
     out = serve_separated(model(), workload(), Roles(prefill=[0], decode=[1, 2]),
                           speculative=speculative, block_size=4, max_batch_size=3)
-    return {i: (s.tokens, s.finish_reason, s.token_times) for i, s in out.items()}
+    return {i: (s.tokens, s.finish_reason, s.token_times, s.logprobs, s.top_logprobs)
+            for i, s in out.items()}
 
 
 @pytest.mark.parametrize("speculative", [False, True])
@@ -40,9 +43,11 @@ def test_separated_serving_equals_colocated(single_rank_world, speculative):
     assert sorted(served) == list(range(len(reqs)))
     assert set(results[1]) == set(range(0, len(reqs), 2))    # request i -> decode rank 1 + i % 2
     for i, r in enumerate(colocated):
-        tokens, reason, times = served[i]
+        tokens, reason, times, logprobs, top = served[i]
         assert tokens == r.tokens and reason == r.finish_reason
         assert len(times) == len(tokens) and times == sorted(times)
+        assert logprobs == pytest.approx(r.logprobs, rel=1e-4, abs=1e-5)
+        assert [list(t) for t in top] == [list(t) for t in r.top_logprobs]
 
 
 def test_mixed_load_and_latency_summary():
@@ -70,6 +75,6 @@ def test_arrivals_gate_admission_and_are_checked(single_rank_world):
     events = list(engine.stream([Request([1, 2], 2, arrival=0.3), Request([3], 2)]))
     assert events[0].index == 1                      # the later-listed request arrived first
     first_of_late = next(e for e in events if e.index == 0)
-    assert first_of_late.time - engine._t0 >= 0.3   # not admitted before its arrival
+    assert first_of_late.time - engine.start_time >= 0.3   # not admitted before its arrival
     with pytest.raises(ValueError, match="arrival=-1"):
         engine.generate([Request([1], 2, arrival=-1)])

@@ -1,5 +1,7 @@
-"""`python -m megatron_dsv3.generate` on a trainer checkpoint (byte-level) and on an HF checkpoint
-with its own tokenizer, against in-process generation and transformers' own greedy decoding."""
+"""`python -m megatron_dsv3.generate` on a trainer checkpoint (byte-level), on an HF checkpoint
+with its own tokenizer and on one without (prompts as token ids), against in-process generation and
+transformers' own greedy decoding. The references run in float32, so these runs pass --dtype fp32
+(the default is bf16)."""
 
 import dataclasses
 import os
@@ -50,7 +52,7 @@ def test_cli_generates_from_a_trainer_checkpoint_in_a_subprocess(trainer_run):
     expected = InferenceEngine(model, block_size=16, decode=tok.detokenize).generate(
         [Request(tok.tokenize(p), 12, stop_token_ids=[0]) for p in prompts])
     out = run_cli("--checkpoint", run, "--prompt", prompts[0], "--prompt", prompts[1],
-                  "--max-new-tokens", "12", "--speculative", "--device", "cpu")
+                  "--max-new-tokens", "12", "--speculative", "--device", "cpu", "--dtype", "fp32")
     assert out.returncode == 0, out.stderr
     for i, (p, e) in enumerate(zip(prompts, expected)):
         assert f"=== request {i} ({len(e.tokens)} tokens, {e.finish_reason}) ===\n{p}{e.text}\n" \
@@ -115,8 +117,68 @@ def test_cli_on_an_hf_checkpoint_with_its_tokenizer_matches_transformers_greedy(
     ref_text = "".join(CHARS[i - 2] for i in ref if i >= 2)
     for extra in ([], ["--speculative"]):
         code = main(["--checkpoint", path, "--prompt", prompt, "--max-new-tokens", "10",
-                     "--ignore-eos", "--device", "cpu", *extra])
+                     "--ignore-eos", "--device", "cpu", "--dtype", "fp32", *extra])
         out = capsys.readouterr()
         assert code == 0, out.err
         assert f"=== request 0 (10 tokens, length) ===\n{prompt}{ref_text}\n" in out.out
         assert "HF tokenizer" in out.err
+
+
+def test_cli_on_an_hf_checkpoint_without_a_tokenizer_takes_and_prints_token_ids(tmp_path, capsys):
+    path = str(tmp_path / "hf")
+    hf_model = make_hf_checkpoint(path, rope_interleave=False, vocab_size=64)
+    prompts = [[5, 9, 33, 2], [63, 0]]
+    refs = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)[0].tolist()
+            refs.append(",".join(map(str, out)))    # prompt ids, then the generated ones
+    code = main(["--checkpoint", path, "--prompt-ids", "5,9,33,2", "--prompt-ids", "63, 0",
+                 "--max-new-tokens", "6", "--device", "cpu", "--dtype", "fp32"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    for i, ref in enumerate(refs):
+        assert f"=== request {i} (6 tokens, length) ===\n{ref}\n" in out.out
+    assert "no tokenizer: token ids" in out.err
+    # streamed: the prompt's ids, then each new token's, on one line
+    assert main(["--checkpoint", path, "--prompt-ids", "5,9,33,2", "--max-new-tokens", "6",
+                 "--device", "cpu", "--dtype", "fp32", "--stream"]) == 0
+    assert capsys.readouterr().out == refs[0] + "\n"
+    # ids outside the vocabulary, and text without a tokenizer, are refused naming what to do
+    assert main(["--checkpoint", path, "--prompt-ids", "1,64", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt-ids 64 is invalid: allowed values are integers in [0, 63]" in err
+    assert main(["--checkpoint", path, "--prompt", "abc", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt needs a tokenizer" in err and "--prompt-ids" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt-ids", "1,,2"], "1,,2 is invalid: allowed values are comma-separated integers"),
+    (["--prompt-ids", "1,-2"], "-2 is invalid: allowed values are integers >= 0"),
+    (["--prompt-ids", "1,x"], "x is invalid: allowed values are integers >= 0"),
+    ([], "a prompt is needed"),
+])
+def test_cli_refuses_malformed_prompt_ids_when_parsing(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", "/nonexistent", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_one_default_dtype_bf16_for_the_cli_and_every_load_path(trainer_run, tmp_path):
+    from megatron_dsv3.checkpoint.hf_config import DEFAULT_DTYPE, config_from_hf
+    from megatron_dsv3.generate import DTYPES, build_parser
+    from megatron_dsv3.inference.loading import load_for_generation
+
+    args = build_parser().parse_args(["--checkpoint", "c", "--prompt", "x"])
+    assert getattr(torch, DTYPES[args.dtype]) == DEFAULT_DTYPE == torch.bfloat16
+    run, _ = trainer_run                      # trained in float32 (TrainArgs.bf16 is False)
+    model, _ = load_for_generation(run)
+    assert model.embedding.word_embeddings.weight.dtype == torch.bfloat16
+    path = str(tmp_path / "hf")
+    make_hf_checkpoint(path, vocab_size=64)   # stored in float32
+    assert config_from_hf(path).params_dtype == torch.bfloat16
+    model, tok = load_for_generation(path)
+    assert model.embedding.word_embeddings.weight.dtype == torch.bfloat16 and tok is None

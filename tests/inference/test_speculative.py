@@ -14,6 +14,8 @@ from megatron_dsv3.inference import SamplingParams
 from megatron_dsv3.model import build_model
 from megatron_dsv3.testing.tiny_training import train_on_repeated_text
 
+from logprobs_reference import assert_logprobs_match
+
 SENTENCE = b"the quick brown fox jumps over the lazy dog; "
 PROMPTS = [b"the quick", b"over the lazy dog; the", b"fox jumps", b"xyz q", b"t"]
 
@@ -63,6 +65,21 @@ def test_speculative_equals_greedy_on_a_trained_model_with_high_acceptance(train
     assert 0.5 < stats.acceptance_rate
     assert_token_accounting(stats, len(PROMPTS))
     assert stats.tokens_per_forward > 1.4
+
+
+def test_speculative_logprobs_are_the_full_forwards_log_softmax(trained_model):
+    """Accepted pairs included: each token's log-probability (and top-2) is read from the
+    verifying forward at its position and equals log_softmax of a full forward's logits there."""
+    requests = [Request(list(p), 16, SamplingParams(logprobs=2)) for p in PROMPTS[:3]]
+    engine = InferenceEngine(trained_model, block_size=2, max_batch_size=3)
+    spec = engine.generate(requests, speculative=True)
+    assert engine.stats.accepted > 0
+    for request, r in zip(requests, spec):
+        ids = request.prompt + r.tokens
+        with torch.no_grad():
+            logits = trained_model(torch.tensor([ids]), torch.arange(len(ids))[None], None)[0]
+        assert_logprobs_match(logits.float()[len(request.prompt) - 1: -1], r, 2,
+                              tol=dict(rtol=1e-4, atol=1e-4))
 
 
 def test_stop_tokens_cut_an_accepted_pair(trained_model):

@@ -4,8 +4,9 @@ import pytest
 
 from megatron_dsv3.configs import get_config
 from megatron_dsv3.dispatch import NodeAwareDispatcher
+from megatron_dsv3.dispatch.base import LocalDispatcher
 from megatron_dsv3.dispatch.flat import FlatAllToAllDispatcher
-from megatron_dsv3.moe.dispatcher import LocalDispatcher, default_dispatcher
+from megatron_dsv3.layer_specs import dispatcher_class
 
 
 class _Group:
@@ -21,7 +22,7 @@ class _Group:
     ("node-aware", 1, LocalDispatcher), ("flat", 1, LocalDispatcher), ("local", 1, LocalDispatcher)])
 def test_choice_by_config(choice, ep, expected):
     config = get_config("deepseek-v3-tiny", dsv3_dispatcher=choice)
-    assert default_dispatcher(config, _Group(ep) if ep > 1 else None) is expected
+    assert dispatcher_class(config, _Group(ep) if ep > 1 else None) is expected
 
 
 def test_bad_choices_name_the_field_and_allowed_values():

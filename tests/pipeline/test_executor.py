@@ -53,9 +53,10 @@ def _named_grads(chunks):
 
 
 def _pipelined(rank, world, schedule, mtp, forward_only, N, layers):
-    from megatron_dsv3.pipeline import build_chunks, get_forward_backward_func
+    from megatron_dsv3.model_chunks import build_model_chunks
+    from megatron_dsv3.pipeline import get_forward_backward_func
 
-    chunks = build_chunks(_config(mtp, layers), schedule, rank, world)
+    chunks = build_model_chunks(_config(mtp, layers), schedule, rank, world)
     batches = _batches(N)
     if schedule == "dualpipev":
         iters = [iter(batches), iter(batches)]

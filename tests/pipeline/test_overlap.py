@@ -8,7 +8,8 @@ import threading
 import pytest
 import torch
 
-from megatron_dsv3.pipeline.overlap import StepTrace, threaded_forward_backward
+from megatron_dsv3.lanes import StepTrace
+from megatron_dsv3.pipeline.overlap import threaded_forward_backward
 from megatron_dsv3.testing.distributed import run_distributed
 from megatron_dsv3.training.trainer import TrainArgs, Trainer
 
@@ -83,7 +84,7 @@ def test_an_error_in_the_forward_thread_reaches_the_caller():
 
 
 def test_lanes_are_per_thread():
-    from megatron_dsv3.dispatch.topology import current_lane, dispatch_lane
+    from megatron_dsv3.lanes import current_lane, on_lane
 
     seen = {}
 
@@ -96,7 +97,7 @@ def test_lanes_are_per_thread():
     threaded_forward_backward(forward, backward)
     assert seen == {"F": 0, "B": 1} and current_lane() == 0
     with pytest.raises(ValueError, match="allowed values are 0..1"):
-        with dispatch_lane(2):
+        with on_lane(2):
             pass
 
 

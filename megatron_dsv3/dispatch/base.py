@@ -3,16 +3,18 @@
 The MoE layer knows routing; a dispatcher knows only where experts live. `dispatch` turns each
 token's (expert, weight) choices into rows grouped by this rank's local experts; `combine` returns
 the weighted sum of expert outputs to each token's position. Expert parallelism plugs in here.
+
+A dispatcher is built from plain arguments (expert count, expert-parallel group, options), never
+from a model config: which dispatcher a model runs, and with what, is chosen by the binding
+(`megatron_dsv3.layer_specs.make_dispatcher`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
-
-from megatron.core import parallel_state
 
 
 @dataclass
@@ -26,16 +28,39 @@ class DispatchState:
 
 
 class TokenDispatcher:
-    """Interface. `num_local_experts` and `local_expert_offset` describe this rank's experts."""
+    """Interface over `num_experts` experts split evenly over `ep_group` (None: all here).
 
-    def __init__(self, config, ep_group=None):
-        self.config = config
-        self.num_experts = config.num_moe_experts
+    `num_local_experts` and `local_expert_offset` describe this rank's experts: global experts
+    [offset, offset + num_local_experts), expert e on EP rank e // num_local_experts.
+    """
+
+    def __init__(self, num_experts: int, ep_group=None):
         self.ep_group = ep_group
         ep = ep_group.size() if ep_group is not None else 1
         rank = ep_group.rank() if ep_group is not None else 0
-        self.num_local_experts = self.num_experts // ep
-        self.local_expert_offset = rank * self.num_local_experts
+        if num_experts <= 0 or num_experts % ep:
+            raise ValueError(f"num_experts={num_experts} (num_moe_experts) cannot be split over "
+                             f"the expert-parallel size {ep} (the ep_group's size, "
+                             "expert_model_parallel_size): allowed are positive multiples of it")
+        n_local = num_experts // ep
+        self.set_expert_layout(num_experts, n_local, rank * n_local)
+
+    def set_expert_layout(self, num_experts: int, num_local_experts: int,
+                          local_expert_offset: int) -> None:
+        """Serve `num_experts` (physical) experts, `num_local_experts` per EP rank, this rank's
+        from global id `local_expert_offset` (e.g. after redundant experts were placed,
+        megatron_dsv3.moe.eplb.apply_placement)."""
+        ep = self.ep_group.size() if self.ep_group is not None else 1
+        if num_local_experts <= 0 or num_local_experts * ep != num_experts:
+            raise ValueError(f"num_local_experts={num_local_experts} is invalid for "
+                             f"num_experts={num_experts} over {ep} expert-parallel ranks: allowed "
+                             f"is num_experts / {ep}")
+        if not 0 <= local_expert_offset <= num_experts - num_local_experts:
+            raise ValueError(f"local_expert_offset={local_expert_offset} is invalid: allowed "
+                             f"values are 0..{num_experts - num_local_experts}")
+        self.num_experts = num_experts
+        self.num_local_experts = num_local_experts
+        self.local_expert_offset = local_expert_offset
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
         """x [T, h], indices/weights [T, k] -> (rows [N, h] sorted by local expert,
@@ -73,8 +98,8 @@ def weighted_scatter_add(rows: torch.Tensor, token_index: torch.Tensor, weights:
 class LocalDispatcher(TokenDispatcher):
     """All experts on this rank (no expert parallelism): a permutation and its inverse."""
 
-    def __init__(self, config, ep_group=None):
-        super().__init__(config, None)
+    def __init__(self, num_experts: int):
+        super().__init__(num_experts, None)
 
     def dispatch(self, x, indices, weights):
         k = indices.shape[1]
@@ -86,24 +111,3 @@ class LocalDispatcher(TokenDispatcher):
     def combine(self, expert_output, state: DispatchState):
         return weighted_scatter_add(expert_output, state.token_index, state.weights,
                                     state.num_tokens)
-
-
-def expert_parallel_group(pg_collection=None):
-    group = getattr(pg_collection, "ep", None)
-    if group is None:
-        group = parallel_state.get_expert_model_parallel_group(check_initialized=False)
-    return group
-
-
-def default_dispatcher(config, ep_group):
-    """LocalDispatcher without expert parallelism; with it, `config.dsv3_dispatcher`'s choice:
-    the node-aware dispatcher (default) or the flat all-to-all."""
-    if ep_group is None or ep_group.size() == 1:
-        return LocalDispatcher
-    if getattr(config, "dsv3_dispatcher", "node-aware") == "flat":
-        from megatron_dsv3.dispatch.flat import FlatAllToAllDispatcher
-
-        return FlatAllToAllDispatcher
-    from megatron_dsv3.dispatch import NodeAwareDispatcher
-
-    return NodeAwareDispatcher
