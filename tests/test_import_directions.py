@@ -65,9 +65,12 @@ def _edges(source_packages):
                     yield module, target
 
 
+NEUTRAL = ["megatron_dsv3.lazy"]  # imported by package faces on every floor; imports nothing
+
+
 def _violations(sources, allowed):
     return [f"{m} imports {t}" for m, t in _edges(sources)
-            if not _in(t, *allowed) and not _in(t, *sources)]
+            if not _in(t, *allowed, *NEUTRAL) and not _in(t, *sources)]
 
 
 P = "megatron_dsv3."
@@ -83,6 +86,7 @@ def test_the_scan_sees_the_packages_and_their_imports():
     ([P + "compat"], []),
     ([P + "configs"], [P + "compat"]),
     ([P + "lanes"], []),
+    ([P + "lazy"], []),
     ([P + "cli"], []),
     # building blocks: no FP8, no model modules; the binding hands them their GEMM
     ([P + "core"], [P + "compat", P + "configs"]),

@@ -7,17 +7,14 @@ building a model; `python -m megatron_dsv3.checkpoint convert`), `dist` (Megatro
 checkpoints of a built model), `commit` (atomic, verified directories).
 """
 
-import importlib
+from megatron_dsv3.lazy import lazy_attributes
 
 # imported on first use: the trainer imports `commit` alone, without the model side
 _LAZY = {"config_from_hf": "hf", "config_to_hf": "hf", "load_hf": "hf", "save_hf": "hf",
          "HFReader": "hf"}
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

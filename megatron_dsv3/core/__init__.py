@@ -1,7 +1,7 @@
 """Building blocks shared by MLA, MoE and MTP: parallel linear layers with hookable GEMMs,
 RMSNorm, grouped GEMM, keyed initialisation and selective recomputation."""
 
-import importlib
+from megatron_dsv3.lazy import lazy_attributes
 
 # imported on first use: everything above imports from here, so nothing is imported eagerly
 _LAZY = {"ColumnParallelLinear": "linear", "RowParallelLinear": "linear",
@@ -10,10 +10,7 @@ _LAZY = {"ColumnParallelLinear": "linear", "RowParallelLinear": "linear",
          "recompute_region": "recompute"}
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

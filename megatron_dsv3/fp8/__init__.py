@@ -2,7 +2,7 @@
 blocks, FP32 promotion): `quant` (quantisers and the blockwise GEMM, torch only), `gemm` (the
 three GEMMs of a linear layer), `recipe` (the switch and the Transformer Engine adapter)."""
 
-import importlib
+from megatron_dsv3.lazy import lazy_attributes
 
 from megatron_dsv3.fp8.quant import (
     blockwise_matmul,
@@ -17,10 +17,7 @@ _LAZY = {"FP8Recipe": "recipe", "recipe_from_config": "recipe", "fp8_recipe_for_
          "Fp8BlockwiseGemm": "gemm"}
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = ["blockwise_matmul", "dequantize_1x128", "dequantize_128x128", "quantize_1x128",

@@ -1,17 +1,14 @@
 """A small trainer for the examples: Megatron's data path (indexed dataset + GPTDataset), AdamW,
 aux-loss-free bias updates, and the logs a DeepSeek-V3 user reads."""
 
-import importlib
+from megatron_dsv3.lazy import lazy_attributes
 
 # imported on first use (the trainer pulls in megatron-core and the model)
 _LAZY = {"Trainer": "trainer", "TrainArgs": "trainer", "ZeroOneOptimizer": "zero",
          "build_train_dataset": "data"}
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)
