@@ -1,7 +1,23 @@
-"""GPU check of the FP8 path: our quantisers and blockwise GEMM on CUDA against the CPU float64
-reference, torch's DeepSeek-style blockwise scaled matmul against our emulation, and FP8 vs BF16
-GEMM throughput at DeepSeek-V3 shapes. Needs torch only (no megatron-core, no Transformer Engine);
-two optional sections (the model on CUDA, training-step throughput) run when megatron-core imports.
+"""GPU check of the FP8 path and the GEMM backends (docs/backends.md), issue 14's checks first:
+
+(1) `torch_backend_gemms`: the 'torch' backend (fp8.torch_gemm.TorchBlockwiseGemm on
+    F.scaled_mm) against the emulation (fp8.gemm.Fp8BlockwiseGemm): fprop/dgrad/wgrad and the
+    routed experts' grouped path; identical E4M3 codes, outputs within float32 accumulation-order
+    tolerance; also whether F.scaled_grouped_mm accepts blockwise scales on this build;
+(2) `gemm_throughput`: FP8 vs BF16 GEMM TFLOP/s at DeepSeek-V3 shapes (7168x18432, 18432x7168,
+    7168x2048 per expert) and grouped over 32 experts (torch._grouped_mm vs the 'torch'
+    backend's per-expert loop);
+(3) `full_width_layer` (megatron-core): one DeepSeek-V3 decoder layer at full width (hidden 7168,
+    MLA, MoE with 32 local experts of width 2048, top-8, sequence 4096, micro-batch 1) forward +
+    backward in BF16 and FP8, MFU against the measured dense BF16 peak;
+(4) `training_50_steps` (megatron-core): 50 AdamW steps of a ~0.7B-parameter DeepSeek-V3-shaped
+    model, BF16 vs FP8 on the same data, the loss curves and their relative difference.
+Then the older sections: our quantisers and blockwise GEMM on CUDA against the CPU float64
+reference, torch's blockwise scaled matmul against the emulation, the tiny model on the device
+against the CPU and training-step throughput. Needs torch only; the megatron-core sections run
+when megatron-core imports (a carried wheel, see gpu_check.sh). On CPU (--dry-run) (1) runs the
+same comparison through the CPU stand-in of the kernel (fp8.torch_gemm.reference_scaled_mm, the
+arguments checked by torch's meta kernel) and (3)/(4) shrink to tiny shapes.
 
     OUT=/tmp/out bash bench/gpu_check.sh                  # on the GPU machine (see the .sh)
     python bench/gpu_check.py --dry-run --out /tmp/gc      # rehearsal on CPU, small shapes
@@ -37,10 +53,14 @@ from megatron_dsv3.fp8.quant import (  # noqa: E402  (torch-only: no megatron im
 RESULTS = {}
 SECTIONS = []
 # DeepSeek-V3 GEMMs at 4096 tokens: (M, N, K) of y[M, N] = x[M, K] W[N, K]^T
-DSV3_SHAPES = {"expert fc1 (N=2048, K=7168)": (4096, 2048, 7168),
-               "expert fc2 (N=7168, K=2048)": (4096, 7168, 2048),
-               "dense fc1 (N=18432, K=7168)": (4096, 18432, 7168),
-               "dense fc2 (N=7168, K=18432)": (4096, 7168, 18432)}
+DSV3_SHAPES = {"dense fc1 7168x18432": (4096, 18432, 7168),
+               "dense fc2 18432x7168": (4096, 7168, 18432),
+               "expert fc1 7168x2048": (4096, 2048, 7168),
+               "expert fc2 2048x7168": (4096, 7168, 2048)}
+# the order sections run in (issue 14's checks first: they must fit the device time)
+ORDER = ("environment", "torch_backend_gemms", "gemm_throughput", "full_width_layer",
+         "training_50_steps", "quantisers", "fp8_gemm_on_device", "torch_blockwise_scaled_mm",
+         "model_on_device_vs_cpu", "training_step_throughput")
 SMALL_SHAPES = {"small (N=256, K=512)": (256, 256, 512), "small (N=512, K=256)": (256, 512, 256)}
 
 
@@ -94,6 +114,13 @@ def environment(a):
         info.update(name=torch.cuda.get_device_name(0),
                     capability=list(torch.cuda.get_device_capability(0)),
                     memory_GiB=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+    try:  # the auto choice of dsv3_gemm_backend here (fp8.backends reads the config module)
+        from megatron_dsv3.fp8.backends import choose_backend, probe
+
+        info["gemm_backend_auto"] = choose_backend(None).message()
+        info["capabilities"] = str(probe())
+    except Exception as e:
+        info["gemm_backend_auto"] = f"not determined ({type(e).__name__}: {str(e)[:200]})"
     for mod in ("triton", "megatron.core", "transformer_engine"):
         try:
             m = __import__(mod, fromlist=["_"])
@@ -101,6 +128,297 @@ def environment(a):
         except Exception as e:
             info[mod] = f"absent ({type(e).__name__})"
     return info
+
+
+# -- issue 14: the GEMM backends on real kernels -------------------------------------------------
+
+def _backend_mm(dev):
+    """(mm, what) for TorchBlockwiseGemm: torch's F.scaled_mm on CUDA; on CPU the stand-in that
+    reads the scales by the kernel's layout, after torch's meta kernel checked the arguments."""
+    from megatron_dsv3.fp8.torch_gemm import reference_scaled_mm, torch_scaled_mm
+
+    if dev.startswith("cuda"):
+        return torch_scaled_mm, "F.scaled_mm (CUDA kernel)"
+    import torch.nn.functional as F
+
+    def checked(args, out_dtype):
+        meta = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                for t in (args.mat_a, args.mat_b, args.scale_a, args.scale_b)]
+        F.scaled_mm(meta[0], meta[1], meta[2], getattr(F.ScalingType, f"BlockWise{args.recipe_a}"),
+                    meta[3], getattr(F.ScalingType, f"BlockWise{args.recipe_b}"),
+                    output_dtype=out_dtype)
+        return reference_scaled_mm(args, out_dtype)
+
+    return checked, "CPU stand-in (reference_scaled_mm; layouts checked by torch's meta kernel)"
+
+
+def _grouped_blockwise_probe(dev):
+    """Does F.scaled_grouped_mm take 1x128 / 128x128 scales on this build? (The 'torch' backend
+    runs one F.scaled_mm per expert either way; this records whether a grouped kernel exists.)"""
+    import torch.nn.functional as F
+
+    if not dev.startswith("cuda") or not hasattr(F, "scaled_grouped_mm"):
+        return "not tried (no CUDA or no F.scaled_grouped_mm)"
+    G, M, N, K = 2, 128, 256, 256
+    a = torch.zeros(G * M, K, device=dev).to(torch.float8_e4m3fn)
+    b = torch.zeros(G, N, K, device=dev).to(torch.float8_e4m3fn).transpose(-2, -1)
+    offs = torch.tensor([M, 2 * M], device=dev, dtype=torch.int32)
+    sa = torch.ones(K // 128, G * M, device=dev).t()
+    sb = torch.ones(G, N // 128, 4, device=dev).transpose(-2, -1)
+    try:
+        F.scaled_grouped_mm(a, b, sa, F.ScalingType.BlockWise1x128, sb,
+                            F.ScalingType.BlockWise128x128, offs=offs)
+        return "accepted (a grouped blockwise kernel exists: not used yet, see fp8/torch_gemm.py)"
+    except Exception as e:
+        return f"refused: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+@section("torch_backend_gemms")
+def torch_backend_gemms(a):
+    """(1) The 'torch' backend's GEMMs equal the emulation's: fprop, dgrad, wgrad and the
+    routed experts (forward and backward), bf16 and float32 inputs."""
+    from megatron_dsv3.core.grouped_gemm import grouped_linear
+    from megatron_dsv3.fp8.gemm import Fp8BlockwiseGemm
+    from megatron_dsv3.fp8.torch_gemm import TorchBlockwiseGemm
+
+    dev = a.device
+    mm, what = _backend_mm(dev)
+    out = {"kernel": what, "scaled_grouped_mm_blockwise": _grouped_blockwise_probe(dev)}
+    g = torch.Generator().manual_seed(5)
+    shapes = [(200, 384, 448)] if a.small else [(200, 384, 448), (4096, 2048, 7168),
+                                                (4096, 7168, 2048)]
+    worst = 0.0
+    for M, N, K in shapes:
+        x = torch.randn(M, K, generator=g)
+        w = torch.randn(N, K, generator=g) * 0.02
+        dy = torch.randn(M, N, generator=g) * 1e-5
+        # the kernel receives the device quantisers' codes: identical to the CPU ones
+        q_dev, q_cpu = quantize_1x128(x.to(dev)), quantize_1x128(x)
+        row = {"same_e4m3_codes_device_vs_cpu": bool(
+            torch.equal(q_dev[0].cpu().view(torch.uint8), q_cpu[0].view(torch.uint8))
+            and torch.equal(q_dev[1].cpu(), q_cpu[1]))}
+        for pow2 in (False, True):
+            ours, ref = TorchBlockwiseGemm(pow2, mm=mm), Fp8BlockwiseGemm(pow2)
+            for dtype in ((torch.float32,) if a.small else (torch.float32, torch.bfloat16)):
+                xd, wd, dyd = (t.to(dev, dtype) for t in (x, w, dy))
+                for name, p, q in (("fprop", xd, wd), ("dgrad", dyd, wd), ("wgrad", dyd, xd)):
+                    err = rel(getattr(ours, name)(p, q).float(), getattr(ref, name)(p, q).float())
+                    row[f"{name} pow2={pow2} {str(dtype)[6:]}"] = err
+                    worst = max(worst, err)
+        out[f"{M}x{N}x{K}"] = row
+    counts = [40, 0, 7, 81] if a.small else [1024, 0, 37, 3035]
+    G, N, K = len(counts), 256, 384
+    x = torch.randn(sum(counts), K, generator=g, device="cpu").to(dev)
+    ws = (torch.randn(G, N, K, generator=g) * 0.02).to(dev)
+    dy = (torch.randn(sum(counts), N, generator=g) * 1e-5).to(dev)
+    res = []
+    for gemm in (TorchBlockwiseGemm(mm=mm), Fp8BlockwiseGemm()):
+        xr, wr = x.clone().requires_grad_(), ws.clone().requires_grad_()
+        y = grouped_linear(xr, wr, counts, gemm)
+        y.backward(dy)
+        res.append((y, xr.grad, wr.grad))
+    grouped = {k: rel(t, r) for k, t, r in zip(("y", "dx", "dw"), res[0], res[1])}
+    out["grouped experts " + str(counts)] = grouped
+    worst = max([worst, *grouped.values()])
+    out["worst_rel_diff"] = worst
+    # same codes and scales: only the kernel's accumulation order differs (float32 here;
+    # bf16 inputs give bf16 outputs on both sides, rounded the same way up to one ulp)
+    out["pass"] = (all(r["same_e4m3_codes_device_vs_cpu"] for r in out.values()
+                       if isinstance(r, dict) and "same_e4m3_codes_device_vs_cpu" in r)
+                   and worst < 1e-2 and all(v < 1e-3 for r in out.values() if isinstance(r, dict)
+                                            for k, v in r.items() if k.endswith("float32")))
+    return out
+
+
+def _measured_bf16_peak(dev, small):
+    n = 512 if small else 8192
+    x = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    t = bench(lambda: x @ x, dev, iters=3 if small else 30)
+    return 2 * n ** 3 / t / 1e12
+
+
+def _grouped_throughput(a, dev):
+    """Routed experts at 4096 tokens x top-8 over 32 local experts (balanced), fc1 shape
+    (N=2048 per expert... K=7168): BF16 torch._grouped_mm vs the 'torch' backend's FP8 path
+    (quantisation included) and its kernels alone (pre-quantised)."""
+    from megatron_dsv3.fp8.torch_gemm import BLOCKS, TorchBlockwiseGemm, prepare
+
+    G, N, K, rows = (4, 128, 256, 128) if a.small else (32, 2048, 7168, 4096 * 8)
+    counts = [rows // G] * G
+    x = torch.randn(rows, K, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(G, N, K, device=dev, dtype=torch.bfloat16) * 0.02
+    flops = 2 * rows * N * K
+    out = {"experts": G, "rows": rows, "N": N, "K": K}
+    offs = torch.tensor(counts, device=dev).cumsum(0).to(torch.int32)
+    try:
+        out["bf16_grouped_mm_tflops"] = flops / bench(
+            lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs), dev,
+            1 if a.small else 10) / 1e12
+    except Exception as e:
+        out["bf16_grouped_mm_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    mm, _ = _backend_mm(dev)
+    gemm = TorchBlockwiseGemm(mm=mm)
+    if dev.startswith("cuda") or a.small:
+        out["fp8_torch_backend_tflops"] = flops / bench(
+            lambda: gemm.grouped_fprop(x, w, counts), dev, 1 if a.small else 10) / 1e12
+        q, s = quantize_1x128(x)
+        blocks = gemm._expert_blocks(w)
+        args = [prepare(q[g * counts[0]:(g + 1) * counts[0]], s[g * counts[0]:(g + 1) * counts[0]],
+                        *blocks[g], BLOCKS) for g in range(G)]
+        out["fp8_kernels_only_tflops"] = flops / bench(
+            lambda: [mm(p, torch.bfloat16) for p in args], dev, 1 if a.small else 10) / 1e12
+        if "bf16_grouped_mm_tflops" in out:
+            for k in ("fp8_torch_backend", "fp8_kernels_only"):
+                out[f"{k}_speedup_vs_bf16"] = out[f"{k}_tflops"] / out["bf16_grouped_mm_tflops"]
+    return out
+
+
+def _layer_flops_per_token(c, seq):
+    """Forward matmul FLOPs per token of one MoE decoder layer (MLA + router + top-k routed
+    experts + shared experts) and the causal attention core (half the score matrix)."""
+    h, nh = c.hidden_size, c.num_attention_heads
+    qk, v = c.qk_head_dim + c.qk_pos_emb_head_dim, c.v_head_dim
+    mla = (h * c.q_lora_rank + c.q_lora_rank * nh * qk
+           + h * (c.kv_lora_rank + c.qk_pos_emb_head_dim)
+           + c.kv_lora_rank * nh * (c.qk_head_dim + v) + nh * v * h)
+    shared = (c.moe_shared_expert_intermediate_size or 0) * 3 * h
+    moe = h * c.num_moe_experts + c.moe_router_topk * c.moe_ffn_hidden_size * 3 * h + shared
+    attention_core = nh * (qk + v) * seq / 2  # causal: on average half the keys
+    return 2 * (mla + moe + attention_core)
+
+
+@section("full_width_layer", needs_megatron=True)
+def full_width_layer(a):
+    """(3) One DeepSeek-V3 decoder layer at full width, forward + backward, BF16 and FP8 (the
+    GEMM backend auto-chosen: 'torch' on an H200 without TE), MFU vs the measured BF16 peak."""
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.layer_specs import gemm_backend, get_layer_spec
+
+    _megatron_world()
+    dev = a.device
+    if dev.startswith("cuda"):
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    seq = 32 if a.small else 4096
+    width = dict(num_moe_experts=32) if not a.small else dict(
+        hidden_size=128, num_attention_heads=2, q_lora_rank=64, kv_lora_rank=32,
+        qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16, moe_ffn_hidden_size=128,
+        moe_shared_expert_intermediate_size=128, num_moe_experts=8)
+    out = {"sequence": seq, "micro_batch": 1,
+           "measured_bf16_peak_tflops": _measured_bf16_peak(dev, a.small)}
+    for recipe in (None, "deepseek"):
+        cfg = get_config("deepseek-v3", num_layers=1, first_k_dense_replace=0, mtp_num_layers=None,
+                         moe_router_num_groups=8 if not a.small else 4,
+                         moe_router_group_topk=4 if not a.small else 2,
+                         moe_router_topk=8 if not a.small else 2, dsv3_fp8_recipe=recipe,
+                         use_cpu_initialization=not dev.startswith("cuda"), **width)
+        spec = get_layer_spec(cfg)
+        layer = spec.module(cfg, spec.submodules, layer_number=1).to(dev)
+        x = torch.randn(seq, 1, cfg.hidden_size, device=dev, dtype=torch.bfloat16,
+                        requires_grad=True)
+        grad = torch.randn_like(x)
+
+        def step():
+            y, _ = layer(x)
+            y.backward(grad)
+
+        t = bench(step, dev, iters=1 if a.small else 5, warmup=1 if a.small else 2)
+        flops = 3 * _layer_flops_per_token(cfg, seq) * seq  # forward + backward (2x forward)
+        r = {"seconds": t, "tflops": flops / t / 1e12, "gemm_backend": gemm_backend(cfg).name,
+             "params_M": sum(p.numel() for p in layer.parameters()) / 1e6}
+        r["mfu"] = r["tflops"] / out["measured_bf16_peak_tflops"]
+        if dev.startswith("cuda"):
+            r["max_memory_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            torch.cuda.reset_peak_memory_stats()
+        out[f"recipe={recipe}"] = r
+        del layer, x, grad
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
+    out["fp8_speedup_vs_bf16"] = out["recipe=None"]["seconds"] / out["recipe=deepseek"]["seconds"]
+    out["targets"] = {"bf16_mfu>=0.40": out["recipe=None"]["mfu"] >= 0.40,
+                      "fp8_faster_than_bf16": out["fp8_speedup_vs_bf16"] > 1.0}
+    return out
+
+
+def _learnable_tokens(n, batch, seq, vocab, seed):
+    """Batches of a fixed random bigram process (each token picks one of 4 successors): a
+    language a small model learns within a few dozen steps, the same for both runs."""
+    g = torch.Generator().manual_seed(seed)
+    successors = torch.randint(0, vocab, (vocab, 4), generator=g)
+    data = []
+    for _ in range(n):
+        ids = torch.empty(batch, seq, dtype=torch.long)
+        ids[:, 0] = torch.randint(0, vocab, (batch,), generator=g)
+        pick = torch.randint(0, 4, (batch, seq), generator=g)
+        for t in range(1, seq):
+            ids[:, t] = successors[ids[:, t - 1], pick[:, t]]
+        data.append(ids)
+    return data
+
+
+@section("training_50_steps", needs_megatron=True)
+def training_50_steps(a):
+    """(4) 50 AdamW steps of a ~0.7B-parameter DeepSeek-V3-shaped model (BF16 parameters), BF16
+    vs FP8 from the same initialisation on the same batches: loss curves and their relative
+    difference (mean of the last 10 steps)."""
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.layer_specs import gemm_backend
+    from megatron_dsv3.model import build_model
+
+    _megatron_world()
+    dev = a.device
+    if dev.startswith("cuda"):
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    steps = 3 if a.small else 50
+    over = dict(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4,
+                q_lora_rank=64, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8,
+                v_head_dim=16, num_moe_experts=8, moe_ffn_hidden_size=128,
+                moe_shared_expert_intermediate_size=128, moe_router_topk=2,
+                moe_router_num_groups=4, moe_router_group_topk=2, vocab_size=512,
+                max_position_embeddings=256, original_max_position_embeddings=256,
+                rotary_scaling_factor=1) if a.small else dict(
+        num_layers=6, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=16,
+        q_lora_rank=768, kv_lora_rank=256, qk_head_dim=128, qk_pos_emb_head_dim=64,
+        v_head_dim=128, num_moe_experts=32, moe_ffn_hidden_size=512,
+        moe_shared_expert_intermediate_size=1024, moe_router_topk=8, moe_router_num_groups=8,
+        moe_router_group_topk=4, vocab_size=32768, max_position_embeddings=4096,
+        original_max_position_embeddings=4096, rotary_scaling_factor=1)
+    b, s = (2, 64) if a.small else (4, 2048)
+    data = _learnable_tokens(steps, b, s, over["vocab_size"], seed=0)
+    pos = torch.arange(s, device=dev).expand(b, s)
+    out = {"batch": [b, s], "steps": steps}
+    for recipe in (None, "deepseek"):
+        cfg = get_config("deepseek-v3", first_k_dense_replace=1, dsv3_fp8_recipe=recipe,
+                         use_cpu_initialization=not dev.startswith("cuda"), **over)
+        m = build_model(cfg).to(dev)
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        losses = []
+        t0 = time.time()
+        for ids in data:
+            ids = ids.to(dev)
+            loss = m(ids, pos, None, labels=ids).float().mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        out[f"recipe={recipe}"] = {"losses": losses, "seconds": time.time() - t0,
+                                   "gemm_backend": gemm_backend(cfg).name,
+                                   "params_M": sum(p.numel() for p in m.parameters()) / 1e6}
+        del m, opt
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
+    bf16, fp8 = out["recipe=None"]["losses"], out["recipe=deepseek"]["losses"]
+    tail = min(10, steps)
+    ref = sum(bf16[-tail:]) / tail
+    out["final_loss_rel_diff"] = abs(sum(fp8[-tail:]) / tail - ref) / ref
+    out["max_step_rel_diff"] = max(abs(x - y) / abs(y) for x, y in zip(fp8, bf16))
+    out["loss_decreased"] = bf16[-1] < bf16[0] and fp8[-1] < fp8[0]
+    out["targets"] = {"fp8_within_0.25%_of_bf16": out["final_loss_rel_diff"] <= 2.5e-3}
+    return out
 
 
 @section("quantisers")
@@ -328,6 +646,17 @@ def gemm_throughput(a):
                 row[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         if "fp8_blockwise_tflops" in row:
             row["fp8_blockwise_api"] = torch_blockwise(qx, sx, qw, sw)[1]
+        if dev.startswith("cuda"):  # the 'torch' backend's fprop, quantisation included
+            from megatron_dsv3.fp8.torch_gemm import TorchBlockwiseGemm
+
+            backend = TorchBlockwiseGemm()
+            try:
+                row["torch_backend_fprop_tflops"] = flops / bench(
+                    lambda: backend.fprop(x, w), dev, iters) / 1e12
+                row["torch_backend_fprop_speedup_vs_bf16"] = (row["torch_backend_fprop_tflops"]
+                                                             / row["bf16_tflops"])
+            except Exception as e:
+                row["torch_backend_fprop_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         gemm = Fp8BlockwiseGemm()
         t_emulated = bench(lambda: gemm.fprop(x, w), dev, max(2, iters // 5))
         row["emulated_fp8_tflops"] = flops / t_emulated / 1e12
@@ -337,6 +666,14 @@ def gemm_throughput(a):
         del x, w, qx, qw, fx, fw
         if dev.startswith("cuda"):
             torch.cuda.empty_cache()
+    try:
+        out["grouped 32 experts"] = _grouped_throughput(a, dev)
+    except Exception as e:
+        out["grouped 32 experts"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+    big = out.get("dense fc1 7168x18432", {})
+    if "fp8_blockwise_speedup_vs_bf16" in big:
+        out["target_fp8_blockwise>=1.6x_bf16_at_7168x18432"] = (
+            big["fp8_blockwise_speedup_vs_bf16"] >= 1.6)
     return out
 
 
@@ -454,7 +791,7 @@ def summary(out_dir):
             status = r.get("status", "ran")
         lines.append(f"| {name} | {status} | {r.get('seconds', '')} |")
     tp = RESULTS.get("gemm_throughput", {})
-    rows = {k: v for k, v in tp.items() if isinstance(v, dict)}
+    rows = {k: v for k, v in tp.items() if isinstance(v, dict) and "bf16_tflops" in v}
     if rows:
         lines += ["", "GEMM TFLOP/s (speedup vs BF16):", "",
                   "| GEMM (M=tokens) | BF16 | FP8 1x128x128x128 | FP8 per-row | FP8 per-tensor "
@@ -469,6 +806,39 @@ def summary(out_dir):
             lines.append(f"| {name} M={r['M']} | {r['bf16_tflops']:.3g} "
                          f"| {cell(r, 'fp8_blockwise')} | {cell(r, 'fp8_rowwise')} "
                          f"| {cell(r, 'fp8_tensorwise')} | {r['emulated_fp8_tflops']:.3g} |")
+        for name, r in rows.items():
+            if "torch_backend_fprop_tflops" in r:
+                lines.append(f"- 'torch' backend fprop {name} (quantisation included): "
+                             f"{cell(r, 'torch_backend_fprop')}")
+    grouped = tp.get("grouped 32 experts")
+    if isinstance(grouped, dict):
+        lines.append("- grouped experts: " + json.dumps(
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in grouped.items()}))
+    for key in [k for k in tp if k.startswith("target_")]:
+        lines.append(f"- {key}: {tp[key]}")
+    tg = RESULTS.get("torch_backend_gemms", {})
+    if "worst_rel_diff" in tg:
+        lines.append(f"- (1) 'torch' backend vs emulation ({tg['kernel']}): worst rel diff "
+                     f"{tg['worst_rel_diff']:.2e}; F.scaled_grouped_mm blockwise: "
+                     f"{tg['scaled_grouped_mm_blockwise']}")
+    fl = RESULTS.get("full_width_layer", {})
+    for k in ("recipe=None", "recipe=deepseek"):
+        if k in fl:
+            r = fl[k]
+            lines.append(f"- (3) full-width layer {k} ({r['gemm_backend']}): {r['seconds']*1e3:.1f} "
+                         f"ms fwd+bwd, {r['tflops']:.3g} TFLOP/s, MFU {r['mfu']:.1%} of the "
+                         f"measured BF16 peak {fl['measured_bf16_peak_tflops']:.3g} TFLOP/s")
+    if "fp8_speedup_vs_bf16" in fl:
+        lines.append(f"- (3) FP8 layer speedup vs BF16: {fl['fp8_speedup_vs_bf16']:.2f}x; "
+                     f"targets {fl['targets']}")
+    tr = RESULTS.get("training_50_steps", {})
+    if "final_loss_rel_diff" in tr:
+        b, f8 = tr["recipe=None"]["losses"], tr["recipe=deepseek"]["losses"]
+        lines.append(f"- (4) {tr['steps']} steps, {tr['recipe=None']['params_M']:.0f}M params: "
+                     f"BF16 loss {b[0]:.4f} -> {b[-1]:.4f}, FP8 ({tr['recipe=deepseek']['gemm_backend']})"
+                     f" {f8[0]:.4f} -> {f8[-1]:.4f}; last-10 mean rel diff "
+                     f"{tr['final_loss_rel_diff']:.3%}, max per-step {tr['max_step_rel_diff']:.3%};"
+                     f" targets {tr['targets']}")
     tb = RESULTS.get("torch_blockwise_scaled_mm", {})
     for shape, r in tb.items():
         if isinstance(r, dict) and "float32" in r:
@@ -505,7 +875,7 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     have_megatron = megatron_importable()
     t_start = time.time()
-    for name, fn, needs_megatron in SECTIONS:
+    for name, fn, needs_megatron in sorted(SECTIONS, key=lambda sec: ORDER.index(sec[0])):
         if wanted is not None and name not in wanted and name != "environment":
             continue
         elapsed = time.time() - t_start

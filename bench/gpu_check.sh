@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The prepared GPU check of the FP8 path (what it measures: bench/gpu_check.py's docstring).
+# The prepared GPU check of the FP8 path and the GEMM backends (what it measures:
+# bench/gpu_check.py's docstring; issue 14's checks (1)-(4) run first).
 #
 #   bash bench/gpu_check.sh                 # from the repository root; results under "$OUT"
-#   GPU_CHECK_BUDGET=120 bash bench/gpu_check.sh --sections quantisers,gemm_throughput
+#   GPU_CHECK_BUDGET=120 bash bench/gpu_check.sh --sections torch_backend_gemms,gemm_throughput
+#   bash bench/gpu_check.sh --dry-run       # CPU rehearsal, small shapes (the test suite runs it)
 #
 # Needs torch with CUDA only (megatron-core and Transformer Engine are not required). If a
 # megatron-core wheel was carried under $GPU_CHECK_WHEELS (default .gpu_wheels/), it is installed
-# into a temporary directory (no network) and the two optional model sections run too. Sections start while
+# into a temporary directory (no network) and the model sections run too (the full-width layer,
+# 50 training steps, the tiny model on the device, training-step throughput). Sections start while
 # GPU_CHECK_BUDGET seconds (default 300) last; the whole run is killed after GPU_CHECK_TIMEOUT
 # seconds (default 390), well inside an 8-minute call. results.json is rewritten after every
 # section, so a killed run still leaves what it measured.

@@ -24,7 +24,10 @@ callable spec only in its new Python builder API, `megatron/training/models/gpt.
 `get_layer_spec(config, vp_stage)` has that signature.
 
 The plugins are chosen here too and handed down through the specs: `gemm_strategy` (each GEMM-owning
-module's `Gemm`, e.g. FP8) and `make_dispatcher` (each MoE layer's token dispatcher).
+module's `Gemm`, e.g. FP8, on the GEMM backend `gemm_backend` resolves from
+`config.dsv3_gemm_backend`), `RoutedExperts` (the routed experts of that backend),
+`TEAutocastLayer` (the TE spec's layer: TE's FP8 autocast with our recipe around each half) and
+`make_dispatcher` (each MoE layer's token dispatcher). docs/backends.md has the table.
 """
 
 from __future__ import annotations
@@ -47,7 +50,10 @@ from megatron_dsv3.core.norm import RMSNorm
 from megatron_dsv3.dispatch.base import LocalDispatcher, TokenDispatcher
 from megatron_dsv3.dispatch.flat import FlatAllToAllDispatcher
 from megatron_dsv3.dispatch.node_aware import NodeAwareDispatcher
+from megatron_dsv3.fp8 import backends
 from megatron_dsv3.fp8.recipe import recipe_from_config
+from megatron_dsv3.fp8.te_autocast import te_autocast, te_fp8_recipe
+from megatron_dsv3.fp8.torch_gemm import TorchBlockwiseGemm
 from megatron_dsv3.moe.experts import GroupedExperts
 from megatron_dsv3.moe.layer import DeepSeekMoE, DeepSeekMoESubmodules
 from megatron_dsv3.moe.router import SigmoidGroupRouter
@@ -55,19 +61,69 @@ from megatron_dsv3.mtp.layer import mtp_block_spec
 from megatron_dsv3.transformer_layer import DeepSeekV3LayerSubmodules, DeepSeekV3TransformerLayer
 
 
+def gemm_backend(config) -> backends.BackendChoice:
+    """The GEMM backend for `config.dsv3_gemm_backend` on this machine (None: auto), logged once
+    with its reason; ValueError naming the field when the requested one cannot run here
+    (`fp8.backends.choose_backend`)."""
+    return backends.resolve(config)
+
+
 def gemm_strategy(config) -> Gemm:
     """The GEMM strategy of one module built with `config`: the single place where a GEMM strategy
     is chosen. The specs hand this function (as the `gemm` param) to our linears (local backend)
-    and to the routed experts (both backends); each module calls it once when it is built, so
+    and to the routed experts (GroupedExperts); each module calls it once when it is built, so
     each owns its own Gemm.
 
-    DeepSeek's blockwise FP8 emulation (`fp8.gemm.Fp8BlockwiseGemm`, float32 or power-of-2
-    scales) when `dsv3_fp8_recipe`, or Megatron's `fp8` with fp8_recipe='blockwise', asks for it
-    (`fp8.recipe.recipe_from_config`); plain GEMMs otherwise. GPU GEMM backends (emulated, torch,
-    Transformer Engine) are to be chosen here as well.
+    Without an FP8 recipe: plain GEMMs (torch._grouped_mm for BF16 experts where it runs). With
+    DeepSeek's recipe (`dsv3_fp8_recipe`, or Megatron's `fp8` with fp8_recipe='blockwise';
+    `fp8.recipe.recipe_from_config`), by GEMM backend (`gemm_backend`): 'emulated' ->
+    `fp8.gemm.Fp8BlockwiseGemm`, 'torch' -> `fp8.torch_gemm.TorchBlockwiseGemm` (torch's
+    blockwise scaled_mm). 'te' runs TE modules, which take no Gemm; a module of ours built on a
+    'te' machine all the same (a local spec there) gets the best of 'torch' and 'emulated'.
     """
+    choice = gemm_backend(config)
     recipe = recipe_from_config(config)
-    return DEFAULT_GEMM if recipe is None else recipe.gemm()
+    if recipe is None:
+        return DEFAULT_GEMM
+    name = choice.name
+    if name == "te":  # available_backends: {backend: why it cannot run here, '' if it can}
+        name = "emulated" if backends.available_backends()["torch"] else "torch"
+    if name == "torch":
+        return TorchBlockwiseGemm(recipe.pow2_scales)
+    return recipe.gemm()
+
+
+class RoutedExperts:
+    """The routed experts of a spec: `moe.te_experts.TEGroupedExperts` (TE's grouped GEMM) when
+    the spec's modules are TE's (`te_spec`) and the GEMM backend is 'te', else
+    `moe.experts.GroupedExperts` with `gemm` (gemm_strategy). Building it builds the chosen class
+    (same arguments, same experts and checkpoint keys)."""
+
+    def __new__(cls, config, *args, te_spec: bool = False, gemm=None, **kwargs):
+        if te_spec and gemm_backend(config).name == "te":
+            from megatron_dsv3.moe.te_experts import TEGroupedExperts
+
+            return TEGroupedExperts(config, *args, **kwargs)
+        return GroupedExperts(config, *args, gemm=gemm, **kwargs)
+
+
+class TEAutocastLayer(DeepSeekV3TransformerLayer):
+    """The decoder layer of the TE spec: each half runs inside `te.pytorch.autocast` with TE's
+    version of our FP8 recipe when the config asks for it on the 'te' GEMM backend
+    (`fp8.te_autocast.te_fp8_recipe`, computed once here; None: a null context, the layer is
+    DeepSeekV3TransformerLayer's)."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.te_fp8_recipe = te_fp8_recipe(config)
+
+    def _attention_half(self, hidden_states, attend):
+        with te_autocast(self.te_fp8_recipe):
+            return super()._attention_half(hidden_states, attend)
+
+    def forward_mlp(self, hidden_states, padding_mask=None):
+        with te_autocast(self.te_fp8_recipe):
+            return super().forward_mlp(hidden_states, padding_mask)
 
 
 def dispatcher_class(config, ep_group) -> type:
@@ -105,6 +161,14 @@ def make_dispatcher(config, ep_group, cls: Optional[type] = None) -> TokenDispat
                     "TokenDispatcher as get_layer_spec(dispatcher=...)")
 
 
+def _use_te(config, use_te: Optional[bool]) -> Optional[bool]:
+    """`use_te` as given; unset, TE's modules unless the config asks for a GEMM backend of ours
+    ('emulated', 'torch'), which our modules run (on a TE machine too)."""
+    if use_te is None and getattr(config, "dsv3_gemm_backend", None) in ("emulated", "torch"):
+        return False
+    return use_te
+
+
 @functools.lru_cache(maxsize=None)
 def backend(use_te: Optional[bool] = None) -> SimpleNamespace:
     """The module classes of one backend: 'te' (Transformer Engine) or 'local' (portable torch)."""
@@ -134,11 +198,12 @@ def backend(use_te: Optional[bool] = None) -> SimpleNamespace:
 def get_layer_spec(config=None, vp_stage: Optional[int] = None, *, use_te: Optional[bool] = None,
                    dispatcher=None) -> ModuleSpec:
     """ModuleSpec of the DeepSeek-V3 decoder layer. `config` and `vp_stage` follow megatron-core
-    0.19's callable-spec convention (the spec itself does not depend on them). `dispatcher`
+    0.19's callable-spec convention; the spec depends on the config only through
+    `dsv3_gemm_backend` ('emulated' / 'torch': our modules even where TE imports). `dispatcher`
     fixes the token dispatcher: a class `make_dispatcher` builds, or a factory
     (config, ep_group) -> TokenDispatcher; by default each MoE layer gets `make_dispatcher`'s
     choice for its expert-parallel group."""
-    b = backend(use_te)
+    b = backend(_use_te(config, use_te))
     if dispatcher is None:
         dispatcher = make_dispatcher
     elif isinstance(dispatcher, type):
@@ -153,8 +218,10 @@ def get_layer_spec(config=None, vp_stage: Optional[int] = None, *, use_te: Optio
                                                                 linear_fc2=b.row))
     moe = ModuleSpec(module=DeepSeekMoE, submodules=DeepSeekMoESubmodules(
         router=SigmoidGroupRouter, shared_experts=mlp, dispatcher=dispatcher,
-        experts=ModuleSpec(module=GroupedExperts, params={"gemm": gemm_strategy})))
-    return ModuleSpec(module=DeepSeekV3TransformerLayer, submodules=DeepSeekV3LayerSubmodules(
+        experts=ModuleSpec(module=RoutedExperts,
+                           params={"gemm": gemm_strategy, "te_spec": b.name == "te"})))
+    layer = TEAutocastLayer if b.name == "te" else DeepSeekV3TransformerLayer
+    return ModuleSpec(module=layer, submodules=DeepSeekV3LayerSubmodules(
         input_layernorm=b.norm, self_attention=attention, pre_mlp_layernorm=b.norm,
         dense_mlp=mlp, moe=moe))
 
@@ -166,7 +233,7 @@ def get_block_spec(config, vp_stage: Optional[int] = None, *, pp_rank: Optional[
 
     n = get_num_layers_to_build(config, vp_stage, pp_rank)
     return TransformerBlockSubmodules(layer_specs=[get_layer_spec(config, vp_stage, use_te=use_te)] * n,
-                                      layer_norm=backend(use_te).norm)
+                                      layer_norm=backend(_use_te(config, use_te)).norm)
 
 
 def get_mtp_block_spec(config, layer_spec: Optional[ModuleSpec] = None,
@@ -174,7 +241,7 @@ def get_mtp_block_spec(config, layer_spec: Optional[ModuleSpec] = None,
     """MTP block for `config.mtp_num_layers` depths (None without MTP)."""
     if not config.mtp_num_layers:
         return None
-    b = backend(use_te)
+    b = backend(_use_te(config, use_te))
     return mtp_block_spec(config, layer_spec or get_layer_spec(config, use_te=use_te), b.norm,
                           b.column)
 

@@ -15,6 +15,7 @@ import torch
 
 from megatron.core.models.gpt.gpt_model import GPTModel
 
+from megatron_dsv3 import compat
 from megatron_dsv3.core.init import init_normal_
 from megatron_dsv3.core.linear import group_rank, init_seed_of
 from megatron_dsv3.layer_specs import get_layer_spec, get_mtp_block_spec
@@ -29,15 +30,34 @@ class DeepSeekV3Model(GPTModel):
         layer_spec = transformer_layer_spec or get_layer_spec(config, vp_stage, use_te=use_te)
         if mtp_process is None:
             mtp_process = post_process and bool(config.mtp_num_layers)
+        # Where MTP runs is the caller's decision (see the `mtp_process` property); set before
+        # GPTModel's constructor, which reads it to build the MTP block and its embedding.
+        self.__dict__["_mtp_process"] = bool(mtp_process)
         mtp_spec = get_mtp_block_spec(config, use_te=use_te) if mtp_process else None
         super().__init__(
             config=config, transformer_layer_spec=layer_spec, vocab_size=config.vocab_size,
             max_sequence_length=config.max_position_embeddings, pre_process=pre_process,
             post_process=post_process, parallel_output=parallel_output,
             share_embeddings_and_output_weights=False, position_embedding_type="none",
-            mtp_block_spec=mtp_spec, pg_collection=pg_collection, vp_stage=vp_stage)
+            mtp_block_spec=mtp_spec, pg_collection=pg_collection,
+            vp_stage=compat.megatron_vp_stage(config, vp_stage))
         self.mtp_loss_tracker: List[torch.Tensor] = []
         self._keyed_init()
+
+    @property
+    def mtp_process(self) -> bool:
+        """Whether this model (pipeline chunk) runs the MTP block: the constructor's
+        `mtp_process` (default: the last stage, when the config has MTP layers).
+
+        megatron-core 0.16 takes this from the spec alone; from 0.17 GPTModel assigns its own
+        rule (MTP on the last pipeline rank, see compat), which is not where DualPipe(V) puts
+        the last stage (pipeline rank 0's second chunk): Megatron would build no MTP there and
+        silently train without it. Its assignment is therefore ignored."""
+        return self.__dict__.get("_mtp_process", False)
+
+    @mtp_process.setter
+    def mtp_process(self, _megatron_rule: bool) -> None:
+        pass
 
     def setup_embeddings_and_output_layer(self):
         """Megatron's version marks the embedding/output parameters and, when a later pipeline

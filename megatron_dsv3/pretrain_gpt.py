@@ -20,13 +20,19 @@ What is ours:
 - `model_provider`: DeepSeekV3Model (our layer spec and MTP) from a DeepSeekV3Config made by
   Megatron's `core_transformer_config_from_args`; for dualpipe/dualpipev it returns this rank's two
   V-placed chunks (`model_chunks.build_model_chunks`) as Megatron's model list;
-- the schedule: `pipeline.use_in_megatron_training(name)` points the training loop's
-  `get_forward_backward_func` at the named schedule.
+- the schedule: the training loop's `get_forward_backward_func` answers with the named schedule
+  (or Megatron's choice) wrapped by `megatron_loop_schedule`: DualPipe(V)'s losses handed to the
+  last pipeline rank, where Megatron reduces and logs them; each chunk its own iterator over the
+  step's micro-batches and the script's stage checks answering for the chunk; our MTP losses
+  into Megatron's MTP logging helper ("mtp_1 loss"); on DualPipeV the MTP chunk's embedding copy
+  (`untie_shared_embedding`) summed with the first chunk's after finalize_model_grads, the
+  embedding group being rank 0 alone (`embedding_ranks`).
 
-Where it works: argument parsing, validation and the model provider are tested through Megatron-LM
-core_v0.16.1 on CPU (tests/integration/test_pretrain_entry.py). A full `pretrain()` run needs what
-stock Megatron-LM needs (CUDA + NCCL: its initialisation and training loop call torch.cuda). The
-DualPipe chunks need pipeline size >= 2. Megatron-LM main's training code needs Python >= 3.12.
+Where it works: Megatron-LM's whole `pretrain()` (core_v0.16.1 and core_v0.19.0; 0.19's
+config-container `pretrain()` included) with 1F1B and DualPipeV, MTP and our FP8 recipe, tested on
+CPU/gloo with Megatron-LM's CUDA call sites redirected (tests/integration/test_megatron_lm_loop.py,
+test_pretrain_entry.py). The DualPipe chunks need pipeline size >= 2. Megatron-LM >= 0.17's
+training code needs Python >= 3.12.
 """
 
 from __future__ import annotations
@@ -184,19 +190,287 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
 
     args = get_args()
     apply_dsv3_args(args)
+    use_in_megatron_loop(args)
     config = config_from_args(args, config)
     use_te = args.transformer_impl == "transformer_engine"
     schedule = getattr(args, "pipeline_schedule", None)
     if schedule in ("dualpipe", "dualpipev"):
         from megatron.core import parallel_state
 
-        return build_model_chunks(config, schedule,
-                                  parallel_state.get_pipeline_model_parallel_rank(),
-                                  args.pipeline_model_parallel_size, pg_collection=pg_collection,
-                                  use_te=use_te)
+        chunks = build_model_chunks(config, schedule,
+                                    parallel_state.get_pipeline_model_parallel_rank(),
+                                    args.pipeline_model_parallel_size,
+                                    pg_collection=pg_collection, use_te=use_te)
+        untie_shared_embedding(chunks)
+        return ModelChunks(chunks)
     kwargs = {} if pg_collection is None else {"pg_collection": pg_collection}
     return DeepSeekV3Model(config, pre_process=pre_process, post_process=post_process,
                            vp_stage=vp_stage, use_te=use_te, **kwargs)
+
+
+# -- Megatron-LM's training loop with this rank's two chunks (DualPipe / DualPipeV) -------------
+
+class ModelChunks(list):
+    """This rank's model chunks as the model provider hands them to Megatron-LM's `get_model`:
+    a list (get_model keeps a list as its model list), on which get_model's
+    `model.model_type = ...` (meant for one model) sets the attribute on every chunk."""
+
+    def __setattr__(self, name, value):
+        for chunk in self:
+            setattr(chunk, name, value)
+        super().__setattr__(name, value)
+
+
+def untie_shared_embedding(chunks) -> None:
+    """DualPipeV's rank 0 holds the first stage (embedding) and the last (MTP, which reads the
+    embedding); build_model_chunks gives both one Parameter. Megatron-LM wraps each chunk in its
+    own DistributedDataParallel and builds its optimizer over every chunk's parameters: one
+    Parameter in two chunks would have its gradient land in one chunk's buffer only, be counted
+    twice by the gradient norm and be stepped twice by the optimizer. So in Megatron's loop the
+    MTP chunk gets its own copy (same values), and `sum_embedding_copies` adds the two copies'
+    gradients after Megatron's finalize_model_grads, which is what Megatron's embedding group does
+    between ranks: both copies take the same step and stay equal. Like Megatron's last-stage copy
+    the MTP chunk's is marked `shared`, so the gradient norm counts the embedding once."""
+    import torch
+
+    if len(chunks) != 2 or getattr(chunks[1], "embedding", None) is None or \
+            getattr(chunks[0], "embedding", None) is None:
+        return
+    shared = chunks[0].embedding.word_embeddings.weight
+    if chunks[1].embedding.word_embeddings.weight is not shared:
+        return
+    copy = torch.nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    for name, value in vars(shared).items():  # tensor-parallel attributes and the like
+        setattr(copy, name, value)
+    # as Megatron marks the last stage's embedding copy: left out of the gradient norm (and the
+    # zero count), which counts the first stage's copy
+    copy.shared = True
+    copy.shared_embedding = True
+    chunks[1].embedding.word_embeddings.weight = copy
+
+
+def _embedding_copies(model) -> list:
+    from megatron.core.utils import get_attr_wrapped_model
+
+    weights = []
+    for chunk in model:
+        inner = get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True)
+        embedding = getattr(inner, "embedding", None)
+        if embedding is not None:
+            weights.append(embedding.word_embeddings.weight)
+    return weights
+
+
+def sum_embedding_copies(model) -> None:
+    """Both embedding copies on this rank (see untie_shared_embedding) get the sum of their
+    gradients (Megatron's `main_grad` under its DDP, else `.grad`)."""
+    weights = _embedding_copies(model)
+    if len(weights) < 2:
+        return
+    grads = [getattr(w, "main_grad", None) if hasattr(w, "main_grad") else w.grad
+             for w in weights]
+    if any(g is None for g in grads):
+        return
+    total = sum(g.float() for g in grads)
+    for g in grads:
+        g.copy_(total)
+
+
+def embedding_ranks(schedule: Optional[str]):
+    """Megatron's `get_embedding_ranks` for pretrain(): the pipeline ranks holding a copy of the
+    word embedding, whose gradients Megatron all-reduces. DualPipeV keeps the first and the last
+    stage (the MTP's embedding) on pipeline rank 0, so its group is rank 0 alone (the two
+    copies there are summed by sum_embedding_copies); other schedules keep Megatron's
+    default."""
+    if schedule != "dualpipev":
+        return None
+
+    def get_embedding_ranks(pp_ranks, *_a, **_k):
+        return [pp_ranks[0]]
+    return get_embedding_ranks
+
+
+def megatron_loop_schedule(schedule_func, schedule: Optional[str], mtp_num_layers: int):
+    """The schedule as Megatron-LM's train_step / evaluate call it, around `schedule_func`:
+    - DualPipe / DualPipeV compute losses on pipeline rank 0 (and, for DualPipe, on the last);
+      Megatron reduces and logs them on its last pipeline stage (train_step's
+      `is_pipeline_last_stage`, training_log's `print_rank_last`): every rank's loss dicts are
+      handed to the last pipeline rank, which returns them all; the others return none;
+    - our MTP losses (DeepSeekV3Model.pop_mtp_losses) go to Megatron's MTP logging helper, so
+      training_log writes "mtp_1 loss" as it does for its own MTP;
+    - on DualPipeV, Megatron's finalize_model_grads is followed by sum_embedding_copies."""
+    import functools
+
+    import torch.distributed as dist
+
+    @functools.wraps(schedule_func)
+    def forward_backward(*, model, num_microbatches, forward_only=False, **kwargs):
+        from megatron.core import parallel_state
+        from megatron.core.utils import get_model_config
+
+        config = get_model_config(model[0])
+        finalize = config.finalize_model_grads_func
+        if schedule == "dualpipev" and finalize is not None and \
+                not getattr(finalize, "_dsv3_sums_embedding_copies", False):
+            def finalize_and_sum(model_, *a, _finalize=finalize, **k):
+                out = _finalize(model_, *a, **k)
+                sum_embedding_copies(model_)
+                return out
+            finalize_and_sum._dsv3_sums_embedding_copies = True
+            config.finalize_model_grads_func = finalize_and_sum
+        if schedule in ("dualpipe", "dualpipev"):
+            kwargs["data_iterator"] = _per_chunk_batches(kwargs.get("data_iterator"), schedule,
+                                                         num_microbatches)
+            kwargs["forward_step_func"] = _script_sees_chunk_stage(kwargs["forward_step_func"])
+        losses = schedule_func(model=model, num_microbatches=num_microbatches,
+                               forward_only=forward_only, **kwargs)
+        if mtp_num_layers and not forward_only:
+            _track_mtp_losses(model, num_microbatches, mtp_num_layers)
+        if schedule not in ("dualpipe", "dualpipev"):
+            return losses
+        group = parallel_state.get_pipeline_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return losses
+        gathered = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, [{k: v.detach().cpu() for k, v in d.items()}
+                                          if isinstance(d, dict) else d for d in losses],
+                               group=group)
+        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            return []
+        device = next(model[0].parameters()).device
+        return [{k: v.to(device) for k, v in d.items()} if isinstance(d, dict) else d
+                for part in gathered for d in part]
+    return forward_backward
+
+
+class _StageView:
+    """megatron.core.parallel_state as Megatron-LM's script sees it while one chunk runs: first /
+    last pipeline stage are the chunk's (its pre_process / post_process)."""
+
+    def __init__(self, module, first: bool, last: bool):
+        self._module, self._first, self._last = module, first, last
+
+    def is_pipeline_first_stage(self, *_a, **_k):
+        return self._first
+
+    def is_pipeline_last_stage(self, *_a, **_k):
+        return self._last
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _script_sees_chunk_stage(forward_step_func):
+    """Megatron-LM's forward_step (its script's get_batch and loss_func) decides what a stage
+    reads from the pipeline rank: 0.19's get_batch drops labels and loss mask on the first
+    rank, where DualPipeV's last stage (the loss and the MTP, which reads the tokens) lives
+    beside the first. While a chunk runs, the script's `mpu`, `is_first_or_last_pipeline_stage`
+    and `mtp_on_this_rank(_func)` answer for the chunk (pre_process / post_process /
+    mtp_process); the model code itself is not affected."""
+    import contextlib
+
+    from megatron.core.utils import get_attr_wrapped_model
+
+    names = getattr(forward_step_func, "__globals__", None)
+    if names is None:
+        return forward_step_func
+
+    @contextlib.contextmanager
+    def chunk_stage(chunk):
+        inner = get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True)
+        first, last = bool(inner.pre_process), bool(inner.post_process)
+        saved = {}
+        if "mpu" in names:
+            saved["mpu"] = names["mpu"]
+            names["mpu"] = _StageView(names["mpu"], first, last)
+        mtp = bool(getattr(inner, "mtp_process", False))
+        answers = {"is_first_or_last_pipeline_stage": first or last,
+                   "mtp_on_this_rank": mtp,  # 0.16 - 0.18
+                   "mtp_on_this_rank_func": mtp}  # 0.19
+        for name, answer in answers.items():
+            if name in names:
+                saved[name] = names[name]
+                names[name] = lambda *_a, _answer=answer, **_k: _answer
+        try:
+            yield
+        finally:
+            names.update(saved)
+
+    def forward_step(data_iterator, model, *a, **k):
+        with chunk_stage(model):
+            return forward_step_func(data_iterator, model, *a, **k)
+    return forward_step
+
+
+def _per_chunk_batches(data_iterator, schedule: str, num_microbatches: int):
+    """One iterator per chunk over this step's micro-batches. Megatron-LM hands a rank one
+    iterator (the same sample order on every pipeline rank of a data-parallel replica) and its
+    get_batch reads it on every first or last stage, which both chunks of DualPipe(V)'s end
+    ranks are: read in turn, chunk 0 would get the tokens of one micro-batch and chunk 1 the
+    labels of the next. So the step's micro-batches are read once, in order, and DualPipeV's
+    chunks (stages r and 2P-1-r of the same micro-batches) each go through all of them;
+    DualPipe's chunk 0 (direction 0) takes the first half and chunk 1 (direction 1) the second."""
+    if isinstance(data_iterator, list):
+        return data_iterator
+    if data_iterator is None:
+        return [None, None]
+    import copy
+
+    batches = [next(data_iterator) for _ in range(num_microbatches)]
+    if schedule == "dualpipev":  # (each chunk its own dicts: 0.19's get_batch edits them)
+        return [iter([copy.copy(b) for b in batches]), iter([copy.copy(b) for b in batches])]
+    half = num_microbatches // 2
+    return [iter(batches[:half]), iter(batches[half:])]
+
+
+def _track_mtp_losses(model, num_microbatches: int, depth: int) -> None:
+    """This step's MTP losses per depth into Megatron's MTP logging helper, on every rank (zeros
+    where no chunk runs MTP) and summed over the pipeline group, averaged over data-parallel
+    ranks. Megatron's tracker holds the sum over micro-batches and its training_log multiplies by
+    1 / micro-batches: the mean over micro-batches (pop_mtp_losses) is saved times their
+    number."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_attr_wrapped_model
+
+    from megatron_dsv3.compat import save_mtp_loss_to_megatron_tracker
+
+    device = next(model[0].parameters()).device
+    total = torch.zeros(depth, device=device)
+    for chunk in model:
+        inner = get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True)
+        pop = getattr(inner, "pop_mtp_losses", None)
+        got = pop() if pop is not None else None
+        if got is not None:
+            total += got.to(device) * num_microbatches
+    for k in range(depth):
+        save_mtp_loss_to_megatron_tracker(
+            total[k], k, depth,
+            reduce_group=parallel_state.get_pipeline_model_parallel_group(),
+            avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
+def use_in_megatron_loop(args) -> None:
+    """Point Megatron-LM's training loop (megatron.training.training.get_forward_backward_func)
+    at the named schedule (or Megatron's own choice), wrapped by megatron_loop_schedule."""
+    import megatron.training.training as training
+
+    schedule = getattr(args, "pipeline_schedule", None)
+    if getattr(training.get_forward_backward_func, "_dsv3_loop", ()) == (schedule,):
+        return
+    if schedule:
+        from megatron_dsv3.pipeline import get_forward_backward_func
+
+        base = get_forward_backward_func(schedule)
+        choose = lambda *a, **k: base  # noqa: E731
+    else:
+        choose = training.get_forward_backward_func
+    mtp = getattr(args, "mtp_num_layers", None) or 0
+
+    def get_forward_backward(*a, **k):
+        return megatron_loop_schedule(choose(*a, **k), schedule, mtp)
+    get_forward_backward._dsv3_loop = (schedule,)
+    training.get_forward_backward_func = get_forward_backward
 
 
 def _megatron_lm_on_path() -> None:
@@ -208,7 +482,7 @@ def _megatron_lm_on_path() -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     world = os.environ.get("WORLD_SIZE")
-    parse_dsv3_args(argv, int(world) if world else None)  # our errors before Megatron's start-up
+    ours = parse_dsv3_args(argv, int(world) if world else None)  # our errors before Megatron's
     _megatron_lm_on_path()
     sys.argv = [sys.argv[0]] + list(argv)
     import megatron.core  # noqa: F401  (installed megatron-core wins over the checkout's copy)
@@ -218,15 +492,29 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit("megatron_dsv3.pretrain_gpt needs Megatron-LM's pretrain_gpt.py and "
                          "megatron.training importable: set MEGATRON_LM_PATH to a Megatron-LM "
                          f"checkout or put it on PYTHONPATH ({e})")
+    import inspect
+
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 
     mlm.train_valid_test_datasets_provider.is_distributed = True
-    pretrain(mlm.train_valid_test_datasets_provider, model_provider,
-             ModelType.encoder_or_decoder, mlm.forward_step,
-             extra_args_provider=add_dsv3_args,
-             args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
-             get_embedding_ranks=getattr(mlm, "get_embedding_ranks", None))
+    ranks = embedding_ranks(ours.pipeline_schedule) or getattr(mlm, "get_embedding_ranks", None)
+    defaults = {"tokenizer_type": "GPT2BPETokenizer"}
+    if "cfg_container" in inspect.signature(pretrain).parameters:
+        # Megatron-LM 0.19+: its script parses the arguments itself and hands pretrain() a config
+        # container; without a model config in it, pretrain() builds with `model_provider`
+        from megatron.training.argument_utils import pretrain_cfg_container_from_args
+        from megatron.training.arguments import parse_and_validate_args
+
+        args = parse_and_validate_args(extra_args_provider=add_dsv3_args, args_defaults=defaults)
+        pretrain(pretrain_cfg_container_from_args(args, None),
+                 mlm.train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
+                 mlm.forward_step, model_provider=model_provider, get_embedding_ranks=ranks)
+    else:  # Megatron-LM 0.16 - 0.18
+        pretrain(mlm.train_valid_test_datasets_provider, model_provider,
+                 ModelType.encoder_or_decoder, mlm.forward_step,
+                 extra_args_provider=add_dsv3_args, args_defaults=defaults,
+                 get_embedding_ranks=ranks)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from megatron.core.utils import make_viewless_tensor
 
 from megatron_dsv3 import compat
 from megatron_dsv3.configs import is_moe_layer, validate_config
-from megatron_dsv3.core.recompute import recompute_region
+from megatron_dsv3.core.recompute import checkpointed, recompute_region
 
 
 @dataclass
@@ -101,7 +101,8 @@ class DeepSeekV3TransformerLayer(TransformerLayer):
     def forward_mlp(self, hidden_states, padding_mask=None):
         """Second half: hidden + FFN(RMSNorm(hidden))."""
         norm, release = recompute_region(self.config, "layernorm", self.pre_mlp_layernorm)
-        mlp_out, mlp_bias = self.mlp(norm(hidden_states), padding_mask=padding_mask)
+        mlp = self.mlp if self.is_moe_layer else checkpointed(self.config, "mlp", self.mlp)
+        mlp_out, mlp_bias = mlp(norm(hidden_states), padding_mask=padding_mask)
         release(mlp_out)
         return self._dropout_add(mlp_out, mlp_bias, hidden_states)
 

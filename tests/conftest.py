@@ -39,3 +39,20 @@ def tiny_config():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _megatron_loss_scales():
+    """Megatron keeps the backward scale of auxiliary losses (MoE, MTP) on the class, shared by
+    every test in the process: restore it after each test so no test sees another's scale."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    saved = {}
+    for cls in (MoEAuxLossAutoScaler, MTPLossAutoScaler):
+        value = cls.__dict__.get("main_loss_backward_scale", None)
+        # set_loss_scale may copy into the existing tensor: keep a copy, not the object
+        saved[cls] = value.clone() if isinstance(value, torch.Tensor) else value
+    yield
+    for cls, value in saved.items():
+        cls.main_loss_backward_scale = value

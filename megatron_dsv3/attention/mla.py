@@ -24,7 +24,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_dsv3.attention.rope import YarnRotary, apply_rotary
 from megatron_dsv3.core.linear import KeyedInit, group_size, tp_group_or_default
-from megatron_dsv3.core.recompute import recompute_region
+from megatron_dsv3.core.recompute import checkpointed, recompute_region
 
 
 @dataclass
@@ -138,7 +138,8 @@ class MLASelfAttention(MegatronModule):
 
         run, release = recompute_region(self.config, "mla_up_proj", up_project)
         q, k, v = run(c_q, c_kv, k_rope)
-        context = self.core_attention(q, k, v, attention_mask, packed_seq_params=packed_seq_params)
+        core_attention = checkpointed(self.config, "core_attn", self.core_attention)
+        context = core_attention(q, k, v, attention_mask, packed_seq_params=packed_seq_params)
         release(context)
         return self.linear_proj(context)
 

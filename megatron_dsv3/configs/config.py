@@ -8,6 +8,7 @@ from typing import Any, Optional
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_dsv3 import compat
+from megatron_dsv3.upstream_flags import check_upstream_flags
 
 
 @dataclasses.dataclass
@@ -44,6 +45,17 @@ class DeepSeekV3Config(MLATransformerConfig):
     """Expert parallelism: send the dispatch payload in E4M3 with power-of-2 1x128 scales
     (the combine stays in the compute dtype), as DeepSeek-V3 does."""
 
+    dsv3_gemm_backend: Optional[str] = None
+    """Who runs the GEMMs of our layers: None (auto: 'te' where Transformer Engine imports and
+    CUDA is present, else 'torch' on Hopper (SM 9.x, CUDA >= 12.9, torch >= 2.10), else
+    'emulated'), 'emulated' (torch GEMMs; the FP8 recipe quantised, dequantised and multiplied in
+    float32, on any device), 'torch' (the FP8 recipe on torch's blockwise-scaled F.scaled_mm;
+    BF16 experts through torch._grouped_mm) or 'te' (Transformer Engine modules, routed experts
+    through TE's GroupedLinear, the FP8 recipe as TE's Float8BlockScaling). A backend that cannot
+    run on this machine is refused when the model is built (megatron_dsv3.fp8.backends). The
+    trainer and generate take it through their config overrides, e.g.
+    TrainArgs(config_overrides={"dsv3_gemm_backend": "torch"})."""
+
     init_seed: int = 1234
     """Seed of the layout-independent weight initialisation: each weight (and each expert) draws
     from its own generator keyed by this seed and the weight's global name, so a model split over
@@ -56,6 +68,7 @@ class DeepSeekV3Config(MLATransformerConfig):
 
 DISPATCHERS = ("node-aware", "flat", "local")
 FP8_RECIPES = ("deepseek", "deepseek-pow2")  # dsv3_fp8_recipe: float32 or power-of-2 scales
+GEMM_BACKENDS = ("emulated", "torch", "te")  # dsv3_gemm_backend (None: auto)
 
 
 def _positive(config: Any, field: str, *, optional: bool = False) -> None:
@@ -129,6 +142,11 @@ def validate_config(config: Any) -> None:
                          "with expert_model_parallel_size=1 only; use 'node-aware' or 'flat' "
                          f"(expert_model_parallel_size={config.expert_model_parallel_size})")
     validate_fp8(config)
+    check_upstream_flags(config)  # Megatron flags: honoured with its meaning or refused
+    gemm_backend = getattr(config, "dsv3_gemm_backend", None)
+    if gemm_backend is not None and gemm_backend not in GEMM_BACKENDS:
+        raise ValueError(f"dsv3_gemm_backend={gemm_backend!r} is invalid: allowed values are None "
+                         f"(auto), {', '.join(repr(b) for b in GEMM_BACKENDS)}")
     chunks = getattr(config, "dsv3_dispatch_chunks", 1)
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks <= 0:
         raise ValueError(f"dsv3_dispatch_chunks={chunks!r} is invalid: allowed values are "

@@ -27,6 +27,27 @@ class Gemm:
     def wgrad(self, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return dy.t() @ x
 
+    # -- grouped entry points (routed experts: rows sorted by group, w [G, N, K]) --------------
+    # By default one GEMM per group through the methods above; a strategy overrides them to
+    # batch work across groups (e.g. quantise every expert's weight at once) or to call a
+    # grouped kernel. counts: rows per group (host integers).
+
+    def grouped_fprop(self, x: torch.Tensor, w: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        outs = [self.fprop(xg, w[g]) for g, xg in enumerate(torch.split(x, counts, dim=0))]
+        return torch.cat(outs, 0) if outs else x.new_zeros(0, w.shape[1])
+
+    def grouped_dgrad(self, dy: torch.Tensor, w: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        return torch.cat([self.dgrad(dyg, w[g])
+                          for g, dyg in enumerate(torch.split(dy, counts, dim=0))], 0)
+
+    def grouped_wgrad(self, dy: torch.Tensor, x: torch.Tensor, counts: List[int],
+                      w: torch.Tensor) -> torch.Tensor:
+        """-> [G, N, K] like `w` (zeros for a group without rows)."""
+        return torch.stack([self.wgrad(dyg, xg) if n else torch.zeros_like(w[g])
+                            for g, (dyg, xg, n) in enumerate(zip(torch.split(dy, counts, dim=0),
+                                                                 torch.split(x, counts, dim=0),
+                                                                 counts))])
+
 
 DEFAULT_GEMM = Gemm()
 

@@ -2,8 +2,10 @@
 
 y[rows of group g] = x[rows of group g] @ w[g]^T for w [G, N, K] (each expert's weight stored like
 a linear layer's [out, in]). Uses torch._grouped_mm where it runs (CPU with 16-byte aligned rows;
-CUDA with BF16 on SM90+) and a per-group loop of the linear layer's `Gemm` otherwise; the loop is
-also how FP8 GEMMs and deferred weight gradients apply to experts.
+CUDA with BF16 on SM90+) for plain GEMMs, and the `Gemm`'s grouped entry points otherwise
+(`grouped_fprop` / `grouped_dgrad` / `grouped_wgrad`: by default a per-group loop of the linear
+layer's GEMMs, which a strategy may batch); that is how FP8 GEMMs and deferred weight gradients
+apply to experts.
 """
 
 from __future__ import annotations
@@ -28,10 +30,6 @@ def _offsets(counts: List[int], device) -> torch.Tensor:
     return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
 
 
-def _split(t: torch.Tensor, counts: List[int]):
-    return torch.split(t, counts, dim=0)
-
-
 class GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, counts: List[int], gemm: Gemm):
@@ -40,8 +38,7 @@ class GroupedLinearFunction(torch.autograd.Function):
         ctx.fast = gemm is DEFAULT_GEMM and _grouped_mm_usable(x, w)
         if ctx.fast:
             return torch._grouped_mm(x, w.transpose(-2, -1), offs=_offsets(counts, x.device))
-        outs = [gemm.fprop(xg, w[g]) for g, xg in enumerate(_split(x, counts))]
-        return torch.cat(outs, 0) if outs else x.new_zeros(0, w.shape[1])
+        return gemm.grouped_fprop(x, w, counts)
 
     @staticmethod
     def backward(ctx, dy):
@@ -53,14 +50,12 @@ class GroupedLinearFunction(torch.autograd.Function):
             if ctx.fast:
                 dx = torch._grouped_mm(dy, w, offs=_offsets(counts, dy.device))
             else:
-                dx = torch.cat([gemm.dgrad(dyg, w[g]) for g, dyg in enumerate(_split(dy, counts))], 0)
+                dx = gemm.grouped_dgrad(dy, w, counts)
 
         def weight_grad():
             if ctx.fast:
                 return torch._grouped_mm(dy.t(), x, offs=_offsets(counts, dy.device))
-            return torch.stack([gemm.wgrad(dyg, xg) if n else torch.zeros_like(w[g])
-                                for g, (dyg, xg, n) in
-                                enumerate(zip(_split(dy, counts), _split(x, counts), counts))])
+            return gemm.grouped_wgrad(dy, x, counts, w)
 
         if ctx.needs_input_grad[1]:
             if WeightGradStore.is_deferring():

@@ -5,20 +5,107 @@ up-projections with RoPE) and `moe_act` (SwiGLU of routed experts, shared expert
 keep only their inputs: the output lives while the next module's forward needs it, its storage is
 then released, and it is recomputed into the same storage just before the next module's backward
 reads it. The recomputed functions are deterministic, so gradients are bit-identical.
+
+`core_attn` (the attention core, the default of Megatron's `recompute_modules`), `mlp` (the dense
+MLP of non-MoE layers) and `shared_experts` (the MoE layer's shared expert) use ordinary
+checkpointing, as Megatron does: only the inputs are kept and the whole module runs again in
+backward (`checkpointed`, reentrant like Megatron's; the RNG states are restored, so dropout
+draws the same mask). Inside such a region the output-discarding recomputation of the
+modules above is off (the region keeps none of their outputs anyway).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Callable, Tuple
 
 import torch
 
-SUPPORTED = ("layernorm", "mla_up_proj", "moe_act")
+from megatron_dsv3.upstream_flags import RECOMPUTE_MODULES
+
+SUPPORTED = RECOMPUTE_MODULES
+_state = threading.local()
 
 
 def recompute_enabled(config, name: str) -> bool:
-    return (getattr(config, "recompute_granularity", None) == "selective"
-            and name in (getattr(config, "recompute_modules", None) or ()))
+    """Megatron's rule: recompute_granularity='selective' and `name` in recompute_modules (None
+    means Megatron's default ['core_attn'])."""
+    if getattr(config, "recompute_granularity", None) != "selective":
+        return False
+    modules = getattr(config, "recompute_modules", None)
+    return name in (["core_attn"] if modules is None else modules)
+
+
+@contextlib.contextmanager
+def _inside_checkpoint():
+    previous = getattr(_state, "inside", False)
+    _state.inside = True
+    try:
+        yield
+    finally:
+        _state.inside = previous
+
+
+class _Checkpoint(torch.autograd.Function):
+    """Reentrant checkpoint (as Megatron's): forward runs `run` without autograd, keeping its
+    tensor inputs and the RNG states; backward runs it again with autograd from the same RNG
+    states and back-propagates through the fresh graph. Weight gradients inside reach their
+    parameters by that nested backward, so zero-bubble deferral (WeightGradStore) sees ordinary
+    backward passes of our linear layers."""
+
+    @staticmethod
+    def forward(ctx, run, *args):
+        ctx.run = run
+        ctx.tensor_at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
+        ctx.save_for_backward(*(args[i] for i in ctx.tensor_at))
+        ctx.cpu_rng = torch.get_rng_state()
+        cuda = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda]
+        ctx.cuda_device = cuda[0] if cuda else None
+        ctx.cuda_rng = torch.cuda.get_rng_state(ctx.cuda_device) if cuda else None
+        with torch.no_grad():
+            return run(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        args = list(ctx.others)
+        for i, t in zip(ctx.tensor_at, ctx.saved_tensors):
+            args[i] = t.detach().requires_grad_(t.requires_grad)
+        devices = [ctx.cuda_device] if ctx.cuda_device is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.cuda_device)
+            with torch.enable_grad():
+                outputs = ctx.run(*args)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None,) + tuple(a.grad if isinstance(a, torch.Tensor) and a.requires_grad else None
+                               for a in args)
+
+
+def checkpointed(config, name: str, fn: Callable) -> Callable:
+    """`fn` itself, or, when `name` is selected for recomputation and autograd records, `fn`
+    checkpointed (`_Checkpoint`: inputs kept, the module run again in backward). Keyword
+    arguments and non-tensor outputs (e.g. a None bias) pass through."""
+    if not (recompute_enabled(config, name) and torch.is_grad_enabled()):
+        return fn
+
+    def run(*args, **kwargs):
+        layout = {}
+
+        def tensors_only(*inputs):
+            with _inside_checkpoint():
+                out = fn(*inputs, **kwargs)
+            flat = out if isinstance(out, tuple) else (out,)
+            layout.update(is_tuple=isinstance(out, tuple), flat=flat)
+            return tuple(o for o in flat if isinstance(o, torch.Tensor))
+
+        tensors = iter(_Checkpoint.apply(tensors_only, *args))
+        flat = tuple(next(tensors) if isinstance(o, torch.Tensor) else o for o in layout["flat"])
+        return flat if layout["is_tuple"] else flat[0]
+    return run
 
 
 def _as_tuple(x):
@@ -84,7 +171,8 @@ def recompute_region(config, name: str, fn: Callable) -> Tuple[Callable, Callabl
     """(run, release): `run(*inputs)` computes fn; call `release(consumer_output)` once the module
     consuming the result has run forward. Without recomputation both are the plain function and a
     no-op."""
-    if recompute_enabled(config, name) and torch.is_grad_enabled():
+    if (recompute_enabled(config, name) and torch.is_grad_enabled()
+            and not getattr(_state, "inside", False)):
         holder = DiscardedOutput(fn)
         return holder, holder.release
     return fn, lambda _consumer_output: None

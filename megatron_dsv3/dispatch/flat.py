@@ -37,7 +37,8 @@ class FlatAllToAllDispatcher(TokenDispatcher):
         token = order // k
         expert = indices.flatten()[order]
         send = torch.bincount(expert // self.num_local_experts, minlength=W).tolist()
-        recv = self._hop([1] * W, [1] * W).exchange(torch.tensor(send).view(-1, 1)).view(-1).tolist()
+        counts = torch.tensor(send, device=x.device)  # NCCL groups take CUDA tensors only
+        recv = self._hop([1] * W, [1] * W).exchange(counts.view(-1, 1)).view(-1).tolist()
         got = self._hop(send, recv).exchange(expert.int()[:, None])[:, 0]  # [R] expert ids
         rows = all_to_all(x.index_select(0, token), self._hop(send, recv))
         w = all_to_all(weights.flatten()[order].float()[:, None], self._hop(send, recv))[:, 0]

@@ -123,8 +123,9 @@ class NodeAwareDispatcher(TokenDispatcher):
 
     def _exchange(self, send: List[int], ids: torch.Tensor, group, links):
         members = len(send)
+        # the counts travel on the payload's device: NCCL groups take CUDA tensors only
         counts = Hop([1] * members, [1] * members, group, links, self.counters).exchange(
-            torch.tensor(send, dtype=torch.long).view(-1, 1))
+            torch.tensor(send, dtype=torch.long, device=ids.device).view(-1, 1))
         recv = counts.view(-1).tolist()
         return recv, Hop(send, recv, group, links, self.counters).exchange(ids)
 

@@ -24,6 +24,27 @@ from megatron_dsv3.core.mlp import swiglu
 from megatron_dsv3.core.recompute import recompute_region
 
 
+def init_expert_weights(config, fc1: List[torch.Tensor], fc2: List[torch.Tensor], key: str,
+                        local_expert_offset: int) -> None:
+    """Each local expert's fc1 [2F, h] ([gate; up]) and fc2 [h, F] from its own keyed generator
+    (global expert number local_expert_offset + e): the same experts on every backend and
+    expert-parallel layout."""
+    seed, std, f = init_seed_of(config), config.init_method_std, config.moe_ffn_hidden_size
+    for e, (w1, w2) in enumerate(zip(fc1, fc2)):
+        name = f"{key}.{local_expert_offset + e}"
+        init_normal_(w1[:f], std=std, seed=seed, key=f"{name}.fc1.gate")
+        init_normal_(w1[f:], std=std, seed=seed, key=f"{name}.fc1.up")
+        init_normal_(w2, std=std, seed=seed, key=f"{name}.fc2")
+
+
+def expert_replica_id(expt_dp_group) -> tuple:
+    """ShardedTensor replica id of this rank's experts: replicas are the expert-data-parallel
+    copies of the same experts, so a checkpoint does not depend on the layout that wrote it."""
+    group = expt_dp_group or parallel_state.get_expert_data_parallel_group(
+        check_initialized=False)
+    return (0, 0, group.rank() if group is not None else 0)
+
+
 class GroupedExperts(MegatronModule):
     """`gemm`: the GEMM strategy factory, config -> Gemm, of fc1 and fc2 (the spec's param, from
     layer_specs.gemm_strategy; None: plain GEMMs)."""
@@ -44,12 +65,9 @@ class GroupedExperts(MegatronModule):
         for p in (self.fc1_weight, self.fc2_weight):
             setattr(p, "allreduce", False)  # expert parameter: reduced over expert-data-parallel
         if config.perform_initialization:
-            seed, std = init_seed_of(config), config.init_method_std
-            for e in range(num_local_experts):
-                name = f"{key}.{local_expert_offset + e}"
-                init_normal_(self.fc1_weight[e, :f], std=std, seed=seed, key=f"{name}.fc1.gate")
-                init_normal_(self.fc1_weight[e, f:], std=std, seed=seed, key=f"{name}.fc1.up")
-                init_normal_(self.fc2_weight[e], std=std, seed=seed, key=f"{name}.fc2")
+            with torch.no_grad():  # (unbound views of a Parameter, filled in place)
+                init_expert_weights(config, list(self.fc1_weight), list(self.fc2_weight), key,
+                                    local_expert_offset)
         self.gemm = gemm(config) if gemm is not None else DEFAULT_GEMM
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -63,9 +81,7 @@ class GroupedExperts(MegatronModule):
             raise ValueError("these experts were re-laid with redundant replicas "
                              "(megatron_dsv3.moe.eplb.apply_placement), which is for serving: "
                              "checkpoint the model before applying a placement")
-        group = self.expt_dp_group or parallel_state.get_expert_data_parallel_group(
-            check_initialized=False)
-        replica_id = (0, 0, group.rank() if group is not None else 0)
+        replica_id = expert_replica_id(self.expt_dp_group)
         expert_axis = (len(sharded_offsets), self.local_expert_offset // self.num_local_experts,
                        self.config.num_moe_experts // self.num_local_experts)
         return {f"{prefix}{name}": ShardedTensor.from_rank_offsets(

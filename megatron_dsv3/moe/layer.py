@@ -12,6 +12,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_dsv3.core.recompute import checkpointed
+
 if TYPE_CHECKING:
     from megatron_dsv3.dispatch.base import TokenDispatcher
 
@@ -37,7 +39,8 @@ class DeepSeekMoE(MegatronModule):
     """y = SharedExpert(x) + sum_k w_k Expert_{i_k}(x), dropless.
 
     `router.local_tokens_per_expert` accumulates expert loads between bias updates and
-    `router.last_aux_loss` holds the latest sequence-wise aux loss, both for logging.
+    `router.last_aux_loss` / `router.last_z_loss` hold the latest balancing and z losses, for
+    logging.
     """
 
     def __init__(self, config, submodules: DeepSeekMoESubmodules, layer_number: int = 1,
@@ -74,7 +77,7 @@ class DeepSeekMoE(MegatronModule):
             indices = self.replicas(indices)
         out = self.dispatcher.forward_experts(x, indices, weights, self.experts)
         if self.shared_experts is not None:
-            shared, _ = self.shared_experts(x)
+            shared, _ = checkpointed(self.config, "shared_experts", self.shared_experts)(x)
             out = out + shared
         if aux_loss is not None:
             # The aux loss joins the backward pass through the output, scaled like the main loss

@@ -62,6 +62,12 @@ class MTPLayer(MegatronModule):
             global_number=self.global_number, vp_stage=vp_stage, pg_collection=pg_collection)
         self.final_layernorm = build_module(submodules.layer_norm, **norm)
 
+    @property
+    def mtp_model_layer(self):
+        """The inner transformer layer under the name megatron-core >= 0.17 uses (see compat);
+        registered as `transformer_layer`, which keeps the checkpoint keys of every version."""
+        return self.transformer_layer
+
     def forward(self, input_ids, position_ids, hidden_states, attention_mask, embedding=None,
                 packed_seq_params=None, padding_mask=None, **_unused):
         """-> (h^k [s, b, h], input ids shifted once more, position ids shifted once more)."""

@@ -365,20 +365,24 @@ class Trainer:
         return value
 
     def dispatch_traffic(self) -> Optional[float]:
-        """Inter-node bytes per token of this step's expert dispatch, over all ranks."""
+        """Inter-node bytes per token of this step's expert dispatch, over all ranks (None when no
+        rank dispatches with the node-aware dispatcher). Collective on every rank, also on one
+        whose stages hold no MoE layer (e.g. DualPipeV's rank 0 with dense first layers, whose
+        only MoE layer may be the MTP layer)."""
         from megatron_dsv3.dispatch import NodeAwareDispatcher
 
         dispatchers = [m.dispatcher for _, m in moe_layers(self.models)
                        if isinstance(m.dispatcher, NodeAwareDispatcher)]
-        if not dispatchers:
-            return None
-        sent = torch.tensor([float(sum(d.counters.inter_node_bytes for d in dispatchers))])
+        sent = torch.tensor([float(sum(d.counters.inter_node_bytes for d in dispatchers)),
+                             float(len(dispatchers))])
         for d in dispatchers:
             d.counters.reset()
         dist.all_reduce(sent)  # every rank's MoE layers (all stages, all data-parallel ranks)
+        if sent[1].item() == 0:
+            return None
         a = self.args
         tokens = a.micro_batches * a.micro_batch_size * a.seq_length * self.dp  # the global batch
-        return sent.item() / tokens
+        return sent[0].item() / tokens
 
     def train(self) -> List[Dict]:
         a = self.args

@@ -5,18 +5,23 @@ torch.cuda.synchronize() unconditionally and needs psutil. This strategy keeps e
 Megatron's save (factories, replica de-duplication, validation, common state, metadata.json, the
 MCore planner and PyT ShardedTensor translation) and writes with torch's synchronous
 FileSystemWriter, so the checkpoint is laid out exactly as a training run's.
+
+It derives from Megatron's TorchDistSaveShardedStrategy, present in every release we support:
+from 0.17 dist_checkpointing.save replaces any other strategy with a fresh
+TorchDistSaveShardedStrategy (and 0.19 removed strategies.base, home of the former base class
+SaveShardedStrategy).
 """
 
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
 
 
-class SyncTorchDistSave(SaveShardedStrategy):
+class SyncTorchDistSave(TorchDistSaveShardedStrategy):
     def __init__(self):
         super().__init__("torch_dist", 1)
 

@@ -2,6 +2,7 @@
 model_provider, on CPU (gloo, world size 1). Run as: python pretrain_entry_check.py <Megatron-LM
 checkout> [extra flags...]; prints one JSON line with the findings."""
 
+import inspect
 import json
 import os
 import sys
@@ -68,7 +69,7 @@ print(json.dumps({
     "ranks_per_node_env": os.environ.get("MEGATRON_DSV3_RANKS_PER_NODE"),
     "loss_entry": loss_entry.item(),
     "loss_direct": loss_direct.item(),
-    "schedule": fb.__name__,
+    "schedule": fb.__name__,  # (our loop wrapper keeps the name; inspect.unwrap: the schedule)
     "schedule_loss": float(losses[0]["lm loss"]),
-    "schedule_is_mcore": fb is getattr(schedules, fb.__name__, None),
+    "schedule_is_mcore": inspect.unwrap(fb) is getattr(schedules, fb.__name__, None),
 }))

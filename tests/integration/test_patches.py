@@ -9,10 +9,16 @@ import subprocess
 import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "patches")
-VERSIONS = ("core_v0.16.1", "main")
+# one patch set per Megatron-LM release line (checked against every core_v tag of the line) and
+# one for main
+VERSIONS = ("core_v0.16.1", "core_v0.17", "core_v0.18", "core_v0.19", "main")
 # paths these patches may touch: Megatron-LM's training package and its top-level GPT scripts
 KNOWN = {"gpt_builders.py", "megatron/training/arguments.py", "megatron/training/training.py"}
 MLM = os.environ.get("MEGATRON_LM_PATH")
+# subprocesses import this tree's megatron_dsv3, whatever is installed
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [os.path.abspath(os.path.join(ROOT, ".."))]
+    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
 
 
 def _patches(version):
@@ -56,14 +62,29 @@ def test_readme_documents_every_patch():
 
 
 def _version(checkout):
-    tag = subprocess.run(["git", "-C", checkout, "describe", "--tags", "--exact-match"],
-                         capture_output=True, text=True)
-    if tag.returncode == 0 and tag.stdout.strip() in VERSIONS:
-        return tag.stdout.strip()
+    """The patch set for a checkout: from megatron/core/package_info.py, 0.16.x -> core_v0.16.1,
+    0.17.x / 0.18.x / 0.19.x -> core_v0.17 / core_v0.18 / core_v0.19, anything else (main, a
+    0.20 development version) -> main."""
     info = open(os.path.join(checkout, "megatron", "core", "package_info.py")).read()
-    major, minor, patch = (re.search(rf"^{k}\s*=\s*(\d+)", info, re.M).group(1)
-                           for k in ("MAJOR", "MINOR", "PATCH"))
-    return "core_v0.16.1" if (major, minor, patch) == ("0", "16", "1") else "main"
+    major, minor = (re.search(rf"^{k}\s*=\s*(\d+)", info, re.M).group(1)
+                    for k in ("MAJOR", "MINOR"))
+    release = {"16": "core_v0.16.1", "17": "core_v0.17", "18": "core_v0.18", "19": "core_v0.19"}
+    return release.get(minor, "main") if major == "0" else "main"
+
+
+def skip_unless_installed_core_matches(checkout):
+    """Megatron-LM's training package runs against the installed megatron-core (which wins over
+    the checkout's copy): their release lines must match (0.17's training code imports modules
+    0.16's core does not have)."""
+    import megatron.core
+
+    info = open(os.path.join(checkout, "megatron", "core", "package_info.py")).read()
+    line = ".".join(re.search(rf"^{k}\s*=\s*(\d+)", info, re.M).group(1)
+                    for k in ("MAJOR", "MINOR"))
+    installed = ".".join(megatron.core.__version__.split(".")[:2])
+    if line != installed:
+        pytest.skip(f"checkout is Megatron-LM {line}, installed megatron-core is "
+                    f"{megatron.core.__version__}: run with a Python whose megatron-core is {line}")
 
 
 @pytest.mark.skipif(not MLM, reason="MEGATRON_LM_PATH not set")
@@ -85,8 +106,9 @@ def test_patched_checkout_parses_one_token_spec_with_mtp_and_schedule(tmp_path):
     import shutil
     import sys
 
+    skip_unless_installed_core_matches(MLM)
     if _version(MLM) != "core_v0.16.1" and sys.version_info < (3, 12):
-        pytest.skip("Megatron-LM main's training code needs Python >= 3.12")
+        pytest.skip("Megatron-LM >= 0.17's training code needs Python >= 3.12 (typing.override)")
     shutil.copytree(os.path.join(MLM, "megatron"), tmp_path / "megatron")
     for name in os.listdir(MLM):
         if name.endswith(".py"):
@@ -97,7 +119,7 @@ def test_patched_checkout_parses_one_token_spec_with_mtp_and_schedule(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "patched_spec_check.py")
     proc = subprocess.run([sys.executable, script, str(tmp_path), "--mtp-num-layers", "1",
                            "--pipeline-schedule", "no_pipelining"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["spec"] == ["megatron_dsv3.layer_specs", "layer_spec"]
@@ -111,7 +133,11 @@ def test_unpatched_checkout_rejects_one_token_spec():
     """The bug 0001 fixes: stock Megatron-LM fails to unpack `--spec megatron_dsv3.layer_specs`."""
     import sys
 
+    skip_unless_installed_core_matches(MLM)
+    if _version(MLM) != "core_v0.16.1" and sys.version_info < (3, 12):
+        pytest.skip("Megatron-LM >= 0.17's training code needs Python >= 3.12 (typing.override)")
+
     script = os.path.join(os.path.dirname(__file__), "patched_spec_check.py")
     proc = subprocess.run([sys.executable, script, MLM, "--mtp-num-layers", "1"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode != 0 and "not enough values to unpack" in proc.stderr

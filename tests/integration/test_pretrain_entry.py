@@ -83,8 +83,11 @@ def test_ranks_per_node_sets_topology_env(monkeypatch):
 
 def _run(*extra):
     script = os.path.join(os.path.dirname(__file__), "pretrain_entry_check.py")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(  # this tree, whatever is installed
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     proc = subprocess.run([sys.executable, script, MLM, *extra], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

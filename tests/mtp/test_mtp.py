@@ -72,3 +72,58 @@ def test_mtp_depth_1_learns_to_predict_token_t_plus_2(single_rank_world):
     start, end = sum(history[:5]) / 5, sum(history[-10:]) / 10
     assert start > math.log(32)  # chance or worse at the start
     assert end < 0.3, (start, end)  # t+2 predicted from t, through the noise at t+1
+
+
+def test_megatron_schedule_trains_our_mtp_with_the_gradients_of_a_plain_backward(
+        single_rank_world, monkeypatch):
+    """Megatron's own schedule (no pipelining, as pretrain() runs with PP=1) over a model with our
+    MTP: it addresses each MTP layer's inner transformer layer (0.16: `transformer_layer`; from
+    0.17 `mtp_model_layer`, asserted by set_current_microbatch), scales the MTP loss by its
+    MTPLossAutoScaler and gives the gradients of a hand-written loop over the same micro-batches."""
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    from megatron_dsv3.compat import cuda_on_cpu
+
+    config = get_config("deepseek-v3-tiny", moe_aux_loss_coeff=0.0)
+    model = build_model(config)
+    b, s, n = 2, 16, 2
+    gen = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(1, 255, (b, s + 1), generator=gen)
+        batches.append((ids[:, :-1], ids[:, 1:], torch.arange(s).expand(b, s)))
+
+    # reference: mean token loss per micro-batch, averaged over micro-batches; MTP scaled alike
+    monkeypatch.setattr(MTPLossAutoScaler, "main_loss_backward_scale",
+                        MTPLossAutoScaler.main_loss_backward_scale)  # restored after the test
+    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0 / n))
+    for ids, labels, pos in batches:
+        model(ids, pos, None, labels=labels).float().mean().div(n).backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    expected_mtp = model.pop_mtp_losses()
+    model.zero_grad(set_to_none=True)
+
+    def loss_func(per_token):
+        total = per_token.float().sum()
+        return total, torch.tensor(per_token.numel(), dtype=torch.int), {"lm loss": total.detach()}
+
+    def forward_step(data_iterator, model):
+        ids, labels, pos = next(data_iterator)
+        return model(ids, pos, None, labels=labels), loss_func
+
+    # as at the start of a Megatron run (earlier tests may leave a 0-dim scale that Megatron's
+    # schedule, which sets a [1]-shaped one, cannot copy into); restored after the test
+    monkeypatch.setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale", None)
+    with cuda_on_cpu(schedules):
+        schedules.forward_backward_no_pipelining(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=n, seq_length=s, micro_batch_size=b, forward_only=False)
+    torch.testing.assert_close(model.pop_mtp_losses(), expected_mtp)
+    assert [m.mtp_model_layer for m in model.mtp.layers] == \
+        [m.transformer_layer for m in model.mtp.layers]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert all(expected[name].abs().sum() > 0 for name, _ in model.mtp.named_parameters(
+        prefix="mtp"))  # MTP took part in both

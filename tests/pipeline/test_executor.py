@@ -69,7 +69,8 @@ def _pipelined(rank, world, schedule, mtp, forward_only, N, layers):
                      num_microbatches=N, seq_length=S, micro_batch_size=B,
                      forward_only=forward_only)
     return [float(l["lm loss"]) for l in losses], _named_grads(chunks), \
-        [[l.layer_number for l in c.decoder.layers] for c in chunks]
+        [[l.layer_number for l in c.decoder.layers] for c in chunks], \
+        [(c.mtp_process, hasattr(c, "mtp"), hasattr(c, "embedding")) for c in chunks]
 
 
 def _reference(mtp, N, layers):
@@ -103,7 +104,7 @@ def test_pipelined_losses_and_gradients_equal_unpipelined(single_rank_world, sch
     losses = [l for r in results for l in r[0]]
     assert sorted(losses) == pytest.approx(sorted(ref_losses), rel=1e-5)
     seen = set()
-    for _, grads, _ in results:
+    for _, grads, *_ in results:
         for name, g in grads.items():
             # the schedule adds the micro-batches' contributions in another order (and defers
             # some weight gradients): float32 reassociation only
@@ -115,6 +116,10 @@ def test_pipelined_losses_and_gradients_equal_unpipelined(single_rank_world, sch
         assert results[0][2] == [[1], [4]] and results[1][2] == [[2], [3]]
     if schedule == "dualpipev" and ranks == 4:  # the V: rank r holds stages r and 7 - r
         assert [r[2] for r in results] == [[[1], [8]], [[2], [7]], [[3], [6]], [[4], [5]]]
+    if mtp:  # MTP (and the embedding it reads) on the last stage only: rank 0's second chunk,
+        # not the last pipeline rank where Megatron >= 0.17 would put it (compat)
+        assert results[0][3] == [(False, False, True), (True, True, True)]
+        assert all(r[3] == [(False, False, False)] * 2 for r in results[1:])
 
 
 def test_dualpipev_forward_only_evaluation(single_rank_world):

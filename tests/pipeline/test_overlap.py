@@ -107,3 +107,26 @@ def test_trace_times_are_relative_to_the_step():
         with StepTrace.op("F", 0, 0, 0, True):
             pass
     assert len(trace.ops) == 1 and 0 <= trace.ops[0]["start"] <= trace.ops[0]["end"] < 1.0
+
+
+def _traffic(rank, world):
+    from types import SimpleNamespace
+
+    from megatron_dsv3.dispatch import NodeAwareDispatcher, TrafficCounters
+    from megatron_dsv3.training import trainer as trainer_module
+
+    # rank 0 holds no MoE layer (as DualPipeV's rank 0 when its layers are dense and its only MoE
+    # layer, MTP's, is elsewhere or absent); rank 1 one node-aware MoE layer that sent 1000 bytes
+    dispatcher = NodeAwareDispatcher.__new__(NodeAwareDispatcher)
+    dispatcher.counters = TrafficCounters(inter_node_bytes=1000)
+    layers = [] if rank == 0 else [(2, SimpleNamespace(dispatcher=dispatcher))]
+    trainer_module.moe_layers = lambda models: layers
+    fake = SimpleNamespace(models=[], dp=2, args=SimpleNamespace(micro_batches=1,
+                                                                micro_batch_size=2, seq_length=5))
+    return trainer_module.Trainer.dispatch_traffic(fake), dispatcher.counters.inter_node_bytes
+
+
+def test_traffic_statistic_is_collective_on_a_rank_without_moe_layers():
+    # every rank joins the all-reduce, or the ranks with MoE layers wait forever (on
+    # megatron-core 0.19 before MTP placement was fixed, DualPipeV's rank 0 had none)
+    assert run_distributed(_traffic, 2, timeout=60) == [(50.0, 1000), (50.0, 0)]

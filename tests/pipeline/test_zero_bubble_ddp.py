@@ -65,22 +65,24 @@ def _train(rank, world, overlap_grad_reduce, defer):
     # small buckets: several reductions, each started once its last gradient is in
     ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=overlap_grad_reduce,
                                                bucket_size=20_000 if overlap_grad_reduce else None)
+    steps = []
+    # the whole step on the CPU view: from megatron-core 0.19 DDP's gradient reduction (in its
+    # hooks and finish_grad_sync) also asks torch.cuda for the current stream
     with megatron_ddp_on_cpu():
         model = [DistributedDataParallel(config, dataclasses.replace(ddp_config), module=c)
                  for c in chunks]
-    steps = []
-    for step in range(STEPS):
-        for m in model:
-            m.zero_grad_buffer()
-        batches = _batches(rank, step)
-        forward_backward_dualpipev(forward_step_func=forward_step,
-                                   data_iterator=[iter(batches), iter(batches)], model=model,
-                                   num_microbatches=N, seq_length=S, micro_batch_size=B)
-        for m in model:
-            m.finish_grad_sync()
-        steps.append({f"{c}.{name}": p.main_grad.clone()
-                      for c, m in enumerate(model) for name, p in m.module.named_parameters()})
-        assert all(p.grad is None for m in model for p in m.module.parameters())
+        for step in range(STEPS):
+            for m in model:
+                m.zero_grad_buffer()
+            batches = _batches(rank, step)
+            forward_backward_dualpipev(forward_step_func=forward_step,
+                                       data_iterator=[iter(batches), iter(batches)], model=model,
+                                       num_microbatches=N, seq_length=S, micro_batch_size=B)
+            for m in model:
+                m.finish_grad_sync()
+            steps.append({f"{c}.{name}": p.main_grad.clone() for c, m in enumerate(model)
+                          for name, p in m.module.named_parameters()})
+            assert all(p.grad is None for m in model for p in m.module.parameters())
     return deferred, steps
 
 

@@ -1,0 +1,233 @@
+"""Megatron-LM flags (megatron-core TransformerConfig / ModelParallelConfig fields) that a
+DeepSeek user of Megatron already passes: each is honoured by our modules with Megatron's meaning
+or refused at configuration time with a message naming the field, the flag and what to use
+instead. `check_upstream_flags(config)` is called by megatron_dsv3.configs.validate_config, which
+runs for our DeepSeekV3Config and for the TransformerConfig Megatron-LM builds from its arguments
+(our layer validates it when it is built, before training starts).
+
+`RULES` is the list documented in docs/migration.md ("Upstream flags"); tests/test_upstream_flags.py
+checks that table against this list and against Megatron-LM's argument parsers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List
+
+import torch
+
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mla_up_proj", "moe_act", "mlp", "shared_experts")
+"""recompute_modules our layers honour (recompute_granularity='selective')."""
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
+"""moe_router_load_balancing_type values our router honours."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    flag: str
+    field: str
+    status: str  # "honoured" or "refused" (refused values are listed in `note`)
+    note: str
+
+
+RULES: List[Rule] = [
+    Rule("--moe-router-dtype", "moe_router_dtype", "honoured",
+         "fp64: logits, scores, selection and aux losses in float64; fp32 and unset: float32 "
+         "(never below float32)"),
+    Rule("--moe-router-load-balancing-type", "moe_router_load_balancing_type", "honoured",
+         "aux_loss, seq_aux_loss, none, or a list of them (with a list of "
+         "--moe-aux-loss-coeff), with Megatron's formulas; refused: global_aux_loss with a "
+         "coefficient > 0 (use seq_aux_loss or aux_loss), sinkhorn and quantile_balancing (use "
+         "--moe-router-enable-expert-bias, DeepSeek-V3's aux-loss-free balancing)"),
+    Rule("--moe-aux-loss-coeff", "moe_aux_loss_coeff", "honoured",
+         "the coefficient of each load-balancing type (>= 0)"),
+    Rule("--moe-z-loss-coeff", "moe_z_loss_coeff", "honoured",
+         "coeff * mean over tokens of logsumexp(logits)^2, added to the backward pass"),
+    Rule("--moe-input-jitter-eps", "moe_input_jitter_eps", "honoured",
+         "router input times U(1-eps, 1+eps) in training (Megatron also jitters in evaluation; "
+         "we do not); eps > 0"),
+    Rule("--moe-expert-capacity-factor", "moe_expert_capacity_factor", "refused",
+         "any value: our MoE is dropless (DeepSeek-V3 drops no tokens); remove it"),
+    Rule("--moe-pad-expert-input-to-capacity", "moe_pad_expert_input_to_capacity", "refused",
+         "set: no capacity, nothing to pad to; remove it"),
+    Rule("--moe-token-drop-policy", "moe_token_drop_policy", "refused",
+         "position (probs, the default, is accepted as it has no effect without capacity): "
+         "no token dropping; remove it"),
+    Rule("--moe-token-dispatcher-type", "moe_token_dispatcher_type", "honoured",
+         "allgather and alltoall accepted: the routed result is the same, the communication is "
+         "--dsv3-dispatcher's (node-aware by default, flat = one all-to-all); refused: flex "
+         "(DeepEP/HybridEP), use --dsv3-dispatcher node-aware [--dsv3-dispatch-fp8]"),
+    Rule("--moe-enable-deepep", "moe_enable_deepep", "refused",
+         "set: use --dsv3-dispatcher node-aware"),
+    Rule("--moe-permute-fusion", "moe_permute_fusion", "refused",
+         "set: our dispatchers permute tokens themselves (no TE fused permute); remove it"),
+    Rule("--moe-router-padding-for-fp8", "moe_router_padding_for_fp8", "refused",
+         "set: our FP8 expert GEMMs take any number of tokens per expert; remove it"),
+    Rule("--moe-router-padding-for-quantization", "moe_router_padding_for_quantization",
+         "refused", "set: as --moe-router-padding-for-fp8; remove it"),
+    Rule("--recompute-granularity", "recompute_granularity", "honoured",
+         "selective: the modules of --recompute-modules, by our layers; full: Megatron's "
+         "TransformerBlock checkpoints whole layers of ours (its checkpoint saves the CUDA RNG "
+         "state, so it needs CUDA; not covered by our tests)"),
+    Rule("--recompute-modules", "recompute_modules", "honoured",
+         "core_attn (the default), layernorm, mla_up_proj, moe_act, mlp (dense MLP), "
+         "shared_experts; refused: moe (use moe_act shared_experts, the routed experts' "
+         "activations), gdn_norm_out (no gated delta net here)"),
+    Rule("--moe-layer-recompute", "moe_layer_recompute", "refused",
+         "set: use --recompute-granularity selective --recompute-modules moe_act shared_experts"),
+    Rule("--overlap-moe-expert-parallel-comm", "overlap_moe_expert_parallel_comm", "refused",
+         "set: use --pipeline-schedule dualpipev (one micro-batch's expert-parallel "
+         "communication overlaps another's computation) and --dsv3-dispatch-chunks"),
+    Rule("--delay-wgrad-compute", "delay_wgrad_compute", "refused",
+         "set: remove it; DualPipe(V) schedules the backward passes itself"),
+    Rule("--context-parallel-size", "context_parallel_size", "refused",
+         "> 1: our MLA attends over the local sequence only; use 1 and split with pipeline, "
+         "expert and data parallelism"),
+]
+
+
+def router_dtype(config: Any) -> torch.dtype:
+    """The dtype our router computes in for `moe_router_dtype`."""
+    return torch.float64 if getattr(config, "moe_router_dtype", None) == "fp64" else torch.float32
+
+
+def aux_loss_coefficients(config: Any) -> Dict[str, float]:
+    """{load-balancing type: coefficient} as Megatron's router reads them
+    (TopKRouter.get_aux_loss_coeff): one type with one coefficient, or a list of types with a
+    list of coefficients (a one-element list counts as its element)."""
+    kinds = getattr(config, "moe_router_load_balancing_type", "aux_loss")
+    coeffs = getattr(config, "moe_aux_loss_coeff", 0.0)
+    if isinstance(kinds, (list, tuple)) and len(kinds) == 1:
+        kinds = kinds[0]
+    if isinstance(coeffs, (list, tuple)) and len(coeffs) == 1:
+        coeffs = coeffs[0]
+    if isinstance(kinds, str):
+        if isinstance(coeffs, (list, tuple)):
+            raise ValueError(f"moe_aux_loss_coeff={list(coeffs)} is a list but "
+                             f"moe_router_load_balancing_type={kinds!r} is one type: allowed "
+                             "values are one coefficient, or a list of types of the same length")
+        return {kinds: float(coeffs or 0.0)}
+    if not isinstance(coeffs, (list, tuple)) or len(coeffs) != len(kinds):
+        raise ValueError(f"moe_aux_loss_coeff={coeffs!r} must be a list of the same length as "
+                         f"moe_router_load_balancing_type={list(kinds)} (one coefficient per "
+                         "type)")
+    return {k: float(c or 0.0) for k, c in zip(kinds, coeffs)}
+
+
+def _refuse(field: str, value: Any, why: str) -> None:
+    flag = next((r.flag for r in RULES if r.field == field), "--" + field.replace("_", "-"))
+    raise ValueError(f"{field}={value!r} ({flag}) is not supported by megatron-dsv3: {why}")
+
+
+def _is_set(config: Any, field: str) -> bool:
+    return bool(getattr(config, field, False))
+
+
+def check_upstream_flags(config: Any) -> None:
+    """Raise ValueError for any Megatron flag (config field) our modules would not honour."""
+    cp = getattr(config, "context_parallel_size", 1) or 1
+    if cp > 1:
+        _refuse("context_parallel_size", cp,
+                "our MLA attends over the local sequence only, so context parallelism would "
+                "give wrong results; use context_parallel_size=1 and split the model with "
+                "pipeline, expert and data parallelism")
+    if _is_set(config, "overlap_moe_expert_parallel_comm"):
+        _refuse("overlap_moe_expert_parallel_comm", True,
+                "Megatron's 1F1B expert-parallel overlap needs its own layer; use "
+                "--pipeline-schedule dualpipev (overlaps one micro-batch's dispatch/combine with "
+                "another's computation) and --dsv3-dispatch-chunks N")
+    if _is_set(config, "delay_wgrad_compute"):
+        _refuse("delay_wgrad_compute", True,
+                "our layers compute weight gradients in the backward pass; remove the flag "
+                "(DualPipe(V) schedules the backward passes itself)")
+    _check_recompute(config)
+    if not getattr(config, "num_moe_experts", None):
+        return
+    _check_router(config)
+    _check_dispatch(config)
+
+
+def _check_recompute(config: Any) -> None:
+    if _is_set(config, "moe_layer_recompute"):
+        _refuse("moe_layer_recompute", True,
+                "recomputing the whole MoE layer would repeat its expert-parallel communication "
+                "and routing statistics; use recompute_granularity='selective' with "
+                "recompute_modules=['moe_act', 'shared_experts']")
+    granularity = getattr(config, "recompute_granularity", None)
+    if granularity != "selective":
+        return
+    modules = getattr(config, "recompute_modules", None)
+    modules = ["core_attn"] if modules is None else list(modules)  # Megatron's default
+    for name in modules:
+        if name == "moe":
+            _refuse("recompute_modules", modules,
+                    "'moe' (the whole MoE layer) would repeat its expert-parallel communication "
+                    "and routing statistics; use 'moe_act' and 'shared_experts' (allowed: "
+                    f"{', '.join(RECOMPUTE_MODULES)})")
+        if name not in RECOMPUTE_MODULES:
+            _refuse("recompute_modules", modules,
+                    f"{name!r} is not a module of ours; allowed values: "
+                    f"{', '.join(RECOMPUTE_MODULES)}")
+
+
+def _check_router(config: Any) -> None:
+    dtype = getattr(config, "moe_router_dtype", None)
+    if dtype not in (None, "fp32", "fp64"):
+        _refuse("moe_router_dtype", dtype, "allowed values are None, 'fp32', 'fp64'")
+    for kind, coeff in aux_loss_coefficients(config).items():
+        if coeff < 0:
+            raise ValueError(f"moe_aux_loss_coeff={coeff} for {kind!r} is invalid: allowed "
+                             "values are >= 0")
+        if kind == "global_aux_loss" and coeff > 0:
+            _refuse("moe_router_load_balancing_type", kind,
+                    "the global-batch loss is not implemented; use 'seq_aux_loss' (DeepSeek-V3) "
+                    "or 'aux_loss' (micro-batch), or 'none' with "
+                    "moe_router_enable_expert_bias=True")
+        elif kind in ("sinkhorn", "quantile_balancing"):
+            _refuse("moe_router_load_balancing_type", kind,
+                    "our router is DeepSeek-V3's sigmoid gate; for balancing use "
+                    "moe_router_enable_expert_bias=True (aux-loss-free) with 'seq_aux_loss', "
+                    "'aux_loss' or 'none'")
+        elif kind not in LOAD_BALANCING_TYPES + ("global_aux_loss",):
+            _refuse("moe_router_load_balancing_type", kind,
+                    f"allowed values: {', '.join(LOAD_BALANCING_TYPES)}")
+    z = getattr(config, "moe_z_loss_coeff", None)
+    if z is not None and (not isinstance(z, (int, float)) or z < 0):
+        raise ValueError(f"moe_z_loss_coeff={z!r} is invalid: allowed values are None or >= 0")
+    eps = getattr(config, "moe_input_jitter_eps", None)
+    if eps is not None and (not isinstance(eps, (int, float)) or eps <= 0):
+        raise ValueError(f"moe_input_jitter_eps={eps!r} is invalid: allowed values are None or "
+                         "> 0 (noise drawn from U(1 - eps, 1 + eps))")
+
+
+def _check_dispatch(config: Any) -> None:
+    capacity = getattr(config, "moe_expert_capacity_factor", None)
+    if capacity is not None:
+        _refuse("moe_expert_capacity_factor", capacity,
+                "our MoE is dropless (DeepSeek-V3 drops no tokens in training); remove it "
+                "(allowed value: None)")
+    if _is_set(config, "moe_pad_expert_input_to_capacity"):
+        _refuse("moe_pad_expert_input_to_capacity", True,
+                "there is no capacity to pad to (dropless MoE); remove it")
+    policy = getattr(config, "moe_token_drop_policy", "probs")
+    if policy not in (None, "probs"):
+        _refuse("moe_token_drop_policy", policy,
+                "no tokens are dropped (dropless MoE); remove it (allowed value: 'probs', the "
+                "default, which has no effect)")
+    dispatcher = getattr(config, "moe_token_dispatcher_type", "allgather")
+    if dispatcher not in ("allgather", "alltoall"):
+        _refuse("moe_token_dispatcher_type", dispatcher,
+                "DeepEP/HybridEP are not used; use dsv3_dispatcher='node-aware' "
+                "(--dsv3-dispatcher node-aware, each token crosses nodes once per destination "
+                "node; --dsv3-dispatch-fp8 for an FP8 payload); 'allgather' and 'alltoall' are "
+                "accepted (the communication is dsv3_dispatcher's)")
+    if _is_set(config, "moe_enable_deepep"):
+        _refuse("moe_enable_deepep", True, "DeepEP is not used; use dsv3_dispatcher='node-aware'")
+    if _is_set(config, "moe_permute_fusion"):
+        _refuse("moe_permute_fusion", True,
+                "our dispatchers permute tokens themselves (no Transformer Engine fused "
+                "permute); remove it")
+    for field in ("moe_router_padding_for_fp8", "moe_router_padding_for_quantization"):
+        if _is_set(config, field):
+            _refuse(field, True, "our FP8 expert GEMMs take any number of tokens per expert "
+                                 "(no routing-map padding needed); remove it")

@@ -1,0 +1,387 @@
+"""Megatron-LM flags a DeepSeek user already passes: each is honoured by our modules or refused at
+configuration time (megatron_dsv3.upstream_flags). Checks:
+- docs/migration.md's table lists exactly upstream_flags.RULES, and every flag in it is a flag of
+  Megatron-LM's argument parser: the installed one (megatron-core >= 0.19 wheels ship
+  megatron/training; run under a 0.19 environment) and the checkout in MEGATRON_LM_PATH
+  (e.g. core_v0.16.1); each is skipped where not available;
+- each refusal fires when the config is built, naming the field, the flag and the alternative;
+- the honoured recompute modules really recompute (the module runs again in backward) with
+  identical gradients and fewer saved activations. The router options are tested against
+  closed-form references in tests/moe/test_router_upstream_options.py."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+from megatron_dsv3 import upstream_flags
+from megatron_dsv3.configs import get_config, validate_config
+from megatron_dsv3.model import build_model
+
+@pytest.fixture(autouse=True)
+def _restore_aux_loss_scale():
+    """Backward through MoEAuxLossAutoScaler sets its class-wide scale (a 0-d tensor) when unset;
+    leave it as found so later tests (Megatron's schedules set a [1] scale) are unaffected."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+    scalers = (MoEAuxLossAutoScaler, MTPLossAutoScaler)
+    saved = [c.main_loss_backward_scale for c in scalers]
+    yield
+    for c, scale in zip(scalers, saved):
+        c.main_loss_backward_scale = scale
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Every flag issue 15 (item 4) names: each must have a row.
+NAMED_IN_ISSUE = [
+    "--moe-router-dtype", "--moe-router-load-balancing-type", "--moe-z-loss-coeff",
+    "--moe-input-jitter-eps", "--moe-expert-capacity-factor", "--moe-pad-expert-input-to-capacity",
+    "--moe-token-drop-policy", "--moe-token-dispatcher-type", "--moe-permute-fusion",
+    "--moe-router-padding-for-fp8", "--recompute-granularity", "--recompute-modules",
+    "--overlap-moe-expert-parallel-comm", "--delay-wgrad-compute", "--context-parallel-size",
+]
+
+
+def doc_table():
+    """{flag: status} from the 'Upstream Megatron flags' section of docs/migration.md."""
+    text = (ROOT / "docs" / "migration.md").read_text()
+    section = text.split(". Upstream Megatron flags\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        m = re.match(r"\|\s*`(--[a-z0-9-]+)`\s*\|\s*(\w+)\s*\|", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    return rows
+
+
+def test_doc_table_is_the_rule_list_and_covers_the_issue():
+    rows = doc_table()
+    assert rows == {r.flag: r.status for r in upstream_flags.RULES}
+    assert set(NAMED_IN_ISSUE) <= set(rows)
+    assert set(rows.values()) <= {"honoured", "refused"}
+
+
+# Megatron-LM 0.19's training package imports typing.override (Python 3.12); on 3.11 borrow it
+# from typing_extensions so its parser and builder can be read.
+_PY311_SHIM = r"""
+import typing, warnings
+warnings.simplefilter("ignore")
+try:
+    import typing_extensions
+    typing.override = getattr(typing, "override", typing_extensions.override)
+except ImportError:
+    pass
+"""
+
+_PARSER_FLAGS = _PY311_SHIM + r"""
+import argparse, json
+from megatron.training import arguments
+parser = argparse.ArgumentParser(allow_abbrev=False)
+arguments.add_megatron_arguments(parser)
+acts = parser._option_string_actions
+print(json.dumps({k: [a.dest, [str(c) for c in a.choices] if a.choices else None]
+                  for k, a in acts.items()}))
+"""
+
+
+def _parser_flags(pythonpath=None):
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", _PARSER_FLAGS], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=pythonpath or None)
+    if out.returncode:
+        return None, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), None
+
+
+def _check_against(flags):
+    for rule in upstream_flags.RULES:
+        assert rule.flag in flags, f"{rule.flag} is not a flag of this Megatron-LM"
+        assert flags[rule.flag][0] == rule.field, (rule.flag, flags[rule.flag][0], rule.field)
+    # the choices we decided on are the parser's choices (a new choice needs a decision)
+    lb = set(flags["--moe-router-load-balancing-type"][1])
+    assert lb <= {"aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn",
+                  "quantile_balancing", "none"}, lb
+    assert set(flags["--moe-token-dispatcher-type"][1]) == {"allgather", "alltoall", "flex"}
+    assert set(flags["--moe-router-dtype"][1]) == {"fp32", "fp64"}
+    assert set(flags["--recompute-granularity"][1]) == {"full", "selective"}
+
+
+def test_rules_against_installed_megatron_training_parser():
+    """megatron-core 0.19 wheels include megatron/training (run this under /tmp/v019 or CI's
+    0.19 environment); 0.16.1's wheel does not."""
+    import importlib.util
+    if importlib.util.find_spec("megatron.training") is None:
+        pytest.skip("megatron.training is not installed (megatron-core < 0.19 wheel)")
+    flags, err = _parser_flags()
+    assert flags is not None, err
+    _check_against(flags)
+
+
+def test_rules_against_megatron_lm_checkout_parser():
+    path = os.environ.get("MEGATRON_LM_PATH")
+    if not path:
+        pytest.skip("MEGATRON_LM_PATH not set (a Megatron-LM checkout, e.g. core_v0.16.1)")
+    flags, err = _parser_flags(path)
+    assert flags is not None, err
+    _check_against(flags)
+
+
+# ---- refusals at configuration time ------------------------------------------------------------
+REFUSED = [
+    (dict(context_parallel_size=2), "context_parallel_size", "context_parallel_size=1"),
+    (dict(overlap_moe_expert_parallel_comm=True), "overlap_moe_expert_parallel_comm",
+     "dualpipev"),
+    (dict(delay_wgrad_compute=True), "delay_wgrad_compute", "remove the flag"),
+    (dict(moe_expert_capacity_factor=1.25), "moe_expert_capacity_factor", "dropless"),
+    (dict(moe_pad_expert_input_to_capacity=True), "moe_pad_expert_input_to_capacity", "remove"),
+    (dict(moe_token_drop_policy="position"), "moe_token_drop_policy", "remove"),
+    (dict(moe_token_dispatcher_type="flex"), "moe_token_dispatcher_type", "node-aware"),
+    (dict(moe_permute_fusion=True), "moe_permute_fusion", "remove"),
+    (dict(moe_router_padding_for_fp8=True), "moe_router_padding_for_fp8", "remove"),
+    (dict(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=1e-3),
+     "moe_router_load_balancing_type", "seq_aux_loss"),
+    (dict(moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.0),
+     "moe_router_load_balancing_type", "moe_router_enable_expert_bias"),
+    (dict(recompute_granularity="selective", recompute_modules=["moe"]), "recompute_modules",
+     "moe_act"),
+    (dict(recompute_granularity="selective", recompute_modules=["gdn_norm_out"]),
+     "recompute_modules", "allowed values"),
+    (dict(moe_input_jitter_eps=0.0), "moe_input_jitter_eps", "> 0"),
+    (dict(moe_z_loss_coeff=-1.0), "moe_z_loss_coeff", ">= 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,alternative", REFUSED,
+                         ids=[r[1] + "-" + str(i) for i, r in enumerate(REFUSED)])
+def test_refused_when_the_config_is_built(overrides, field, alternative):
+    with pytest.raises(ValueError) as err:
+        get_config("deepseek-v3-tiny", **overrides)
+    message = str(err.value)
+    assert message.startswith(field) or f" {field}" in message, message
+    assert alternative in message, message
+    if field not in ("moe_input_jitter_eps", "moe_z_loss_coeff"):  # invalid values, not refusals
+        rule = next(r for r in upstream_flags.RULES if r.field == field)
+        assert rule.flag in message, message
+
+
+def test_refused_on_megatron_lm_config_too():
+    """The TransformerConfig Megatron-LM builds from its arguments (not ours) goes through the
+    same check: our transformer layer validates its config when it is built."""
+    cfg = MLATransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+                               num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                               moe_router_score_function="sigmoid",
+                               moe_token_dispatcher_type="alltoall", q_lora_rank=32,
+                               kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8,
+                               v_head_dim=16)
+    validate_config(cfg)
+    # (set after construction: without Transformer Engine Megatron's own __post_init__ already
+    # fails on moe_permute_fusion; with TE it accepts it and only our check stops it)
+    cfg.moe_permute_fusion = True
+    with pytest.raises(ValueError, match="moe_permute_fusion.*--moe-permute-fusion"):
+        validate_config(cfg)
+    cfg.moe_permute_fusion = False
+    cfg.context_parallel_size = 2
+    with pytest.raises(ValueError, match="context_parallel_size=2.*--context-parallel-size"):
+        validate_config(cfg)
+
+
+def test_accepted_values():
+    for overrides in (dict(moe_token_dispatcher_type="alltoall"),
+                      dict(moe_token_dispatcher_type="allgather"),
+                      dict(moe_router_dtype="fp64"), dict(moe_router_dtype=None),
+                      dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=1e-3),
+                      dict(moe_router_load_balancing_type="global_aux_loss",
+                           moe_aux_loss_coeff=0.0),
+                      dict(moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
+                           moe_aux_loss_coeff=[1e-3, 1e-4]),
+                      dict(moe_z_loss_coeff=1e-3, moe_input_jitter_eps=1e-2),
+                      dict(recompute_granularity="selective",
+                           recompute_modules=list(upstream_flags.RECOMPUTE_MODULES))):
+        get_config("deepseek-v3-tiny", **overrides)
+
+
+# ---- recompute modules: run again in backward, identical gradients, fewer saved tensors ---------
+def _run(config, count_suffix):
+    torch.manual_seed(0)
+    model = build_model(config)
+    calls = []
+    for name, module in model.named_modules():
+        if name.endswith(count_suffix):
+            def counted(*args, _forward=module.forward, **kwargs):
+                calls.append(1)
+                return _forward(*args, **kwargs)
+            module.forward = counted
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(24).expand(2, 24)
+    saved = {}
+
+    def pack(t):
+        saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, pos, None, labels=ids).mean()
+    forward_calls = len(calls)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, forward_calls, len(calls) - forward_calls, sum(saved.values())
+
+
+@pytest.mark.parametrize("module,suffix,modules", [
+    ("core_attn", "core_attention", None),  # None: Megatron's default ['core_attn']
+    ("mlp", "layers.0.mlp", ["mlp"]),
+    ("shared_experts", "shared_experts", ["shared_experts"]),
+])
+def test_selective_recompute_module_runs_again_with_identical_gradients(
+        single_rank_world, module, suffix, modules):
+    base_loss, base, fwd, bwd, base_saved = _run(get_config("deepseek-v3-tiny"), suffix)
+    assert fwd > 0 and bwd == 0
+    cfg = get_config("deepseek-v3-tiny", recompute_granularity="selective",
+                     recompute_modules=modules)
+    loss, grads, fwd2, bwd2, saved = _run(cfg, suffix)
+    assert fwd2 == fwd and bwd2 == fwd  # every instance ran once more, in backward
+    assert torch.equal(loss, base_loss)
+    assert grads.keys() == base.keys()
+    for name in base:
+        assert torch.equal(grads[name], base[name]), name
+    assert saved < base_saved, (module, saved, base_saved)
+
+
+def test_recompute_modules_combine_with_output_discarding(single_rank_world):
+    mods = list(upstream_flags.RECOMPUTE_MODULES)
+    base_loss, base, _, _, base_saved = _run(get_config("deepseek-v3-tiny"), "core_attention")
+    cfg = get_config("deepseek-v3-tiny", recompute_granularity="selective", recompute_modules=mods)
+    loss, grads, _, bwd, saved = _run(cfg, "core_attention")
+    assert bwd > 0 and torch.equal(loss, base_loss) and saved < base_saved
+    for name in base:
+        assert torch.equal(grads[name], base[name]), name
+
+
+_MLM_BUILD = _PY311_SHIM + r"""
+import json, os, sys
+import megatron_dsv3  # noqa: F401
+import megatron.core  # the installed megatron-core, not the checkout's copy
+MLM, TESTS = sys.argv[1], sys.argv[2]
+sys.path.insert(0, MLM)
+sys.path.insert(0, os.path.join(TESTS, "integration"))
+from tiny_args_check import TINY, parse_megatron_args
+args = parse_megatron_args(["--spec", "megatron_dsv3.layer_specs", "layer_spec"] + TINY + [
+    "--moe-z-loss-coeff", "1e-3", "--moe-router-dtype", "fp64", "--moe-input-jitter-eps", "0.01",
+    "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "1e-4"])
+from gpt_builders import gpt_builder
+router = gpt_builder(args, True, True).decoder.layers[1].mlp.router
+result = {"z": router.z_loss_coeff, "dtype": str(router.dtype), "jitter": router.jitter_eps,
+          "aux": router.aux_loss_coeffs}
+# as --moe-router-load-balancing-type global_aux_loss --moe-aux-loss-coeff 1e-3 would set them
+args.moe_router_load_balancing_type, args.moe_aux_loss_coeff = "global_aux_loss", 1e-3
+try:
+    gpt_builder(args, True, True)
+except ValueError as e:
+    result["refused"] = str(e)
+print(json.dumps(result))
+"""
+
+
+def test_megatron_lm_pretrain_path_honours_and_refuses():
+    """Megatron-LM's own argument parsing and GPT builder (what pretrain_gpt.py --spec does):
+    honoured flags reach the router; a refused one stops the model build, before any training
+    step."""
+    path = os.environ.get("MEGATRON_LM_PATH")
+    if not path:
+        pytest.skip("MEGATRON_LM_PATH not set (a Megatron-LM checkout, e.g. core_v0.16.1)")
+    out = subprocess.run([sys.executable, "-c", _MLM_BUILD, path, str(ROOT / "tests")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    refused = got.pop("refused", "")
+    assert got == {"z": 1e-3, "dtype": "torch.float64", "jitter": 0.01,
+                   "aux": {"seq_aux_loss": 1e-4}}, got
+    assert "moe_router_load_balancing_type" in refused and "seq_aux_loss" in refused, refused
+
+
+# ---- recompute under DualPipeV (deferred weight gradients, two chunks per rank) ---------------
+_ALL = ["core_attn", "layernorm", "mla_up_proj", "moe_act", "mlp", "shared_experts"]
+_B, _S, _N = 2, 16, 4
+
+
+def _pp_config(recompute):
+    kw = dict(recompute_granularity="selective", recompute_modules=_ALL) if recompute else {}
+    return get_config("deepseek-v3-tiny", num_layers=4, first_k_dense_replace=1, mtp_num_layers=1,
+                      **kw)
+
+
+def _pp_batches():
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(_N):
+        ids = torch.randint(1, 255, (_B, _S + 1), generator=g)
+        out.append((ids[:, :-1], ids[:, 1:]))
+    return out
+
+
+def _pp_forward_step(data_iterator, model):
+    tokens, labels = next(data_iterator)
+    out = model(tokens, torch.arange(_S).expand(_B, _S), None, labels=labels)
+
+    def loss_func(per_token):
+        total = per_token.float().sum()
+        return total, torch.tensor(per_token.numel(), dtype=torch.int), {"lm loss": total.detach()}
+    return out, loss_func
+
+
+def _pp_dualpipev(rank, world):
+    from megatron_dsv3.model_chunks import build_model_chunks
+    from megatron_dsv3.pipeline import get_forward_backward_func
+
+    chunks = build_model_chunks(_pp_config(True), "dualpipev", rank, world)
+    batches = _pp_batches()
+    get_forward_backward_func("dualpipev")(
+        forward_step_func=_pp_forward_step, data_iterator=[iter(batches), iter(batches)],
+        model=chunks, num_microbatches=_N, seq_length=_S, micro_batch_size=_B, forward_only=False)
+    grads = {}
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            if name.startswith("decoder.layers."):
+                local = int(name.split(".")[2])
+                number = chunk.decoder.layers[local].layer_number
+                name = name.replace(f"decoder.layers.{local}.", f"decoder.layers.{number - 1}.", 1)
+            if p.grad is not None:
+                grads[name] = p.grad.clone()
+    return grads
+
+
+def test_recompute_under_dualpipev_gives_the_unpipelined_gradients(single_rank_world):
+    """Every honoured recompute module at once, under DualPipeV on 2 ranks with MTP (weight
+    gradients deferred to the schedule's W passes): the gradients of the plain model without
+    recomputation (float32 reassociation only)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    from megatron_dsv3.testing.distributed import run_distributed
+
+    model = build_model(_pp_config(False))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / _N))
+    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0 / _N))
+    for tokens, labels in _pp_batches():
+        per_token = model(tokens, torch.arange(_S).expand(_B, _S), None, labels=labels)
+        (per_token.float().sum() / per_token.numel() / _N).backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    results = run_distributed(_pp_dualpipev, 2,
+                              megatron_parallel={"pipeline_model_parallel_size": 2})
+    seen = set()
+    for grads in results:
+        for name, g in grads.items():
+            rel = ((g - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)).item()
+            assert rel < 1e-5, (name, rel)
+            seen.add(name)
+    assert seen == set(ref)
