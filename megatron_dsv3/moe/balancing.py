@@ -1,4 +1,5 @@
-"""Load balancing: the auxiliary-loss-free expert bias and the sequence-wise auxiliary loss."""
+"""Load balancing: the auxiliary-loss-free expert bias (the balancing losses are the router's:
+`moe.router.load_balancing_loss`)."""
 
 from __future__ import annotations
 
@@ -14,29 +15,6 @@ def updated_expert_bias(load: torch.Tensor, bias: torch.Tensor, rate: float) -> 
     """
     mean = load.mean(dim=-1, keepdim=True)
     return bias + rate * torch.sign(mean - load)
-
-
-def sequence_aux_loss(scores: torch.Tensor, indices: torch.Tensor, *, seq_len: int, topk: int,
-                      valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Sequence-wise balance loss sum_i f_i P_i, averaged over sequences (coefficient applied by
-    the caller).
-
-    scores [T, E] are the sigmoid affinities of tokens laid out [s, b] (Megatron's order, token
-    t*b + j is position t of sequence j); f_i = E / (topk * s) * (#tokens of the sequence routed to
-    i); P_i = mean over the sequence of the normalised affinity s_i / sum_j s_j. Padding tokens
-    (valid == False) count in neither.
-    """
-    T, E = scores.shape
-    b = T // seq_len
-    normed = scores / scores.sum(dim=-1, keepdim=True)
-    chosen = torch.zeros(T, E, device=scores.device, dtype=scores.dtype)
-    chosen.scatter_(1, indices, 1.0)
-    weight = (torch.ones(T, 1, device=scores.device, dtype=scores.dtype) if valid is None
-              else valid.reshape(T, 1).to(scores.dtype))
-    per_seq_tokens = weight.view(seq_len, b, 1).sum(0).clamp_min(1.0)  # [b, 1]
-    f = (chosen * weight).view(seq_len, b, E).sum(0) * E / (topk * per_seq_tokens)  # [b, E]
-    p = (normed * weight).view(seq_len, b, E).sum(0) / per_seq_tokens  # [b, E]
-    return (f.detach() * p).sum(-1).mean()
 
 
 def routers_of(modules: Iterable[torch.nn.Module]):

@@ -2,7 +2,8 @@
 
 import torch
 
-from megatron_dsv3.moe.balancing import sequence_aux_loss, update_expert_biases, updated_expert_bias
+from megatron_dsv3.moe.balancing import update_expert_biases, updated_expert_bias
+from megatron_dsv3.moe.router import load_balancing_loss
 from megatron_dsv3.moe.routing import route, tokens_per_expert
 
 
@@ -53,16 +54,19 @@ def naive_seq_aux_loss(scores, indices, seq_len, topk):
 
 
 def test_sequence_aux_loss_matches_the_report_formula():
+    """The router's 'seq_aux_loss' is DeepSeek-V3's eq. 17-20: f_i from each token's top-k of its
+    unbiased affinities over all experts, P_i the mean normalised affinity, per sequence."""
     torch.manual_seed(1)
     s, b, E, k = 12, 3, 8, 2
-    scores = torch.rand(s * b, E)
-    _, idx = route(torch.logit(scores), None, topk=k)
-    got = sequence_aux_loss(scores, idx, seq_len=s, topk=k)
+    logits = torch.randn(s * b, E)
+    scores = torch.sigmoid(logits)
+    idx = scores.topk(k, dim=-1).indices
+    got = load_balancing_loss("seq_aux_loss", logits, topk=k, seq_len=s)
     assert abs(got.item() - naive_seq_aux_loss(scores, idx, s, k).item()) < 1e-6
-    # a perfectly balanced uniform router scores exactly 1
-    uniform = torch.full((s * b, E), 0.5)
-    idx = torch.arange(s * b * k).view(s * b, k) % E
-    assert abs(sequence_aux_loss(uniform, idx, seq_len=s, topk=k).item() - 1.0) < 1e-6
+    # a perfectly balanced uniform router scores exactly 1: every expert chosen equally often
+    uniform = torch.zeros(s * b, E)
+    uniform[torch.arange(s * b)[:, None], torch.arange(s * b * k).view(s * b, k) % E] = 1e-3
+    assert abs(load_balancing_loss("seq_aux_loss", uniform, topk=k, seq_len=s).item() - 1.0) < 1e-3
 
 
 def test_aux_loss_gradient_reaches_the_router(single_rank_world, tiny_config):
