@@ -61,9 +61,11 @@ def test_distributed_run_matches_single_process(tmp_path, single_rank_world, fp8
     assert max(rel) < (2e-4 if STEPS <= 3 else 3e-3), (ref, losses)
     # the aux-loss-free biases follow the global loads: identical updates everywhere while the
     # routing is identical. A flipped routing decision (see above; with FP8 a weight crossing an
-    # E4M3 rounding boundary makes it likelier) moves one expert's load across the mean
-    # differently, and its bias by up to 2 x rate per later step. Over the 3 CI steps: exact
-    # without FP8, at most one expert per layer with it.
+    # E4M3 rounding boundary makes it likelier) moves one token from one expert to another: the
+    # loads of those two experts may cross the mean differently, and their biases move by up to
+    # 2 x rate per later step. Over the 3 CI steps: exact without FP8, at most the two experts of
+    # one flipped decision per layer with it (seen: 1 on torch 2.13 CPU builds for Python 3.11,
+    # 2 on PyPI's build for Python 3.12 with megatron-core 0.19).
     rate = single.config.moe_router_bias_update_rate
     differing = 0
     for _, biases in results:
@@ -72,5 +74,5 @@ def test_distributed_run_matches_single_process(tmp_path, single_rank_world, fp8
             differing = max(differing, int((off > 0).sum()))
             assert off.max() <= 2 * rate * (STEPS - 1) + 1e-6, (layer, bias, ref_bias[layer])
             if STEPS <= 3:
-                assert (off > 0).sum() <= (1 if fp8 else 0), (layer, bias, ref_bias[layer])
+                assert (off > 0).sum() <= (2 if fp8 else 0), (layer, bias, ref_bias[layer])
     print(f"router-bias elements differing (worst layer): {differing} of {bias.numel()}")
