@@ -14,33 +14,9 @@ import os
 import tempfile
 
 import megatron_dsv3  # noqa: F401
+from fp8_runs import run  # bench/fp8_runs.py: shared with bench/fp8_fidelity.py
 from megatron_dsv3.cli import positive_int, seed_int
-from megatron_dsv3.training.trainer import TrainArgs, Trainer
-
-
-def nudged_build_model():
-    """build_model that nudges one weight (embedding [0, 0]) by one BF16 step (x (1 + 2^-7))
-    before training: the smallest change a run can see, for the noise floor of the metric."""
-    import torch
-
-    import megatron_dsv3.model as model_module
-
-    build = model_module.build_model
-
-    def build_nudged(config, **kwargs):
-        model = build(config, **kwargs)
-        with torch.no_grad():
-            model.embedding.word_embeddings.weight[0, 0] *= 1 + 2 ** -7
-        return model
-
-    model_module.build_model = build_nudged
-    return lambda: setattr(model_module, "build_model", build)
-
-
-def run(steps, fp8, cache_dir, bf16_moments, seed):
-    args = TrainArgs(steps=steps, bf16=True, bf16_moments=bf16_moments, fp8=fp8, save_dir=None,
-                     cache_dir=cache_dir, log_interval=50, seed=seed)
-    return Trainer(args, log=lambda m: print(("fp8 " if fp8 else "bf16 ") + m, flush=True)).train()
+from megatron_dsv3.training.trainer import TrainArgs
 
 
 def main():
@@ -59,9 +35,8 @@ def main():
     cache = os.path.join(tempfile.gettempdir(), "dsv3_bench_cache")
     bf16 = [r["lm_loss"] for r in run(a.steps, False, cache, a.bf16_moments, a.seed)]
     if a.noise_floor:
-        restore = nudged_build_model()
-        fp8 = [r["lm_loss"] for r in run(a.steps, False, cache, a.bf16_moments, a.seed)]
-        restore()
+        fp8 = [r["lm_loss"] for r in run(a.steps, False, cache, a.bf16_moments, a.seed,
+                                         nudged=True, log_prefix="bf16-nudged ")]
     else:
         fp8 = [r["lm_loss"] for r in run(a.steps, True, cache, a.bf16_moments, a.seed)]
     tail = slice(len(bf16) - a.last, len(bf16))
