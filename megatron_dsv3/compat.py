@@ -172,10 +172,11 @@ class _TorchOnCpu:
     """A view of torch in which CUDA devices map to the CPU (see `cuda_on_cpu`)."""
 
     cuda = _CudaOnCpu()
+    factories = ("zeros", "ones", "empty", "tensor", "full")  # whose device="cuda" means CPU
 
     def __getattr__(self, name):
         attr = getattr(torch, name)
-        if name in ("zeros", "ones", "empty", "tensor", "full"):
+        if name in self.factories:
             def on_cpu(*a, _attr=attr, **k):
                 if str(k.get("device", "")).startswith("cuda"):
                     k["device"] = "cpu"

@@ -22,7 +22,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from megatron_dsv3.compat import cuda_on_cpu
+from megatron_dsv3.compat import _TorchOnCpu, cuda_on_cpu
 
 
 @contextlib.contextmanager
@@ -99,20 +99,11 @@ class _CpuAsCuda:
         return getattr(torch.cuda, name)
 
 
-class _TorchWithCpuAsCuda:
+class _TorchWithCpuAsCuda(_TorchOnCpu):
     """torch for one Megatron-LM module: device="cuda" means the CPU (see _CpuAsCuda)."""
 
     cuda = _CpuAsCuda()
-
-    def __getattr__(self, name):
-        attr = getattr(torch, name)
-        if name in ("zeros", "ones", "empty", "tensor", "full", "arange", "rand", "randn"):
-            def on_cpu(*a, _attr=attr, **k):
-                if str(k.get("device", "")).startswith("cuda"):
-                    k["device"] = "cpu"
-                return _attr(*a, **k)
-            return on_cpu
-        return attr
+    factories = _TorchOnCpu.factories + ("arange", "rand", "randn")
 
 
 class _CpuRNGStatesTracker:
