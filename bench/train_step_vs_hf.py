@@ -1,16 +1,20 @@
-"""Training-step throughput of deepseek-v3-tiny: megatron-dsv3 vs HF transformers' DeepseekV3ForCausalLM
-of the same configuration, on CPU, measured in one run.
+"""Training-step throughput: megatron-dsv3 vs HF transformers' DeepseekV3ForCausalLM of the same
+configuration, on CPU, measured in one run with interleaved A/B timing.
 
-    python bench/train_step_vs_hf.py [--steps 20] [--batch 8] [--seq 128] [--json]
+    python bench/train_step_vs_hf.py --size tiny|small|medium [--steps 20] [--no-mtp] [--json]
 
-Both models take AdamW steps on the same batches (forward + backward + optimizer). Ours computes
-the LM loss, the MTP loss (HF's model has no MTP in training) and the sequence-wise aux loss; the
-ratio is ours / HF in tokens per second (higher is better for us).
+Sizes (`SIZES`): tiny = deepseek-v3-tiny, batch 8 x 128; small = hidden 256, 4 layers (first
+dense), 16 experts top-4, batch 4 x 256; medium = hidden 512, 4 layers, 32 experts top-8,
+batch 4 x 512. Both models take AdamW steps on the same batches (forward + backward + optimizer),
+float32. Ours computes the LM loss, the MTP loss unless --no-mtp (HF's model has no MTP in
+training: --no-mtp is the equal-work comparison) and the sequence-wise aux loss. Steps alternate
+ours, HF, ours, HF, ... so both see the same machine state; the reported time per step is each
+side's median. The ratio is HF time / our time (higher is better for us).
 """
 
 import argparse
 import json
-import os
+import statistics
 import time
 
 import torch
@@ -44,20 +48,43 @@ def hf_config_from(config):
         rope_interleave=True, tie_word_embeddings=False, attn_implementation="sdpa")
 
 
-def time_steps(step_fn, steps, warmup=3):
+# size -> (config overrides of deepseek-v3-tiny, batch, seq); None: the preset itself
+SIZES = {
+    "tiny": ({}, 8, 128),
+    "small": (dict(hidden_size=256, num_layers=4, ffn_hidden_size=512, num_attention_heads=8,
+                   q_lora_rank=128, kv_lora_rank=64, qk_head_dim=32, qk_pos_emb_head_dim=16,
+                   v_head_dim=32, num_moe_experts=16, moe_ffn_hidden_size=64,
+                   moe_shared_expert_intermediate_size=64, moe_router_topk=4,
+                   moe_router_num_groups=4, moe_router_group_topk=2,
+                   max_position_embeddings=512), 4, 256),
+    "medium": (dict(hidden_size=512, num_layers=4, ffn_hidden_size=1024, num_attention_heads=8,
+                    q_lora_rank=256, kv_lora_rank=128, qk_head_dim=64, qk_pos_emb_head_dim=32,
+                    v_head_dim=64, num_moe_experts=32, moe_ffn_hidden_size=128,
+                    moe_shared_expert_intermediate_size=128, moe_router_topk=8,
+                    moe_router_num_groups=8, moe_router_group_topk=4,
+                    max_position_embeddings=1024), 4, 512),
+}
+
+
+def time_interleaved(step_a, step_b, steps, warmup=2):
+    """Median seconds per step of a and of b, run alternately (a, b, a, b, ...)."""
     for _ in range(warmup):
-        step_fn()
-    start = time.perf_counter()
+        step_a(), step_b()
+    ta, tb = [], []
     for _ in range(steps):
-        step_fn()
-    return (time.perf_counter() - start) / steps
+        for fn, times in ((step_a, ta), (step_b, tb)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--steps", type=positive_int, default=20)
-    p.add_argument("--batch", type=positive_int, default=8)
-    p.add_argument("--seq", type=positive_int, default=128)
+    p.add_argument("--batch", type=positive_int, default=None, help="default: the size's")
+    p.add_argument("--seq", type=positive_int, default=None, help="default: the size's")
     p.add_argument("--threads", type=non_negative_int, default=0,
                    help="torch threads (0 = torch default)")
     p.add_argument("--no-mtp", action="store_true",
@@ -73,8 +100,11 @@ def main():
     from megatron_dsv3.model import build_model
     from megatron_dsv3.world import init_single_process
 
+    overrides, batch, seq = SIZES[a.size]
+    a.batch, a.seq = a.batch or batch, a.seq or seq
     init_single_process()
-    config = get_config("deepseek-v3-tiny", **({"mtp_num_layers": None} if a.no_mtp else {}))
+    config = get_config("deepseek-v3-tiny", **overrides,
+                        **({"mtp_num_layers": None} if a.no_mtp else {}))
     torch.manual_seed(0)
     ours = build_model(config)
     hf = DeepseekV3ForCausalLM(hf_config_from(config))
@@ -97,10 +127,9 @@ def main():
         opt_hf.zero_grad()
 
     hf.train(), ours.train()
-    t_ours = time_steps(step_ours, a.steps)
-    t_hf = time_steps(step_hf, a.steps)
+    t_ours, t_hf = time_interleaved(step_ours, step_hf, a.steps)
     n = a.batch * a.seq
-    result = {"mtp": not a.no_mtp, "batch": a.batch, "seq": a.seq, "steps": a.steps, "threads": torch.get_num_threads(),
+    result = {"size": a.size, "mtp": not a.no_mtp, "batch": a.batch, "seq": a.seq, "steps": a.steps, "threads": torch.get_num_threads(),
               "params_ours": sum(p.numel() for p in ours.parameters()),
               "params_hf": sum(p.numel() for p in hf.parameters()),
               "tokens_per_s_ours": n / t_ours, "tokens_per_s_hf": n / t_hf,

@@ -95,8 +95,45 @@ def weighted_scatter_add(rows: torch.Tensor, token_index: torch.Tensor, weights:
     return out.to(rows.dtype)
 
 
+class _ExpandSorted(torch.autograd.Function):
+    """x [T, h] -> rows [T*k, h] = x[order // k]: each token's k copies in expert order.
+
+    The backward reads the gradient back through the inverse permutation and sums each token's
+    k rows (a gather and a reduction) instead of scatter-adding rows into tokens."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, k: int):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, g):
+        (inverse,) = ctx.saved_tensors
+        g = g.index_select(0, inverse)
+        return g.view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """rows[i] = x[perm[i]] for a permutation; the backward gathers with its inverse."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inverse,) = ctx.saved_tensors
+        return g.index_select(0, inverse), None, None
+
+
 class LocalDispatcher(TokenDispatcher):
-    """All experts on this rank (no expert parallelism): a permutation and its inverse."""
+    """All experts on this rank (no expert parallelism): a permutation and its inverse.
+
+    Both directions are gathers: dispatch copies each token to its k expert-sorted rows, combine
+    puts the rows back in (token, choice) order and takes each token's weighted sum over its k
+    choices in float32 (no scatter-add forward or backward)."""
 
     def __init__(self, num_experts: int):
         super().__init__(num_experts, None)
@@ -104,10 +141,18 @@ class LocalDispatcher(TokenDispatcher):
     def dispatch(self, x, indices, weights):
         k = indices.shape[1]
         order, counts = sort_by_expert(indices, self.num_experts)
-        token_index = order // k
-        state = DispatchState(x.shape[0], token_index, weights.flatten()[order])
-        return x[token_index], counts.tolist(), state
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        state = DispatchState(x.shape[0], torch.div(order, k, rounding_mode="floor"),
+                              weights.flatten()[order], extra=(order, inverse, weights))
+        return _ExpandSorted.apply(x, order, inverse, k), counts.tolist(), state
 
     def combine(self, expert_output, state: DispatchState):
-        return weighted_scatter_add(expert_output, state.token_index, state.weights,
-                                    state.num_tokens)
+        order, inverse, weights = state.extra
+        T, k = weights.shape
+        y = _Permute.apply(expert_output, inverse, order).view(T, k, -1)
+        # [T, 1, k] @ [T, k, h]: each token's weighted sum over its k choices, in float32 (or
+        # wider)
+        acc = torch.promote_types(expert_output.dtype, torch.float32)
+        out = torch.bmm(weights.to(acc).unsqueeze(1), y.to(acc)).squeeze(1)
+        return out.to(expert_output.dtype)
