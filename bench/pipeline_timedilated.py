@@ -2,6 +2,8 @@
 tensors over gloo, so P ranks do not compete for the machine's cores.
 
     python bench/pipeline_timedilated.py [--pp 4 8] [--F 0.04 --B 0.08 --W 0.04] [--json]
+    python bench/pipeline_timedilated.py --dualpipe-ref /path/to/DualPipe --pp 4 \
+        --microbatches 16 32 --F 0.02 --B 0.04 --W 0.02 [--repeat 3]
 
 Per pipeline size P, same total work per rank (P stages of F/B per micro-batch; DualPipeV: 2P
 stages of half that), N = 4P micro-batches, measured iteration time and bubble (iteration time
@@ -9,6 +11,13 @@ minus the rank's own compute time, the worst rank) for: Megatron's 1F1B (megatro
 schedule, run on CPU through megatron_dsv3.testing.megatron_cpu), torch.distributed.pipelining's
 ScheduleDualPipeV, and ours (megatron_dsv3.pipeline.forward_backward_dualpipev), set against
 DeepSeek's formulas. F&B pairs run sequentially here (F&B = F + B): no communication to hide.
+
+With --dualpipe-ref DIR (a checkout of github.com/deepseek-ai/DualPipe) it instead sets our
+DualPipeV and DualPipe against DeepSeek's reference implementations in the same harness: every
+chunk sleeps F/B/W (weight gradients deferred to each implementation's own WeightGradStore), N
+micro-batches as given. The reference is imported from DIR and adapted to CPU/gloo at run time
+(its p2p buffers are allocated on the CPU and its device check sees the CPU); nothing of it is
+copied here. Each configuration runs --repeat times; the table reports the median.
 """
 
 import argparse
@@ -97,7 +106,93 @@ def _forward_step(data_iterator, model):
     return model(x), loss_func
 
 
-def _run(rank, world, which, F, B, W, N):
+class RefSleepFn(torch.autograd.Function):
+    """SleepFn for DeepSeek's reference: the weight gradient is deferred to its WeightGradStore
+    (`store`, the reference's class) when that is enabled."""
+
+    @staticmethod
+    def forward(ctx, x, weight, f, b, w, busy, store):
+        time.sleep(f)
+        busy[0] += f
+        ctx.b, ctx.w, ctx.busy, ctx.store = b, w, busy, store
+        return x * 1.0 + weight * 0.0
+
+    @staticmethod
+    def backward(ctx, g):
+        busy, b, w, store = ctx.busy, ctx.b, ctx.w, ctx.store
+        if store.enabled:
+            time.sleep(b - w)
+            busy[0] += b - w
+
+            def weight():
+                time.sleep(w)
+                busy[0] += w
+            store.put(weight)
+        else:
+            time.sleep(b)
+            busy[0] += b
+        return g, None, None, None, None, None, None
+
+
+class RefSleepStage(torch.nn.Module):
+    def __init__(self, f, b, w, busy, store):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.f, self.b, self.w, self.busy, self.store = f, b, w, busy, store
+
+    def forward(self, x):
+        return RefSleepFn.apply(x, self.weight, self.f, self.b, self.w, self.busy, self.store)
+
+
+def _load_reference(path):
+    """DeepSeek's `dualpipe` package from the checkout at `path`, adapted to CPU/gloo: its p2p
+    receive buffers are allocated on the CPU (the package allocates them on "cuda")."""
+    if not os.path.isfile(os.path.join(path, "dualpipe", "dualpipev.py")):
+        raise SystemExit(f"--dualpipe-ref {path}: no dualpipe/dualpipev.py there (expected a "
+                         f"checkout of github.com/deepseek-ai/DualPipe)")
+    sys.path.insert(0, path)
+    import dualpipe
+    import dualpipe.comm as comm
+
+    comm.build_from_tensor_shapes = lambda: [
+        torch.empty(s, dtype=comm.TENSOR_DTYPE, requires_grad=True) for s in comm.TENSOR_SHAPES]
+    return dualpipe
+
+
+def _run_reference(rank, world, which, F, B, W, N, path):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    ref = _load_reference(path)
+    from dualpipe.utils import WeightGradStore
+
+    busy = [0.0]
+    ref.set_p2p_tensor_shapes([(S, MB, H)])
+    ref.set_p2p_tensor_dtype(torch.float32)
+    mods = (RefSleepStage(F, B, W, busy, WeightGradStore),
+            RefSleepStage(F, B, W, busy, WeightGradStore))
+    cuda_device = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"  # the constructor's "parameters on this GPU" check
+    try:
+        pipe = (ref.DualPipeV if which == "ref_dualpipev" else ref.DualPipe)(mods, batch_dim=1)
+    finally:
+        torch.cuda.current_device = cuda_device
+    # DualPipeV: rank 0 feeds all N micro-batches; DualPipe: ranks 0 and P-1 feed N/2 each
+    feeds = rank == 0 if which == "ref_dualpipev" else rank in (0, world - 1)
+    per_feeder = N if which == "ref_dualpipev" else N // 2
+    x, labels = torch.ones(S, per_feeder * MB, H), torch.zeros(S, per_feeder * MB, H)
+    dist.barrier()
+    start = time.perf_counter()
+    if feeds:
+        pipe.step(x, num_chunks=N, criterion=lambda out, lab: out.float().mean(),
+                  labels=[labels])
+    else:
+        pipe.step(num_chunks=N)
+    dist.barrier()
+    return time.perf_counter() - start, busy[0]
+
+
+def _run(rank, world, which, F, B, W, N, scale=0.5):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -118,11 +213,19 @@ def _run(rank, world, which, F, B, W, N):
     elif which == "ours_dualpipev":
         from megatron_dsv3.pipeline import forward_backward_dualpipev
 
-        chunks = [SleepStage(F / 2, B / 2, W / 2, busy, _config()) for _ in range(2)]
+        chunks = [SleepStage(F * scale, B * scale, W * scale, busy, _config()) for _ in range(2)]
         start = time.perf_counter()
         forward_backward_dualpipev(forward_step_func=_forward_step,
                                    data_iterator=[iter(data), iter(data)], model=chunks,
                                    num_microbatches=N, seq_length=S, micro_batch_size=MB)
+    elif which == "ours_dualpipe":
+        from megatron_dsv3.pipeline import forward_backward_dualpipe
+
+        chunks = [SleepStage(F * scale, B * scale, W * scale, busy, _config()) for _ in range(2)]
+        start = time.perf_counter()
+        forward_backward_dualpipe(forward_step_func=_forward_step,
+                                  data_iterator=[iter(data), iter(data)], model=chunks,
+                                  num_microbatches=N, seq_length=S, micro_batch_size=MB)
     else:  # torch.distributed.pipelining's DualPipeV
         from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
 
@@ -149,8 +252,17 @@ def main():
     p.add_argument("--F", type=positive_float, default=0.04)
     p.add_argument("--B", type=positive_float, default=0.08)
     p.add_argument("--W", type=non_negative_float, default=0.04)
+    p.add_argument("--microbatches", type=positive_int, nargs="+", default=None,
+                   help="micro-batch counts (default: 4P)")
+    p.add_argument("--dualpipe-ref", metavar="DIR", default=None,
+                   help="a checkout of github.com/deepseek-ai/DualPipe: compare our DualPipeV and "
+                        "DualPipe with DeepSeek's reference (each chunk sleeps F/B/W)")
+    p.add_argument("--repeat", type=positive_int, default=1,
+                   help="runs per configuration (the table reports the median)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    if a.dualpipe_ref is not None:
+        return _compare_with_reference(a)
     from megatron_dsv3.pipeline.simulate import Times, expected_bubble
 
     rows = []
@@ -185,6 +297,49 @@ def main():
             else:
                 print(f"| {r['pp']} | {r['microbatches']} | {r['schedule']} | {r['iteration_s']:.3f} | "
                       f"{r['bubble_s']:.3f} | {r['formula_bubble_s']:.3f} |")
+
+
+def _measure(fn, P, args, megatron_parallel, repeat):
+    """Median over `repeat` runs of (iteration time, bubble): the worst rank's iteration time and
+    iteration time minus own compute."""
+    import statistics
+
+    runs = []
+    for _ in range(repeat):
+        res = run_distributed(fn, P, args=args, megatron_parallel=megatron_parallel, timeout=600)
+        runs.append((max(t for t, _ in res), max(t - b for t, b in res)))
+    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+
+
+def _compare_with_reference(a):
+    from megatron_dsv3.pipeline.simulate import Times, expected_bubble
+
+    _load_reference(os.path.abspath(a.dualpipe_ref))  # fail early on a wrong path
+    rows = []
+    for P in a.pp:
+        for N in a.microbatches or [4 * P]:
+            times = Times(a.F, a.B, a.W, a.F + a.B)
+            for sched in ("dualpipev", "dualpipe"):
+                row = {"pp": P, "microbatches": N, "schedule": sched,
+                       "formula_bubble_s": expected_bubble(sched, P, times)}
+                ours = _measure(_run, P, (f"ours_{sched}", a.F, a.B, a.W, N, 1.0),
+                                {"pipeline_model_parallel_size": P}, a.repeat)
+                ref = _measure(_run_reference, P, (f"ref_{sched}", a.F, a.B, a.W, N,
+                                                   os.path.abspath(a.dualpipe_ref)), None, a.repeat)
+                row.update({"ours_iteration_s": ours[0], "ours_bubble_s": ours[1],
+                            "ref_iteration_s": ref[0], "ref_bubble_s": ref[1],
+                            "bubble_ratio_ours_over_ref": ours[1] / ref[1]})
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if not a.json:
+        print("| P | N | schedule | ours iteration (s) | reference iteration (s) | ours bubble (s) "
+              "| reference bubble (s) | ours / reference bubble | formula bubble (s) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['pp']} | {r['microbatches']} | {r['schedule']} | "
+                  f"{r['ours_iteration_s']:.3f} | {r['ref_iteration_s']:.3f} | "
+                  f"{r['ours_bubble_s']:.3f} | {r['ref_bubble_s']:.3f} | "
+                  f"**{r['bubble_ratio_ours_over_ref']:.2f}** | {r['formula_bubble_s']:.3f} |")
 
 
 if __name__ == "__main__":

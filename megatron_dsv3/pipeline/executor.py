@@ -14,9 +14,12 @@ Forward passes run on lane 0 and backward passes on lane 1 (megatron_dsv3.lanes)
 dispatcher issues their all-to-alls on that lane's process groups.
 
 Beyond Megatron's keyword arguments the executor takes `overlap=` (the pair runner), `trace=` (a
-StepTrace recording this step's operations and the transfers reported during it) and `stats=`
+StepTrace recording this step's operations and the transfers reported during it), `stats=`
 (a dict receiving the step's wall time, time waiting on other stages and their ratio, the
-measured bubble fraction).
+measured bubble fraction) and `recv_lookahead=` (default 2: before each op, the receives of the
+next two ops are posted, so transfers land while this rank computes; 0 posts each receive just
+before the op that needs it). Sends are never waited for inside the step (only at its end);
+completed ones release their buffers as the step goes.
 """
 
 from __future__ import annotations
@@ -53,46 +56,72 @@ class _Runner:
         self.global_rank = dist.get_process_group_ranks(group)
         self.recv_wait = 0.0  # seconds spent waiting for another stage: this rank's bubble
         self.device = next(model[0].parameters()).device
+        # per chunk, computed once: (prev, next) neighbour, own stage, p2p direction
+        self.peers = [neighbours(lay, rank, c) for c in range(2)]
+        self.stages = [lay.stage(rank, c) for c in range(2)]
+        self.directions = [c if lay.name == "dualpipe" else 0 for c in range(2)]
+        self.posted: Dict[Tuple[str, int, int], Tuple[object, torch.Tensor]] = {}
 
     # -- point to point --------------------------------------------------------------------------
     def _tag(self, kind: str, from_stage: int, direction: int, mb: int) -> int:
         return ((0 if kind == "F" else 1) * 2 + direction) * 10_000_000 + from_stage * 100_000 + mb
 
-    def _direction(self, chunk: int) -> int:
-        return chunk if self.lay.name == "dualpipe" else 0
+    def _post(self, kind: str, chunk: int, mb: int) -> None:
+        """Post the receive that op (kind, chunk, mb) will need, if it comes from another rank
+        and is not posted yet: the transfer then lands while this rank still computes."""
+        key = (kind, chunk, mb)
+        if key in self.posted:
+            return
+        src = self.peers[chunk][0 if kind == "F" else 1]
+        if src is None or src[0] == self.rank:
+            return
+        buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        work = dist.irecv(buf, src=self.global_rank[src[0]], group=self.group,
+                          tag=self._tag(kind, self.lay.stage(*src), self.directions[chunk], mb))
+        self.posted[key] = (work, buf)
+
+    def prefetch(self, ops: List[Op]) -> None:
+        """Post the receives of `ops` (the next ones in this rank's schedule)."""
+        for op in ops:
+            if op.kind == "F":
+                self._post("F", op.chunk, op.mb)
+            elif op.kind == "B":
+                self._post("B", op.chunk, op.mb)
+            elif op.kind == "FB":
+                self._post("F", op.chunk, op.mb)
+                self._post("B", op.chunk2, op.mb2)
 
     def _recv(self, kind: str, chunk: int, mb: int) -> Optional[torch.Tensor]:
-        prev, nxt = neighbours(self.lay, self.rank, chunk)
-        src = prev if kind == "F" else nxt
+        src = self.peers[chunk][0 if kind == "F" else 1]
         if src is None:
             return None
-        direction = self._direction(chunk)
-        from_stage = self.lay.stage(*src)
         if src[0] == self.rank:
-            return self.local.pop((kind, from_stage, mb))
-        buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            return self.local.pop((kind, self.lay.stage(*src), mb))
+        self._post(kind, chunk, mb)
+        work, buf = self.posted.pop((kind, chunk, mb))
         t0 = time.perf_counter()
-        dist.irecv(buf, src=self.global_rank[src[0]], group=self.group,
-                   tag=self._tag(kind, from_stage, direction, mb)).wait()
+        work.wait()
         self.recv_wait += time.perf_counter() - t0
         return buf
 
     def _send(self, kind: str, chunk: int, mb: int, tensor: torch.Tensor) -> None:
-        prev, nxt = neighbours(self.lay, self.rank, chunk)
-        dst = nxt if kind == "F" else prev
+        dst = self.peers[chunk][1 if kind == "F" else 0]
         if dst is None:
             return
-        stage = self.lay.stage(self.rank, chunk)
+        stage = self.stages[chunk]
         if dst[0] == self.rank:
             self.local[(kind, stage, mb)] = tensor.detach()
             return
         t = tensor.detach().contiguous()
         self.sends.append((dist.isend(t, dst=self.global_rank[dst[0]], group=self.group,
-                                      tag=self._tag(kind, stage, self._direction(chunk), mb)), t))
+                                      tag=self._tag(kind, stage, self.directions[chunk], mb)), t))
+        # completed sends release their buffers as the step goes (waited at the end otherwise)
+        while self.sends and self.sends[0][0].is_completed():
+            self.sends.pop(0)
 
     # -- compute -----------------------------------------------------------------------------------
     def _is_last(self, chunk: int) -> bool:
-        return neighbours(self.lay, self.rank, chunk)[1] is None
+        return self.peers[chunk][1] is None
 
     def forward(self, chunk: int, mb: int) -> None:
         from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
@@ -148,10 +177,15 @@ class _Runner:
         with on_lane(BACKWARD_LANE), self._timed("B", chunk, mb, BACKWARD_LANE, pair):
             self.backward(chunk, mb, zb)
 
-    def run(self, ops: List[Op]) -> Dict[str, float]:
-        """Run `ops`; -> wall time, time spent waiting on other stages and their ratio."""
+    def run(self, ops: List[Op], recv_lookahead: int = 2) -> Dict[str, float]:
+        """Run `ops`; -> wall time, time spent waiting on other stages and their ratio.
+
+        Before each op the receives of the next `recv_lookahead` ops are posted (each at most
+        once), so an activation or gradient arrives while the rank is still computing; a buffer
+        then exists at most `recv_lookahead` ops early."""
         start = time.perf_counter()
-        for op in ops:
+        for i, op in enumerate(ops):
+            self.prefetch(ops[i:i + 1 + recv_lookahead])
             if op.kind == "F":
                 self._run_forward(op.chunk, op.mb, False)
             elif op.kind == "B":
@@ -174,13 +208,17 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
                       collect_non_loss_data=False, first_val_step=None,
                       adjust_tensor_shapes_fn=None, p2p_communicator=None, pg_collection=None,
                       force_all_reduce=False, overlap: Optional[Callable] = None,
-                      trace: Optional[StepTrace] = None, stats: Optional[Dict] = None):
+                      trace: Optional[StepTrace] = None, stats: Optional[Dict] = None,
+                      recv_lookahead: int = 2):
     from megatron.core import parallel_state
     from megatron.core.utils import get_model_config
 
     if not isinstance(model, list) or len(model) != 2:
         raise ValueError(f"{schedule} needs this rank's two model chunks as a list "
                          f"(model=[chunk0, chunk1]); got {type(model).__name__}")
+    if not isinstance(recv_lookahead, int) or recv_lookahead < 0:
+        raise ValueError(f"recv_lookahead={recv_lookahead!r}: allowed values are integers >= 0 "
+                         f"(how many ops ahead receives are posted)")
     group = getattr(pg_collection, "pp", None) or parallel_state.get_pipeline_model_parallel_group()
     ranks, rank = dist.get_world_size(group), dist.get_rank(group)
     check(schedule, ranks, num_microbatches)
@@ -201,7 +239,7 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
         ops = build(schedule, ranks, num_microbatches)[rank]
     WeightGradStore.clear()
     with trace.recording() if trace is not None else contextlib.nullcontext():
-        step = runner.run(ops)
+        step = runner.run(ops, recv_lookahead)
     if stats is not None:
         stats.update(step)
     if not forward_only:
