@@ -39,48 +39,52 @@ S, MB, H = 4, 1, 16
 
 class SleepFn(torch.autograd.Function):
     """Forward sleeps f; backward sleeps b - w for the input gradient and w for the weight
-    gradient (deferred to our WeightGradStore when it is deferring); the first stage, which
-    has no input gradient, sleeps the whole b in its one backward call."""
+    gradient (deferred to the weight-gradient store `store` when it is deferring: ours, or
+    DeepSeek's reference's class); the first stage, which has no input gradient, sleeps the
+    whole b in its one backward call."""
 
     @staticmethod
-    def forward(ctx, x, weight, f, b, w, busy):
+    def forward(ctx, x, weight, f, b, w, busy, store):
         time.sleep(f)
         busy[0] += f
-        ctx.b, ctx.w, ctx.busy, ctx.first = b, w, busy, not x.requires_grad
+        ctx.b, ctx.w, ctx.busy, ctx.first, ctx.store = b, w, busy, not x.requires_grad, store
         return x * 1.0 + weight * 0.0
 
     @staticmethod
     def backward(ctx, g):
         from megatron_dsv3.core.gemm import WeightGradStore
 
-        busy, b, w = ctx.busy, ctx.b, ctx.w
+        busy, b, w, store = ctx.busy, ctx.b, ctx.w, ctx.store
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if WeightGradStore.is_deferring():
+        if store.enabled if store is not None else WeightGradStore.is_deferring():
             time.sleep(b - w)
             busy[0] += b - w
 
             def weight():
                 time.sleep(w)
                 busy[0] += w
-            WeightGradStore.put(weight)
-            return g, None, None, None, None, None
+            (store or WeightGradStore).put(weight)
+            return g, None, None, None, None, None, None
         if ctx.first:  # the first stage has no input gradient: one call does the whole backward
             t = b
         else:  # torch's zero-bubble split calls input and weight gradients separately
             t = (b - w if need_x else 0) + (w if need_w else 0)
         time.sleep(t)
         busy[0] += t
-        return (g if need_x else None), (torch.zeros(1) if need_w else None), None, None, None, None
+        return ((g if need_x else None), (torch.zeros(1) if need_w else None),
+                None, None, None, None, None)
 
 
 class SleepStage(torch.nn.Module):
-    def __init__(self, f, b, w, busy, config=None):
+    """`store`: DeepSeek's reference WeightGradStore class for its schedules (None: ours)."""
+
+    def __init__(self, f, b, w, busy, config=None, store=None):
         super().__init__()
         from megatron.core.transformer.enums import ModelType
 
         self.model_type = ModelType.encoder_or_decoder
         self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.f, self.b, self.w, self.busy, self.config = f, b, w, busy, config
+        self.f, self.b, self.w, self.busy, self.config, self.store = f, b, w, busy, config, store
         self.input = None
 
     def set_input_tensor(self, t):
@@ -88,7 +92,7 @@ class SleepStage(torch.nn.Module):
 
     def forward(self, x=None):
         inp = self.input if self.input is not None else x
-        return SleepFn.apply(inp, self.weight, self.f, self.b, self.w, self.busy)
+        return SleepFn.apply(inp, self.weight, self.f, self.b, self.w, self.busy, self.store)
 
 
 def _config():
@@ -106,44 +110,6 @@ def _forward_step(data_iterator, model):
         return loss, {"loss": loss.detach().clone()}
 
     return model(x), loss_func
-
-
-class RefSleepFn(torch.autograd.Function):
-    """SleepFn for DeepSeek's reference: the weight gradient is deferred to its WeightGradStore
-    (`store`, the reference's class) when that is enabled."""
-
-    @staticmethod
-    def forward(ctx, x, weight, f, b, w, busy, store):
-        time.sleep(f)
-        busy[0] += f
-        ctx.b, ctx.w, ctx.busy, ctx.store = b, w, busy, store
-        return x * 1.0 + weight * 0.0
-
-    @staticmethod
-    def backward(ctx, g):
-        busy, b, w, store = ctx.busy, ctx.b, ctx.w, ctx.store
-        if store.enabled:
-            time.sleep(b - w)
-            busy[0] += b - w
-
-            def weight():
-                time.sleep(w)
-                busy[0] += w
-            store.put(weight)
-        else:
-            time.sleep(b)
-            busy[0] += b
-        return g, None, None, None, None, None, None
-
-
-class RefSleepStage(torch.nn.Module):
-    def __init__(self, f, b, w, busy, store):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.f, self.b, self.w, self.busy, self.store = f, b, w, busy, store
-
-    def forward(self, x):
-        return RefSleepFn.apply(x, self.weight, self.f, self.b, self.w, self.busy, self.store)
 
 
 def _load_reference(path):
@@ -169,8 +135,8 @@ def _run_reference(rank, world, which, F, B, W, N, path):
     busy = [0.0]
     ref.set_p2p_tensor_shapes([(S, MB, H)])
     ref.set_p2p_tensor_dtype(torch.float32)
-    mods = (RefSleepStage(F, B, W, busy, WeightGradStore),
-            RefSleepStage(F, B, W, busy, WeightGradStore))
+    mods = (SleepStage(F, B, W, busy, store=WeightGradStore),
+            SleepStage(F, B, W, busy, store=WeightGradStore))
     cuda_device = torch.cuda.current_device
     torch.cuda.current_device = lambda: "cpu"  # the constructor's "parameters on this GPU" check
     try:

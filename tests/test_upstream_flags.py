@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron_dsv3 import upstream_flags
 from megatron_dsv3.configs import get_config, validate_config
 from megatron_dsv3.model import build_model
+from megatron_dsv3.testing.pipeline_checks import grads_by_global_name
 
 @pytest.fixture(autouse=True)
 def _restore_aux_loss_scale():
@@ -348,16 +349,7 @@ def _pp_dualpipev(rank, world):
     get_forward_backward_func("dualpipev")(
         forward_step_func=_pp_forward_step, data_iterator=[iter(batches), iter(batches)],
         model=chunks, num_microbatches=_N, seq_length=_S, micro_batch_size=_B, forward_only=False)
-    grads = {}
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            if name.startswith("decoder.layers."):
-                local = int(name.split(".")[2])
-                number = chunk.decoder.layers[local].layer_number
-                name = name.replace(f"decoder.layers.{local}.", f"decoder.layers.{number - 1}.", 1)
-            if p.grad is not None:
-                grads[name] = p.grad.clone()
-    return grads
+    return grads_by_global_name(chunks)
 
 
 def test_recompute_under_dualpipev_gives_the_unpipelined_gradients(single_rank_world):

@@ -4,18 +4,13 @@ import pytest
 import torch
 
 from megatron_dsv3.testing.distributed import run_distributed
+from megatron_dsv3.testing.pipeline_checks import grads_by_global_name, random_lm_batches
 
 B, S = 2, 16  # micro-batch size, sequence length
 
 
 def _batches(N):
-    g = torch.Generator().manual_seed(7)
-    out = []
-    for _ in range(N):
-        ids = torch.randint(1, 255, (B, S + 1), generator=g)
-        out.append({"tokens": ids[:, :-1], "labels": ids[:, 1:],
-                    "position_ids": torch.arange(S).expand(B, S), "loss_mask": torch.ones(B, S)})
-    return out
+    return random_lm_batches(N, B, S, seed=7)
 
 
 def _config(mtp, layers):
@@ -38,20 +33,6 @@ def forward_step(data_iterator, model):
     return out, partial(loss_func, batch["loss_mask"])
 
 
-def _named_grads(chunks):
-    """Gradients by the reference model's parameter names (layers by global number)."""
-    out = {}
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            if name.startswith("decoder.layers."):
-                local = int(name.split(".")[2])
-                number = chunk.decoder.layers[local].layer_number
-                name = name.replace(f"decoder.layers.{local}.", f"decoder.layers.{number - 1}.", 1)
-            if p.grad is not None:
-                out[name] = p.grad.clone()
-    return out
-
-
 def _pipelined(rank, world, schedule, mtp, forward_only, N, layers):
     from megatron_dsv3.model_chunks import build_model_chunks
     from megatron_dsv3.pipeline import get_forward_backward_func
@@ -68,7 +49,7 @@ def _pipelined(rank, world, schedule, mtp, forward_only, N, layers):
         losses = run(forward_step_func=forward_step, data_iterator=iters, model=chunks,
                      num_microbatches=N, seq_length=S, micro_batch_size=B,
                      forward_only=forward_only)
-    return [float(l["lm loss"]) for l in losses], _named_grads(chunks), \
+    return [float(l["lm loss"]) for l in losses], grads_by_global_name(chunks), \
         [[l.layer_number for l in c.decoder.layers] for c in chunks], \
         [(c.mtp_process, hasattr(c, "mtp"), hasattr(c, "embedding")) for c in chunks]
 

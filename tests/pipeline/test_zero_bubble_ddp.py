@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_dsv3.testing.distributed import run_distributed
+from megatron_dsv3.testing.pipeline_checks import random_lm_batches
 
 B, S, N = 2, 16, 4  # micro-batch size, sequence length, micro-batches per step
 STEPS = 2  # the second step runs DDP's overlap path with the first step's readiness counts
@@ -21,13 +22,7 @@ def _config():
 
 
 def _batches(rank, step):
-    g = torch.Generator().manual_seed(100 * rank + step)  # each data-parallel rank its own data
-    out = []
-    for _ in range(N):
-        ids = torch.randint(1, 255, (B, S + 1), generator=g)
-        out.append({"tokens": ids[:, :-1], "labels": ids[:, 1:],
-                    "position_ids": torch.arange(S).expand(B, S), "loss_mask": torch.ones(B, S)})
-    return out
+    return random_lm_batches(N, B, S, seed=100 * rank + step)  # each data-parallel rank its own
 
 
 def forward_step(data_iterator, model):
