@@ -58,33 +58,14 @@ def test_te_recipe_carries_the_scale_choice_past_the_constructor(monkeypatch):
     """Transformer Engine is GPU-only; a stand-in with TE 2.x's structure (QParams as class
     attributes computed at import, a `use_f32_scales` field the constructor accepts and ignores)
     checks that the adapter sets what TE actually reads."""
-    import dataclasses
-    import enum
     import sys
 
     from megatron_dsv3.fp8.recipe import fp8_recipe_for_te
+    from megatron_dsv3.testing.fake_te import te_recipe_module
 
-    @dataclasses.dataclass(frozen=True)
-    class QParams:
-        power_2_scale: bool = False
-        amax_epsilon: float = 0.0
-
-    class Format(enum.Enum):
-        E4M3 = "e4m3"
-
-    @dataclasses.dataclass
-    class Float8BlockScaling:
-        use_f32_scales: bool = False
-        fp8_format: Format = Format.E4M3
-        fp8_quant_fwd_inp = QParams(power_2_scale=True)
-        fp8_quant_fwd_weight = QParams(power_2_scale=True)
-        fp8_quant_bwd_grad = QParams(power_2_scale=True)
-        x_block_scaling_dim: int = 1
-        w_block_scaling_dim: int = 2
-        grad_block_scaling_dim: int = 1
-
-    recipe_mod = types.ModuleType("transformer_engine.common.recipe")
-    recipe_mod.Float8BlockScaling, recipe_mod.Format = Float8BlockScaling, Format
+    recipe_mod = te_recipe_module()
+    QParams, Format = recipe_mod.QParams, recipe_mod.Format
+    Float8BlockScaling = recipe_mod.Float8BlockScaling
     for name in ("transformer_engine", "transformer_engine.common"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "transformer_engine.common.recipe", recipe_mod)

@@ -7,7 +7,6 @@ GroupedExperts' plain GEMMs."""
 
 import contextlib
 import dataclasses
-import enum
 import sys
 import types
 from typing import Callable, List, Optional, Union
@@ -18,6 +17,7 @@ import torch
 from megatron_dsv3.configs import get_config
 from megatron_dsv3.fp8 import backends
 from megatron_dsv3.fp8.quant import AMAX_FLOOR, GRAD_AMAX_FLOOR
+from megatron_dsv3.testing.fake_te import te_recipe_module
 
 H200_WITH_TE = backends.Capabilities(cuda=True, device_name="NVIDIA H200", capability=(9, 0),
                                      cuda_version=(12, 9), torch_version=(2, 13),
@@ -34,24 +34,6 @@ class FakeTE:
 
 
 def _fake_transformer_engine(fake: FakeTE):
-    @dataclasses.dataclass(frozen=True)
-    class QParams:
-        power_2_scale: bool = False
-        amax_epsilon: float = 0.0
-
-    class Format(enum.Enum):
-        E4M3 = "e4m3"
-
-    @dataclasses.dataclass
-    class Float8BlockScaling:
-        fp8_format: Format = Format.E4M3
-        fp8_quant_fwd_inp = QParams(power_2_scale=True)
-        fp8_quant_fwd_weight = QParams(power_2_scale=True)
-        fp8_quant_bwd_grad = QParams(power_2_scale=True)
-        x_block_scaling_dim: int = 1
-        w_block_scaling_dim: int = 2
-        grad_block_scaling_dim: int = 1
-
     class GroupedLinear(torch.nn.Module):
         """TE's GroupedLinear signature (transformer_engine/pytorch/module/grouped_linear.py):
         weights weight0..weight{num_gemms-1} [out, in], init_method applied to each,
@@ -97,8 +79,7 @@ def _fake_transformer_engine(fake: FakeTE):
     pytorch = types.ModuleType("transformer_engine.pytorch")
     pytorch.GroupedLinear, pytorch.autocast = GroupedLinear, autocast
     common = types.ModuleType("transformer_engine.common")
-    recipe = types.ModuleType("transformer_engine.common.recipe")
-    recipe.Float8BlockScaling, recipe.Format = Float8BlockScaling, Format
+    recipe = te_recipe_module()
     te.pytorch, te.common, common.recipe = pytorch, common, recipe
     return {"transformer_engine": te, "transformer_engine.pytorch": pytorch,
             "transformer_engine.common": common, "transformer_engine.common.recipe": recipe}
