@@ -119,3 +119,12 @@ def test_invalid_settings_are_refused():
         check("dualpipev", 4, 6)
     with pytest.raises(ValueError, match="allowed values are"):
         check("gpipe", 4, 8)
+
+
+def test_negative_recv_lookahead_is_refused_naming_the_field():
+    from megatron_dsv3.pipeline import forward_backward_dualpipev
+
+    with pytest.raises(ValueError, match=r"recv_lookahead=-1: allowed values are integers >= 0"):
+        forward_backward_dualpipev(forward_step_func=None, data_iterator=None,
+                                   model=[object(), object()], num_microbatches=4, seq_length=4,
+                                   micro_batch_size=1, recv_lookahead=-1)
