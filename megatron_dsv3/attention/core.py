@@ -7,7 +7,9 @@ On CPU torch's fused (flash) kernel needs v in the head dim of q and k; MLA's v 
 (128 vs 192 in DeepSeek-V3), which would send it to the unfused math path (full score matrix,
 masked half included, softmax and its backward as separate passes). Causal attention without
 dropout therefore pads v with zeros to the q/k head dim and drops the padded output columns:
-the same result (the padded columns are 0 * probabilities), on the fused kernel.
+the same result (the padded columns are 0 * probabilities), on the fused kernel. A mask that is
+exactly the causal mask (what Megatron-LM's data loader builds by default) is recognised and run
+as causal attention; any other mask (document boundaries, padding) is applied as given.
 """
 
 from __future__ import annotations
@@ -26,6 +28,23 @@ class SDPAttention(MegatronModule):
         super().__init__(config=config)
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout
+        self._causal_seen = None  # (mask identity, answer) of the last mask checked
+
+    def _is_causal(self, mask: torch.Tensor, sq: int, sk: int) -> bool:
+        """True if Megatron's mask [b or 1, 1, sq, sk] (True = not allowed) is the causal mask for
+        every sequence. The answer is kept for the mask object (the same tensor reaches every
+        layer of a step), keyed on its storage, shape and in-place version (inference-mode
+        tensors have no version: checked on every call)."""
+        key = None if mask.is_inference() else (mask.data_ptr(), tuple(mask.shape), mask._version)
+        if key is not None and self._causal_seen is not None and self._causal_seen[0] == key:
+            return self._causal_seen[1]
+        answer = False
+        if mask.dim() == 4 and mask.shape[1] == 1 and tuple(mask.shape[-2:]) == (sq, sk) \
+                and sq == sk:
+            causal = torch.ones(sq, sk, dtype=torch.bool, device=mask.device).triu_(1)
+            answer = bool((mask.to(torch.bool) == causal).all())
+        self._causal_seen = (key, answer)
+        return answer
 
     def forward(self, query, key, value, attention_mask: Optional[torch.Tensor] = None,
                 attn_mask_type=None, packed_seq_params=None, **_unused):
@@ -34,6 +53,8 @@ class SDPAttention(MegatronModule):
                              "portable core attention (allowed value: None)")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         dropout = self.dropout if self.training else 0.0
+        if attention_mask is not None and self._is_causal(attention_mask, q.shape[-2], k.shape[-2]):
+            attention_mask = None
         if attention_mask is None:
             dv = v.shape[-1]
             pad = q.device.type == "cpu" and dropout == 0.0 and dv < q.shape[-1]

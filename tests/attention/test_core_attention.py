@@ -1,0 +1,93 @@
+"""The portable core attention: MLA's narrower v through the fused CPU kernel, and Megatron's
+causal mask recognised as causal attention, against the masked math formula in float64."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_dsv3.attention.core import SDPAttention
+from megatron_dsv3.configs import get_config
+
+
+def _reference(q, k, v, scale, allowed):
+    """softmax(q k^T * scale) v with `allowed` [b, 1, s, s], float64; q/k/v [s, b, h, d]."""
+    qq, kk, vv = (t.double().permute(1, 2, 0, 3) for t in (q, k, v))
+    scores = (qq @ kk.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(scores, -1) @ vv
+    s, b = q.shape[:2]
+    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+@pytest.fixture
+def qkv():
+    torch.manual_seed(0)
+    s, b, h, dqk, dv = 12, 2, 3, 24, 16  # MLA: v narrower than q/k
+    return (torch.randn(s, b, h, dqk, requires_grad=True),
+            torch.randn(s, b, h, dqk, requires_grad=True),
+            torch.randn(s, b, h, dv, requires_grad=True))
+
+
+def test_causal_attention_with_narrower_v_reaches_the_fused_kernel_and_matches(qkv, monkeypatch):
+    q, k, v = qkv
+    s, b = q.shape[:2]
+    attn = SDPAttention(get_config("deepseek-v3-tiny"), softmax_scale=1 / math.sqrt(24))
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(query, key, value, **kw):
+        seen.append((value.shape[-1], kw.get("is_causal"), kw.get("attn_mask") is not None))
+        return sdpa(query, key, value, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    causal_mask = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]  # Megatron's: True = masked
+    for mask in (None, causal_mask, causal_mask.expand(b, 1, s, s)):
+        out = attn(q, k, v, mask)
+        ref = _reference(q, k, v, attn.softmax_scale, ~causal_mask)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), g)
+        want = torch.autograd.grad(ref, (q, k, v), g.double())
+        for a, w in zip(got, want):
+            torch.testing.assert_close(a.double(), w.double(), rtol=1e-5, atol=1e-5)
+    # v padded to the q/k head dim, causal, no explicit mask: what the fused kernel accepts
+    assert seen == [(24, True, False)] * 3
+
+
+def test_other_masks_are_applied_as_given(qkv):
+    """Two documents in one sequence (Megatron's reset_attention_mask): not the causal mask, so
+    it must reach the kernel and keep the documents apart - also when the causal mask tensor the
+    layer saw before is overwritten in place with it (no stale "is causal" answer)."""
+    q, k, v = qkv
+    s = q.shape[0]
+    attn = SDPAttention(get_config("deepseek-v3-tiny"), softmax_scale=0.2)
+    allowed = torch.ones(s, s, dtype=torch.bool).tril()
+    allowed[s // 2:, : s // 2] = False  # the second document does not see the first
+    mask = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None].clone()
+    attn(q, k, v, mask)  # causal: recognised
+    mask.copy_(~allowed)  # the same tensor, now two documents
+    out = attn(q, k, v, mask)
+    torch.testing.assert_close(out.double(), _reference(q, k, v, 0.2, allowed[None, None]),
+                               rtol=1e-5, atol=1e-5)
+    fresh = attn(q, k, v, (~allowed)[None, None].clone())
+    torch.testing.assert_close(fresh, out)
+
+
+def test_masks_made_in_inference_mode_are_checked_every_call(qkv):
+    """Inference-mode tensors track no in-place version: no cached answer for them."""
+    q, k, v = qkv
+    s = q.shape[0]
+    attn = SDPAttention(get_config("deepseek-v3-tiny"), softmax_scale=0.2)
+    with torch.inference_mode():
+        mask = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None].clone()
+        first = attn(q.detach(), k.detach(), v.detach(), mask)
+        mask[..., s // 2:, : s // 2] = True  # two documents, changed in place
+        second = attn(q.detach(), k.detach(), v.detach(), mask)
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]
+    q, k, v = q.detach(), k.detach(), v.detach()
+    torch.testing.assert_close(first.double(), _reference(q, k, v, 0.2, ~causal),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.double(), _reference(q, k, v, 0.2, ~mask.clone()),
+                               rtol=1e-5, atol=1e-5)
