@@ -12,19 +12,17 @@ from a model config: which dispatcher a model runs, and with what, is chosen by 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 
 @dataclass
 class DispatchState:
-    """What combine needs to undo a dispatch."""
+    """What LocalDispatcher.combine needs to undo a dispatch."""
 
-    num_tokens: int
-    token_index: torch.Tensor  # [N] source token of each dispatched row
-    weights: torch.Tensor  # [N] combine weight of each dispatched row
-    extra: Optional[object] = None
+    order: torch.Tensor  # [T*k] the (token, choice) pairs, flattened, sorted by expert
+    inverse: torch.Tensor  # [T*k] where each (token, choice) pair stands in `order`
+    weights: torch.Tensor  # [T, k] each token's combine weights
 
 
 class TokenDispatcher:
@@ -87,14 +85,6 @@ def sort_by_expert(indices: torch.Tensor, num_experts: int):
     return order, counts
 
 
-def weighted_scatter_add(rows: torch.Tensor, token_index: torch.Tensor, weights: torch.Tensor,
-                         num_tokens: int) -> torch.Tensor:
-    """out[t] = sum over rows r of token t: weights[r] * rows[r], accumulated in float32."""
-    out = torch.zeros(num_tokens, rows.shape[-1], dtype=torch.float32, device=rows.device)
-    out.index_add_(0, token_index, rows.float() * weights.float()[:, None])
-    return out.to(rows.dtype)
-
-
 class _ExpandSorted(torch.autograd.Function):
     """x [T, h] -> rows [T*k, h] = x[order // k]: each token's k copies in expert order.
 
@@ -143,16 +133,14 @@ class LocalDispatcher(TokenDispatcher):
         order, counts = sort_by_expert(indices, self.num_experts)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        state = DispatchState(x.shape[0], torch.div(order, k, rounding_mode="floor"),
-                              weights.flatten()[order], extra=(order, inverse, weights))
+        state = DispatchState(order, inverse, weights)
         return _ExpandSorted.apply(x, order, inverse, k), counts.tolist(), state
 
     def combine(self, expert_output, state: DispatchState):
-        order, inverse, weights = state.extra
-        T, k = weights.shape
-        y = _Permute.apply(expert_output, inverse, order).view(T, k, -1)
+        T, k = state.weights.shape
+        y = _Permute.apply(expert_output, state.inverse, state.order).view(T, k, -1)
         # [T, 1, k] @ [T, k, h]: each token's weighted sum over its k choices, in float32 (or
         # wider)
         acc = torch.promote_types(expert_output.dtype, torch.float32)
-        out = torch.bmm(weights.to(acc).unsqueeze(1), y.to(acc)).squeeze(1)
+        out = torch.bmm(state.weights.to(acc).unsqueeze(1), y.to(acc)).squeeze(1)
         return out.to(expert_output.dtype)

@@ -46,8 +46,8 @@ def _context():
     return ctx
 
 
-def _bootstrap(rank, world_size, port, payload, environ, sys_path, out_dir, megatron_parallel,
-               timeout):
+def _worker(rank, world_size, port, payload, environ, sys_path, out_dir, megatron_parallel,
+            timeout):
     """Entry point of a rank: the caller's environment and import path (a forked rank starts
     with the fork server's, taken when it started), then the function and its arguments, which
     may live in modules only that path reaches."""
@@ -56,17 +56,6 @@ def _bootstrap(rank, world_size, port, payload, environ, sys_path, out_dir, mega
     os.environ.clear()
     os.environ.update(environ)
     sys.path[:] = sys_path
-    try:
-        fn, args = pickle.loads(payload)
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump({"ok": False, "error": traceback.format_exc()}, f)
-        return
-    _worker(rank, world_size, port, fn, args, {}, out_dir, megatron_parallel, timeout)
-
-
-def _worker(rank, world_size, port, fn, args, env, out_dir, megatron_parallel, timeout):
-    os.environ.update(env)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
@@ -78,6 +67,7 @@ def _worker(rank, world_size, port, fn, args, env, out_dir, megatron_parallel, t
     torch.set_num_threads(1)
     result: Dict[str, Any]
     try:
+        fn, args = pickle.loads(payload)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
         if megatron_parallel is not None:
@@ -143,7 +133,7 @@ def run_distributed(fn: Callable, world_size: int, args: Sequence = (),
     environ = {**os.environ, **{k: str(v) for k, v in (env or {}).items()}}
     payload = pickle.dumps((fn, tuple(args)))
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [ctx.Process(target=_bootstrap, args=(r, world_size, port, payload, environ,
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, payload, environ,
                                                       list(sys.path), out_dir,
                                                       megatron_parallel, timeout))
                  for r in range(world_size)]
