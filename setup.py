@@ -24,6 +24,11 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.4"],
         "hf": ["transformers>=4.57", "safetensors>=0.4"],
         "plot": ["matplotlib>=3.7"],
-        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.57", "safetensors>=0.4", "matplotlib>=3.7"],
+        # post-training quantisation and export (python -m megatron_dsv3.export); 0.47.0 is the
+        # release tested here (pure Python, installs on CPU machines); it imports requests and
+        # huggingface_hub without declaring them
+        "deploy": ["nvidia-modelopt==0.47.0", "requests", "huggingface_hub", "safetensors>=0.4"],
+        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.57", "safetensors>=0.4", "matplotlib>=3.7",
+                "nvidia-modelopt==0.47.0", "requests", "huggingface_hub"],
     },
 )

@@ -1,7 +1,7 @@
 """What the FP8 benches share (bench/fp8_vs_bf16.py, bench/fp8_fidelity.py and
 tests/fp8/test_fidelity.py): training runs of the example trainer with the FP8 recipe on or off
-(on CPU or a GPU), the one-rounding nudge of the noise floor, held-out data the runs never train on, the held-out loss of a model, the same
-weights evaluated under another GEMM recipe, and a mean with its 95% confidence interval.
+(on CPU or a GPU), the one-rounding nudge of the noise floor, held-out data and loss (from
+megatron_dsv3.training.heldout), the same weights evaluated under another GEMM recipe, and a mean with its 95% confidence interval.
 
 Importable without side effects (bench scripts run with bench/ on sys.path; the test loads it by
 path). Megatron-core is imported only inside the functions that need it.
@@ -15,6 +15,9 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+# held-out data and loss: used by the benches through this module
+from megatron_dsv3.training.heldout import heldout_batches, heldout_loss  # noqa: F401
 
 # recipe name (as in the tables) -> dsv3_fp8_recipe (None: the config's own precision)
 RECIPES = {"bf16": None, "fp8": "deepseek", "fp8-pow2": "deepseek-pow2"}
@@ -94,51 +97,6 @@ def run(steps, fp8, cache_dir, bf16_moments, seed, nudged=False, device="cpu", l
 
 
 # -- held-out data and loss ---------------------------------------------------------------------
-def heldout_batches(num_sequences: int, seq_length: int, batch_size: int,
-                    train_bytes: int = 8 << 20) -> List[Dict[str, torch.Tensor]]:
-    """Byte-level batches from the standard-library files that come after the first `train_bytes`
-    of the corpus (the trainer's --corpus-bytes): documents no run trained on. Consecutive
-    windows of seq_length + 1 bytes over the documents joined by EOD; every token counts."""
-    from megatron_dsv3.tokenizer import EOD
-    from megatron_dsv3.training.data import stdlib_documents
-
-    seen = sum(1 for _ in stdlib_documents(train_bytes))
-    stream = bytearray()
-    need = num_sequences * (seq_length + 1)
-    for i, doc in enumerate(stdlib_documents(1 << 40)):
-        if i < seen:
-            continue
-        stream += doc + bytes([EOD])
-        if len(stream) >= need:
-            break
-    if len(stream) < need:
-        raise ValueError(f"the standard library holds {len(stream)} held-out bytes after the first "
-                         f"{train_bytes}; {num_sequences} sequences of {seq_length} need {need}")
-    windows = torch.tensor(list(stream[:need]), dtype=torch.long).view(num_sequences, -1)
-    batches = []
-    for rows in torch.split(windows, batch_size):
-        b, s = rows.shape[0], seq_length
-        batches.append({"tokens": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous(),
-                        "position_ids": torch.arange(s).expand(b, s).contiguous(),
-                        "loss_mask": torch.ones(b, s)})
-    return batches
-
-
-@torch.no_grad()
-def heldout_loss(model, batches: Sequence[Dict[str, torch.Tensor]]) -> float:
-    """Mean LM loss per token of `model` over `batches` (eval mode, no MTP bookkeeping)."""
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0.0
-    for batch in batches:
-        b = {k: v.to(device) for k, v in batch.items()}
-        per_token = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
-        mask = b["loss_mask"].float()
-        total += (per_token.float() * mask).sum().item()
-        count += mask.sum().item()
-    return total / count
-
-
 def config_with(config, recipe: Optional[str] = None, fp32: bool = False,
                 gemm_backend: Optional[str] = None):
     """A copy of `config` that builds the same model with GEMM recipe `recipe` (dsv3_fp8_recipe:

@@ -105,12 +105,13 @@ def mtp_layers_to_build(path_or_dict, hf: Dict[str, Any], mtp: Optional[bool] = 
         return None
     if mtp or isinstance(path_or_dict, dict):
         return depth
-    from megatron_dsv3.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE, HFReader
+    from megatron_dsv3.checkpoint.quantized import open_hf_reader
+    from megatron_dsv3.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE
 
     directory = path_or_dict if os.path.isdir(path_or_dict) else os.path.dirname(path_or_dict)
     if not any(os.path.isfile(os.path.join(directory, f)) for f in (INDEX_FILE, SINGLE_FILE)):
         return depth  # a config without weights: nothing to detect
-    reader = HFReader(directory)
+    reader = open_hf_reader(directory)
     first = f"model.layers.{hf['num_hidden_layers']}."
     if any(name.startswith(first) for name in reader.names()):
         return depth
@@ -147,7 +148,11 @@ def _check_supported(hf: Dict[str, Any]) -> None:
                 f"null or num_attention_heads={hf['num_attention_heads']}",
                 "MLA expands the latent into one key/value per head")
     quant = hf.get("quantization_config")
-    if quant is not None:
+    if quant is not None and quant.get("quant_method") == "modelopt":
+        from megatron_dsv3.checkpoint.quantized import check_readable
+
+        check_readable(hf)  # a modelopt export (megatron_dsv3.export) we can dequantise
+    elif quant is not None:
         for key in ("quant_method", "fmt", "weight_block_size"):
             if quant.get(key, FP8_QUANTIZATION_CONFIG[key]) != FP8_QUANTIZATION_CONFIG[key]:
                 _refuse(f"quantization_config.{key}", quant.get(key),

@@ -32,6 +32,7 @@ from megatron_dsv3.checkpoint.errors import writing
 from megatron_dsv3.checkpoint.mapping import TensorMap, mirror_names, model_maps
 from megatron_dsv3.checkpoint.progress import Progress
 from megatron_dsv3.checkpoint.commit import atomic_directory
+from megatron_dsv3.checkpoint.quantized import open_hf_reader
 from megatron_dsv3.checkpoint.safetensors_io import (
     INDEX_FILE,
     SCALE_SUFFIX,
@@ -177,7 +178,7 @@ def load_hf(model, path: str, *, allow_unused: bool = False, skip_mtp: bool = Fa
     config = _model_config(model)
     check_architecture(config, hf)
     maps = model_maps(config, rope_interleave=hf.get("rope_interleave", True))
-    reader = HFReader(path)
+    reader = open_hf_reader(path)
     check_hf_checkpoint(reader, maps, config, allow_unused, skip_mtp=skip_mtp)
     shards = local_shards(model)
     for sh in shards:

@@ -1,0 +1,54 @@
+"""Held-out text and loss: standard-library files no run of the example trainer trained on, as
+byte-level batches, and the mean LM loss of a model over them (FP8 fidelity benchmarks, export
+calibration of byte-level models, quantisation quality)."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+
+def heldout_batches(num_sequences: int, seq_length: int, batch_size: int,
+                    train_bytes: int = 8 << 20) -> List[Dict[str, torch.Tensor]]:
+    """Byte-level batches from the standard-library files that come after the first `train_bytes`
+    of the corpus (the trainer's --corpus-bytes): documents no run trained on. Consecutive
+    windows of seq_length + 1 bytes over the documents joined by EOD; every token counts."""
+    from megatron_dsv3.tokenizer import EOD
+    from megatron_dsv3.training.data import stdlib_documents
+
+    seen = sum(1 for _ in stdlib_documents(train_bytes))
+    stream = bytearray()
+    need = num_sequences * (seq_length + 1)
+    for i, doc in enumerate(stdlib_documents(1 << 40)):
+        if i < seen:
+            continue
+        stream += doc + bytes([EOD])
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise ValueError(f"the standard library holds {len(stream)} held-out bytes after the first "
+                         f"{train_bytes}; {num_sequences} sequences of {seq_length} need {need}")
+    windows = torch.tensor(list(stream[:need]), dtype=torch.long).view(num_sequences, -1)
+    batches = []
+    for rows in torch.split(windows, batch_size):
+        b, s = rows.shape[0], seq_length
+        batches.append({"tokens": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous(),
+                        "position_ids": torch.arange(s).expand(b, s).contiguous(),
+                        "loss_mask": torch.ones(b, s)})
+    return batches
+
+
+@torch.no_grad()
+def heldout_loss(model, batches: Sequence[Dict[str, torch.Tensor]]) -> float:
+    """Mean LM loss per token of `model` over `batches` (eval mode, no MTP bookkeeping)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0.0
+    for batch in batches:
+        b = {k: v.to(device) for k, v in batch.items()}
+        per_token = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+        mask = b["loss_mask"].float()
+        total += (per_token.float() * mask).sum().item()
+        count += mask.sum().item()
+    return total / count

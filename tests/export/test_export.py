@@ -1,0 +1,258 @@
+"""Post-training quantisation and export with nvidia-modelopt (megatron_dsv3.export), on CPU.
+
+A briefly trained deepseek-v3-tiny (its HF checkpoint) is exported in the formats modelopt runs on
+CPU, read back through our load_hf / generate, and checked against independent references:
+- every exported quantised weight, dequantised by our reader, equals modelopt's own fake-quantised
+  weight of that module (its quantiser applied to the module's weight), piece by piece;
+- the fp8-block export is DeepSeek's layout, tensor for tensor equal to save_hf(fp8=True) where
+  both quantise, with the MTP layer kept in BF16 (modelopt leaves `mtp.*` unquantised by default);
+- the router, embedding, head, norms and MTP keep their dtypes;
+- the held-out loss of each reloaded model is within a measured bound of the original's;
+- bad inputs are refused with the field and the allowed values.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("modelopt.torch.quantization")
+
+from megatron_dsv3.checkpoint.quantized import open_hf_reader, unpack_int4  # noqa: E402
+from megatron_dsv3.checkpoint.safetensors_io import HFReader  # noqa: E402
+from megatron_dsv3.training.heldout import heldout_batches, heldout_loss  # noqa: E402
+
+SEQ, CALIB = 64, 16
+# |loss(reloaded export) - loss(BF16)| / loss(BF16) on the held-out batches. Measured on this
+# fixture: fp8-block 0.001%, fp8 0.02%, int8-wo 0.02%, int4-awq (group 32) 0.02%; scaling every
+# layer's linears by 1.3 (a wrong scale) moves it by 1.5%, zeroing them by 44%.
+LOSS_BOUND = {"fp8-block": 0.002, "fp8": 0.003, "int8-wo": 0.003, "int4-awq": 0.005}
+
+
+@pytest.fixture(scope="module")
+def trained_hf(single_rank_world, tmp_path_factory):
+    """(HF checkpoint dir of a briefly trained tiny model, held-out batches, its BF16 loss)."""
+    from megatron_dsv3.checkpoint.hf import save_hf
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.inference.loading import load_hf_checkpoint
+    from megatron_dsv3.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(get_config("deepseek-v3-tiny"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for batch in heldout_batches(40 * 8, SEQ, 8, train_bytes=0):
+        loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.pop_mtp_losses()
+    path = str(tmp_path_factory.mktemp("export") / "hf")
+    save_hf(model, path, fp8=False)
+    held = heldout_batches(32, SEQ, 8)
+    return path, held, heldout_loss(load_hf_checkpoint(path, torch.bfloat16), held)
+
+
+def _export(trained_hf, tmp_path_factory, quant, **kw):
+    from megatron_dsv3.export.api import export
+
+    out = str(tmp_path_factory.mktemp(quant) / "out")
+    report = export(trained_hf[0], out, quant, calib=CALIB, calib_seq_length=SEQ,
+                    progress=False, **kw)
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def exports(trained_hf, tmp_path_factory):
+    return {q: _export(trained_hf, tmp_path_factory, q, **kw) for q, kw in
+            (("fp8-block", {}), ("fp8", {}), ("int8-wo", {}), ("int4-awq", {"group_size": 32}))}
+
+
+@pytest.mark.parametrize("quant", sorted(LOSS_BOUND))
+def test_export_reloads_through_load_hf_with_heldout_loss_within_bound(trained_hf, exports, quant):
+    from megatron_dsv3.inference.loading import load_hf_checkpoint
+
+    _, held, reference = trained_hf
+    model = load_hf_checkpoint(exports[quant][0], torch.bfloat16)
+    change = abs(heldout_loss(model, held) - reference) / reference
+    assert change < LOSS_BOUND[quant]
+    # and the export really quantised: the reloaded weights are not the original ones
+    original = HFReader(trained_hf[0]).read("model.layers.0.self_attn.q_b_proj.weight").float()
+    reloaded = open_hf_reader(exports[quant][0]).read("model.layers.0.self_attn.q_b_proj.weight")
+    assert not torch.equal(original, reloaded.float())
+
+
+def test_generate_runs_on_two_exports(exports, capsys):
+    from megatron_dsv3.generate import main
+
+    for quant in ("fp8-block", "int4-awq"):
+        assert main(["--checkpoint", exports[quant][0], "--prompt-ids", "100,101,102",
+                     "--max-new-tokens", "4"]) == 0
+        out = capsys.readouterr().out
+        ids = [int(t) for t in out.strip().splitlines()[-1].split(",")]
+        assert ids[:3] == [100, 101, 102] and len(ids) == 7
+
+
+def assert_same_codes(got, fake, quant):
+    """The export's weights are modelopt's fake-quantised ones: at least 95% equal exactly, the
+    rest one code apart (modelopt's fake-quant kernel multiplies by bound/amax where its exporter
+    and DeepSeek's quantiser divide by amax/bound: a value on a rounding boundary may land on the
+    neighbouring code)."""
+    equal = torch.isclose(got, fake, rtol=1e-5, atol=1e-7)
+    assert equal.float().mean() >= 0.95, f"only {equal.float().mean():.1%} of the codes agree"
+    diff = (got - fake).abs()
+    if quant == "fp8-block":  # one E4M3 step: 2^-3 of the value (2^-9 of amax below normals)
+        assert bool((diff <= 0.125 * fake.abs() + fake.abs().max() * 2**-9).all())
+    else:
+        bound = {"int4-awq": 7, "int8-wo": 127}[quant]
+        assert bool((diff <= fake.abs().max() / bound * 1.001).all())
+
+
+def _fake_quant_reference(trained_hf, quant, group_size=None):
+    """A fresh copy of the model quantised by modelopt with the same calibration: name -> the
+    fake-quantised weight modelopt's forward uses (times AWQ's pre_quant_scale per column)."""
+    from megatron_dsv3.export.formats import get_format
+    from megatron_dsv3.export.quantize import calibration_batches, quantize
+    from megatron_dsv3.inference.loading import load_hf_checkpoint
+
+    model = load_hf_checkpoint(trained_hf[0], torch.bfloat16)
+    batches = calibration_batches(model.config, None, CALIB, SEQ, 4)
+    quantize(model, get_format(quant), batches, group_size=group_size, progress=False)
+    out = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if hasattr(module, "weight_quantizer") and module.weight_quantizer.is_enabled:
+                w = module.weight_quantizer(module.weight.float())  # in float32: no bf16 rounding
+                pqs = getattr(module.input_quantizer, "_pre_quant_scale", None)
+                out[name] = w * pqs.float() if pqs is not None else w
+            elif hasattr(module, "fc1_weight_quantizers") and module.fc1_weight_quantizers[0].is_enabled:
+                for proj in ("fc1", "fc2"):
+                    out[f"{name}.{proj}"] = torch.stack([
+                        q(w.float()) for q, w in zip(getattr(module, f"{proj}_weight_quantizers"),
+                                                     getattr(module, f"{proj}_weight"))])
+    return model, out
+
+
+@pytest.mark.parametrize("quant,group_size", [("int4-awq", 32), ("int8-wo", None),
+                                              ("fp8-block", None)])
+def test_exported_weights_are_modelopts_fake_quantised_weights(trained_hf, exports, quant,
+                                                               group_size):
+    model, fake = _fake_quant_reference(trained_hf, quant, group_size)
+    reader = open_hf_reader(exports[quant][0])
+    L = model.config.num_layers
+    checked = 0
+    for i in range(L):
+        attn = f"decoder.layers.{i}.self_attention"
+        for ours, hf in (("linear_q_up_proj", "q_b_proj"), ("linear_kv_up_proj", "kv_b_proj"),
+                         ("linear_proj", "o_proj"), ("linear_q_down_proj", "q_a_proj")):
+            got = reader.read(f"model.layers.{i}.self_attn.{hf}.weight").float()
+            assert_same_codes(got, fake[f"{attn}.{ours}"], quant)
+            checked += 1
+        experts = f"decoder.layers.{i}.mlp.experts"
+        # (tiny's experts are 32 wide: the gate/up split cuts fc1's 128x128 block, which the
+        # fp8-block export re-blocks per HF tensor, DeepSeek's rule; DeepSeek-V3's 2048 does not)
+        if experts + ".fc1" in fake and quant != "fp8-block":
+            F = model.config.moe_ffn_hidden_size
+            for e in (0, 7, 15):
+                hf = f"model.layers.{i}.mlp.experts.{e}"
+                assert_same_codes(reader.read(hf + ".gate_proj.weight").float(),
+                                  fake[experts + ".fc1"][e, :F], quant)
+                assert_same_codes(reader.read(hf + ".up_proj.weight").float(),
+                                  fake[experts + ".fc1"][e, F:], quant)
+                assert_same_codes(reader.read(hf + ".down_proj.weight").float(),
+                                  fake[experts + ".fc2"][e], quant)
+                checked += 3
+    assert checked >= 4 * L + (0 if quant == "fp8-block" else 9 * (L - 1))
+
+
+def test_fp8_block_export_is_save_hf_fp8_layout_except_the_mtp_layer(trained_hf, exports,
+                                                                      tmp_path):
+    from megatron_dsv3.checkpoint.hf import save_hf
+    from megatron_dsv3.inference.loading import load_hf_checkpoint
+
+    model = load_hf_checkpoint(trained_hf[0], torch.bfloat16)
+    save_hf(model, str(tmp_path / "ds"), fp8=True)
+    ours, theirs = HFReader(exports["fp8-block"][0]), HFReader(str(tmp_path / "ds"))
+    L = model.config.num_layers
+    assert set(ours.names()) <= set(theirs.names())
+    same = 0
+    for name in theirs.names():
+        mtp = name.startswith(f"model.layers.{L}.")
+        if mtp and name.endswith("_scale_inv"):
+            assert not ours.has(name)  # MTP stays BF16 in the export (modelopt's `mtp.*` rule)
+            continue
+        if mtp and theirs.dtype(name) == torch.float8_e4m3fn:
+            assert ours.dtype(name) == torch.bfloat16
+            continue
+        assert ours.dtype(name) == theirs.dtype(name), name
+        assert torch.equal(ours._slice(name, None).view(torch.uint8) if ours.dtype(name) ==
+                           torch.float8_e4m3fn else ours._slice(name, None),
+                           theirs._slice(name, None).view(torch.uint8) if theirs.dtype(name) ==
+                           torch.float8_e4m3fn else theirs._slice(name, None)), name
+        same += 1
+    assert same > 100
+    config = json.load(open(os.path.join(exports["fp8-block"][0], "config.json")))
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    assert f"model.layers.{L}.*" in config["quantization_config"]["modules_to_not_convert"]
+
+
+def test_high_precision_modules_keep_their_dtype(trained_hf, exports):
+    for quant, (out, _) in exports.items():
+        reader = HFReader(out)
+        L = 3
+        for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                     "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.e_score_correction_bias",
+                     "model.layers.0.input_layernorm.weight", f"model.layers.{L}.eh_proj.weight",
+                     f"model.layers.{L}.self_attn.q_b_proj.weight",
+                     f"model.layers.{L}.mlp.experts.0.gate_proj.weight"):
+            assert reader.dtype(name) in (torch.bfloat16, torch.float32), (quant, name)
+        stored = reader.dtype("model.layers.1.mlp.experts.0.gate_proj.weight")
+        assert stored == {"fp8-block": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn,
+                          "int8-wo": torch.int8, "int4-awq": torch.uint8}[quant]
+        if quant != "fp8-block":
+            hf_quant = json.load(open(os.path.join(out, "hf_quant_config.json")))["quantization"]
+            assert "model.layers.1.mlp.gate" in hf_quant["exclude_modules"]
+            assert "lm_head" in hf_quant["exclude_modules"]
+
+
+def test_int4_layout_round_trips_through_modelopts_packer():
+    """Our reader's unpacking inverts modelopt's int4 packing (independent of the export)."""
+    from modelopt.torch.export.quant_utils import to_quantized_weight
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-8, 8, (6, 64), generator=g).float()
+    packed = to_quantized_weight(w, torch.ones(6, 2), "int4_awq", None, 32)
+    assert packed.shape == (3, 64) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed).float(), w)
+
+
+def test_export_report_and_also_quantize_mtp(trained_hf, tmp_path_factory):
+    out, report = _export(trained_hf, tmp_path_factory, "int8-wo", also_quantize=("mtp",))
+    assert report["format"] == "int8-wo" and report["checkpoint_kind"] == "hf"
+    assert report["safetensors_bytes"] > 0 and report["peak_rss_mib"] > 0
+    assert HFReader(out).dtype("model.layers.3.self_attn.q_b_proj.weight") == torch.int8
+    assert HFReader(out).dtype("model.layers.3.eh_proj.weight") == torch.int8
+
+
+def test_bad_inputs_are_refused_with_field_and_allowed_values(trained_hf, tmp_path, capsys):
+    from megatron_dsv3.export.__main__ import main
+    from megatron_dsv3.export.api import export
+    from megatron_dsv3.export.quantize import FormatUnavailable
+
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", trained_hf[0], "--quant", "int3", "--out", str(tmp_path / "x")])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+    with pytest.raises(FormatUnavailable, match=r"--quant nvfp4 cannot run on cpu: modelopt says"
+                       r".*Formats that run on cpu: \['fp8-block', 'fp8', 'int8-wo', 'int4-awq'\]"):
+        export(trained_hf[0], str(tmp_path / "n"), "nvfp4", progress=False)
+    with pytest.raises(ValueError, match=r"--group-size 128: .* has 64 input features.*allowed "
+                       r"values for this model: \[32\]"):
+        export(trained_hf[0], str(tmp_path / "g"), "int4-awq", calib=2, calib_seq_length=SEQ,
+               progress=False)
+    with pytest.raises(ValueError, match=r"--group-size applies to \['int4-awq', 'nvfp4'\]"):
+        export(trained_hf[0], str(tmp_path / "g"), "fp8", group_size=32, progress=False)
+    (tmp_path / "junk").mkdir()
+    assert main(["--checkpoint", str(tmp_path / "junk"), "--quant", "fp8", "--out",
+                 str(tmp_path / "y")]) == 1
+    assert "not a checkpoint we read" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
