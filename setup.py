@@ -29,6 +29,8 @@ setup(
         # huggingface_hub without declaring them
         "deploy": ["nvidia-modelopt==0.47.0", "requests", "huggingface_hub", "safetensors>=0.4"],
         "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.57", "safetensors>=0.4", "matplotlib>=3.7",
-                "nvidia-modelopt==0.47.0", "requests", "huggingface_hub"],
+                "nvidia-modelopt==0.47.0", "requests", "huggingface_hub",
+                # transformers reads DeepSeek's FP8 layout (the fp8-block export) only with it
+                "accelerate"],
     },
 )

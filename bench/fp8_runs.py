@@ -1,7 +1,8 @@
 """What the FP8 benches share (bench/fp8_vs_bf16.py, bench/fp8_fidelity.py and
 tests/fp8/test_fidelity.py): training runs of the example trainer with the FP8 recipe on or off
 (on CPU or a GPU), the one-rounding nudge of the noise floor, held-out data and loss (from
-megatron_dsv3.training.heldout), the same weights evaluated under another GEMM recipe, and a mean with its 95% confidence interval.
+megatron_dsv3.corpus), the same weights evaluated under another GEMM recipe, and a mean with its
+95% confidence interval.
 
 Importable without side effects (bench scripts run with bench/ on sys.path; the test loads it by
 path). Megatron-core is imported only inside the functions that need it.
@@ -17,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 # held-out data and loss: used by the benches through this module
-from megatron_dsv3.training.heldout import heldout_batches, heldout_loss  # noqa: F401
+from megatron_dsv3.corpus import heldout_batches, heldout_loss  # noqa: F401
 
 # recipe name (as in the tables) -> dsv3_fp8_recipe (None: the config's own precision)
 RECIPES = {"bf16": None, "fp8": "deepseek", "fp8-pow2": "deepseek-pow2"}

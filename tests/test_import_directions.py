@@ -132,3 +132,10 @@ def test_only_the_binding_chooses_plugins(package):
                                      "model", "model_chunks", "pretrain_gpt", "api"])
 def test_nothing_leans_on_the_example_trainer(package):
     assert [e for e in _edges([P + package]) if _in(e[1], P + "training")] == []
+
+
+def test_nothing_leans_on_the_export_path():
+    """export (modelopt, the optional [deploy] extra) is a top-floor entry point: no other package
+    imports it, so nothing else needs modelopt."""
+    assert [e for e in IMPORTS.items() if not _in(e[0], P + "export")
+            and any(_in(t, P + "export") for t in e[1])] == []

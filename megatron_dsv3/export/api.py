@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from megatron_dsv3.checkpoint.hf_config import DEFAULT_DTYPE
-from megatron_dsv3.export.formats import get_format
+from megatron_dsv3.export.formats import FORMATS, get_format
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "generation_config.json")
@@ -77,6 +77,11 @@ def export(checkpoint: str, out: str, quant: str, *, calib: int = 64,
     fmt = get_format(quant)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_runs_here(fmt, target)
+    if not fmt.writable:
+        raise ValueError(f"--quant {fmt.name}: modelopt runs it on {target.type}, but the writer "
+                         "of its packed tensors is not built yet (it could not be verified without "
+                         "a GPU); formats we write: "
+                         f"{sorted(n for n, f in FORMATS.items() if f.writable)}")
     check_output_outside_input(checkpoint, out)
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"--out {out} exists; pass --overwrite to replace it (only once the new "

@@ -32,6 +32,8 @@ class Format:
     group_sizes: Tuple[int, ...] = ()
     # what our loader (load_hf) can read back, dequantised
     readable: bool = True
+    # whether our HF writer produces its tensors (NVFP4's packed FP4: not built without a GPU)
+    writable: bool = True
 
 
 FORMATS = {f.name: f for f in (
@@ -46,7 +48,7 @@ FORMATS = {f.name: f for f in (
            group_sizes=(128, 64, 32)),
     Format("nvfp4", "NVFP4_DEFAULT_CFG", "modelopt", "NVFP4",
            "FP4 (E2M1) weights and activations in groups of 16 with E4M3 scales (Blackwell)",
-           group_sizes=(16,), readable=False),
+           group_sizes=(16,), readable=False, writable=False),
 )}
 
 # the modules that stay in high precision unless asked: modelopt's stock configurations already

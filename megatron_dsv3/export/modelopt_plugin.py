@@ -39,10 +39,17 @@ def _classes():
     class QuantParallelLinear(QuantLinearConvBase):
         """Input and weight quantisers around our tensor-parallel linears."""
 
+        def _setup(self):
+            super()._setup()
+            # the groups modelopt reduces calibration statistics over (amax of replicated
+            # inputs/weights across data-parallel ranks, of the sharded ones across TP)
+            self.parallel_state = _parallel_state(getattr(self, "tp_group", None), expert=False)
+
     class QuantGroupedExperts(QuantModule):
         """Per-expert weight quantisers, one shared input quantiser per projection."""
 
         def _setup(self):
+            self.parallel_state = _parallel_state(None, expert=True)
             n = self.num_local_experts
             for proj in PROJECTIONS:
                 self._register_temp_attribute(f"{proj}_input_quantizer", TensorQuantizer())
@@ -78,6 +85,22 @@ def _classes():
                     self._fold_weight_quantizer(quantizer, (weight,), keep_attrs)
 
     return QuantModuleRegistry, QuantParallelLinear, QuantGroupedExperts
+
+
+def _parallel_state(tp_group, expert: bool):
+    """modelopt's ParallelState from Megatron's groups (-1: not used, in a process without
+    Megatron's parallel state)."""
+    from megatron.core import parallel_state as mpu
+    from modelopt.torch.utils.distributed import ParallelState
+
+    if not mpu.model_parallel_is_initialized():
+        return ParallelState(-1, -1, -1)
+    if expert:
+        return ParallelState(mpu.get_expert_data_parallel_group(),
+                             tensor_parallel_group=mpu.get_expert_tensor_parallel_group(),
+                             expert_model_parallel_group=mpu.get_expert_model_parallel_group())
+    tp = tp_group if tp_group is not None else mpu.get_tensor_model_parallel_group()
+    return ParallelState(mpu.get_data_parallel_group(with_context_parallel=True), tp)
 
 
 _REGISTERED = False

@@ -15,6 +15,7 @@ import copy
 import io
 import sys
 import time
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -122,7 +123,8 @@ def _probe(fmt: Format, device: torch.device) -> Optional[str]:
     probe = torch.nn.Sequential(torch.nn.Linear(256, 256)).to(device)
     x = torch.randn(4, 256, device=device)
     try:
-        with _quiet(), torch.no_grad():
+        with _quiet(), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (modelopt's notes about the probe's process groups)
             mtq.quantize(probe, copy.deepcopy(getattr(mtq, fmt.mtq_config)), lambda m: m(x))
             probe(x)
     except Exception as error:  # modelopt's own reason, whatever it raises
@@ -199,7 +201,7 @@ def calibration_batches(config, data: Optional[str], num_sequences: int, seq_len
         raise ValueError("--calib-data is required for this model: a Megatron indexed dataset "
                          "prefix (preprocess_data.py output) tokenised for it; only byte-level "
                          "models (vocabulary 256) have a default calibration text")
-    from megatron_dsv3.training.heldout import heldout_batches
+    from megatron_dsv3.corpus import heldout_batches
 
     return heldout_batches(num_sequences, seq_length, batch_size, train_bytes=skip_bytes)
 

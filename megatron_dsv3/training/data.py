@@ -1,5 +1,5 @@
-"""A corpus present on every machine — the Python standard library's source — as byte-level tokens
-in Megatron's indexed-dataset format, read through Megatron's own GPTDataset.
+"""A corpus present on every machine — the Python standard library's source (megatron_dsv3.corpus) —
+as byte-level tokens in Megatron's indexed-dataset format, read through Megatron's own GPTDataset.
 
 Bytes 1..254 are text (valid UTF-8 never contains 0x00 or 0xFF); 0 is end-of-document, 255 pad.
 """
@@ -8,37 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sysconfig
-from typing import Iterator, List
 
 import numpy
 import torch
 
+from megatron_dsv3.corpus import stdlib_documents
 from megatron_dsv3.tokenizer import EOD, ByteTokenizer
-
-
-def stdlib_files() -> List[str]:
-    root = sysconfig.get_paths()["stdlib"]
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__", "test",
-                                                              "tests", "idlelib", "turtledemo"))
-        out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
-    return out
-
-
-def stdlib_documents(max_bytes: int) -> Iterator[bytes]:
-    """The stdlib's .py files in a fixed order, up to `max_bytes` in total."""
-    total = 0
-    for path in stdlib_files():
-        with open(path, "rb") as f:
-            data = f.read().replace(b"\x00", b"").replace(b"\xff", b"")
-        if not data:
-            continue
-        yield data
-        total += len(data)
-        if total >= max_bytes:
-            return
 
 
 def build_indexed_corpus(cache_dir: str, max_bytes: int = 8 << 20, log=print) -> str:

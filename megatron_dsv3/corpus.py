@@ -1,12 +1,43 @@
-"""Held-out text and loss: standard-library files no run of the example trainer trained on, as
-byte-level batches, and the mean LM loss of a model over them (FP8 fidelity benchmarks, export
-calibration of byte-level models, quantisation quality)."""
+"""The byte-level corpus every machine has - the Python standard library's source - and the text
+held out from it: the files after the first `train_bytes` (what the example trainer trains on), as
+batches, and the mean LM loss of a model over them (FP8 fidelity, export calibration and quality).
+
+Bytes 1..254 are text (valid UTF-8 never contains 0x00 or 0xFF); 0 is end-of-document.
+"""
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import os
+import sysconfig
+from typing import Dict, Iterator, List, Sequence
 
 import torch
+
+from megatron_dsv3.tokenizer import EOD
+
+
+def stdlib_files() -> List[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__", "test",
+                                                              "tests", "idlelib", "turtledemo"))
+        out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    return out
+
+
+def stdlib_documents(max_bytes: int) -> Iterator[bytes]:
+    """The stdlib's .py files in a fixed order, up to `max_bytes` in total."""
+    total = 0
+    for path in stdlib_files():
+        with open(path, "rb") as f:
+            data = f.read().replace(b"\x00", b"").replace(b"\xff", b"")
+        if not data:
+            continue
+        yield data
+        total += len(data)
+        if total >= max_bytes:
+            return
 
 
 def heldout_batches(num_sequences: int, seq_length: int, batch_size: int,
@@ -14,9 +45,6 @@ def heldout_batches(num_sequences: int, seq_length: int, batch_size: int,
     """Byte-level batches from the standard-library files that come after the first `train_bytes`
     of the corpus (the trainer's --corpus-bytes): documents no run trained on. Consecutive
     windows of seq_length + 1 bytes over the documents joined by EOD; every token counts."""
-    from megatron_dsv3.tokenizer import EOD
-    from megatron_dsv3.training.data import stdlib_documents
-
     seen = sum(1 for _ in stdlib_documents(train_bytes))
     stream = bytearray()
     need = num_sequences * (seq_length + 1)
