@@ -58,9 +58,14 @@ def heldout_batches(num_sequences: int, seq_length: int, batch_size: int,
         raise ValueError(f"the standard library holds {len(stream)} held-out bytes after the first "
                          f"{train_bytes}; {num_sequences} sequences of {seq_length} need {need}")
     windows = torch.tensor(list(stream[:need]), dtype=torch.long).view(num_sequences, -1)
+    return windows_to_batches(windows, batch_size)
+
+
+def windows_to_batches(windows: torch.Tensor, batch_size: int) -> List[Dict[str, torch.Tensor]]:
+    """[N, seq_length + 1] token windows -> LM batches of up to `batch_size` (every token counts)."""
     batches = []
     for rows in torch.split(windows, batch_size):
-        b, s = rows.shape[0], seq_length
+        b, s = rows.shape[0], rows.shape[1] - 1
         batches.append({"tokens": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous(),
                         "position_ids": torch.arange(s).expand(b, s).contiguous(),
                         "loss_mask": torch.ones(b, s)})

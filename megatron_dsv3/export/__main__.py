@@ -34,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", required=True, choices=sorted(FORMATS),
                    help="; ".join(f"{f.name}: {f.description}" for f in FORMATS.values()))
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--format", default="hf", choices=["hf"],
-                   help="checkpoint layout: hf (HF safetensors + config, which TensorRT-LLM, vLLM "
-                   "and SGLang load); TensorRT-LLM engines are built from it with trtllm-build")
+    p.add_argument("--format", default="hf", choices=["hf", "trtllm"],
+                   help="hf: HF safetensors + config (what TensorRT-LLM's PyTorch backend, vLLM "
+                   "and SGLang load); trtllm: refused with the reason (see docs/deploy.md)")
     p.add_argument("--calib", type=positive_int, default=64, help="calibration sequences (>= 1)")
     p.add_argument("--calib-data", help="Megatron indexed dataset prefix for calibration")
     p.add_argument("--calib-seq-length", type=positive_int, default=512,
@@ -61,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.format == "trtllm":
+        parser.error("--format trtllm: TensorRT-LLM serves DeepSeek-V3 from the HF checkpoint (its "
+                     "PyTorch backend reads modelopt's unified HF layout): use --format hf; "
+                     "modelopt 0.47's TensorRT-LLM checkpoint exporter has no MLA layer to map "
+                     "ours to (allowed values: hf)")
     import torch
 
     import megatron_dsv3  # noqa: F401

@@ -210,7 +210,11 @@ def hf_tensors(model, fmt: Format, rope_interleave: bool = True
             continue
         amax = q.amax_like(tensor.float())
         for (name, piece), (_, amax_piece) in zip(m.split(tensor), m.split(amax)):
-            yield from _fmt_tensors(fmt, name, piece, amax_piece, q)
+            for n, t in _fmt_tensors(fmt, name, piece, amax_piece, q):
+                yield n, t
+                # the MTP layers' copies of a quantised head (--also-quantize head)
+                for copy in copies.get(name, ()):
+                    yield copy[: -len("weight")] + n[len(name) - len("weight"):], t
 
 
 def high_precision_linears(model, rope_interleave: bool = True) -> List[str]:

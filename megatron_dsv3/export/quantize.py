@@ -20,6 +20,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from megatron_dsv3.corpus import windows_to_batches
 from megatron_dsv3.export.formats import FORMATS, OPTIONAL_MODULES, Format
 
 
@@ -177,17 +178,7 @@ def indexed_batches(prefix: str, vocab_size: int, num_sequences: int, seq_length
     if int(stream.max()) >= vocab_size or int(stream.min()) < 0:
         raise ValueError(f"--calib-data {prefix} holds token id {int(stream.max())}, outside the "
                          f"model's vocabulary [0, {vocab_size}): tokenise it for this model")
-    return _windows_to_batches(stream.view(num_sequences, seq_length + 1), batch_size)
-
-
-def _windows_to_batches(windows: torch.Tensor, batch_size: int):
-    batches = []
-    for rows in torch.split(windows, batch_size):
-        b, s = rows.shape[0], rows.shape[1] - 1
-        batches.append({"tokens": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous(),
-                        "position_ids": torch.arange(s).expand(b, s).contiguous(),
-                        "loss_mask": torch.ones(b, s)})
-    return batches
+    return windows_to_batches(stream.view(num_sequences, seq_length + 1), batch_size)
 
 
 def calibration_batches(config, data: Optional[str], num_sequences: int, seq_length: int,

@@ -112,8 +112,8 @@ def assert_same_codes(got, fake, quant):
 
 
 def _fake_quant_reference(trained_hf, quant, group_size=None):
-    """A fresh copy of the model quantised by modelopt with the same calibration: name -> the
-    fake-quantised weight modelopt's forward uses (times AWQ's pre_quant_scale per column)."""
+    """A fresh copy of the model quantised by modelopt with the same calibration: name -> (the
+    fake-quantised weight modelopt's forward uses, AWQ's pre_quant_scale per column or None)."""
     from megatron_dsv3.export.formats import get_format
     from megatron_dsv3.export.quantize import calibration_batches, quantize
     from megatron_dsv3.inference.loading import load_hf_checkpoint
@@ -127,7 +127,7 @@ def _fake_quant_reference(trained_hf, quant, group_size=None):
             if hasattr(module, "weight_quantizer") and module.weight_quantizer.is_enabled:
                 w = module.weight_quantizer(module.weight.float())  # in float32: no bf16 rounding
                 pqs = getattr(module.input_quantizer, "_pre_quant_scale", None)
-                out[name] = w * pqs.float() if pqs is not None else w
+                out[name] = (w, None if pqs is None else pqs.float())
             elif hasattr(module, "fc1_weight_quantizers") and module.fc1_weight_quantizers[0].is_enabled:
                 for proj in ("fc1", "fc2"):
                     out[f"{name}.{proj}"] = torch.stack([
@@ -149,7 +149,9 @@ def test_exported_weights_are_modelopts_fake_quantised_weights(trained_hf, expor
         for ours, hf in (("linear_q_up_proj", "q_b_proj"), ("linear_kv_up_proj", "kv_b_proj"),
                          ("linear_proj", "o_proj"), ("linear_q_down_proj", "q_a_proj")):
             got = reader.read(f"model.layers.{i}.self_attn.{hf}.weight").float()
-            assert_same_codes(got, fake[f"{attn}.{ours}"], quant)
+            weight, pqs = fake[f"{attn}.{ours}"]
+            # the reader folds AWQ's pre_quant_scale into the columns: compare before it
+            assert_same_codes(got if pqs is None else got / pqs, weight, quant)
             checked += 1
         experts = f"decoder.layers.{i}.mlp.experts"
         # (tiny's experts are 32 wide: the gate/up split cuts fc1's 128x128 block, which the
@@ -229,12 +231,23 @@ def test_int4_layout_round_trips_through_modelopts_packer():
     assert torch.equal(unpack_int4(packed).float(), w)
 
 
-def test_export_report_and_also_quantize_mtp(trained_hf, tmp_path_factory):
-    out, report = _export(trained_hf, tmp_path_factory, "int8-wo", also_quantize=("mtp",))
+def test_export_report_and_also_quantize_mtp_and_head(trained_hf, tmp_path_factory):
+    from megatron_dsv3.inference.loading import load_hf_checkpoint
+
+    out, report = _export(trained_hf, tmp_path_factory, "int8-wo", also_quantize=("mtp", "head"))
     assert report["format"] == "int8-wo" and report["checkpoint_kind"] == "hf"
     assert report["safetensors_bytes"] > 0 and report["peak_rss_mib"] > 0
-    assert HFReader(out).dtype("model.layers.3.self_attn.q_b_proj.weight") == torch.int8
-    assert HFReader(out).dtype("model.layers.3.eh_proj.weight") == torch.int8
+    reader = HFReader(out)
+    for name in ("model.layers.3.self_attn.q_b_proj.weight", "model.layers.3.eh_proj.weight",
+                 "lm_head.weight", "model.layers.3.shared_head.head.weight"):
+        assert reader.dtype(name) == torch.int8, name
+    # the MTP layer's head is DeepSeek's copy of the output head, scales included
+    for suffix in ("weight", "weight_scale"):
+        assert torch.equal(reader._slice(f"lm_head.{suffix}", None),
+                           reader._slice(f"model.layers.3.shared_head.head.{suffix}", None))
+    assert reader.dtype("model.embed_tokens.weight") == torch.bfloat16  # never quantised
+    model = load_hf_checkpoint(out, torch.bfloat16)  # reads back, MTP included
+    assert model.config.mtp_num_layers == 1
 
 
 def test_bad_inputs_are_refused_with_field_and_allowed_values(trained_hf, tmp_path, capsys):
@@ -245,6 +258,11 @@ def test_bad_inputs_are_refused_with_field_and_allowed_values(trained_hf, tmp_pa
     with pytest.raises(SystemExit):
         main(["--checkpoint", trained_hf[0], "--quant", "int3", "--out", str(tmp_path / "x")])
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", trained_hf[0], "--quant", "fp8", "--out", str(tmp_path / "x"),
+              "--format", "trtllm"])
+    assert "--format trtllm: TensorRT-LLM serves DeepSeek-V3 from the HF checkpoint" in \
+        capsys.readouterr().err
     with pytest.raises(FormatUnavailable, match=r"--quant nvfp4 cannot run on cpu: modelopt says"
                        r".*Formats that run on cpu: \['fp8-block', 'fp8', 'int8-wo', 'int4-awq'\]"):
         export(trained_hf[0], str(tmp_path / "n"), "nvfp4", progress=False)
@@ -327,3 +345,42 @@ def test_trainer_and_distributed_checkpoints_export_the_same_checkpoint(trained_
                         progress=False)
         assert report["checkpoint_kind"] == kind
         assert _same_checkpoint(out, reference) > 100
+
+
+def test_calibration_reads_a_megatron_indexed_dataset(trained_hf, tmp_path):
+    """--calib-data: windows over a Megatron indexed dataset equal the documents it was built from
+    (joined by EOD); ids outside the vocabulary and a missing prefix are refused naming the flag."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_dsv3.corpus import stdlib_documents
+    from megatron_dsv3.export.api import export
+    from megatron_dsv3.export.quantize import indexed_batches
+    from megatron_dsv3.tokenizer import EOD
+    from megatron_dsv3.training.data import build_indexed_corpus
+
+    prefix = build_indexed_corpus(str(tmp_path / "cache"), max_bytes=1 << 16, log=lambda *_: None)
+    batches = indexed_batches(prefix, 256, 6, SEQ, 4)
+    stream = b"".join(d + bytes([EOD]) for d in stdlib_documents(1 << 16))
+    expected = torch.tensor(list(stream[:6 * (SEQ + 1)])).view(6, SEQ + 1)
+    assert [b["tokens"].shape[0] for b in batches] == [4, 2]
+    assert torch.equal(torch.cat([b["tokens"] for b in batches]), expected[:, :-1])
+    assert torch.equal(torch.cat([b["labels"] for b in batches]), expected[:, 1:])
+
+    out = str(tmp_path / "out")
+    report = export(trained_hf[0], out, "int8-wo", calib=4, calib_data=prefix,
+                    calib_seq_length=SEQ, progress=False)
+    assert report["calibration_sequences"] == 4 and os.path.isdir(out)
+
+    big = str(tmp_path / "big")
+    builder = IndexedDatasetBuilder(big + ".bin", dtype=__import__("numpy").int32)
+    builder.add_item(torch.tensor([5, 300, 7] * 200))
+    builder.end_document()
+    builder.finalize(big + ".idx")
+    with pytest.raises(ValueError, match=r"--calib-data .*big holds token id 300, outside the "
+                       r"model's vocabulary \[0, 256\)"):
+        indexed_batches(big, 256, 2, SEQ, 2)
+    with pytest.raises(ValueError, match=r"--calib-data .*nowhere.bin does not exist"):
+        indexed_batches(str(tmp_path / "nowhere"), 256, 2, SEQ, 2)
+    with pytest.raises(ValueError, match=r"--calib-data .* holds 600 tokens; 20 sequences of 64 "
+                       r"\(--calib, --calib-seq-length\) need 1300"):
+        indexed_batches(big, 1000, 20, SEQ, 2)
