@@ -217,8 +217,12 @@ def hf_tensors(model, fmt: Format, rope_interleave: bool = True
                     yield copy[: -len("weight")] + n[len(name) - len("weight"):], t
 
 
-def high_precision_linears(model, rope_interleave: bool = True) -> List[str]:
-    """HF module names of the linear layers left unquantised (head, router, MTP unless asked)."""
+def high_precision_linears(model, rope_interleave: bool = True, wildcards: bool = True
+                           ) -> List[str]:
+    """HF module names of the linear layers left unquantised (head, router, MTP unless asked);
+    an MTP layer left whole is one `model.layers.N.*` pattern when `wildcards` (modelopt's
+    exclude_modules), its module names otherwise (transformers' modules_to_not_convert matches
+    names, not patterns)."""
     from megatron_dsv3.core.linear import _ParallelLinear
     from megatron_dsv3.moe.experts import GroupedExperts
     from megatron_dsv3.moe.router import SigmoidGroupRouter
@@ -245,7 +249,8 @@ def high_precision_linears(model, rope_interleave: bool = True) -> List[str]:
     for layer, names in kept.items():
         mtp = layer and int(layer.split(".")[2]) >= config.num_layers
         # an MTP layer left whole in high precision: one wildcard, as modelopt writes it
-        out += [layer + ".*"] if mtp and layer not in quantised_layers else names
+        whole = mtp and layer not in quantised_layers and wildcards
+        out += [layer + ".*"] if whole else names
     return out
 
 
@@ -285,7 +290,8 @@ def export_hf(model, path: str, fmt: Format, *, base_config=None, group_size=Non
     plan = [(n, t.dtype, tuple(t.shape)) for n, t in hf_tensors(model, fmt, rope_interleave)]
     total = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for _, d, s in plan)
     bar = Progress(f"export {fmt.name}", total, enabled=progress)
-    excluded = high_precision_linears(model, rope_interleave)
+    excluded = high_precision_linears(model, rope_interleave,
+                                      wildcards=fmt.layout != "deepseek-fp8")
     hf, hf_quant = hf_config_of(model, fmt, base_config, excluded, group_size)
     with atomic_directory(path, overwrite, covers=is_weight_file) as tmp:
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes)
