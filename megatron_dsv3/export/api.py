@@ -71,11 +71,13 @@ def export(checkpoint: str, out: str, quant: str, *, calib: int = 64,
     memory). Everything that can be refused is refused before the model is loaded or calibrated."""
     from megatron_dsv3.export.hf_writer import export_hf
     from megatron_dsv3.export.quantize import (calibration_batches, check_group_size,
-                                               check_runs_here, quantize)
+                                               check_group_size_offered, check_runs_here,
+                                               quantize)
     from megatron_dsv3.checkpoint.commit import check_output_outside_input
 
     fmt = get_format(quant)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_group_size_offered(fmt, group_size)
     check_runs_here(fmt, target)
     if not fmt.writable:
         raise ValueError(f"--quant {fmt.name}: modelopt runs it on {target.type}, but the writer "

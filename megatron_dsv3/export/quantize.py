@@ -60,9 +60,7 @@ def mtq_config(fmt: Format, group_size: Optional[int] = None,
     cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") not in drop
                         or e.get("enable", True)]
     if group_size is not None:
-        if group_size not in fmt.group_sizes:
-            raise ValueError(f"--group-size {group_size} is not offered for --quant {fmt.name}: "
-                             f"allowed values are {list(fmt.group_sizes) or 'none'}")
+        check_group_size_offered(fmt, group_size)
         for entry in cfg["quant_cfg"]:
             if entry.get("quantizer_name") == "*weight_quantizer":
                 entry["cfg"]["block_sizes"][-1] = group_size
@@ -95,15 +93,26 @@ def input_features(module) -> int:
     return weight.shape[-1]
 
 
+def check_group_size_offered(fmt: Format, group_size: Optional[int]) -> None:
+    """ValueError naming --group-size and the allowed values unless `fmt` offers it (None: the
+    format's default)."""
+    if group_size is None:
+        return
+    if not fmt.group_sizes:
+        grouped = sorted(f.name for f in FORMATS.values() if f.group_sizes)
+        raise ValueError(f"--group-size applies to {grouped} only, not --quant {fmt.name}")
+    if group_size not in fmt.group_sizes:
+        raise ValueError(f"--group-size {group_size} is not offered for --quant {fmt.name}: "
+                         f"allowed values are {list(fmt.group_sizes)}")
+
+
 def check_group_size(model, fmt: Format, group_size: Optional[int],
                      quantize: Sequence[str] = ()) -> Optional[int]:
     """The group size to use (the format's default when None), or a ValueError naming
     --group-size, the first module whose input features it does not divide and the group sizes
     that fit this model."""
+    check_group_size_offered(fmt, group_size)
     if not fmt.group_sizes:
-        if group_size is not None:
-            raise ValueError(f"--group-size applies to {sorted(f.name for f in FORMATS.values() if f.group_sizes)} "
-                             f"only, not --quant {fmt.name}")
         return None
     chosen = fmt.group_sizes[0] if group_size is None else group_size
     modules = quantised_linears(model, quantize)

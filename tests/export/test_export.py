@@ -273,6 +273,9 @@ def test_bad_inputs_are_refused_with_field_and_allowed_values(trained_hf, tmp_pa
                        r"values for this model: \[32\]"):
         export(trained_hf[0], str(tmp_path / "g"), "int4-awq", calib=2, calib_seq_length=SEQ,
                progress=False)
+    with pytest.raises(ValueError, match=r"--group-size 16 is not offered for --quant int4-awq: "
+                       r"allowed values are \[128, 64, 32\]"):
+        export(trained_hf[0], str(tmp_path / "g"), "int4-awq", group_size=16, progress=False)
     with pytest.raises(ValueError, match=r"--group-size applies to \['int4-awq', 'nvfp4'\]"):
         export(trained_hf[0], str(tmp_path / "g"), "fp8", group_size=32, progress=False)
     (tmp_path / "junk").mkdir()
