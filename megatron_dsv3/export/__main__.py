@@ -1,5 +1,6 @@
 """Command line: quantise a trained DeepSeek-V3 model with nvidia-modelopt and export it.
 
+    python -m megatron_dsv3.export --list-formats [--device cpu]     # what modelopt runs here
     python -m megatron_dsv3.export --checkpoint DIR --quant {fp8-block,fp8,int8-wo,int4-awq,nvfp4} \\
         --out DIR [--calib 64] [--calib-data PREFIX] [--calib-seq-length 512] [--group-size N] \\
         [--also-quantize mtp --also-quantize head] [--format hf] [--dtype bf16] [--device cpu]
@@ -30,10 +31,13 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_dsv3.export",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="HF, distributed or trainer checkpoint")
-    p.add_argument("--quant", required=True, choices=sorted(FORMATS),
-                   help="; ".join(f"{f.name}: {f.description}" for f in FORMATS.values()))
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--checkpoint", help="HF, distributed or trainer checkpoint (required)")
+    p.add_argument("--quant", choices=sorted(FORMATS),
+                   help="(required) " + "; ".join(f"{f.name}: {f.description}"
+                                                  for f in FORMATS.values()))
+    p.add_argument("--out", help="output directory, written atomically (required)")
+    p.add_argument("--list-formats", action="store_true",
+                   help="print each format and whether modelopt runs it on --device, then exit")
     p.add_argument("--format", default="hf", choices=["hf", "trtllm"],
                    help="hf: HF safetensors + config (what TensorRT-LLM's PyTorch backend, vLLM "
                    "and SGLang load); trtllm: refused with the reason (see docs/deploy.md)")
@@ -63,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.list_formats:
+        return list_formats(args.device)
+    missing = [f"--{f}" for f in ("checkpoint", "quant", "out") if getattr(args, f) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     if args.format == "trtllm":
         parser.error("--format trtllm: TensorRT-LLM serves DeepSeek-V3 from the HF checkpoint (its "
                      "PyTorch backend reads modelopt's unified HF layout): use --format hf; "
@@ -87,6 +96,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     print(json.dumps(report, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def list_formats(device: Optional[str]) -> int:
+    """One line per format: whether modelopt runs it on the device (its reason when not), whether
+    we write and read it back."""
+    import torch
+
+    from megatron_dsv3.export.quantize import _probe
+
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for name, fmt in FORMATS.items():
+        reason = _probe(fmt, target)
+        runs = (f"runs on {target.type}" if reason is None else
+                f"does not run on {target.type} (modelopt: {reason.rstrip('.')})")
+        extra = "" if fmt.writable else "; not written yet (packed writer unverified without a GPU)"
+        print(f"{name:10s} {runs}{extra}; {fmt.description}")
     return 0
 
 

@@ -390,3 +390,16 @@ def test_calibration_reads_a_megatron_indexed_dataset(trained_hf, tmp_path):
     with pytest.raises(ValueError, match=r"--calib-data .* holds 600 tokens; 20 sequences of 64 "
                        r"\(--calib, --calib-seq-length\) need 1300"):
         indexed_batches(big, 1000, 20, SEQ, 2)
+
+
+def test_list_formats_reports_what_modelopt_runs_here(capsys):
+    from megatron_dsv3.export.__main__ import main
+
+    assert main(["--list-formats", "--device", "cpu"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    for name in ("fp8-block", "fp8", "int8-wo", "int4-awq"):
+        assert " runs on cpu;" in lines[name]
+    assert "does not run on cpu (modelopt: amax must be a CUDA tensor" in lines["nvfp4"]
+    with pytest.raises(SystemExit):
+        main(["--quant", "fp8"])
+    assert "required: --checkpoint, --out" in capsys.readouterr().err
