@@ -123,7 +123,7 @@ def hf_to_dist(hf_path: str, out_path: str, *, tp: int = 1, pp: int = 1, ep: int
     hf = dict(hf, num_nextn_predict_layers=config.mtp_num_layers or 0)
     check_layout(config, tp, pp, ep, schedule=schedule, first=first, last=last, vpp=vpp)
     maps = model_maps(config, rope_interleave=hf.get("rope_interleave", True))
-    reader = open_hf_reader(hf_path)
+    reader = open_hf_reader(hf_path, hf)
     check_hf_checkpoint(reader, maps, config, allow_unused)
     items = _write_items(maps, dtype, tp)
     bar = Progress("hf->dist", sum(torch.Size(i.tensor_data.chunk.sizes).numel()

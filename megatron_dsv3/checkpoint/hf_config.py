@@ -111,7 +111,7 @@ def mtp_layers_to_build(path_or_dict, hf: Dict[str, Any], mtp: Optional[bool] = 
     directory = path_or_dict if os.path.isdir(path_or_dict) else os.path.dirname(path_or_dict)
     if not any(os.path.isfile(os.path.join(directory, f)) for f in (INDEX_FILE, SINGLE_FILE)):
         return depth  # a config without weights: nothing to detect
-    reader = open_hf_reader(directory)
+    reader = open_hf_reader(directory, hf)
     first = f"model.layers.{hf['num_hidden_layers']}."
     if any(name.startswith(first) for name in reader.names()):
         return depth

@@ -178,7 +178,7 @@ def load_hf(model, path: str, *, allow_unused: bool = False, skip_mtp: bool = Fa
     config = _model_config(model)
     check_architecture(config, hf)
     maps = model_maps(config, rope_interleave=hf.get("rope_interleave", True))
-    reader = open_hf_reader(path)
+    reader = open_hf_reader(path, hf)
     check_hf_checkpoint(reader, maps, config, allow_unused, skip_mtp=skip_mtp)
     shards = local_shards(model)
     for sh in shards:

@@ -1,6 +1,6 @@
 """Reading modelopt-quantised HF checkpoints (quant_method "modelopt") back into our model.
 
-`open_hf_reader(path)` is the HFReader of every load path: for a checkpoint whose config.json says
+`open_hf_reader(path, hf_config)` is the HFReader of every load path: for a checkpoint whose config.json says
 quant_method "modelopt" it returns a `ModeloptReader`, which shows the loader each quantised
 weight under its own name and logical shape and dequantises it on read (pure torch, no modelopt):
 
@@ -16,7 +16,6 @@ dense model and is read over; other algorithms (NVFP4, ...) are refused naming t
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -129,25 +128,19 @@ class ModeloptReader(HFReader):
         return w[region]
 
 
-def open_hf_reader(path: str) -> HFReader:
-    """The reader for the HF checkpoint at `path`: dequantising a modelopt export, else HFReader."""
-    config_file = os.path.join(path, "config.json")
-    hf = {}
-    if os.path.isfile(config_file):
-        try:
-            with open(config_file) as f:
-                hf = json.load(f)
-        except (OSError, ValueError):
-            hf = {}  # reported by the config reader with the file's name
-    algo = modelopt_algo(hf) if isinstance(hf, dict) else None
+def open_hf_reader(path: str, hf_config: Dict) -> HFReader:
+    """The reader for the HF checkpoint at `path` whose config.json the caller has read
+    (`hf_config`): dequantising a modelopt export, else HFReader."""
+    algo = modelopt_algo(hf_config)
     if algo is None:
         return HFReader(path)
-    check_readable(hf)
-    quant = hf["quantization_config"]
+    check_readable(hf_config)
+    quant = hf_config["quantization_config"]
     group = quant.get("group_size")
     for g in (quant.get("config_groups") or {}).values():
         group = group or (g.get("weights") or {}).get("group_size")
     if algo == "W4A16_AWQ" and not isinstance(group, int):
-        raise ValueError(f"{config_file}: quantization_config of a W4A16_AWQ checkpoint gives no "
-                         "integer group_size (the weight_scale columns cannot be placed)")
+        raise ValueError(f"{os.path.join(path, 'config.json')}: quantization_config of a W4A16_AWQ "
+                         "checkpoint gives no integer group_size (the weight_scale columns cannot "
+                         "be placed)")
     return ModeloptReader(path, algo, group)

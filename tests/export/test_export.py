@@ -19,11 +19,18 @@ import torch
 
 pytest.importorskip("modelopt.torch.quantization")
 
+from megatron_dsv3.checkpoint.hf_config import read_hf_config  # noqa: E402
 from megatron_dsv3.checkpoint.quantized import open_hf_reader, unpack_int4  # noqa: E402
 from megatron_dsv3.checkpoint.safetensors_io import HFReader  # noqa: E402
 from megatron_dsv3.corpus import heldout_batches, heldout_loss  # noqa: E402
 
 SEQ, CALIB = 64, 16
+
+
+def reader_of(path):
+    """The reader load_hf uses for the checkpoint at `path`."""
+    return open_hf_reader(path, read_hf_config(path))
+
 # |loss(reloaded export) - loss(BF16)| / loss(BF16) on the held-out batches. Measured on this
 # fixture: fp8-block 0.011%, fp8 0.006%, int8-wo 0.001%, int4-awq (group 32) 0.095%; scaling every
 # layer's linears by 1.3 (a wrong scale) moves it by 0.81%.
@@ -81,7 +88,7 @@ def test_export_reloads_through_load_hf_with_heldout_loss_within_bound(trained_h
     assert change < LOSS_BOUND[quant]
     # and the export really quantised: the reloaded weights are not the original ones
     original = HFReader(trained_hf[0]).read("model.layers.0.self_attn.q_b_proj.weight").float()
-    reloaded = open_hf_reader(exports[quant][0]).read("model.layers.0.self_attn.q_b_proj.weight")
+    reloaded = reader_of(exports[quant][0]).read("model.layers.0.self_attn.q_b_proj.weight")
     assert not torch.equal(original, reloaded.float())
 
 
@@ -141,7 +148,7 @@ def _fake_quant_reference(trained_hf, quant, group_size=None):
 def test_exported_weights_are_modelopts_fake_quantised_weights(trained_hf, exports, quant,
                                                                group_size):
     model, fake = _fake_quant_reference(trained_hf, quant, group_size)
-    reader = open_hf_reader(exports[quant][0])
+    reader = reader_of(exports[quant][0])
     L = model.config.num_layers
     checked = 0
     for i in range(L):
@@ -307,7 +314,7 @@ def test_transformers_reads_the_fp8_block_export_with_our_logits(exports):
     assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
     w = hf.model.layers[0].self_attn.q_b_proj.weight
     assert w.dtype == torch.float32 and torch.equal(
-        w, open_hf_reader(path).read("model.layers.0.self_attn.q_b_proj.weight").float())
+        w, reader_of(path).read("model.layers.0.self_attn.q_b_proj.weight").float())
 
 
 def _same_checkpoint(a: str, b: str) -> int:
