@@ -157,7 +157,7 @@ def seed_run(a, arm: str, seed: int):
 
 
 def many_seeds(a):
-    seeds = list(range(1, a.seeds + 1))
+    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     tasks = [(arm, s) for s in seeds for arm in ARMS]
     ctx = multiprocessing.get_context("spawn")
     ids = ctx.Queue()
@@ -329,6 +329,40 @@ def report(result):
     return "\n".join(lines)
 
 
+# settings that must agree for seed runs of several files to be pooled
+SEED_SETTINGS = ("seeds_model", "seed_steps", "seq_length", "batch", "heldout_seqs", "device",
+                 "gemm_backend")
+
+
+def merge(paths):
+    """The parts of earlier --json-out files: the identical-weights part of the last file that
+    has one; the seed runs of every file pooled (their runs must share SEED_SETTINGS, and no
+    (arm, seed) may come twice), summarised over the seeds whose three arms all finished."""
+    result, runs, settings = {}, [], None
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        if "weights" in saved:
+            result["weights"] = saved["weights"]
+        file_runs = saved["seeds"]["runs"] if "seeds" in saved else saved.get("seed_runs", [])
+        if not file_runs:
+            continue
+        mine = {k: saved.get("args", {}).get(k) for k in SEED_SETTINGS}
+        if settings is not None and mine != settings[1]:
+            diff = {k: (settings[1][k], mine[k]) for k in SEED_SETTINGS if settings[1][k] != mine[k]}
+            raise SystemExit(f"--merge: {path}'s seed runs used other settings than "
+                             f"{settings[0]}'s (field: (theirs, this file's)): {diff}")
+        settings = settings or (path, mine)
+        seen = {(r["arm"], r["seed"]) for r in runs}
+        twice = sorted({(r["arm"], r["seed"]) for r in file_runs} & seen)
+        if twice:
+            raise SystemExit(f"--merge: {path} repeats runs already read (arm, seed): {twice[:5]}")
+        runs += file_runs
+    if runs:
+        result["seeds"] = summarise(runs)
+    return result
+
+
 def main():
     from megatron_dsv3.cli import positive_int, seed_int
 
@@ -340,6 +374,8 @@ def main():
     p.add_argument("--seed", type=seed_int, default=1234, help="identical weights: run seed")
     p.add_argument("--seeds-model", choices=sorted(MODELS), default="tiny")
     p.add_argument("--seeds", type=positive_int, default=8, help="K: seeds per arm")
+    p.add_argument("--first-seed", type=positive_int, default=1,
+                   help="seeds first..first+K-1 (more seeds later: --merge pools the files)")
     p.add_argument("--seed-steps", type=positive_int, default=500)
     p.add_argument("--seq-length", type=positive_int, default=64)
     p.add_argument("--batch", type=positive_int, default=8, help="sequences per step")
@@ -358,13 +394,7 @@ def main():
                    help="no runs: merge the parts of earlier --json-out files, plot and report")
     a = p.parse_args()
     if a.merge:
-        result = {}
-        for path in a.merge:
-            with open(path) as f:
-                saved = json.load(f)
-            if "seed_runs" in saved and "seeds" not in saved:  # cut short: the finished seeds
-                saved["seeds"] = summarise(saved["seed_runs"])
-            result.update({k: v for k, v in saved.items() if k in ("weights", "seeds")})
+        result = merge(a.merge)
         if a.plot:
             plot(result, a.plot, a.smoothing)
         print(report(result))

@@ -78,17 +78,25 @@ class ModeloptReader(HFReader):
         return False
 
     def check(self, name: str, shape: Sequence[int]) -> None:
-        found = self.shape(name)
-        if found != tuple(shape):
-            raise ValueError(f"tensor {name} in {self.file_of(name)} has shape {list(found)}; the "
-                             f"model expects {list(shape)}")
+        self._check_shape(name, shape)
         if self.quantised(name):
             self._scales(name)  # present, finite, > 0, fitting shapes
 
     def _scales(self, name: str):
-        out, cols = self.shape(name)
+        """(weight_scale, pre_quant_scale or None) of quantised weight `name`, float32; checked
+        the first time they are read (check, or read without check)."""
         scale = self._slice(self._aux(name, "weight_scale"),
                             full_region(super().shape(self._aux(name, "weight_scale")))).float()
+        pqs = None
+        if self.has(self._aux(name, "pre_quant_scale")):
+            pqs = self._slice(self._aux(name, "pre_quant_scale"), None).float()
+        if name not in self._scales_checked:
+            self._check_scales(name, scale, pqs)
+            self._scales_checked.add(name)
+        return scale, pqs
+
+    def _check_scales(self, name: str, scale: torch.Tensor, pqs: Optional[torch.Tensor]) -> None:
+        out, cols = self.shape(name)
         fits = {"FP8": scale.numel() in (1, out), "W8A16": scale.numel() == out,
                 "W4A16_AWQ": scale.dim() == 2 and scale.shape[0] == out
                 and self.group_size is not None and scale.shape[1] * self.group_size == cols}
@@ -96,19 +104,15 @@ class ModeloptReader(HFReader):
         if not fits[self.algo]:
             raise CheckpointFileError(file, f"has shape {list(scale.shape)}, which does not fit a "
                                       f"{[out, cols]} {self.algo} weight", self._aux(name, "weight_scale"))
-        pqs = None
-        if self.has(self._aux(name, "pre_quant_scale")):
-            pqs = self._slice(self._aux(name, "pre_quant_scale"), None).float()
-            if pqs.shape != (cols,):
-                raise CheckpointFileError(self.file_of(self._aux(name, "pre_quant_scale")),
-                                          f"has shape {list(pqs.shape)}; expected [{cols}]",
-                                          self._aux(name, "pre_quant_scale"))
+        if pqs is not None and pqs.shape != (cols,):
+            raise CheckpointFileError(self.file_of(self._aux(name, "pre_quant_scale")),
+                                      f"has shape {list(pqs.shape)}; expected [{cols}]",
+                                      self._aux(name, "pre_quant_scale"))
         for label, values in (("weight_scale", scale), ("pre_quant_scale", pqs)):
             if values is not None and not bool((torch.isfinite(values) & (values > 0)).all()):
                 raise CheckpointFileError(self.file_of(self._aux(name, label)),
                                           "holds scales that are not finite and > 0",
                                           self._aux(name, label))
-        return scale, pqs
 
     def read(self, name: str, region: Optional[Region] = None) -> torch.Tensor:
         if not self.quantised(name):

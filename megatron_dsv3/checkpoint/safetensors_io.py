@@ -155,13 +155,16 @@ class HFReader:
     def is_fp8(self, name: str) -> bool:
         return self.has(name + SCALE_SUFFIX)
 
-    def check(self, name: str, shape: Sequence[int]) -> None:
-        """ValueError naming tensor and file unless `name` exists with `shape` (and, for an FP8
-        weight, a scale_inv with one finite, positive float32/bfloat16 per 128x128 block)."""
+    def _check_shape(self, name: str, shape: Sequence[int]) -> None:
         found = self.shape(name)
         if found != tuple(shape):
             raise ValueError(f"tensor {name} in {self.file_of(name)} has shape {list(found)}; the "
                              f"model expects {list(shape)}")
+
+    def check(self, name: str, shape: Sequence[int]) -> None:
+        """ValueError naming tensor and file unless `name` exists with `shape` (and, for an FP8
+        weight, a scale_inv with one finite, positive float32/bfloat16 per 128x128 block)."""
+        self._check_shape(name, shape)
         fp8_dtype = self.dtype(name) in (torch.float8_e4m3fn, torch.float8_e5m2)
         scale = name + SCALE_SUFFIX
         if self.has(scale):

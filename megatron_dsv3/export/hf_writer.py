@@ -148,11 +148,7 @@ def _fmt_tensors(fmt: Format, name: str, piece: torch.Tensor, amax: torch.Tensor
         scale = (amax.max() / bound).reshape(())
         yield name, to_quantized_weight(w, scale, "fp8")
         yield base + "weight_scale", scale
-        in_amax = q.input_amax()
-        if in_amax is None:
-            raise ValueError(f"{name}: FP8 needs a calibrated input quantiser (static activation "
-                             "scale); it has none")
-        yield base + "input_scale", (in_amax.max() / bound).reshape(())
+        yield base + "input_scale", (q.input_amax().max() / bound).reshape(())  # (hf_plan: set)
     elif fmt.quant_algo == "W8A16":
         scale = amax[:, 0] / bound
         yield name, to_quantized_weight(w, scale, "int8_wo")
@@ -165,10 +161,40 @@ def _fmt_tensors(fmt: Format, name: str, piece: torch.Tensor, amax: torch.Tensor
         pqs = q.pre_quant_scale()
         if pqs is not None:
             yield base + "pre_quant_scale", pqs.contiguous()
-    else:
-        raise ValueError(f"--quant {fmt.name}: writing its {fmt.quant_algo} tensors is not "
-                         "implemented (modelopt fake-quantises it on CUDA; the packed writer is not "
-                         "built without a GPU to verify it)")
+    else:  # (hf_plan refuses it before anything is written)
+        raise ValueError(f"--quant {fmt.name}: no writer for {fmt.quant_algo}")
+
+
+def _fmt_plan(fmt: Format, name: str, shape: Tuple[int, ...], q: _Quantised
+              ) -> List[Tuple[str, torch.dtype, Tuple[int, ...]]]:
+    """(name, dtype, shape) of what _fmt_tensors yields for a piece `name` of `shape` [out, in],
+    from the format's layout rules alone (nothing quantised); the writer checks every written
+    tensor against it, so a rule that disagrees with _fmt_tensors stops the export."""
+    base, (o, i) = name[: -len("weight")], shape
+    f32 = torch.float32  # group_amax and the input amax are float32, and so every scale
+    if fmt.layout == "deepseek-fp8":
+        return [(name, torch.float8_e4m3fn, shape),
+                (name + SCALE_SUFFIX, f32, (math.ceil(o / BLOCK), math.ceil(i / BLOCK)))]
+    if fmt.quant_algo == "FP8":
+        if q.input_amax() is None:
+            raise ValueError(f"{name}: FP8 needs a calibrated input quantiser (static activation "
+                             "scale); it has none")
+        return [(name, torch.float8_e4m3fn, shape), (base + "weight_scale", f32, ()),
+                (base + "input_scale", f32, ())]
+    if fmt.quant_algo == "W8A16":
+        return [(name, torch.int8, shape), (base + "weight_scale", f32, (o,))]
+    if fmt.quant_algo == "W4A16_AWQ":
+        group = q.weight_quantizers[0].block_sizes[-1]
+        if o % 2:
+            raise ValueError(f"{name}: int4 packs pairs of output rows; {o} rows is odd")
+        plan = [(name, torch.uint8, (o // 2, i)),
+                (base + "weight_scale", f32, (o, math.ceil(i / group)))]
+        if q.pre_quant_scale() is not None:
+            plan.append((base + "pre_quant_scale", f32, (i,)))
+        return plan
+    raise ValueError(f"--quant {fmt.name}: writing its {fmt.quant_algo} tensors is not "
+                     "implemented (modelopt fake-quantises it on CUDA; the packed writer is not "
+                     "built without a GPU to verify it)")
 
 
 def check_block_calibration(model) -> None:
@@ -215,6 +241,32 @@ def hf_tensors(model, fmt: Format, rope_interleave: bool = True
                 # the MTP layers' copies of a quantised head (--also-quantize head)
                 for copy in copies.get(name, ()):
                     yield copy[: -len("weight")] + n[len(name) - len("weight"):], t
+
+
+def hf_plan(model, fmt: Format, rope_interleave: bool = True
+            ) -> List[Tuple[str, torch.dtype, Tuple[int, ...]]]:
+    """(name, dtype, shape) of every tensor hf_tensors yields, in its order, from the mapping's
+    HF shapes and _fmt_plan's rules: nothing is split or quantised (the writer needs the plan
+    before the first byte; quantising twice would double an export's time)."""
+    config = model.config
+    modules = dict(model.named_modules())
+    copies: Dict[str, List[str]] = {}
+    for copy, original in mirror_names(config):
+        copies.setdefault(original, []).append(copy)
+    plan = []
+    for key, m in model_maps(config, rope_interleave).items():
+        module, param = _resolve(modules, key)
+        dtype = getattr(module, param).dtype
+        q = _quantised_weight(module, param)
+        for t in m.hf_tensors():
+            if q is None:
+                plan += [(n, dtype, tuple(t.shape)) for n in (t.name, *copies.get(t.name, ()))]
+                continue
+            for n, d, shape in _fmt_plan(fmt, t.name, tuple(t.shape), q):
+                plan.append((n, d, shape))
+                plan += [(copy[: -len("weight")] + n[len(t.name) - len("weight"):], d, shape)
+                         for copy in copies.get(t.name, ())]
+    return plan
 
 
 def high_precision_linears(model, rope_interleave: bool = True, wildcards: bool = True
@@ -287,7 +339,7 @@ def export_hf(model, path: str, fmt: Format, *, base_config=None, group_size=Non
     rope_interleave = (base_config or {}).get("rope_interleave", True)
     if fmt.layout == "deepseek-fp8":
         check_block_calibration(model)
-    plan = [(n, t.dtype, tuple(t.shape)) for n, t in hf_tensors(model, fmt, rope_interleave)]
+    plan = hf_plan(model, fmt, rope_interleave)
     total = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for _, d, s in plan)
     bar = Progress(f"export {fmt.name}", total, enabled=progress)
     excluded = high_precision_linears(model, rope_interleave,

@@ -260,6 +260,21 @@ def test_export_report_and_also_quantize_mtp_and_head(trained_hf, tmp_path_facto
     assert model.config.mtp_num_layers == 1
 
 
+def test_each_weight_is_quantised_once(trained_hf, tmp_path_factory, monkeypatch):
+    """The writer's plan comes from shape rules: modelopt's packer runs once per written
+    quantised tensor (not once for the plan and again for the data)."""
+    import modelopt.torch.export.quant_utils as quant_utils
+
+    calls = []
+    packer = quant_utils.to_quantized_weight
+    monkeypatch.setattr(quant_utils, "to_quantized_weight",
+                        lambda *a, **k: calls.append(1) or packer(*a, **k))
+    out, _ = _export(trained_hf, tmp_path_factory, "int8-wo")
+    reader = HFReader(out)
+    written = [n for n in reader.names() if reader.dtype(n) == torch.int8]
+    assert len(written) > 0 and len(calls) == len(written)
+
+
 def test_bad_inputs_are_refused_with_field_and_allowed_values(trained_hf, tmp_path, capsys):
     from megatron_dsv3.export.__main__ import main
     from megatron_dsv3.export.api import export
@@ -290,6 +305,35 @@ def test_bad_inputs_are_refused_with_field_and_allowed_values(trained_hf, tmp_pa
                  str(tmp_path / "y")]) == 1
     assert "not a checkpoint we read" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.index_fill(0, torch.tensor([3]), 0.0), "holds scales that are not finite and > 0"),
+    (lambda s: s[:-1].clone(), r"has shape \[\d+\], which does not fit a \[\d+, \d+\] W8A16 "
+                               "weight")])
+def test_reader_refuses_a_damaged_modelopt_scale_naming_file_and_tensor(exports, tmp_path,
+                                                                        damage, message):
+    """A weight_scale that is not > 0, or of a shape that does not fit its weight, is refused on
+    check and on a read without check (each weight's scales are checked once)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_dsv3.checkpoint.errors import CheckpointFileError
+
+    path = str(tmp_path / "int8")
+    shutil.copytree(exports["int8-wo"][0], path)
+    name = "model.layers.0.self_attn.q_b_proj.weight"
+    file = os.path.join(path, reader_of(path).weight_map[name[:-len("weight")] + "weight_scale"])
+    tensors = load_file(file)
+    tensors[name[:-len("weight")] + "weight_scale"] = damage(
+        tensors[name[:-len("weight")] + "weight_scale"])
+    save_file(tensors, file, metadata={"format": "pt"})
+    os.remove(os.path.join(path, "checkpoint_manifest.json"))  # (changed on purpose)
+    for use in (lambda r: r.check(name, r.shape(name)), lambda r: r.read(name)):
+        with pytest.raises(CheckpointFileError, match=message) as e:
+            use(reader_of(path))
+        assert "q_b_proj.weight_scale" in str(e.value) and os.path.basename(file) in str(e.value)
 
 
 def test_transformers_reads_the_fp8_block_export_with_our_logits(exports):
