@@ -98,17 +98,19 @@ def run(steps, fp8, cache_dir, bf16_moments, seed, nudged=False, device="cpu", l
 
 
 # -- held-out data and loss ---------------------------------------------------------------------
-def config_with(config, recipe: Optional[str] = None, fp32: bool = False,
+def config_with(config, recipe: Optional[str] = None, dtype: torch.dtype = torch.bfloat16,
                 gemm_backend: Optional[str] = None):
     """A copy of `config` that builds the same model with GEMM recipe `recipe` (dsv3_fp8_recipe:
-    None, 'deepseek', 'deepseek-pow2'), in float32 parameters and activations if `fp32`, on
-    `gemm_backend` if given. No random initialisation (weights are loaded)."""
+    None, 'deepseek', 'deepseek-pow2') in `dtype` parameters and activations (bfloat16 or
+    float32, whatever `config` trained in), on `gemm_backend` if given. No random initialisation
+    (weights are loaded)."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype={dtype}: allowed values are torch.bfloat16, torch.float32")
     c = copy.copy(config)
     c.dsv3_fp8_recipe = recipe
     c.perform_initialization = False
-    if fp32:
-        c.bf16, c.fp16 = False, False
-        c.params_dtype = c.pipeline_dtype = torch.float32
+    c.bf16, c.fp16 = dtype == torch.bfloat16, False
+    c.params_dtype = c.pipeline_dtype = dtype
     if gemm_backend is not None:
         c.dsv3_gemm_backend = gemm_backend
     return c
@@ -118,7 +120,7 @@ class SameWeights:
     """One model per evaluation variant (same architecture, different GEMM recipe or dtype);
     `losses(state_dict)` loads the same weights into each and returns {variant: held-out loss}.
 
-    variants: {name: dict(recipe=..., fp32=...)}, as `config_with` takes them."""
+    variants: {name: dict(recipe=..., dtype=...)}, as `config_with` takes them."""
 
     def __init__(self, config, variants: Dict[str, Dict], batches, device="cpu",
                  gemm_backend: Optional[str] = None):
