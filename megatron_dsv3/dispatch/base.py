@@ -11,9 +11,14 @@ from a model config: which dispatcher a model runs, and with what, is chosen by 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
+
+# The combine's CSR matrix (`_combine_matrix`) meets CSR's invariants by construction (sorted
+# columns, in range); torch's one-time notice that CSR support is beta says nothing about this use.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 @dataclass
@@ -86,44 +91,99 @@ def sort_by_expert(indices: torch.Tensor, num_experts: int):
 
 
 class _ExpandSorted(torch.autograd.Function):
-    """x [T, h] -> rows [T*k, h] = x[order // k]: each token's k copies in expert order.
+    """x [T, h] -> rows [T*k, h] = x[token], token = order // k: each token's k copies in expert
+    order.
 
-    The backward reads the gradient back through the inverse permutation and sums each token's
-    k rows (a gather and a reduction) instead of scatter-adding rows into tokens."""
-
-    @staticmethod
-    def forward(ctx, x, order, inverse, k: int):
-        ctx.save_for_backward(inverse)
-        ctx.k = k
-        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+    The backward adds each row's gradient into its token (one pass over the rows; each token's k
+    terms are added in row order), instead of gathering the rows back into (token, choice) order
+    and summing (a second [T*k, h] tensor and a second pass)."""
 
     @staticmethod
-    def backward(ctx, g):
-        (inverse,) = ctx.saved_tensors
-        g = g.index_select(0, inverse)
-        return g.view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
-
-
-class _Permute(torch.autograd.Function):
-    """rows[i] = x[perm[i]] for a permutation; the backward gathers with its inverse."""
-
-    @staticmethod
-    def forward(ctx, x, perm, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
+    def forward(ctx, x, token):
+        ctx.save_for_backward(token)
+        ctx.tokens = x.shape[0]
+        return x.index_select(0, token)
 
     @staticmethod
     def backward(ctx, g):
-        (inverse,) = ctx.saved_tensors
-        return g.index_select(0, inverse), None, None
+        (token,) = ctx.saved_tensors
+        return g.new_zeros(ctx.tokens, g.shape[-1]).index_add_(0, token, g), None
+
+
+def _combine_matrix(weights, inverse, n_rows):
+    """The combine as a sparse [T, n_rows] CSR matrix: row t holds weights[t, j] at column
+    inverse[t*k + j], so out = C @ rows is each token's weighted sum. CSR wants each row's columns
+    increasing: each token's k entries are sorted by column -> (matrix, perm), perm [T, k] the
+    choice j at each sorted place."""
+    T, k = weights.shape
+    cols, perm = inverse.view(T, k).sort(dim=1)
+    crow = torch.arange(0, T * k + 1, k, device=weights.device)
+    vals = weights.gather(1, perm).reshape(-1)
+    return torch.sparse_csr_tensor(crow, cols.reshape(-1), vals, size=(T, n_rows),
+                                   check_invariants=False), perm
+
+
+def _sparse_combine_runs(rows, weights) -> bool:
+    """torch's CSR x dense product (MKL on CPU) takes float32/float64 only."""
+    return (not rows.is_cuda and rows.dtype in (torch.float32, torch.float64)
+            and weights.dtype == rows.dtype)
+
+
+class _Combine(torch.autograd.Function):
+    """out[t] = sum_j weights[t, j] * rows[inverse[t*k + j]], in float32 (or wider): each token's
+    weighted sum over its k expert rows.
+
+    On CPU in float32/float64 the forward is one sparse x dense product (`_combine_matrix`): each
+    row is read once where it lies and nothing of size [T*k, h] is written. Otherwise the rows are
+    gathered into (token, choice) order and each token takes a batched [1, k] x [k, h] product.
+    Backward, in the rows' expert order: the output gradient of each row's token, gathered once
+    and scaled in place by the row's weight, is the rows' gradient; the weights' gradient is each
+    row's dot product with its token's output gradient (`sampled_addmm` at the combine pattern,
+    or a batched dot product on the gather path)."""
+
+    @staticmethod
+    def forward(ctx, rows, weights, order, inverse):
+        T, k = weights.shape
+        acc = torch.promote_types(rows.dtype, torch.float32)
+        ctx.save_for_backward(rows, weights, order, inverse)
+        ctx.acc = acc
+        ctx.sparse = _sparse_combine_runs(rows, weights)
+        if ctx.sparse:
+            matrix, _ = _combine_matrix(weights, inverse, rows.shape[0])
+            return torch.sparse.mm(matrix, rows)
+        y = rows.index_select(0, inverse).view(T, k, -1).to(acc)
+        return torch.bmm(weights.to(acc).unsqueeze(1), y).squeeze(1).to(rows.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        rows, weights, order, inverse = ctx.saved_tensors
+        T, k = weights.shape
+        acc = ctx.acc
+        g = g.to(acc).contiguous()
+        d_weights = None
+        if ctx.needs_input_grad[1]:
+            if ctx.sparse:
+                pattern, perm = _combine_matrix(weights, inverse, rows.shape[0])
+                dots = torch.sparse.sampled_addmm(pattern, g, rows.t(), beta=0.0).values()
+                d_weights = torch.empty_like(dots).view(T, k).scatter_(1, perm, dots.view(T, k))
+            else:
+                y = rows.index_select(0, inverse).view(T, k, -1).to(acc)
+                d_weights = torch.bmm(y, g.unsqueeze(-1))
+            d_weights = d_weights.reshape(T, k).to(weights.dtype)
+        d_rows = None
+        if ctx.needs_input_grad[0]:
+            token = torch.div(order, k, rounding_mode="floor")
+            w_sorted = weights.reshape(-1).index_select(0, order).to(acc)
+            d_rows = g.index_select(0, token).mul_(w_sorted.unsqueeze(1)).to(rows.dtype)
+        return d_rows, d_weights, None, None
 
 
 class LocalDispatcher(TokenDispatcher):
     """All experts on this rank (no expert parallelism): a permutation and its inverse.
 
-    Both directions are gathers: dispatch copies each token to its k expert-sorted rows, combine
-    puts the rows back in (token, choice) order and takes each token's weighted sum over its k
-    choices in float32 (no scatter-add forward or backward)."""
+    Dispatch copies each token to its k expert-sorted rows (a gather; its backward adds the rows'
+    gradients back into their tokens); combine takes each token's weighted sum over its k rows in
+    float32 or wider (`_Combine`)."""
 
     def __init__(self, num_experts: int):
         super().__init__(num_experts, None)
@@ -134,13 +194,8 @@ class LocalDispatcher(TokenDispatcher):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         state = DispatchState(order, inverse, weights)
-        return _ExpandSorted.apply(x, order, inverse, k), counts.tolist(), state
+        token = torch.div(order, k, rounding_mode="floor")
+        return _ExpandSorted.apply(x, token), counts.tolist(), state
 
     def combine(self, expert_output, state: DispatchState):
-        T, k = state.weights.shape
-        y = _Permute.apply(expert_output, state.inverse, state.order).view(T, k, -1)
-        # [T, 1, k] @ [T, k, h]: each token's weighted sum over its k choices, in float32 (or
-        # wider)
-        acc = torch.promote_types(expert_output.dtype, torch.float32)
-        out = torch.bmm(state.weights.to(acc).unsqueeze(1), y.to(acc)).squeeze(1)
-        return out.to(expert_output.dtype)
+        return _Combine.apply(expert_output, state.weights, state.order, state.inverse)

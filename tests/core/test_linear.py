@@ -54,3 +54,31 @@ def test_rms_norm_function_matches_float64_autograd():
     assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-6), (x, w))
     ref = w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(RMSNormFunction.apply(x, w, 1e-6), ref)
+
+
+def test_rms_norm_function_float32_and_bfloat16_against_float64():
+    """float32 (torch's fused forward where it exists) and bfloat16 (weight applied to the
+    bfloat16-rounded normalised input, as HF and DeepSeek do): outputs and both gradients
+    against float64 autograd of the same formula."""
+    from megatron_dsv3.core.norm import RMSNormFunction
+
+    torch.manual_seed(0)
+    x64 = torch.randn(6, 4, 32, dtype=torch.float64) * 3
+    w64 = torch.randn(32, dtype=torch.float64)
+    dy64 = torch.randn(6, 4, 32, dtype=torch.float64)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x = x64.to(dtype).requires_grad_()
+        w = w64.to(dtype).requires_grad_()
+        out = RMSNormFunction.apply(x, w, 1e-6)
+        assert out.dtype == dtype
+        xr = x.detach().double().requires_grad_()
+        wr = w.detach().double().requires_grad_()
+        normed = xr / torch.sqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-6)
+        if dtype == torch.bfloat16:  # HF: weight * normed.to(input dtype)
+            normed = normed.detach().to(dtype).double() + (normed - normed.detach())
+        ref = wr * normed
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+        dx, dw = torch.autograd.grad(out, (x, w), dy64.to(dtype))
+        rdx, rdw = torch.autograd.grad(ref, (xr, wr), dy64.to(dtype).double())
+        torch.testing.assert_close(dx.double(), rdx, rtol=tol, atol=tol * 4)
+        torch.testing.assert_close(dw.double(), rdw, rtol=tol, atol=tol * 4)

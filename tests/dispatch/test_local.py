@@ -1,12 +1,19 @@
 """LocalDispatcher (no expert parallelism) against a naive per-(token, choice) loop in float64:
 the combined output and the gradients of the tokens, the routing weights and the expert rows."""
 
+import pytest
 import torch
 
+from megatron_dsv3.dispatch import base
 from megatron_dsv3.dispatch.base import LocalDispatcher
 
 
-def test_local_dispatch_combine_matches_naive_loop_and_its_gradients():
+@pytest.mark.parametrize("sparse", [True, False], ids=["csr-combine", "gather-combine"])
+def test_local_dispatch_combine_matches_naive_loop_and_its_gradients(sparse, monkeypatch):
+    """Both combine paths: the CSR product (CPU float32/float64) and the gather + batched product
+    (any other dtype or device)."""
+    if not sparse:
+        monkeypatch.setattr(base, "_sparse_combine_runs", lambda rows, weights: False)
     torch.manual_seed(0)
     T, k, E, h = 13, 3, 5, 4
     indices = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
