@@ -23,7 +23,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_dsv3.attention.rope import YarnRotary, apply_rotary
-from megatron_dsv3.core.linear import KeyedInit, group_size, tp_group_or_default
+from megatron_dsv3.core.gemm import DEFAULT_GEMM, shared_input_linear
+from megatron_dsv3.core.linear import KeyedInit, ReplicatedLinear, group_size, tp_group_or_default
 from megatron_dsv3.core.recompute import checkpointed, recompute_region
 
 
@@ -88,6 +89,12 @@ class MLASelfAttention(MegatronModule):
             k_channels=self.dn + self.dr, v_channels=self.dv, pg_collection=pg_collection)
         self.linear_proj = linear(submodules.linear_proj, nh * self.dv, h, "o_proj", 1,
                                   input_is_parallel=True)
+        # Both down-projections read the hidden states: when both are our plain replicated
+        # linears (no FP8 or other GEMM strategy, no bias), the training path runs them as one
+        # GEMM per pass over their stacked weights (core.gemm.SharedInputLinearFunction).
+        downs = [getattr(self, "linear_q_down_proj", None), self.linear_kv_down_proj]
+        self._stacked_down = all(type(m) is ReplicatedLinear and m.gemm is DEFAULT_GEMM
+                                 and m.bias is None for m in downs)
 
     # -- pieces shared by the training and the absorbed path ---------------------------------
     def _query_latent(self, x):
@@ -103,9 +110,11 @@ class MLASelfAttention(MegatronModule):
         q = q.view(*q.shape[:2], self.num_heads, self.dn + self.dr)
         return q.split([self.dn, self.dr], dim=-1)
 
-    def _kv_latent(self, x):
-        """(normalised c_kv [s, b, kv_lora_rank], k_rope before RoPE [s, b, dr])."""
-        kv, _ = self.linear_kv_down_proj(x)
+    def _kv_latent(self, x, kv=None):
+        """(normalised c_kv [s, b, kv_lora_rank], k_rope before RoPE [s, b, dr]); `kv`: the
+        down-projection's output if already computed."""
+        if kv is None:
+            kv, _ = self.linear_kv_down_proj(x)
         c_kv, k_rope = kv.split([self.kv_lora_rank, self.dr], dim=-1)
         if group_size(self.tp_group) > 1:
             # k_rope feeds every local head: its gradient is the sum over all ranks' heads.
@@ -123,8 +132,15 @@ class MLASelfAttention(MegatronModule):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, packed_seq_params=None, **_unused):
         s, b, _ = hidden_states.shape
-        c_q = self._query_latent(hidden_states)
-        c_kv, k_rope = self._kv_latent(hidden_states)
+        if self._stacked_down:
+            down = shared_input_linear(hidden_states, [self.linear_q_down_proj.weight,
+                                                       self.linear_kv_down_proj.weight])
+            c_q, kv = down.split([self.q_lora_rank, self.kv_lora_rank + self.dr], dim=-1)
+            c_q = self.q_layernorm(c_q)
+            c_kv, k_rope = self._kv_latent(hidden_states, kv)
+        else:
+            c_q = self._query_latent(hidden_states)
+            c_kv, k_rope = self._kv_latent(hidden_states)
         cos, sin = self._positions(s, b, hidden_states.device, position_ids)
 
         def up_project(c_q, c_kv, k_rope):

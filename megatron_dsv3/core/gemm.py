@@ -162,3 +162,48 @@ class LinearFunction(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, gemm: Optional[Gemm] = None) -> torch.Tensor:
     return LinearFunction.apply(x, weight, gemm or DEFAULT_GEMM)
+
+
+class SharedInputLinearFunction(torch.autograd.Function):
+    """[y_1 | y_2 | ...] = x [W_1; W_2; ...]^T: linear layers that read the same input, as one GEMM
+    per pass (forward, input gradient, weight gradient) over their stacked weights, in plain
+    GEMMs. The input gradient comes out of one GEMM already summed over the layers (no separate
+    products to add), and each weight gets its rows of the one weight-gradient GEMM, deferred as
+    one unit under WeightGradStore like any linear layer's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *weights: torch.Tensor):
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        stacked = torch.cat(weights, 0)
+        ctx.save_for_backward(x2d, stacked)
+        ctx.shape, ctx.rows = shape, [w.shape[0] for w in weights]
+        ctx.weights = weights
+        return (x2d @ stacked.t()).view(*shape[:-1], stacked.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2d, stacked = ctx.saved_tensors
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        dx = (dy2d @ stacked).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        weights, rows = ctx.weights, ctx.rows
+        need = [ctx.needs_input_grad[1 + i] for i in range(len(weights))]
+        if not any(need):
+            return (dx,) + (None,) * len(weights)
+
+        def weight_grads():
+            return torch.split(dy2d.t() @ x2d, rows, 0)
+
+        if WeightGradStore.is_deferring():
+            def deferred():
+                for w, g, n in zip(weights, weight_grads(), need):
+                    if n:
+                        accumulate_grad(w, g)
+            WeightGradStore.put(deferred)
+            return (dx,) + tuple(placeholder_grad(w) if n else None for w, n in zip(weights, need))
+        return (dx,) + tuple(g if n else None for g, n in zip(weight_grads(), need))
+
+
+def shared_input_linear(x: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
+    """x [..., K], weights [N_i, K] -> [..., sum N_i]: `SharedInputLinearFunction`."""
+    return SharedInputLinearFunction.apply(x, *weights)

@@ -82,3 +82,81 @@ def test_rms_norm_function_float32_and_bfloat16_against_float64():
         rdx, rdw = torch.autograd.grad(ref, (xr, wr), dy64.to(dtype).double())
         torch.testing.assert_close(dx.double(), rdx, rtol=tol, atol=tol * 4)
         torch.testing.assert_close(dw.double(), rdw, rtol=tol, atol=tol * 4)
+
+
+def test_swiglu_function_is_bitwise_the_autograd_formula():
+    """swiglu's own backward (both halves written into one gradient tensor) against autograd's
+    graph of silu(gate) * up: the same values bit for bit, forward and backward, and gradcheck."""
+    import torch.nn.functional as F
+
+    from megatron_dsv3.core.mlp import swiglu
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        h = torch.randn(6, 5, 16, dtype=dtype, requires_grad=True)
+        g = torch.randn(6, 5, 8, dtype=dtype)
+        gate, up = h.chunk(2, dim=-1)
+        ref = F.silu(gate) * up
+        out = swiglu(h)
+        assert torch.equal(out, ref)
+        assert torch.equal(torch.autograd.grad(out, h, g)[0], torch.autograd.grad(ref, h, g)[0])
+    h64 = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (h64,))
+
+
+def test_shared_input_linear_matches_separate_linears_and_defers_weight_gradients():
+    """One GEMM per pass over stacked weights: outputs, the (summed) input gradient and each
+    weight's gradient against separate float64 linears; under WeightGradStore.deferring the
+    weight gradients arrive only when the deferred unit runs, with the same values."""
+    from megatron_dsv3.core.gemm import WeightGradStore, shared_input_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 8, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(n, 8, dtype=torch.float64, requires_grad=True) for n in (4, 6)]
+    dy = torch.randn(5, 3, 10, dtype=torch.float64)
+    out = shared_input_linear(x, ws)
+    ref = torch.cat([x @ w.t() for w in ws], -1)
+    torch.testing.assert_close(out, ref)
+    got = torch.autograd.grad(out, [x, *ws], dy)
+    want = torch.autograd.grad(ref, [x, *ws], dy)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+    assert torch.autograd.gradcheck(lambda a, b, c: shared_input_linear(a, [b, c]),
+                                    (x[:2, :1], ws[0], ws[1]))
+
+    WeightGradStore.clear()
+    with WeightGradStore.deferring():
+        shared_input_linear(x, ws).backward(dy)
+    assert all(w.grad is None for w in ws) and x.grad is not None
+    WeightGradStore.flush()
+    WeightGradStore.pop()
+    for w, r in zip(ws, want[1:]):
+        torch.testing.assert_close(w.grad, r)
+
+
+def test_mla_stacked_down_projections_match_separate_ones():
+    """MLA's training path with both down-projections as one stacked GEMM against the same
+    module running them separately: output and every gradient."""
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.layer_specs import get_layer_spec
+    from megatron_dsv3.attention.mla import MLASelfAttention
+
+    cfg = get_config("deepseek-v3-tiny")
+    spec = get_layer_spec(cfg).submodules.self_attention
+    mla = MLASelfAttention(cfg, spec.submodules, layer_number=1)
+    assert mla._stacked_down
+    torch.manual_seed(0)
+    x = torch.randn(7, 2, cfg.hidden_size)
+    results = []
+    for stacked in (True, False):
+        mla._stacked_down = stacked
+        xi = x.clone().requires_grad_()
+        out, _ = mla(xi)
+        out.square().sum().backward()
+        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in mla.named_parameters()}))
+        mla.zero_grad(set_to_none=True)
+    (o1, g1, p1), (o2, g2, p2) = results
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+    for name in p1:
+        torch.testing.assert_close(p1[name], p2[name], rtol=1e-5, atol=1e-6, msg=name)
