@@ -143,14 +143,26 @@ class MLASelfAttention(MegatronModule):
             c_kv, k_rope = self._kv_latent(hidden_states)
         cos, sin = self._positions(s, b, hidden_states.device, position_ids)
 
+        heads_major = getattr(self.core_attention, "heads_major_inputs", False)
+
+        def assemble(*parts):
+            """[s, b, n, d] from parts concatenated on d; with `heads_major` the memory is laid
+            out [b, n, s, d] (the core's kernel layout), the view still [s, b, n, d]."""
+            if not heads_major:
+                return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0].contiguous()
+            out = torch.cat([p.permute(1, 2, 0, 3) for p in parts], dim=-1)
+            if len(parts) == 1:
+                out = out.contiguous()
+            return out.permute(2, 0, 1, 3)
+
         def up_project(c_q, c_kv, k_rope):
             q_nope, q_rope = self._query(c_q)
             kv, _ = self.linear_kv_up_proj(c_kv)
             k_nope, v = kv.view(s, b, self.num_heads, self.dn + self.dv).split([self.dn, self.dv], -1)
-            q = torch.cat([q_nope, apply_rotary(q_rope, cos, sin)], dim=-1)
+            q = assemble(q_nope, apply_rotary(q_rope, cos, sin))
             k_rope = apply_rotary(k_rope[:, :, None, :], cos, sin)
-            k = torch.cat([k_nope, k_rope.expand(-1, -1, self.num_heads, -1)], dim=-1)
-            return q, k, v.contiguous()
+            k = assemble(k_nope, k_rope.expand(-1, -1, self.num_heads, -1))
+            return q, k, assemble(v)
 
         run, release = recompute_region(self.config, "mla_up_proj", up_project)
         q, k, v = run(c_q, c_kv, k_rope)

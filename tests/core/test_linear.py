@@ -134,9 +134,10 @@ def test_shared_input_linear_matches_separate_linears_and_defers_weight_gradient
         torch.testing.assert_close(w.grad, r)
 
 
-def test_mla_stacked_down_projections_match_separate_ones():
-    """MLA's training path with both down-projections as one stacked GEMM against the same
-    module running them separately: output and every gradient."""
+def test_mla_stacked_down_projections_and_heads_major_layout_match_the_plain_path():
+    """MLA's training path with both down-projections as one stacked GEMM and q, k, v assembled
+    heads-major against the same module running them separately in sequence-major memory:
+    output and every gradient."""
     from megatron_dsv3.configs import get_config
     from megatron_dsv3.layer_specs import get_layer_spec
     from megatron_dsv3.attention.mla import MLASelfAttention
@@ -144,12 +145,15 @@ def test_mla_stacked_down_projections_match_separate_ones():
     cfg = get_config("deepseek-v3-tiny")
     spec = get_layer_spec(cfg).submodules.self_attention
     mla = MLASelfAttention(cfg, spec.submodules, layer_number=1)
-    assert mla._stacked_down
+    assert mla._stacked_down and mla.core_attention.heads_major_inputs
     torch.manual_seed(0)
     x = torch.randn(7, 2, cfg.hidden_size)
     results = []
+    # also q, k, v laid out [s, b, n, d] in memory (what MLA builds for cores without
+    # `heads_major_inputs`, e.g. Transformer Engine's) against [b, n, s, d]
     for stacked in (True, False):
         mla._stacked_down = stacked
+        mla.core_attention.heads_major_inputs = stacked
         xi = x.clone().requires_grad_()
         out, _ = mla(xi)
         out.square().sum().backward()
