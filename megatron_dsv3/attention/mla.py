@@ -89,12 +89,17 @@ class MLASelfAttention(MegatronModule):
             k_channels=self.dn + self.dr, v_channels=self.dv, pg_collection=pg_collection)
         self.linear_proj = linear(submodules.linear_proj, nh * self.dv, h, "o_proj", 1,
                                   input_is_parallel=True)
-        # Both down-projections read the hidden states: when both are our plain replicated
-        # linears (no FP8 or other GEMM strategy, no bias), the training path runs them as one
-        # GEMM per pass over their stacked weights (core.gemm.SharedInputLinearFunction).
-        downs = [getattr(self, "linear_q_down_proj", None), self.linear_kv_down_proj]
-        self._stacked_down = all(type(m) is ReplicatedLinear and m.gemm is DEFAULT_GEMM
-                                 and m.bias is None for m in downs)
+        self._stacked_down = True  # allowed; see _down_projections_stack
+
+    def _down_projections_stack(self) -> bool:
+        """Both down-projections read the hidden states: while both are our plain replicated
+        linears (no FP8 or other GEMM strategy, no bias; checked on each call, since tools such as
+        modelopt's quantisation swap module classes after construction), the training path runs
+        them as one GEMM per pass over their stacked weights (SharedInputLinearFunction)."""
+        if not self._stacked_down or self.q_lora_rank is None:
+            return False
+        return all(type(m) is ReplicatedLinear and m.gemm is DEFAULT_GEMM and m.bias is None
+                   for m in (self.linear_q_down_proj, self.linear_kv_down_proj))
 
     # -- pieces shared by the training and the absorbed path ---------------------------------
     def _query_latent(self, x):
@@ -132,7 +137,7 @@ class MLASelfAttention(MegatronModule):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, packed_seq_params=None, **_unused):
         s, b, _ = hidden_states.shape
-        if self._stacked_down:
+        if self._down_projections_stack():
             down = shared_input_linear(hidden_states, [self.linear_q_down_proj.weight,
                                                        self.linear_kv_down_proj.weight])
             c_q, kv = down.split([self.q_lora_rank, self.kv_lora_rank + self.dr], dim=-1)

@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import torch
 
+from megatron_dsv3 import workspace
 from megatron_dsv3.core.gemm import DEFAULT_GEMM, Gemm, WeightGradStore
 
 
@@ -30,6 +31,30 @@ def _offsets(counts: List[int], device) -> torch.Tensor:
     return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
 
 
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """torch._grouped_mm(a, b, offs) for a [M, K] x b [G, K, N] (rows of a grouped) or a [K, M] x
+    b [M, N] (a's columns and b's rows grouped; -> [G, K, N]). A large CPU result goes into
+    memory from `megatron_dsv3.workspace` (torch's CPU kernel is this same per-group loop of
+    GEMMs, but its fresh output costs a page fault per 4 KiB page)."""
+    grouped_rows = b.dim() == 3
+    shape = (a.shape[0], b.shape[-1]) if grouped_rows else (len(counts), a.shape[0], b.shape[-1])
+    numel = shape[0] * shape[1] * (1 if grouped_rows else shape[2])
+    if a.is_cuda or numel * a.dtype.itemsize < workspace.MIN_BYTES:
+        return torch._grouped_mm(a, b, offs=_offsets(counts, a.device))
+    out = workspace.empty(shape, a.dtype, a.device)
+    start = 0
+    for g, n in enumerate(counts):
+        if grouped_rows:
+            if n:
+                torch.mm(a[start:start + n], b[g], out=out[start:start + n])
+        elif n:
+            torch.mm(a[:, start:start + n], b[start:start + n], out=out[g])
+        else:
+            out[g].zero_()
+        start += n
+    return out
+
+
 class GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, counts: List[int], gemm: Gemm):
@@ -37,7 +62,7 @@ class GroupedLinearFunction(torch.autograd.Function):
         ctx.counts, ctx.gemm = counts, gemm
         ctx.fast = gemm is DEFAULT_GEMM and _grouped_mm_usable(x, w)
         if ctx.fast:
-            return torch._grouped_mm(x, w.transpose(-2, -1), offs=_offsets(counts, x.device))
+            return _grouped_mm(x, w.transpose(-2, -1), counts)
         return gemm.grouped_fprop(x, w, counts)
 
     @staticmethod
@@ -48,13 +73,13 @@ class GroupedLinearFunction(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             if ctx.fast:
-                dx = torch._grouped_mm(dy, w, offs=_offsets(counts, dy.device))
+                dx = _grouped_mm(dy, w, counts)
             else:
                 dx = gemm.grouped_dgrad(dy, w, counts)
 
         def weight_grad():
             if ctx.fast:
-                return torch._grouped_mm(dy.t(), x, offs=_offsets(counts, dy.device))
+                return _grouped_mm(dy.t(), x, counts)
             return gemm.grouped_wgrad(dy, x, counts, w)
 
         if ctx.needs_input_grad[1]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_dsv3 import workspace
 from megatron_dsv3.core.init import init_normal_
 from megatron_dsv3.core.linear import KeyedInit, group_rank, group_size, tp_group_or_default
 from megatron_dsv3.core.recompute import recompute_region
@@ -22,23 +23,27 @@ from megatron_dsv3.core.recompute import recompute_region
 
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up of h = [gate | up]: the same kernels as autograd's graph of that formula
-    (bitwise the same results), but the backward writes both halves' gradients straight into one
-    [..., 2F] tensor instead of concatenating them, and the forward multiplies in place."""
+    (bitwise the same results, and the same tensors kept: h and silu(gate)), but the backward
+    writes both halves' gradients straight into one [..., 2F] tensor, the gate's in place,
+    instead of producing them apart and concatenating them."""
 
     @staticmethod
     def forward(ctx, h):
-        ctx.save_for_backward(h)
         gate, up = torch.chunk(h, 2, dim=-1)
-        return F.silu(gate).mul_(up)
+        act = workspace.empty(gate.shape, gate.dtype, gate.device)  # large CPU outputs: reused memory
+        torch.ops.aten.silu.out(gate, out=act)
+        ctx.save_for_backward(h, act)
+        return torch.mul(act, up, out=workspace.empty(act.shape, act.dtype, act.device))
 
     @staticmethod
     def backward(ctx, g):
-        (h,) = ctx.saved_tensors
+        h, act = ctx.saved_tensors
         gate, up = torch.chunk(h, 2, dim=-1)
-        dh = torch.empty_like(h)
+        dh = workspace.empty(h.shape, h.dtype, h.device)
         d_gate, d_up = torch.chunk(dh, 2, dim=-1)
-        torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=d_gate)
-        torch.mul(g, F.silu(gate), out=d_up)
+        torch.mul(g, up, out=d_gate)
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+        torch.mul(g, act, out=d_up)
         return dh
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_dsv3 import workspace
+
 # The combine's CSR matrix (`_combine_matrix`) meets CSR's invariants by construction (sorted
 # columns, in range); torch's one-time notice that CSR support is beta says nothing about this use.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -102,7 +104,8 @@ class _ExpandSorted(torch.autograd.Function):
     def forward(ctx, x, token):
         ctx.save_for_backward(token)
         ctx.tokens = x.shape[0]
-        return x.index_select(0, token)
+        rows = workspace.empty((token.numel(), x.shape[-1]), x.dtype, x.device)
+        return torch.index_select(x, 0, token, out=rows)
 
     @staticmethod
     def backward(ctx, g):
@@ -174,7 +177,9 @@ class _Combine(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             token = torch.div(order, k, rounding_mode="floor")
             w_sorted = weights.reshape(-1).index_select(0, order).to(acc)
-            d_rows = g.index_select(0, token).mul_(w_sorted.unsqueeze(1)).to(rows.dtype)
+            d_rows = workspace.empty((token.numel(), g.shape[-1]), acc, g.device)
+            torch.index_select(g, 0, token, out=d_rows).mul_(w_sorted.unsqueeze(1))
+            d_rows = d_rows.to(rows.dtype)
         return d_rows, d_weights, None, None
 
 

@@ -145,7 +145,7 @@ def test_mla_stacked_down_projections_and_heads_major_layout_match_the_plain_pat
     cfg = get_config("deepseek-v3-tiny")
     spec = get_layer_spec(cfg).submodules.self_attention
     mla = MLASelfAttention(cfg, spec.submodules, layer_number=1)
-    assert mla._stacked_down and mla.core_attention.heads_major_inputs
+    assert mla._down_projections_stack() and mla.core_attention.heads_major_inputs
     torch.manual_seed(0)
     x = torch.randn(7, 2, cfg.hidden_size)
     results = []
