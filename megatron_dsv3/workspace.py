@@ -56,10 +56,18 @@ class StoragePool:
                 or nbytes < self.min_bytes):
             return torch.empty(shape, dtype=dtype, device=device)
         with self._lock:
-            for storage in self._free.get(nbytes, ()):
-                if _use_count(storage._cdata) == 1:  # only the pool holds it
-                    self.reused += 1
-                    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+            stored = self._free.get(nbytes, [])
+            for storage in list(stored):
+                if _use_count(storage._cdata) != 1:  # a tensor still uses it
+                    continue
+                if storage.nbytes() != nbytes:
+                    # resized by its last user (selective recomputation frees an output's
+                    # memory with resize_(0)): not ours to hand out any more
+                    stored.remove(storage)
+                    self._bytes -= nbytes
+                    continue
+                self.reused += 1
+                return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
             if self._bytes + nbytes > self.max_bytes:
                 return torch.empty(shape, dtype=dtype, device=device)
             storage = torch.UntypedStorage(nbytes)

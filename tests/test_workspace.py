@@ -49,6 +49,19 @@ def test_a_storage_is_reused_only_once_nothing_refers_to_it():
     assert _ptr(pool.empty((64, 16), torch.float32, "cpu")) == held
 
 
+def test_a_storage_resized_by_its_user_leaves_the_pool():
+    """Selective recomputation frees an output's memory with untyped_storage().resize_(0); if
+    that tensor dies before being recomputed, its storage must not come back with 0 bytes."""
+    pool = StoragePool(min_bytes=1024, max_bytes=1 << 20)
+    a = pool.empty((64, 16), torch.float32, "cpu")
+    a.untyped_storage().resize_(0)
+    del a
+    b = pool.empty((64, 16), torch.float32, "cpu")
+    b.fill_(2.0)  # a usable tensor of the full size
+    assert b.untyped_storage().nbytes() == 64 * 16 * 4 and pool.pooled_bytes == 64 * 16 * 4
+    assert pool.reused == 0
+
+
 def test_small_tensors_and_the_cap_bypass_the_pool():
     pool = StoragePool(min_bytes=4096, max_bytes=8192)
     small = pool.empty((8,), torch.float32, "cpu")
@@ -82,31 +95,40 @@ def test_two_threads_never_get_the_same_storage():
 
 def test_routed_experts_step_uses_the_pool_and_matches_plain_memory():
     """A DeepSeekMoE layer's forward and backward twice (the second reuses the first's
-    storages) with the pool and without it: identical outputs and gradients."""
+    storages) with the pool, once without it, and once with the pool and selective
+    recomputation of the SwiGLU outputs (which frees and refills pooled memory): identical
+    outputs and gradients."""
     from megatron_dsv3.configs import get_config
     from megatron_dsv3.layer_specs import get_layer_spec
     from megatron_dsv3.moe.layer import DeepSeekMoE
 
-    cfg = get_config("deepseek-v3-tiny", moe_aux_loss_coeff=0.0)
-    moe = DeepSeekMoE(cfg, get_layer_spec(cfg).submodules.moe.submodules, layer_number=2)
+    runs = [(True, None), (True, None), (False, None), (True, ["moe_act"])]
     torch.manual_seed(0)
-    x = torch.randn(64, 8, cfg.hidden_size)
+    x = None
     saved = (workspace.POOL.enabled, workspace.MIN_BYTES, workspace.POOL.min_bytes)
     results = []
     try:
         workspace.MIN_BYTES = workspace.POOL.min_bytes = 1024  # tiny model: pool everything
-        for enabled in (True, True, False):
+        for enabled, recompute in runs:
+            extra = {} if recompute is None else dict(recompute_granularity="selective",
+                                                      recompute_modules=recompute)
+            cfg = get_config("deepseek-v3-tiny", moe_aux_loss_coeff=0.0, **extra)
+            torch.manual_seed(1)
+            moe = DeepSeekMoE(cfg, get_layer_spec(cfg).submodules.moe.submodules, layer_number=2)
+            if x is None:
+                x = torch.randn(64, 8, cfg.hidden_size)
             workspace.POOL.enabled = enabled
             before = workspace.POOL.reused
-            xi = x.clone().requires_grad_()
-            out, _ = moe(xi)
-            out.square().sum().backward()
-            grads = [p.grad.clone() for p in moe.parameters()]
-            moe.zero_grad(set_to_none=True)
+            for _ in range(2):  # the second pass meets the first one's freed (or resized) memory
+                xi = x.clone().requires_grad_()
+                out, _ = moe(xi)
+                out.square().sum().backward()
+                grads = [p.grad.clone() for p in moe.parameters()]
+                moe.zero_grad(set_to_none=True)
             results.append((out.detach(), xi.grad, grads, workspace.POOL.reused - before))
     finally:
         workspace.POOL.enabled, workspace.MIN_BYTES, workspace.POOL.min_bytes = saved
-    assert results[1][3] > 0  # the second pass reused the first pass's storages
+    assert results[0][3] > 0 and results[3][3] > 0  # pooled storages were handed out again
     for other in results[1:]:
         assert torch.equal(results[0][0], other[0]) and torch.equal(results[0][1], other[1])
         assert all(torch.equal(a, b) for a, b in zip(results[0][2], other[2]))
