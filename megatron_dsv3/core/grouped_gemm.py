@@ -39,7 +39,7 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: List[int]) -> torch.Te
     grouped_rows = b.dim() == 3
     shape = (a.shape[0], b.shape[-1]) if grouped_rows else (len(counts), a.shape[0], b.shape[-1])
     numel = shape[0] * shape[1] * (1 if grouped_rows else shape[2])
-    if a.is_cuda or numel * a.dtype.itemsize < workspace.MIN_BYTES:
+    if a.device.type != "cpu" or numel * a.dtype.itemsize < workspace.MIN_BYTES:
         return torch._grouped_mm(a, b, offs=_offsets(counts, a.device))
     out = workspace.empty(shape, a.dtype, a.device)
     start = 0

@@ -128,7 +128,7 @@ def _combine_matrix(weights, inverse, n_rows):
 
 def _sparse_combine_runs(rows, weights) -> bool:
     """torch's CSR x dense product (MKL on CPU) takes float32/float64 only."""
-    return (not rows.is_cuda and rows.dtype in (torch.float32, torch.float64)
+    return (rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64)
             and weights.dtype == rows.dtype)
 
 
