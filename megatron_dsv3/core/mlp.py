@@ -30,7 +30,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h):
         gate, up = torch.chunk(h, 2, dim=-1)
-        act = workspace.empty(gate.shape, gate.dtype, gate.device)  # large CPU outputs: reused memory
+        # (large CPU outputs come from reused memory: megatron_dsv3.workspace)
+        act = workspace.empty(gate.shape, gate.dtype, gate.device)
         torch.ops.aten.silu.out(gate, out=act)
         ctx.save_for_backward(h, act)
         return torch.mul(act, up, out=workspace.empty(act.shape, act.dtype, act.device))

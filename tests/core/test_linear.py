@@ -157,7 +157,8 @@ def test_mla_stacked_down_projections_and_heads_major_layout_match_the_plain_pat
         xi = x.clone().requires_grad_()
         out, _ = mla(xi)
         out.square().sum().backward()
-        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in mla.named_parameters()}))
+        grads = {n: p.grad.clone() for n, p in mla.named_parameters()}
+        results.append((out.detach(), xi.grad, grads))
         mla.zero_grad(set_to_none=True)
     (o1, g1, p1), (o2, g2, p2) = results
     torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
