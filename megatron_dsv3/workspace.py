@@ -21,6 +21,7 @@ This module imports nothing of ours: core (grouped GEMM, SwiGLU) and dispatch us
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from typing import Dict, List, Sequence
@@ -45,15 +46,15 @@ class StoragePool:
         self._lock = threading.Lock()  # DualPipe's overlapped pairs allocate from two threads
         self.reused = 0  # storages handed out again (for tests and benchmarks)
 
+    def serves(self, nbytes: int, device) -> bool:
+        """Whether a tensor of `nbytes` on `device` comes from the pool."""
+        return self.enabled and torch.device(device).type == "cpu" and nbytes >= self.min_bytes
+
     def empty(self, shape: Sequence[int], dtype: torch.dtype,
               device: torch.device) -> torch.Tensor:
         shape = tuple(int(d) for d in shape)
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * dtype.itemsize
-        if (not self.enabled or torch.device(device).type != "cpu"
-                or nbytes < self.min_bytes):
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not self.serves(nbytes, device):
             return torch.empty(shape, dtype=dtype, device=device)
         with self._lock:
             stored = self._free.get(nbytes, [])
@@ -92,3 +93,8 @@ POOL = StoragePool()
 def empty(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
     """torch.empty(shape, dtype=dtype, device=device), from `POOL` where it applies."""
     return POOL.empty(shape, dtype, device)
+
+
+def serves(shape: Sequence[int], dtype: torch.dtype, device) -> bool:
+    """Whether `empty(shape, dtype, device)` would come from `POOL`."""
+    return POOL.serves(math.prod(shape) * dtype.itemsize, device)

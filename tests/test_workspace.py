@@ -105,10 +105,10 @@ def test_routed_experts_step_uses_the_pool_and_matches_plain_memory():
     runs = [(True, None), (True, None), (False, None), (True, ["moe_act"])]
     torch.manual_seed(0)
     x = None
-    saved = (workspace.POOL.enabled, workspace.MIN_BYTES, workspace.POOL.min_bytes)
+    saved = (workspace.POOL.enabled, workspace.POOL.min_bytes)
     results = []
     try:
-        workspace.MIN_BYTES = workspace.POOL.min_bytes = 1024  # tiny model: pool everything
+        workspace.POOL.min_bytes = 1024  # tiny model: pool everything
         for enabled, recompute in runs:
             extra = {} if recompute is None else dict(recompute_granularity="selective",
                                                       recompute_modules=recompute)
@@ -127,7 +127,7 @@ def test_routed_experts_step_uses_the_pool_and_matches_plain_memory():
                 moe.zero_grad(set_to_none=True)
             results.append((out.detach(), xi.grad, grads, workspace.POOL.reused - before))
     finally:
-        workspace.POOL.enabled, workspace.MIN_BYTES, workspace.POOL.min_bytes = saved
+        workspace.POOL.enabled, workspace.POOL.min_bytes = saved
     assert results[0][3] > 0 and results[3][3] > 0  # pooled storages were handed out again
     for other in results[1:]:
         assert torch.equal(results[0][0], other[0]) and torch.equal(results[0][1], other[1])

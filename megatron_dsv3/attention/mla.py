@@ -102,11 +102,13 @@ class MLASelfAttention(MegatronModule):
                    for m in (self.linear_q_down_proj, self.linear_kv_down_proj))
 
     # -- pieces shared by the training and the absorbed path ---------------------------------
-    def _query_latent(self, x):
-        """Normalised query latent c_q (or x itself without query compression)."""
+    def _query_latent(self, x, c_q=None):
+        """Normalised query latent c_q (or x itself without query compression); `c_q`: the
+        down-projection's output if already computed."""
         if self.q_lora_rank is None:
             return x
-        c_q, _ = self.linear_q_down_proj(x)
+        if c_q is None:
+            c_q, _ = self.linear_q_down_proj(x)
         return self.q_layernorm(c_q)
 
     def _query(self, c_q):
@@ -140,8 +142,8 @@ class MLASelfAttention(MegatronModule):
         if self._down_projections_stack():
             down = shared_input_linear(hidden_states, [self.linear_q_down_proj.weight,
                                                        self.linear_kv_down_proj.weight])
-            c_q, kv = down.split([self.q_lora_rank, self.kv_lora_rank + self.dr], dim=-1)
-            c_q = self.q_layernorm(c_q)
+            q_down, kv = down.split([self.q_lora_rank, self.kv_lora_rank + self.dr], dim=-1)
+            c_q = self._query_latent(hidden_states, q_down)
             c_kv, k_rope = self._kv_latent(hidden_states, kv)
         else:
             c_q = self._query_latent(hidden_states)

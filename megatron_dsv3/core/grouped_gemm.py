@@ -33,13 +33,12 @@ def _offsets(counts: List[int], device) -> torch.Tensor:
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: List[int]) -> torch.Tensor:
     """torch._grouped_mm(a, b, offs) for a [M, K] x b [G, K, N] (rows of a grouped) or a [K, M] x
-    b [M, N] (a's columns and b's rows grouped; -> [G, K, N]). A large CPU result goes into
-    memory from `megatron_dsv3.workspace` (torch's CPU kernel is this same per-group loop of
-    GEMMs, but its fresh output costs a page fault per 4 KiB page)."""
+    b [M, N] (a's columns and b's rows grouped; -> [G, K, N]). A result the workspace pool serves
+    (large, on CPU) goes into its memory: torch's CPU kernel is this same per-group loop of GEMMs,
+    but its fresh output costs a page fault per 4 KiB page."""
     grouped_rows = b.dim() == 3
     shape = (a.shape[0], b.shape[-1]) if grouped_rows else (len(counts), a.shape[0], b.shape[-1])
-    numel = shape[0] * shape[1] * (1 if grouped_rows else shape[2])
-    if a.device.type != "cpu" or numel * a.dtype.itemsize < workspace.MIN_BYTES:
+    if not workspace.serves(shape, a.dtype, a.device):
         return torch._grouped_mm(a, b, offs=_offsets(counts, a.device))
     out = workspace.empty(shape, a.dtype, a.device)
     start = 0

@@ -150,10 +150,10 @@ class _Combine(torch.autograd.Function):
         acc = torch.promote_types(rows.dtype, torch.float32)
         ctx.save_for_backward(rows, weights, order, inverse)
         ctx.acc = acc
-        ctx.sparse = _sparse_combine_runs(rows, weights)
-        if ctx.sparse:
-            matrix, _ = _combine_matrix(weights, inverse, rows.shape[0])
-            return torch.sparse.mm(matrix, rows)
+        ctx.matrix = None  # (the CSR matrix and its choice order, kept for backward's pattern)
+        if _sparse_combine_runs(rows, weights):
+            ctx.matrix, ctx.perm = _combine_matrix(weights, inverse, rows.shape[0])
+            return torch.sparse.mm(ctx.matrix, rows)
         y = rows.index_select(0, inverse).view(T, k, -1).to(acc)
         return torch.bmm(weights.to(acc).unsqueeze(1), y).squeeze(1).to(rows.dtype)
 
@@ -165,10 +165,10 @@ class _Combine(torch.autograd.Function):
         g = g.to(acc).contiguous()
         d_weights = None
         if ctx.needs_input_grad[1]:
-            if ctx.sparse:
-                pattern, perm = _combine_matrix(weights, inverse, rows.shape[0])
-                dots = torch.sparse.sampled_addmm(pattern, g, rows.t(), beta=0.0).values()
-                d_weights = torch.empty_like(dots).view(T, k).scatter_(1, perm, dots.view(T, k))
+            if ctx.matrix is not None:  # its values are ignored (beta=0): only the pattern
+                dots = torch.sparse.sampled_addmm(ctx.matrix, g, rows.t(), beta=0.0).values()
+                d_weights = torch.empty_like(dots).view(T, k).scatter_(1, ctx.perm,
+                                                                       dots.view(T, k))
             else:
                 y = rows.index_select(0, inverse).view(T, k, -1).to(acc)
                 d_weights = torch.bmm(y, g.unsqueeze(-1))
