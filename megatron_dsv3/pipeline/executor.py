@@ -34,7 +34,10 @@ import torch.distributed as dist
 from megatron_dsv3.core.gemm import WeightGradStore
 from megatron_dsv3.lanes import BACKWARD_LANE, FORWARD_LANE, StepTrace, on_lane
 from megatron_dsv3.pipeline.overlap import sequential_forward_backward
-from megatron_dsv3.pipeline.schedules import Layout, Op, build, check, layout, neighbours
+from megatron_dsv3.pipeline.schedules import (COMPUTE, Layout, Op, build, check, layout,
+                                               neighbours, ordered_plan)
+
+P2P_ORDERS = ("tagged", "ordered")
 
 
 class _Runner:
@@ -61,6 +64,9 @@ class _Runner:
         self.stages = [lay.stage(rank, c) for c in range(2)]
         self.directions = [c if lay.name == "dualpipe" else 0 for c in range(2)]
         self.posted: Dict[Tuple[str, int, int], Tuple[object, torch.Tensor]] = {}
+        self.ordered = False  # p2p_order="ordered": transfers in batches where the plan puts them
+        self.outbox: Dict[Tuple[str, int, int], torch.Tensor] = {}  # outputs awaiting their SEND
+        self.pending: List = []  # the ordered plan's transfers since the last compute op
 
     # -- point to point --------------------------------------------------------------------------
     def _tag(self, kind: str, from_stage: int, direction: int, mb: int) -> int:
@@ -97,10 +103,16 @@ class _Runner:
             return None
         if src[0] == self.rank:
             return self.local.pop((kind, self.lay.stage(*src), mb))
-        self._post(kind, chunk, mb)
-        work, buf = self.posted.pop((kind, chunk, mb))
+        if self.ordered:
+            if (kind, chunk, mb) not in self.posted:  # a plan error, never a wait for nothing
+                raise RuntimeError(f"pipeline rank {self.rank}: the ordered p2p plan did not "
+                                   f"post the receive of {kind}{chunk}.{mb} before its op")
+        else:
+            self._post(kind, chunk, mb)
+        works, buf = self.posted.pop((kind, chunk, mb))
         t0 = time.perf_counter()
-        work.wait()
+        for work in works if isinstance(works, list) else [works]:
+            work.wait()
         self.recv_wait += time.perf_counter() - t0
         return buf
 
@@ -113,6 +125,9 @@ class _Runner:
             self.local[(kind, stage, mb)] = tensor.detach()
             return
         t = tensor.detach().contiguous()
+        if self.ordered:  # sent where the plan's SEND op stands
+            self.outbox[(kind, chunk, mb)] = t
+            return
         self.sends.append((dist.isend(t, dst=self.global_rank[dst[0]], group=self.group,
                                       tag=self._tag(kind, stage, self.directions[chunk], mb)), t))
         # completed sends release their buffers as the step goes (waited at the end otherwise)
@@ -177,6 +192,17 @@ class _Runner:
         with on_lane(BACKWARD_LANE), self._timed("B", chunk, mb, BACKWARD_LANE, pair):
             self.backward(chunk, mb, zb)
 
+    def _run_op(self, op: Op) -> None:
+        if op.kind == "F":
+            self._run_forward(op.chunk, op.mb, False)
+        elif op.kind == "B":
+            self._run_backward(op.chunk, op.mb, op.zb, False)
+        elif op.kind == "W":
+            WeightGradStore.pop()
+        elif op.kind == "FB":
+            self.overlap(lambda: self._run_forward(op.chunk, op.mb, True),
+                         lambda: self._run_backward(op.chunk2, op.mb2, False, True))
+
     def run(self, ops: List[Op], recv_lookahead: int = 2) -> Dict[str, float]:
         """Run `ops`; -> wall time, time spent waiting on other stages and their ratio.
 
@@ -186,18 +212,67 @@ class _Runner:
         start = time.perf_counter()
         for i, op in enumerate(ops):
             self.prefetch(ops[i:i + 1 + recv_lookahead])
-            if op.kind == "F":
-                self._run_forward(op.chunk, op.mb, False)
-            elif op.kind == "B":
-                self._run_backward(op.chunk, op.mb, op.zb, False)
-            elif op.kind == "W":
-                WeightGradStore.pop()
-            elif op.kind == "FB":
-                self.overlap(lambda: self._run_forward(op.chunk, op.mb, True),
-                             lambda: self._run_backward(op.chunk2, op.mb2, False, True))
+            self._run_op(op)
         for work, _ in self.sends:
             work.wait()
         self.sends.clear()
+        wall = time.perf_counter() - start
+        return {"wall_s": wall, "recv_wait_s": self.recv_wait,
+                "bubble_fraction": self.recv_wait / wall if wall > 0 else 0.0}
+
+
+    # -- the ordered plan (NCCL) ---------------------------------------------------------------
+    def _commit(self) -> None:
+        """Issue the transfers listed since the last compute op as one batch (one NCCL group:
+        its sends and receives progress together)."""
+        if not self.pending:
+            return
+        p2p, recvs, sends = [], [], []
+        for op in self.pending:
+            kind, peer = op.kind[-1], self.global_rank[op.peer]
+            if op.kind.startswith("RECV"):
+                src = self.peers[op.chunk][0 if kind == "F" else 1]
+                buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                tag = self._tag(kind, self.lay.stage(*src), self.directions[op.chunk], op.mb)
+                recvs.append(((kind, op.chunk, op.mb), buf, len(p2p)))
+                p2p.append(dist.P2POp(dist.irecv, buf, peer, self.group, tag))
+            else:
+                t = self.outbox.pop((kind, op.chunk, op.mb))
+                tag = self._tag(kind, self.stages[op.chunk], self.directions[op.chunk], op.mb)
+                sends.append((t, len(p2p)))
+                p2p.append(dist.P2POp(dist.isend, t, peer, self.group, tag))
+        self.pending = []
+        works = dist.batch_isend_irecv(p2p)
+        # one work per transfer (gloo: each waited once, a second wait on a receive would wait
+        # for another message), or one for the whole group (NCCL's coalescing: a receive then
+        # waits for its group, which is when its data is there anyway)
+        per_op = len(works) == len(p2p)
+        for key, buf, i in recvs:
+            self.posted[key] = ([works[i]] if per_op else list(works), buf)
+        if sends:
+            self.sends.append(([works[i] for _, i in sends] if per_op else list(works),
+                               [t for t, _ in sends]))
+
+
+    def run_ordered(self, plan: List[Op]) -> Dict[str, float]:
+        """Run this rank's `ordered_plan`: before each compute op the pending transfers go out
+        as one batch; outputs wait in the outbox for their SEND."""
+        start = time.perf_counter()
+        self.ordered = True
+        for op in plan:
+            if op.kind not in COMPUTE:
+                self.pending.append(op)
+                continue
+            self._commit()
+            self._run_op(op)
+        self._commit()
+        for works, _ in self.sends:
+            for work in works if isinstance(works, list) else [works]:
+                work.wait()
+        self.sends.clear()
+        if self.outbox or self.posted:
+            raise RuntimeError(f"pipeline rank {self.rank}: the ordered p2p plan left "
+                               f"{sorted(self.outbox)} unsent and {sorted(self.posted)} unread")
         wall = time.perf_counter() - start
         return {"wall_s": wall, "recv_wait_s": self.recv_wait,
                 "bubble_fraction": self.recv_wait / wall if wall > 0 else 0.0}
@@ -209,16 +284,19 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
                       adjust_tensor_shapes_fn=None, p2p_communicator=None, pg_collection=None,
                       force_all_reduce=False, overlap: Optional[Callable] = None,
                       trace: Optional[StepTrace] = None, stats: Optional[Dict] = None,
-                      recv_lookahead: int = 2):
+                      recv_lookahead: Optional[int] = None, p2p_order: Optional[str] = None):
     from megatron.core import parallel_state
     from megatron.core.utils import get_model_config
 
     if not isinstance(model, list) or len(model) != 2:
         raise ValueError(f"{schedule} needs this rank's two model chunks as a list "
                          f"(model=[chunk0, chunk1]); got {type(model).__name__}")
-    if not isinstance(recv_lookahead, int) or recv_lookahead < 0:
+    if recv_lookahead is not None and (not isinstance(recv_lookahead, int) or recv_lookahead < 0):
         raise ValueError(f"recv_lookahead={recv_lookahead!r}: allowed values are integers >= 0 "
                          f"(how many ops ahead receives are posted)")
+    if p2p_order not in (None,) + P2P_ORDERS:
+        raise ValueError(f"p2p_order={p2p_order!r}: allowed values are None (by backend), "
+                         f"{', '.join(map(repr, P2P_ORDERS))}")
     group = getattr(pg_collection, "pp", None) or parallel_state.get_pipeline_model_parallel_group()
     ranks, rank = dist.get_world_size(group), dist.get_rank(group)
     check(schedule, ranks, num_microbatches)
@@ -233,13 +311,19 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
                      dtype, config, group, forward_only, collect_non_loss_data,
                      overlap or sequential_forward_backward, trace)
     runner.n = num_microbatches  # losses are averaged over every micro-batch of the step
-    if forward_only:
+    order = _p2p_order(p2p_order, recv_lookahead, group, runner.device)
+    if order == "ordered":
+        ops = ordered_plan(schedule, ranks, num_microbatches, forward_only)[rank]
+    elif forward_only:
         ops = [Op("F", c, m) for m in range(per_direction) for c in (0, 1)]
     else:
         ops = build(schedule, ranks, num_microbatches)[rank]
     WeightGradStore.clear()
     with trace.recording() if trace is not None else contextlib.nullcontext():
-        step = runner.run(ops, recv_lookahead)
+        if order == "ordered":
+            step = runner.run_ordered(ops)
+        else:
+            step = runner.run(ops, 2 if recv_lookahead is None else recv_lookahead)
     if stats is not None:
         stats.update(step)
     if not forward_only:
@@ -249,6 +333,30 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
             config.finalize_model_grads_func(
                 model, runner.num_tokens if config.calculate_per_token_loss else None)
     return [runner.losses[k] for k in sorted(runner.losses)]
+
+
+def _backend(group, device) -> str:
+    """The backend that carries `device`'s tensors in `group` ("gloo", "nccl", ...)."""
+    backend = str(dist.get_backend(group))
+    if ":" in backend:  # e.g. "cpu:gloo,cuda:nccl"
+        table = dict(item.split(":", 1) for item in backend.split(","))
+        return table.get(device.type, backend)
+    return backend
+
+
+def _p2p_order(asked: Optional[str], recv_lookahead: Optional[int], group, device) -> str:
+    """'tagged' on gloo (messages matched by tag: receives may be posted early, in any order);
+    'ordered' elsewhere (NCCL matches by order on FIFO streams, where early receives deadlock)."""
+    backend = _backend(group, device)
+    order = asked or ("tagged" if backend == "gloo" else "ordered")
+    if order == "tagged" and backend != "gloo":
+        raise ValueError(f"p2p_order='tagged' needs a backend that matches point-to-point "
+                         f"messages by tag (gloo); this pipeline group's {backend!r} matches them "
+                         f"by order and would hang: use p2p_order='ordered' (its default)")
+    if order == "ordered" and recv_lookahead is not None:
+        raise ValueError(f"recv_lookahead={recv_lookahead} applies to p2p_order='tagged' only: "
+                         f"the ordered plan posts receives where DeepSeek's DualPipe does")
+    return order
 
 
 def _flat_grads(chunk) -> torch.Tensor:

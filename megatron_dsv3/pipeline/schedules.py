@@ -106,7 +106,10 @@ def check(name: str, ranks: int, microbatches: int, chunks: int = 2) -> None:
 
 
 def _dual(name: str, rank: int, ranks: int, microbatches: int) -> List[Op]:
-    """The eight DualPipe phases of one rank, in terms of its near (0) and far (1) chunks."""
+    """The eight DualPipe phases of one rank, in terms of its near (0) and far (1) chunks, with
+    the point-to-point transfers where DeepSeek's DualPipe places them (`ordered_plan`):
+    RECV_*/SEND_* ops name (chunk, micro-batch) and are resolved to peers (or dropped, at the
+    ends and for same-rank hand-offs) by `ordered_plan`; `build` keeps the compute ops."""
     if name == "dualpipev":
         half_ranks, h, n, flip = ranks, rank, microbatches, False
     else:
@@ -115,43 +118,73 @@ def _dual(name: str, rank: int, ranks: int, microbatches: int) -> List[Op]:
     middle = h == half_ranks - 1
     chunk = (lambda p: p ^ 1) if flip else (lambda p: p)
     nf, nb = [0, 0], [0, 0]
+    # transfers counted apart from compute: the k-th receive (send) of a kind and chunk carries
+    # micro-batch k, whenever the schedule posts (issues) it
+    counts = {kind: [0, 0] for kind in ("RECV_F", "SEND_F", "RECV_B", "SEND_B")}
     deferred: List[Tuple[int, int]] = []
     ops: List[Op] = []
 
-    def F(p):
+    def comm(kind, p):
+        ops.append(Op(kind, chunk(p), counts[kind][p]))
+        counts[kind][p] += 1
+
+    def F(p, recv=True, send=True):
+        if recv:
+            comm("RECV_F", p)
         ops.append(Op("F", chunk(p), nf[p]))
         nf[p] += 1
+        if send:
+            comm("SEND_F", p)
 
-    def B(p, zb=False):
+    def B(p, zb=False, recv=True, send=True):
+        if recv:
+            comm("RECV_B", p)
         ops.append(Op("B", chunk(p), nb[p], zb=zb))
         if zb:
             deferred.append((chunk(p), nb[p]))
         nb[p] += 1
+        if send:
+            comm("SEND_B", p)
 
     def W():
         c, m = deferred.pop(0)
         ops.append(Op("W", c, m))
 
-    def FB(pf, pb):
+    def FB(pf, pb, recv_f=True):
+        if recv_f:
+            comm("RECV_F", pf)
+        comm("RECV_B", pb)
         ops.append(Op("FB", chunk(pf), nf[pf], chunk2=chunk(pb), mb2=nb[pb]))
         nf[pf] += 1
         nb[pb] += 1
+        comm("SEND_F", pf)
+        comm("SEND_B", pb)
 
     for _ in range((half_ranks - h - 1) * 2):
         F(0)
-    for _ in range(h + 1):
-        F(0)
-        F(1)
+    # the receive of each next near-chunk forward is posted one operation early; the middle
+    # rank sends its near forward at once, the others after the far forward
+    comm("RECV_F", 0)
+    for i in range(h + 1):
+        F(0, recv=False, send=middle)
+        comm("RECV_F", 0)
+        F(1, send=not middle or i < h)
+        if not middle:
+            comm("SEND_F", 0)
     for _ in range(half_ranks - h - 1):
         B(1, zb=True)
+        comm("RECV_F", 1)  # posted with the pending send, before the W
         W()
-        F(1)
+        F(1, recv=False)
     for i in range(n - 2 * half_ranks + h + 1):
         if i == 0 and middle:  # the bottom of the V: not overlapped, to shrink the bubble
-            F(0)
-            B(1)
+            F(0, recv=False, send=False)
+            comm("SEND_F", 1)  # the far forward held back in the previous phase
+            B(1, send=False)
+            comm("SEND_F", 0)
+            comm("SEND_B", 1)
         else:
-            FB(0, 1)
+            FB(0, 1, recv_f=i > 0)
         FB(1, 0)
     for _ in range(half_ranks - h - 1):
         B(1)
@@ -170,7 +203,54 @@ def _dual(name: str, rank: int, ranks: int, microbatches: int) -> List[Op]:
     for _ in range(h + 1):
         W()
     assert not deferred and nf == [n, n] and nb == [n, n]
+    assert all(c == [n, n] for c in counts.values())
     return ops
+
+
+COMPUTE = ("F", "B", "W", "FB")
+
+
+def ordered_plan(name: str, ranks: int, microbatches: int,
+                 forward_only: bool = False) -> List[List[Op]]:
+    """Every rank's operations with its point-to-point transfers in DeepSeek's DualPipe order:
+    each compute op is preceded by one batch of the transfers listed since the previous one
+    (pending sends and the receives posted for this or a later op), issued together.
+
+    Backends that match messages by order and run them on FIFO streams (NCCL) need this: the
+    k-th send from a rank to a peer meets the peer's k-th receive from that rank, and a batch
+    that waits for a peer never stands in front of the send that peer waits for
+    (megatron_dsv3.testing.nccl_p2p checks both for every rank). RECV_*/SEND_* ops carry the
+    peer's pipeline rank; transfers at the ends of the pipeline and between a rank's own two
+    chunks (DualPipeV's bottom) are not listed. `forward_only`: the backward ops and their
+    transfers are left out, the forwards keep their places."""
+    if name not in ("dualpipe", "dualpipev"):
+        raise ValueError(f"ordered_plan: schedule={name!r}: allowed values are dualpipe, "
+                         f"dualpipev")
+    check(name, ranks, microbatches)
+    lay = layout(name, ranks)
+    plans = []
+    for rank in range(ranks):
+        plan = []
+        for op in _dual(name, rank, ranks, microbatches):
+            if op.kind in COMPUTE:
+                if forward_only:
+                    if op.kind == "FB":
+                        op = Op("F", op.chunk, op.mb)
+                    elif op.kind != "F":
+                        continue
+                plan.append(op)
+                continue
+            kind = op.kind[-1]
+            if forward_only and kind == "B":
+                continue
+            prev, nxt = neighbours(lay, rank, op.chunk)
+            peer = (prev if kind == "F" else nxt) if op.kind.startswith("RECV") else \
+                (nxt if kind == "F" else prev)
+            if peer is None or peer[0] == rank:
+                continue
+            plan.append(Op(op.kind, op.chunk, op.mb, peer=peer[0]))
+        plans.append(plan)
+    return plans
 
 
 def _one_f_one_b(rank: int, ranks: int, n: int) -> List[Op]:
@@ -259,7 +339,8 @@ def build(name: str, ranks: int, microbatches: int, chunks: int = 2,
     zb1p, whose W placement depends on them; default F=1, B=2, W=1)."""
     check(name, ranks, microbatches, chunks)
     if name in ("dualpipe", "dualpipev"):
-        return [_dual(name, r, ranks, microbatches) for r in range(ranks)]
+        return [[op for op in _dual(name, r, ranks, microbatches) if op.kind in COMPUTE]
+                for r in range(ranks)]
     if name == "interleaved":
         return [_interleaved(r, ranks, microbatches, chunks) for r in range(ranks)]
     if name == "zb1p":

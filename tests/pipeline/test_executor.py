@@ -33,7 +33,7 @@ def forward_step(data_iterator, model):
     return out, partial(loss_func, batch["loss_mask"])
 
 
-def _pipelined(rank, world, schedule, mtp, forward_only, N, layers):
+def _pipelined(rank, world, schedule, mtp, forward_only, N, layers, p2p_order=None):
     from megatron_dsv3.model_chunks import build_model_chunks
     from megatron_dsv3.pipeline import get_forward_backward_func
 
@@ -48,7 +48,7 @@ def _pipelined(rank, world, schedule, mtp, forward_only, N, layers):
     with ctx:
         losses = run(forward_step_func=forward_step, data_iterator=iters, model=chunks,
                      num_microbatches=N, seq_length=S, micro_batch_size=B,
-                     forward_only=forward_only)
+                     forward_only=forward_only, p2p_order=p2p_order)
     return [float(l["lm loss"]) for l in losses], grads_by_global_name(chunks), \
         [[l.layer_number for l in c.decoder.layers] for c in chunks], \
         [(c.mtp_process, hasattr(c, "mtp"), hasattr(c, "embedding")) for c in chunks]
@@ -72,15 +72,18 @@ def _reference(mtp, N, layers):
     return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-CASES = [("dualpipev", 2, True, 4, 4), ("dualpipe", 2, False, 4, 4),
-         ("dualpipev", 4, True, 8, 8), ("dualpipe", 4, False, 8, 4)]
+# p2p_order: None takes gloo's default ("tagged": receives posted ahead, matched by tag);
+# "ordered" is the plan NCCL gets (DeepSeek's transfer order, in batches), run here on gloo
+CASES = [("dualpipev", 2, True, 4, 4, None), ("dualpipe", 2, False, 4, 4, None),
+         ("dualpipev", 4, True, 8, 8, None), ("dualpipe", 4, False, 8, 4, None),
+         ("dualpipev", 4, True, 8, 8, "ordered"), ("dualpipe", 4, False, 8, 4, "ordered")]
 
 
-@pytest.mark.parametrize("schedule,ranks,mtp,N,layers", CASES)
+@pytest.mark.parametrize("schedule,ranks,mtp,N,layers,p2p_order", CASES)
 def test_pipelined_losses_and_gradients_equal_unpipelined(single_rank_world, schedule, ranks, mtp,
-                                                          N, layers):
+                                                          N, layers, p2p_order):
     ref_losses, ref_grads = _reference(mtp, N, layers)
-    results = run_distributed(_pipelined, ranks, args=(schedule, mtp, False, N, layers),
+    results = run_distributed(_pipelined, ranks, args=(schedule, mtp, False, N, layers, p2p_order),
                               megatron_parallel={"pipeline_model_parallel_size": ranks})
     losses = [l for r in results for l in r[0]]
     assert sorted(losses) == pytest.approx(sorted(ref_losses), rel=1e-5)
@@ -103,9 +106,10 @@ def test_pipelined_losses_and_gradients_equal_unpipelined(single_rank_world, sch
         assert all(r[3] == [(False, False, False)] * 2 for r in results[1:])
 
 
-def test_dualpipev_forward_only_evaluation(single_rank_world):
+@pytest.mark.parametrize("p2p_order", [None, "ordered"])
+def test_dualpipev_forward_only_evaluation(single_rank_world, p2p_order):
     ref_losses, _ = _reference(True, 4, 4)
-    results = run_distributed(_pipelined, 2, args=("dualpipev", True, True, 4, 4),
+    results = run_distributed(_pipelined, 2, args=("dualpipev", True, True, 4, 4, p2p_order),
                               megatron_parallel={"pipeline_model_parallel_size": 2})
     assert results[0][0] == pytest.approx(ref_losses, rel=1e-5) and results[1][0] == []
 
