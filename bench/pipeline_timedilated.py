@@ -171,7 +171,7 @@ def _timed_iteration(step, busy):
     return time.perf_counter() - start, busy[0]
 
 
-def _run(rank, world, which, F, B, W, N, scale=0.5, recv_lookahead=2):
+def _run(rank, world, which, F, B, W, N, scale=0.5, recv_lookahead=2, p2p_order="tagged"):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -198,7 +198,8 @@ def _run(rank, world, which, F, B, W, N, scale=0.5, recv_lookahead=2):
         def step():
             fb(forward_step_func=_forward_step, data_iterator=[iter(data), iter(data)],
                model=chunks, num_microbatches=N, seq_length=S, micro_batch_size=MB,
-               recv_lookahead=recv_lookahead)
+               p2p_order=p2p_order,
+               recv_lookahead=recv_lookahead if p2p_order == "tagged" else None)
     else:  # torch.distributed.pipelining's DualPipeV
         from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
 
@@ -232,6 +233,9 @@ def main():
                         "DualPipe with DeepSeek's reference (each chunk sleeps F/B/W)")
     p.add_argument("--recv-lookahead", type=non_negative_int, default=2,
                    help="our executor's recv_lookahead (ops ahead whose receives are posted)")
+    p.add_argument("--p2p-order", choices=["tagged", "ordered"], default="tagged",
+                   help="our executor's transfer order: tagged (gloo's default, receives posted "
+                        "ahead) or ordered (DeepSeek's order in batches, NCCL's default)")
     p.add_argument("--repeat", type=positive_int, default=1,
                    help="runs per configuration (the table reports the median)")
     p.add_argument("--json", action="store_true")
@@ -300,7 +304,7 @@ def _compare_with_reference(a):
                 row = {"pp": P, "microbatches": N, "schedule": sched,
                        "formula_bubble_s": expected_bubble(sched, P, times)}
                 ours = _measure(_run, P, (f"ours_{sched}", a.F, a.B, a.W, N, 1.0,
-                                          a.recv_lookahead),
+                                          a.recv_lookahead, a.p2p_order),
                                 {"pipeline_model_parallel_size": P}, a.repeat)
                 ref = _measure(_run_reference, P, (f"ref_{sched}", a.F, a.B, a.W, N,
                                                    os.path.abspath(a.dualpipe_ref)), None, a.repeat)

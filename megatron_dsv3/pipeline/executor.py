@@ -4,8 +4,8 @@ Each compute op calls Megatron's `forward_step_func(data_iterator[chunk], model[
 Megatron's own schedules do (input tensor set with `set_input_tensor`, loss reduced by
 `loss_func`, MoE aux-loss and MTP loss scales set), and backward runs autograd on the saved
 output. Activations and gradients travel with isend/irecv, tagged by (kind, sending stage,
-direction, micro-batch) so that no global ordering of point-to-point calls is needed: any
-backend (gloo on CPU, NCCL on GPU) works. A backward marked zero-bubble runs under
+direction, micro-batch); on backends that ignore tags (NCCL) they travel in the order and the
+batches of DeepSeek's DualPipe instead (`p2p_order`, below). A backward marked zero-bubble runs under
 WeightGradStore.deferring(): our linear layers queue their weight-gradient GEMMs, and the W op
 runs them later. FB ops go through the pair runner `overlap(run_forward, run_backward)`, the
 point where one chunk's forward and another's backward may run concurrently (by default one after
@@ -20,6 +20,16 @@ measured bubble fraction) and `recv_lookahead=` (default 2: before each op, the 
 next two ops are posted, so transfers land while this rank computes; 0 posts each receive just
 before the op that needs it). Sends are never waited for inside the step (only at its end);
 completed ones release their buffers as the step goes.
+
+`p2p_order=` says how transfers are issued. "tagged" (the default on gloo): as above, each
+transfer on its own, matched by its tag. "ordered" (the default on every other backend, NCCL
+included): DeepSeek's DualPipe order (`schedules.ordered_plan`): before each compute op, the
+transfers the plan lists since the previous one go out as one `batch_isend_irecv` group, and
+outputs wait for their place in the plan. NCCL matches sends and receives by order on FIFO
+streams and ignores tags: there, receives posted ahead make two neighbours each wait for a send
+queued behind the other's receive, and the step hangs (megatron_dsv3.testing.nccl_p2p models
+this; tests/pipeline/test_nccl_order.py checks the plan and the executor's own calls against
+it). "tagged" is refused on such backends, and `recv_lookahead` applies to "tagged" only.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What pipeline tests compare: random language-model micro-batches in the executor's batch
-format, and a pipelined rank's gradients under the unpipelined model's parameter names."""
-
+format, a pipelined rank's gradients under the unpipelined model's parameter names, and a tiny
+stage for tests of the executor's transfers."""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -34,3 +34,39 @@ def grads_by_global_name(chunks) -> Dict[str, torch.Tensor]:
             if p.grad is not None:
                 out[name] = p.grad.clone()
     return out
+
+
+class TinyStage(torch.nn.Module):
+    """A pipeline stage of one scaled copy, y = x * w, with the attributes Megatron's schedules
+    read (`config`, `model_type`, `set_input_tensor`): for tests of what the executor sends,
+    receives and computes, not of a model."""
+
+    def __init__(self, hidden: int = 8):
+        super().__init__()
+        from megatron.core.transformer.enums import ModelType
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        self.config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=1,
+                                        pipeline_dtype=torch.float32,
+                                        params_dtype=torch.float32)
+        self.model_type = ModelType.encoder_or_decoder
+        self.weight = torch.nn.Parameter(torch.ones(hidden))
+        self.input = None
+
+    def set_input_tensor(self, tensor):
+        self.input = tensor[0] if isinstance(tensor, list) else tensor
+
+    def forward(self, x=None):
+        return (self.input if self.input is not None else x) * self.weight
+
+
+def tiny_forward_step(data_iterator, model):
+    """Megatron's forward_step_func for TinyStage: the batch is the first stage's input; the loss
+    is the output's mean."""
+    x = next(data_iterator)
+
+    def loss_func(out):
+        loss = out.float().mean()
+        return loss, {"loss": loss.detach().clone()}
+
+    return model(x), loss_func
