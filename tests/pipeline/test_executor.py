@@ -33,7 +33,8 @@ def forward_step(data_iterator, model):
     return out, partial(loss_func, batch["loss_mask"])
 
 
-def _pipelined(rank, world, schedule, mtp, forward_only, N, layers, p2p_order=None):
+def _pipelined(rank, world, schedule, mtp, forward_only, N, layers, p2p_order=None,
+               threaded=False):
     from megatron_dsv3.model_chunks import build_model_chunks
     from megatron_dsv3.pipeline import get_forward_backward_func
 
@@ -43,7 +44,10 @@ def _pipelined(rank, world, schedule, mtp, forward_only, N, layers, p2p_order=No
         iters = [iter(batches), iter(batches)]
     else:  # half the micro-batches enter at each end
         iters = [iter(batches[: N // 2]), iter(batches[N // 2:])]
-    run = get_forward_backward_func(schedule)
+    from megatron_dsv3.pipeline.overlap import threaded_forward_backward
+
+    run = get_forward_backward_func(schedule,
+                                    overlap=threaded_forward_backward if threaded else None)
     ctx = torch.no_grad() if forward_only else torch.enable_grad()
     with ctx:
         losses = run(forward_step_func=forward_step, data_iterator=iters, model=chunks,
@@ -73,17 +77,21 @@ def _reference(mtp, N, layers):
 
 
 # p2p_order: None takes gloo's default ("tagged": receives posted ahead, matched by tag);
-# "ordered" is the plan NCCL gets (DeepSeek's transfer order, in batches), run here on gloo
-CASES = [("dualpipev", 2, True, 4, 4, None), ("dualpipe", 2, False, 4, 4, None),
-         ("dualpipev", 4, True, 8, 8, None), ("dualpipe", 4, False, 8, 4, None),
-         ("dualpipev", 4, True, 8, 8, "ordered"), ("dualpipe", 4, False, 8, 4, "ordered")]
+# "ordered" is the plan NCCL gets (DeepSeek's transfer order, in batches), run here on gloo;
+# threaded: F&B pairs in two threads (as the trainer runs them)
+CASES = [("dualpipev", 2, True, 4, 4, None, False), ("dualpipe", 2, False, 4, 4, None, False),
+         ("dualpipev", 4, True, 8, 8, None, False), ("dualpipe", 4, False, 8, 4, None, False),
+         ("dualpipev", 4, True, 8, 8, "ordered", False),
+         ("dualpipe", 4, False, 8, 4, "ordered", False),
+         ("dualpipev", 4, True, 8, 8, "ordered", True)]
 
 
-@pytest.mark.parametrize("schedule,ranks,mtp,N,layers,p2p_order", CASES)
+@pytest.mark.parametrize("schedule,ranks,mtp,N,layers,p2p_order,threaded", CASES)
 def test_pipelined_losses_and_gradients_equal_unpipelined(single_rank_world, schedule, ranks, mtp,
-                                                          N, layers, p2p_order):
+                                                          N, layers, p2p_order, threaded):
     ref_losses, ref_grads = _reference(mtp, N, layers)
-    results = run_distributed(_pipelined, ranks, args=(schedule, mtp, False, N, layers, p2p_order),
+    results = run_distributed(_pipelined, ranks,
+                              args=(schedule, mtp, False, N, layers, p2p_order, threaded),
                               megatron_parallel={"pipeline_model_parallel_size": ranks})
     losses = [l for r in results for l in r[0]]
     assert sorted(losses) == pytest.approx(sorted(ref_losses), rel=1e-5)
