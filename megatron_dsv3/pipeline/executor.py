@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from megatron_dsv3.core.gemm import WeightGradStore
 from megatron_dsv3.lanes import BACKWARD_LANE, FORWARD_LANE, StepTrace, on_lane
-from megatron_dsv3.pipeline.overlap import sequential_forward_backward
+from megatron_dsv3.pipeline.overlap import sequential_forward_backward, threaded_forward_backward
 from megatron_dsv3.pipeline.schedules import (COMPUTE, Layout, Op, build, check, layout,
                                                neighbours, ordered_plan)
 
@@ -321,6 +321,13 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
                      dtype, config, group, forward_only, collect_non_loss_data,
                      overlap or sequential_forward_backward, trace)
     runner.n = num_microbatches  # losses are averaged over every micro-batch of the step
+    if overlap is threaded_forward_backward and runner.device.type == "cuda":
+        raise ValueError(
+            "overlap=threaded_forward_backward is refused on CUDA: the two threads share the "
+            "default stream, so each lane's collectives wait through it for the other lane's, "
+            "and expert-parallel ranks whose threads issue them in different orders deadlock "
+            "(megatron_dsv3.testing.nccl_p2p shows the cycle; docs/backends.md). Allowed on "
+            "CUDA: overlap=None (the pair one half after the other)")
     order = _p2p_order(p2p_order, recv_lookahead, group, runner.device)
     if order == "ordered":
         ops = ordered_plan(schedule, ranks, num_microbatches, forward_only)[rank]

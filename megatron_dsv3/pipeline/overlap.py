@@ -20,9 +20,10 @@ Why this is safe:
   both. Each pass computes exactly what it computes alone, so the results are bitwise those of the
   sequential pair (tests/pipeline/test_overlap.py).
 - Thread state. Grad mode is thread-local: the executor sets it inside each pass. Autograd runs
-  CPU backward work on the thread that calls it. On GPU both halves' kernels share a stream
-  unless the forwards of the two chunks ran on different streams: autograd runs each backward
-  kernel on the stream its forward ran on, not on the calling thread's (docs/backends.md).
+  CPU backward work on the thread that calls it.
+- CPU only. On CUDA both threads would wait on the one default stream, which ties each lane's
+  collectives to the other lane's and can deadlock expert-parallel ranks that interleave them
+  differently: the executor refuses `threaded_forward_backward` there (docs/backends.md).
 
 Pipeline point-to-point transfers stay tagged by (kind, stage, direction, micro-batch), so both
 threads may send and receive at once. A step's timeline (`megatron_dsv3.lanes.StepTrace`, passed

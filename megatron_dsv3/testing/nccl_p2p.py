@@ -12,13 +12,15 @@ What NCCL does, and what this model keeps of it:
   activations are far above NCCL's eager threshold, so they wait for their receiver).
 - Groups. A batch (`torch.distributed.batch_isend_irecv`, one NCCL group) starts as one unit and
   its transfers progress together; it is done when all of them are.
-- Streams meet compute. A transfer issued after compute waits for that compute (the NCCL
-  stream waits for the current stream); waiting for a received tensor makes the compute after it
-  wait for the transfer's batch. Compute blocks the host until it is done: a MoE layer reads its
+- Streams meet compute. A batch waits for everything its rank put on the compute stream
+  before it, waits included (ProcessGroupNCCL makes its stream wait for the current stream);
+  waiting for a received tensor puts a wait for the transfer's batch on the compute stream. Compute blocks the host until it is done: a MoE layer reads its
   token counts on the host, so the host cannot issue later transfers early.
 
 A program is one rank's list of events in the host's order:
-    ("batch", [("send" | "recv", peer, message), ...])   one group of transfers
+    ("batch", [("send" | "recv", peer, message[, communicator]), ...])   one group of transfers
+                           (a collective is a group with every member; communicators apart
+                           have their own streams and their own order)
     ("wait", message)      the next compute waits for the batch that received `message`
     ("compute", label)
 `message` names what travels (the receiver names it as the sender does). At the end every send is
@@ -45,18 +47,18 @@ class Report:
 
 
 class _Transfer:
-    __slots__ = ("rank", "peer", "send", "message", "index", "batch")
+    __slots__ = ("rank", "peer", "send", "message", "index", "batch", "comm")
 
-    def __init__(self, rank, peer, send, message, index, batch):
+    def __init__(self, rank, peer, send, message, index, batch, comm):
         self.rank, self.peer, self.send, self.message = rank, peer, send, message
-        self.index, self.batch = index, batch
+        self.index, self.batch, self.comm = index, batch, comm
 
 
 class _Batch:
-    __slots__ = ("rank", "after_compute", "transfers", "streams", "started", "done")
+    __slots__ = ("rank", "after", "transfers", "streams", "started", "done")
 
-    def __init__(self, rank, after_compute):
-        self.rank, self.after_compute = rank, after_compute
+    def __init__(self, rank, after):
+        self.rank, self.after = rank, after  # compute-stream items issued before the batch
         self.transfers: List[_Transfer] = []
         self.streams: List[tuple] = []
         self.started = self.done = False
@@ -69,10 +71,13 @@ def check(programs: List[List[tuple]], streams: str = "pair") -> Report:
     pc = [0] * ranks
     issued = [0] * ranks  # compute ops issued per rank
     done = [0] * ranks  # compute ops finished per rank
+    queued = [0] * ranks  # compute-stream items (compute and waits) issued per rank
+    passed = [0] * ranks  # ... and passed
     compute_queue = [deque() for _ in range(ranks)]  # ("compute",) or ("wait", batch)
     queues: Dict[tuple, deque] = defaultdict(deque)  # stream -> batches
-    sends: Dict[Tuple[int, int], List[_Transfer]] = defaultdict(list)  # (src, dst), in order
-    recvs: Dict[Tuple[int, int], List[_Transfer]] = defaultdict(list)
+    # (src, dst, communicator) -> transfers in issue order
+    sends: Dict[Tuple[int, int, object], List[_Transfer]] = defaultdict(list)
+    recvs: Dict[Tuple[int, int, object], List[_Transfer]] = defaultdict(list)
     received: List[Dict[object, _Batch]] = [{} for _ in range(ranks)]
     my_sends: List[List[_Batch]] = [[] for _ in range(ranks)]
     blocked = [False] * ranks  # the host waits for its last compute op
@@ -80,17 +85,18 @@ def check(programs: List[List[tuple]], streams: str = "pair") -> Report:
 
     def stream_keys(rank, batch):
         if streams == "rank":
-            return [(rank,)]
-        return [(rank, peer) for peer in sorted({t.peer for t in batch.transfers})]
+            return sorted({(rank, t.comm) for t in batch.transfers}, key=str)
+        return sorted({(rank, t.peer, t.comm) for t in batch.transfers}, key=str)
 
     def issue(rank, event) -> None:
         kind = event[0]
         if kind == "batch":
-            batch = _Batch(rank, issued[rank])
-            for what, peer, message in event[1]:
-                key = (rank, peer) if what == "send" else (peer, rank)
+            batch = _Batch(rank, queued[rank])
+            for what, peer, message, *comm in event[1]:
+                comm = comm[0] if comm else 0
+                key = (rank, peer, comm) if what == "send" else (peer, rank, comm)
                 seq = sends[key] if what == "send" else recvs[key]
-                t = _Transfer(rank, peer, what == "send", message, len(seq), batch)
+                t = _Transfer(rank, peer, what == "send", message, len(seq), batch, comm)
                 seq.append(t)
                 batch.transfers.append(t)
                 if what == "recv":
@@ -102,15 +108,17 @@ def check(programs: List[List[tuple]], streams: str = "pair") -> Report:
                 queues[key].append(batch)
         elif kind == "wait":
             compute_queue[rank].append(("wait", received[rank][event[1]]))
+            queued[rank] += 1
         elif kind == "compute":
             compute_queue[rank].append(("compute",))
+            queued[rank] += 1
             issued[rank] += 1
             blocked[rank] = True
         else:
             raise ValueError(f"unknown event {event!r}")
 
     def partner(t: _Transfer):
-        seq = recvs[(t.rank, t.peer)] if t.send else sends[(t.peer, t.rank)]
+        seq = recvs[(t.rank, t.peer, t.comm)] if t.send else sends[(t.peer, t.rank, t.comm)]
         return seq[t.index] if t.index < len(seq) else None
 
     progress = True
@@ -126,6 +134,7 @@ def check(programs: List[List[tuple]], streams: str = "pair") -> Report:
                     if my_sends[r] is not None:  # the end: the rank waits for all its sends
                         for b in my_sends[r]:
                             compute_queue[r].append(("wait", b))
+                            queued[r] += 1
                         my_sends[r] = None
                         progress = True
                     break
@@ -139,10 +148,11 @@ def check(programs: List[List[tuple]], streams: str = "pair") -> Report:
                 if head[0] == "compute":
                     done[r] += 1
                 compute_queue[r].popleft()
+                passed[r] += 1
                 progress = True
         for q in queues.values():
             head = q[0] if q else None
-            if head is not None and not head.started and done[head.rank] >= head.after_compute \
+            if head is not None and not head.started and passed[head.rank] >= head.after \
                     and all(queues[k][0] is head for k in head.streams):
                 head.started = progress = True
         for q in queues.values():

@@ -185,3 +185,49 @@ def test_tagged_order_is_refused_on_nccl_and_lookahead_on_ordered():
         forward_backward_dualpipev(forward_step_func=None, data_iterator=None,
                                    model=[object(), object()], num_microbatches=4, seq_length=4,
                                    micro_batch_size=1, p2p_order="nccl")
+
+
+def test_two_lanes_on_one_compute_stream_deadlock_when_ranks_interleave_them_differently():
+    """Why F&B pairs in two threads are refused on CUDA: each lane has its own communicator, but
+    both threads wait on the one default stream, and a collective waits for what that stream
+    holds when it is issued. Two ranks whose threads issued the lanes' all-to-alls in opposite
+    orders wait for each other; in the same order they finish."""
+    def a2a(peer, lane, k):  # an all-to-all between two ranks: one group, both directions
+        return ("batch", [("send", peer, (lane, k), lane), ("recv", peer, (lane, k), lane)])
+
+    lane0_first = [a2a(1, 0, 0), ("wait", (0, 0)), a2a(1, 1, 0), ("wait", (1, 0))]
+    lane1_first = [a2a(0, 1, 0), ("wait", (1, 0)), a2a(0, 0, 0), ("wait", (0, 0))]
+    assert check([lane0_first, lane1_first]).deadlock
+    assert check([lane0_first, [a2a(0, 0, 0), ("wait", (0, 0)), a2a(0, 1, 0),
+                                ("wait", (1, 0))]]).ok
+
+
+def test_threaded_pairs_are_refused_on_cuda():
+    from types import SimpleNamespace
+
+    import megatron_dsv3.pipeline.executor as executor
+    from megatron_dsv3.pipeline.overlap import threaded_forward_backward
+
+    class Chunk(torch.nn.Module):  # a parameter that claims to live on a GPU
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(hidden_size=4, pipeline_dtype=torch.float32,
+                                          params_dtype=torch.float32)
+
+        def parameters(self, recurse=True):
+            yield SimpleNamespace(device=torch.device("cuda", 0))
+
+    saved = (executor.dist.get_world_size, executor.dist.get_rank,
+             executor.dist.get_process_group_ranks)
+    executor.dist.get_world_size = lambda group=None: 2
+    executor.dist.get_rank = lambda group=None: 0
+    executor.dist.get_process_group_ranks = lambda group: [0, 1]
+    try:
+        with pytest.raises(ValueError, match="threaded_forward_backward is refused on CUDA"):
+            executor.forward_backward_dualpipev(
+                forward_step_func=None, data_iterator=None, model=[Chunk(), Chunk()],
+                num_microbatches=4, seq_length=4, micro_batch_size=1,
+                overlap=threaded_forward_backward, pg_collection=SimpleNamespace(pp=object()))
+    finally:
+        (executor.dist.get_world_size, executor.dist.get_rank,
+         executor.dist.get_process_group_ranks) = saved
