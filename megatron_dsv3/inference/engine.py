@@ -37,7 +37,7 @@ import torch
 
 from megatron_dsv3.inference.cache import LatentCache
 from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
-from megatron_dsv3.inference.parallel import lockstep_for
+from megatron_dsv3.inference.parallel import expert_parallel_group_of, lockstep_for
 from megatron_dsv3.inference.sampling import (
     Sampled,
     SamplingParams,
@@ -152,6 +152,14 @@ class InferenceEngine:
             tokens = min(self.config.max_position_embeddings, 4096) + 1
             num_blocks = max_batch_size * -(-tokens // block_size)
         device = model.embedding.word_embeddings.weight.device
+        if micro_batches == 2 and device.type == "cuda" and \
+                expert_parallel_group_of(model) is not None:
+            # the two threads would wait on one default stream, tying each lane's all-to-alls to
+            # the other's: ranks interleaving them differently deadlock (docs/backends.md)
+            raise ValueError("micro_batches=2 is refused on CUDA with expert parallelism: the "
+                             "two decode threads share the default stream, and expert-parallel "
+                             "ranks whose threads issue the lanes' all-to-alls in different "
+                             "orders deadlock (docs/backends.md). Allowed here: micro_batches=1")
         self.device = device
         # the latent cache (public: `hand_off`/`adopt` move a request's latents between engines)
         self.cache = LatentCache.for_config(self.config, num_blocks, block_size, device=device,

@@ -4,7 +4,8 @@ NCCL matches sends and receives by order on FIFO streams (megatron_dsv3.testing.
 it). The executor's `p2p_order="ordered"` (NCCL's default) follows `ordered_plan`, DeepSeek's
 DualPipe order; `"tagged"` (gloo's default: receives posted ahead, matched by tag) would hang on
 NCCL. Checked on the model for many shapes, and on the executor itself: its recorded calls on
-gloo are the plan's, and the tagged run's calls deadlock in the model.
+gloo are the plan's, and the tagged run's calls deadlock in the model. Also why two threads on
+two lanes (F&B pairs, two-micro-batch decoding) are refused on CUDA.
 """
 
 import pytest
@@ -231,3 +232,21 @@ def test_threaded_pairs_are_refused_on_cuda():
     finally:
         (executor.dist.get_world_size, executor.dist.get_rank,
          executor.dist.get_process_group_ranks) = saved
+
+
+def test_two_micro_batch_decoding_is_refused_on_cuda_with_expert_parallelism():
+    from types import SimpleNamespace
+
+    from megatron_dsv3.inference.engine import InferenceEngine
+
+    class Model(torch.nn.Module):  # what the engine reads before it allocates anything
+        def __init__(self, ep):
+            super().__init__()
+            self.config = SimpleNamespace(max_position_embeddings=64)
+            weight = SimpleNamespace(device=torch.device("cuda", 0))
+            self.embedding = SimpleNamespace(word_embeddings=SimpleNamespace(weight=weight))
+            self.moe = torch.nn.Module()
+            self.moe.dispatcher = SimpleNamespace(ep_group=SimpleNamespace(size=lambda: ep))
+
+    with pytest.raises(ValueError, match="micro_batches=2 is refused on CUDA with expert"):
+        InferenceEngine(Model(2), micro_batches=2)
