@@ -5,8 +5,8 @@ Megatron's own schedules do (input tensor set with `set_input_tensor`, loss redu
 `loss_func`, MoE aux-loss and MTP loss scales set), and backward runs autograd on the saved
 output. Activations and gradients travel with isend/irecv, tagged by (kind, sending stage,
 direction, micro-batch); on backends that ignore tags (NCCL) they travel in the order and the
-batches of DeepSeek's DualPipe instead (`p2p_order`, below). A backward marked zero-bubble runs under
-WeightGradStore.deferring(): our linear layers queue their weight-gradient GEMMs, and the W op
+batches of DeepSeek's DualPipe instead (`p2p_order`, below). A backward marked zero-bubble runs
+under WeightGradStore.deferring(): our linear layers queue their weight-gradient GEMMs, and the W op
 runs them later. FB ops go through the pair runner `overlap(run_forward, run_backward)`, the
 point where one chunk's forward and another's backward may run concurrently (by default one after
 the other; megatron_dsv3.pipeline.overlap.threaded_forward_backward runs them together).
@@ -230,7 +230,6 @@ class _Runner:
         return {"wall_s": wall, "recv_wait_s": self.recv_wait,
                 "bubble_fraction": self.recv_wait / wall if wall > 0 else 0.0}
 
-
     # -- the ordered plan (NCCL) ---------------------------------------------------------------
     def _commit(self) -> None:
         """Issue the transfers listed since the last compute op as one batch (one NCCL group:
@@ -262,7 +261,6 @@ class _Runner:
         if sends:
             self.sends.append(([works[i] for _, i in sends] if per_op else list(works),
                                [t for t, _ in sends]))
-
 
     def run_ordered(self, plan: List[Op]) -> Dict[str, float]:
         """Run this rank's `ordered_plan`: before each compute op the pending transfers go out

@@ -7,15 +7,17 @@ What NCCL does, and what this model keeps of it:
   same shape, silently ("crossed" below).
 - FIFO streams. torch's ProcessGroupNCCL runs the transfers between two ranks on one stream per
   communicator (`streams="pair"`: one per pair of ranks, a group with two peers standing in
-  both; `streams="rank"`: one for all of a rank's transfers, stricter). A transfer occupies its stream until it is done: a receive until
-  the matching send has started, a send until the matching receive has started (sends of
-  activations are far above NCCL's eager threshold, so they wait for their receiver).
+  both; `streams="rank"`: one for all of a rank's transfers, stricter). A transfer occupies its
+  stream until it is done: a receive until the matching send has started, a send until the
+  matching receive has started (sends of activations are far above NCCL's eager threshold, so
+  they wait for their receiver).
 - Groups. A batch (`torch.distributed.batch_isend_irecv`, one NCCL group) starts as one unit and
   its transfers progress together; it is done when all of them are.
 - Streams meet compute. A batch waits for everything its rank put on the compute stream
   before it, waits included (ProcessGroupNCCL makes its stream wait for the current stream);
-  waiting for a received tensor puts a wait for the transfer's batch on the compute stream. Compute blocks the host until it is done: a MoE layer reads its
-  token counts on the host, so the host cannot issue later transfers early.
+  waiting for a received tensor puts a wait for the transfer's batch on the compute stream.
+  Compute blocks the host until it is done: a MoE layer reads its token counts on the host, so
+  the host cannot issue later transfers early.
 
 A program is one rank's list of events in the host's order:
     ("batch", [("send" | "recv", peer, message[, communicator]), ...])   one group of transfers
