@@ -48,6 +48,7 @@ from megatron_dsv3.pipeline.schedules import (COMPUTE, Layout, Op, build, check,
                                                neighbours, ordered_plan)
 
 P2P_ORDERS = ("tagged", "ordered")
+_BATCHED_GROUPS: List = []  # pipeline groups whose ranks have met once before batched transfers
 
 
 class _Runner:
@@ -329,6 +330,12 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
     order = _p2p_order(p2p_order, recv_lookahead, group, runner.device)
     if order == "ordered":
         ops = ordered_plan(schedule, ranks, num_microbatches, forward_only)[rank]
+        if group not in _BATCHED_GROUPS:
+            # torch: the first collective on a group that batch_isend_irecv uses must involve
+            # every rank of it (NCCL creates the communicator then); the plan's first batches
+            # pair only neighbours, so every rank of the group meets here once first
+            dist.barrier(group=group)
+            _BATCHED_GROUPS.append(group)
     elif forward_only:
         ops = [Op("F", c, m) for m in range(per_direction) for c in (0, 1)]
     else:
