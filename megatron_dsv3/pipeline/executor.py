@@ -64,7 +64,7 @@ class _Runner:
         self.inputs: Dict[Tuple[int, int], torch.Tensor] = {}
         self.outputs: Dict[Tuple[int, int], torch.Tensor] = {}
         self.local: Dict[Tuple[str, int, int], torch.Tensor] = {}  # same-rank hand-offs
-        self.sends: List = []
+        self.sends: List = []  # ([works], [tensors kept alive until the works are done])
         self.losses: Dict[Tuple[int, int], object] = {}
         self.num_tokens = torch.zeros((), dtype=torch.int)
         self.global_rank = dist.get_process_group_ranks(group)
@@ -83,6 +83,17 @@ class _Runner:
     def _tag(self, kind: str, from_stage: int, direction: int, mb: int) -> int:
         return ((0 if kind == "F" else 1) * 2 + direction) * 10_000_000 + from_stage * 100_000 + mb
 
+    def _receive_into(self, kind: str, chunk: int, mb: int) -> Tuple[int, int, torch.Tensor]:
+        """(source's global rank, tag, fresh buffer) of the transfer op (kind, chunk, mb)
+        receives from another rank."""
+        src = self.peers[chunk][0 if kind == "F" else 1]
+        tag = self._tag(kind, self.lay.stage(*src), self.directions[chunk], mb)
+        return self.global_rank[src[0]], tag, torch.empty(self.shape, dtype=self.dtype,
+                                                          device=self.device)
+
+    def _send_tag(self, kind: str, chunk: int, mb: int) -> int:
+        return self._tag(kind, self.stages[chunk], self.directions[chunk], mb)
+
     def _post(self, kind: str, chunk: int, mb: int) -> None:
         """Post the receive that op (kind, chunk, mb) will need, if it comes from another rank
         and is not posted yet: the transfer then lands while this rank still computes."""
@@ -92,10 +103,8 @@ class _Runner:
         src = self.peers[chunk][0 if kind == "F" else 1]
         if src is None or src[0] == self.rank:
             return
-        buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        work = dist.irecv(buf, src=self.global_rank[src[0]], group=self.group,
-                          tag=self._tag(kind, self.lay.stage(*src), self.directions[chunk], mb))
-        self.posted[key] = (work, buf)
+        peer, tag, buf = self._receive_into(kind, chunk, mb)
+        self.posted[key] = ([dist.irecv(buf, src=peer, group=self.group, tag=tag)], buf)
 
     def prefetch(self, ops: List[Op]) -> None:
         """Post the receives of `ops` (the next ones in this rank's schedule)."""
@@ -122,7 +131,7 @@ class _Runner:
             self._post(kind, chunk, mb)
         works, buf = self.posted.pop((kind, chunk, mb))
         t0 = time.perf_counter()
-        for work in works if isinstance(works, list) else [works]:
+        for work in works:
             work.wait()
         self.recv_wait += time.perf_counter() - t0
         return buf
@@ -139,10 +148,10 @@ class _Runner:
         if self.ordered:  # sent where the plan's SEND op stands
             self.outbox[(kind, chunk, mb)] = t
             return
-        self.sends.append((dist.isend(t, dst=self.global_rank[dst[0]], group=self.group,
-                                      tag=self._tag(kind, stage, self.directions[chunk], mb)), t))
+        self.sends.append(([dist.isend(t, dst=self.global_rank[dst[0]], group=self.group,
+                                       tag=self._send_tag(kind, chunk, mb))], [t]))
         # completed sends release their buffers as the step goes (waited at the end otherwise)
-        while self.sends and self.sends[0][0].is_completed():
+        while self.sends and self.sends[0][0][0].is_completed():
             self.sends.pop(0)
 
     # -- compute -----------------------------------------------------------------------------------
@@ -224,8 +233,14 @@ class _Runner:
         for i, op in enumerate(ops):
             self.prefetch(ops[i:i + 1 + recv_lookahead])
             self._run_op(op)
-        for work, _ in self.sends:
-            work.wait()
+        return self._finish(start)
+
+    def _finish(self, start: float) -> Dict[str, float]:
+        """Wait for the step's sends; -> wall time since `start`, time spent waiting on other
+        stages and their ratio."""
+        for works, _ in self.sends:
+            for work in works:
+                work.wait()
         self.sends.clear()
         wall = time.perf_counter() - start
         return {"wall_s": wall, "recv_wait_s": self.recv_wait,
@@ -239,18 +254,16 @@ class _Runner:
             return
         p2p, recvs, sends = [], [], []
         for op in self.pending:
-            kind, peer = op.kind[-1], self.global_rank[op.peer]
+            kind = op.kind[-1]
             if op.kind.startswith("RECV"):
-                src = self.peers[op.chunk][0 if kind == "F" else 1]
-                buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-                tag = self._tag(kind, self.lay.stage(*src), self.directions[op.chunk], op.mb)
+                peer, tag, buf = self._receive_into(kind, op.chunk, op.mb)
                 recvs.append(((kind, op.chunk, op.mb), buf, len(p2p)))
                 p2p.append(dist.P2POp(dist.irecv, buf, peer, self.group, tag))
             else:
                 t = self.outbox.pop((kind, op.chunk, op.mb))
-                tag = self._tag(kind, self.stages[op.chunk], self.directions[op.chunk], op.mb)
                 sends.append((t, len(p2p)))
-                p2p.append(dist.P2POp(dist.isend, t, peer, self.group, tag))
+                p2p.append(dist.P2POp(dist.isend, t, self.global_rank[op.peer], self.group,
+                                      self._send_tag(kind, op.chunk, op.mb)))
         self.pending = []
         works = dist.batch_isend_irecv(p2p)
         # one work per transfer (gloo: each waited once, a second wait on a receive would wait
@@ -275,16 +288,11 @@ class _Runner:
             self._commit()
             self._run_op(op)
         self._commit()
-        for works, _ in self.sends:
-            for work in works if isinstance(works, list) else [works]:
-                work.wait()
-        self.sends.clear()
+        step = self._finish(start)
         if self.outbox or self.posted:
             raise RuntimeError(f"pipeline rank {self.rank}: the ordered p2p plan left "
                                f"{sorted(self.outbox)} unsent and {sorted(self.posted)} unread")
-        wall = time.perf_counter() - start
-        return {"wall_s": wall, "recv_wait_s": self.recv_wait,
-                "bubble_fraction": self.recv_wait / wall if wall > 0 else 0.0}
+        return step
 
 
 def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model, num_microbatches,

@@ -240,15 +240,11 @@ def ordered_plan(name: str, ranks: int, microbatches: int,
                         continue
                 plan.append(op)
                 continue
-            kind = op.kind[-1]
-            if forward_only and kind == "B":
+            if forward_only and op.kind.endswith("B"):
                 continue
-            prev, nxt = neighbours(lay, rank, op.chunk)
-            peer = (prev if kind == "F" else nxt) if op.kind.startswith("RECV") else \
-                (nxt if kind == "F" else prev)
-            if peer is None or peer[0] == rank:
-                continue
-            plan.append(Op(op.kind, op.chunk, op.mb, peer=peer[0]))
+            peer = transfer_peer(lay, rank, op.kind, op.chunk)
+            if peer is not None:
+                plan.append(Op(op.kind, op.chunk, op.mb, peer=peer))
         plans.append(plan)
     return plans
 
@@ -361,6 +357,16 @@ def neighbours(lay: Layout, rank: int, chunk: int) -> Tuple[Optional[Tuple[int, 
     return prev, nxt
 
 
+def transfer_peer(lay: Layout, rank: int, transfer: str, chunk: int) -> Optional[int]:
+    """The other rank of `transfer` ("RECV_F", "RECV_B", "SEND_F", "SEND_B") of this rank's
+    `chunk`: a forward's input comes from the previous stage and its output goes to the next, a
+    backward's the other way. None at the ends of the pipeline and between a rank's own chunks."""
+    prev, nxt = neighbours(lay, rank, chunk)
+    receive, forward = transfer.startswith("RECV"), transfer.endswith("F")
+    peer = prev if receive == forward else nxt
+    return None if peer is None or peer[0] == rank else peer[0]
+
+
 def with_comm(lay: Layout, rank: int, ops: List[Op]) -> List[Op]:
     """Insert the point-to-point operations: RECV before a compute op that needs an input from
     another rank, SEND after one whose output another rank needs (same-rank hand-offs, like
@@ -373,13 +379,12 @@ def with_comm(lay: Layout, rank: int, ops: List[Op]) -> List[Op]:
         for kind, c, m in halves:
             if kind not in ("F", "B"):
                 continue
-            prev, nxt = neighbours(lay, rank, c)
-            src = prev if kind == "F" else nxt  # where the input comes from
-            dst = nxt if kind == "F" else prev  # where the output goes
-            if src is not None and src[0] != rank:
-                pre.append(Op("RECV_" + kind, c, m, peer=src[0]))
-            if dst is not None and dst[0] != rank:
-                post.append(Op("SEND_" + kind, c, m, peer=dst[0]))
+            src = transfer_peer(lay, rank, "RECV_" + kind, c)
+            dst = transfer_peer(lay, rank, "SEND_" + kind, c)
+            if src is not None:
+                pre.append(Op("RECV_" + kind, c, m, peer=src))
+            if dst is not None:
+                post.append(Op("SEND_" + kind, c, m, peer=dst))
         out += pre + [op] + post
     return out
 

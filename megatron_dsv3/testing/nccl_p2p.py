@@ -71,8 +71,6 @@ def check(programs: List[List[tuple]], streams: str = "pair") -> Report:
         raise ValueError(f"streams={streams!r}: allowed values are 'pair', 'rank'")
     ranks = len(programs)
     pc = [0] * ranks
-    issued = [0] * ranks  # compute ops issued per rank
-    done = [0] * ranks  # compute ops finished per rank
     queued = [0] * ranks  # compute-stream items (compute and waits) issued per rank
     passed = [0] * ranks  # ... and passed
     compute_queue = [deque() for _ in range(ranks)]  # ("compute",) or ("wait", batch)
@@ -114,7 +112,6 @@ def check(programs: List[List[tuple]], streams: str = "pair") -> Report:
         elif kind == "compute":
             compute_queue[rank].append(("compute",))
             queued[rank] += 1
-            issued[rank] += 1
             blocked[rank] = True
         else:
             raise ValueError(f"unknown event {event!r}")
@@ -128,8 +125,8 @@ def check(programs: List[List[tuple]], streams: str = "pair") -> Report:
         progress = False
         for r in range(ranks):
             while True:
-                if blocked[r]:
-                    if done[r] < issued[r]:
+                if blocked[r]:  # (nothing is queued after the compute it waits for)
+                    if compute_queue[r]:
                         break
                     blocked[r] = False
                 if pc[r] == len(programs[r]):
@@ -147,8 +144,6 @@ def check(programs: List[List[tuple]], streams: str = "pair") -> Report:
                 head = compute_queue[r][0]
                 if head[0] == "wait" and not head[1].done:
                     break
-                if head[0] == "compute":
-                    done[r] += 1
                 compute_queue[r].popleft()
                 passed[r] += 1
                 progress = True

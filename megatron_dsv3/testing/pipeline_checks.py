@@ -1,6 +1,7 @@
 """What pipeline tests compare: random language-model micro-batches in the executor's batch
 format, a pipelined rank's gradients under the unpipelined model's parameter names, and a tiny
 stage for tests of the executor's transfers."""
+
 from __future__ import annotations
 
 from typing import Dict, List
