@@ -31,11 +31,15 @@ def test_the_model_sees_the_classic_hang_and_crossed_messages():
                [("batch", [("recv", 0, "b"), ("recv", 0, "a")])]]
     report = check(crossed)
     assert not report.deadlock and (0, 1, "a", "b") in report.crossed
-    # a send waits for compute issued before it; compute waits for its received input
-    cycle = [[("wait", "y"), ("compute", "c"), ("batch", [("send", 1, "x")])],
-             [("batch", [("recv", 0, "x"), ("send", 0, "y")])]]
-    with pytest.raises(KeyError):  # waiting for a message this rank never posted
-        check(cycle)
+    # a send waits for the compute issued before it, and that compute for its input: each rank
+    # waits for the other's output
+    cycle = [[("batch", [("recv", 1, "y")]), ("wait", "y"), ("compute", "c"),
+              ("batch", [("send", 1, "x")])],
+             [("batch", [("recv", 0, "x")]), ("wait", "x"), ("compute", "c"),
+              ("batch", [("send", 0, "y")])]]
+    assert check(cycle).deadlock
+    with pytest.raises(KeyError):  # waiting for a message this rank never posted: an error
+        check([[("wait", "y"), ("compute", "c")]])
 
 
 @pytest.mark.parametrize("name,P,N", SHAPES)
