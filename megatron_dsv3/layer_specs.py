@@ -233,7 +233,14 @@ def get_block_spec(config, vp_stage: Optional[int] = None, *, pp_rank: Optional[
 
     n = get_num_layers_to_build(config, vp_stage, pp_rank)
     return TransformerBlockSubmodules(layer_specs=[get_layer_spec(config, vp_stage, use_te=use_te)] * n,
-                                      layer_norm=backend(_use_te(config, use_te)).norm)
+                                      layer_norm=norm_spec(config, use_te=use_te))
+
+
+def norm_spec(config=None, *, use_te: Optional[bool] = None):
+    """The RMSNorm class of the layers' backend (the block's final norm must be the same one;
+    Megatron's default for a layer spec's block is its LayerNormImpl, torch's RMSNorm without
+    Transformer Engine or apex)."""
+    return backend(_use_te(config, use_te)).norm
 
 
 def get_mtp_block_spec(config, layer_spec: Optional[ModuleSpec] = None,

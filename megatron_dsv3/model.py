@@ -14,11 +14,12 @@ from typing import List, Optional
 import torch
 
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.spec_utils import build_module
 
 from megatron_dsv3 import compat
 from megatron_dsv3.core.init import init_normal_
 from megatron_dsv3.core.linear import group_rank, init_seed_of
-from megatron_dsv3.layer_specs import get_layer_spec, get_mtp_block_spec
+from megatron_dsv3.layer_specs import get_layer_spec, get_mtp_block_spec, norm_spec
 from megatron_dsv3.mtp.loss import attach_mtp_losses
 
 
@@ -42,6 +43,12 @@ class DeepSeekV3Model(GPTModel):
             mtp_block_spec=mtp_spec, pg_collection=pg_collection,
             vp_stage=compat.megatron_vp_stage(config, vp_stage))
         self.mtp_loss_tracker: List[torch.Tensor] = []
+        if transformer_layer_spec is None and self.decoder.final_layernorm is not None:
+            # A layer spec's block gets Megatron's LayerNormImpl as its final norm; ours is the
+            # layers' RMSNorm (float32 statistics, one autograd node), as in our block specs.
+            self.decoder.final_layernorm = build_module(
+                norm_spec(config, use_te=use_te), config=config, hidden_size=config.hidden_size,
+                eps=config.layernorm_epsilon)
         self._keyed_init()
 
     @property

@@ -16,7 +16,7 @@ from typing import List, Optional
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megatron_dsv3.layer_specs import backend, get_layer_spec
+from megatron_dsv3.layer_specs import get_layer_spec, norm_spec
 from megatron_dsv3.model import DeepSeekV3Model
 from megatron_dsv3.pipeline.placement import StageLayers
 from megatron_dsv3.pipeline.schedules import layout
@@ -35,7 +35,7 @@ def chunk_block_spec(config, global_numbers: List[int],
     """The decoder block of a chunk holding the layers `global_numbers` (consecutive, 1-based)."""
     spec = get_layer_spec(config, use_te=use_te)
     return TransformerBlockSubmodules(layer_specs=[layer_spec_at(spec, n) for n in global_numbers],
-                                      layer_norm=backend(use_te).norm)
+                                      layer_norm=norm_spec(config, use_te=use_te))
 
 
 def build_model_chunks(config, schedule: str, pp_rank: int, pp_size: int, pg_collection=None,

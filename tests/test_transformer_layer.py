@@ -37,3 +37,22 @@ def test_layer_forward_is_pre_norm_residual(single_rank_world):
     torch.testing.assert_close(out, ref)
     moe_layer = DeepSeekV3TransformerLayer(config, spec.submodules, layer_number=2)
     assert moe_layer.is_moe_layer
+
+
+def test_the_final_norm_is_the_layers_rmsnorm(single_rank_world):
+    """Megatron gives a layer spec's block its own LayerNormImpl (torch's RMSNorm here) as the
+    final norm; ours is the layers' RMSNorm, with the float64 formula's values."""
+    from megatron_dsv3.core.norm import RMSNorm
+    from megatron_dsv3.model import build_model
+
+    config = get_config("deepseek-v3-tiny")
+    model = build_model(config)
+    norm = model.decoder.final_layernorm
+    assert type(norm) is RMSNorm and type(model.decoder.layers[0].input_layernorm) is RMSNorm
+    assert norm.eps == config.layernorm_epsilon
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(5, 2, config.hidden_size, dtype=torch.float64)
+    want = norm.weight.double() * x / torch.sqrt((x * x).mean(-1, keepdim=True)
+                                                  + config.layernorm_epsilon)
+    torch.testing.assert_close(norm(x.float()).double(), want, rtol=1e-5, atol=1e-6)

@@ -72,20 +72,41 @@ class SDPAttention(MegatronModule):
         self._causal_seen = (key, answer)
         return answer
 
+    def _causal(self, mask: Optional[torch.Tensor], sq: int, sk: int) -> bool:
+        return mask is None or self._is_causal(mask, sq, sk)
+
+    def _pads_value(self, device: torch.device, qk_dim: int, v_dim: int, causal: bool) -> bool:
+        """Whether v goes to the kernel zero-padded to the q/k head dim (CPU flash path)."""
+        dropout = self.dropout if self.training else 0.0
+        return device.type == "cpu" and dropout == 0.0 and v_dim < qk_dim and causal
+
+    def value_head_dim(self, qk_dim: int, v_dim: int, device: torch.device,
+                       attention_mask: Optional[torch.Tensor], sq: int, sk: int) -> int:
+        """The head dim in which `forward` takes v: `qk_dim` where it would pad v with zeros for
+        the flash kernel, else `v_dim`. A caller that builds v anyway (MLA assembles it from the
+        up-projection) writes it padded at once and passes `value_dim=v_dim` to `forward`."""
+        causal = self._causal(attention_mask, sq, sk)
+        return qk_dim if self._pads_value(device, qk_dim, v_dim, causal) else v_dim
+
     def forward(self, query, key, value, attention_mask: Optional[torch.Tensor] = None,
-                attn_mask_type=None, packed_seq_params=None, **_unused):
+                attn_mask_type=None, packed_seq_params=None, value_dim: Optional[int] = None,
+                **_unused):
+        """`value_dim`: v's own head dim when `value` arrives zero-padded beyond it (see
+        `value_head_dim`); the padded output columns are dropped."""
         if packed_seq_params is not None:
             raise ValueError("packed sequences (packed_seq_params) are not supported by the "
                              "portable core attention (allowed value: None)")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-        dv = v.shape[-1]
+        dv = v.shape[-1] if value_dim is None else value_dim
+        if not 0 < dv <= v.shape[-1]:
+            raise ValueError(f"value_dim={value_dim}: allowed values are 1..{v.shape[-1]} (the "
+                             "head dim of the value tensor) or None")
         dropout = self.dropout if self.training else 0.0
-        if attention_mask is not None and self._is_causal(attention_mask, q.shape[-2], k.shape[-2]):
+        if attention_mask is not None and self._causal(attention_mask, q.shape[-2], k.shape[-2]):
             attention_mask = None
         if attention_mask is None:
-            pad = q.device.type == "cpu" and dropout == 0.0 and dv < q.shape[-1]
-            if pad:
-                v = F.pad(v, (0, q.shape[-1] - dv))
+            if v.shape[-1] < q.shape[-1] and self._pads_value(q.device, q.shape[-1], dv, True):
+                v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
                                                  scale=self.softmax_scale)
         else:

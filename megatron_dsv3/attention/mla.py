@@ -28,6 +28,31 @@ from megatron_dsv3.core.linear import KeyedInit, ReplicatedLinear, group_size, t
 from megatron_dsv3.core.recompute import checkpointed, recompute_region
 
 
+class _ZeroPadded(torch.autograd.Function):
+    """v [s, b, n, dv] -> [s, b, n, d] with zeros in the columns dv: (memory laid out
+    [b, n, s, d] with `heads_major`): one write of v where the core attention would otherwise
+    copy it contiguous and then pad it (a second allocation, a zero-fill and a copy).
+    Backward hands on the gradient's first dv columns."""
+
+    @staticmethod
+    def forward(ctx, v, d: int, heads_major: bool):
+        s, b, n, dv = v.shape
+        ctx.dv = dv
+        if heads_major:
+            out = v.new_empty(b, n, s, d)
+            out[..., :dv].copy_(v.permute(1, 2, 0, 3))
+            out[..., dv:].zero_()
+            return out.permute(2, 0, 1, 3)
+        out = v.new_empty(s, b, n, d)
+        out[..., :dv].copy_(v)
+        out[..., dv:].zero_()
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g[..., :ctx.dv], None, None
+
+
 @dataclass
 class MLASubmodules:
     linear_q_proj: Union[ModuleSpec, type] = None  # used when q_lora_rank is None
@@ -151,6 +176,11 @@ class MLASelfAttention(MegatronModule):
         cos, sin = self._positions(s, b, hidden_states.device, position_ids)
 
         heads_major = getattr(self.core_attention, "heads_major_inputs", False)
+        # v in the head dim the core wants it (zero-padded to q/k's for the CPU flash kernel)
+        value_head_dim = getattr(self.core_attention, "value_head_dim", None)
+        dv = self.dv if value_head_dim is None else value_head_dim(
+            self.dn + self.dr, self.dv, hidden_states.device, attention_mask, s, s)
+        core_kwargs = {} if dv == self.dv else {"value_dim": self.dv}
 
         def assemble(*parts):
             """[s, b, n, d] from parts concatenated on d; with `heads_major` the memory is laid
@@ -169,12 +199,13 @@ class MLASelfAttention(MegatronModule):
             q = assemble(q_nope, apply_rotary(q_rope, cos, sin))
             k_rope = apply_rotary(k_rope[:, :, None, :], cos, sin)
             k = assemble(k_nope, k_rope.expand(-1, -1, self.num_heads, -1))
-            return q, k, assemble(v)
+            return q, k, (assemble(v) if dv == self.dv else _ZeroPadded.apply(v, dv, heads_major))
 
         run, release = recompute_region(self.config, "mla_up_proj", up_project)
         q, k, v = run(c_q, c_kv, k_rope)
         core_attention = checkpointed(self.config, "core_attn", self.core_attention)
-        context = core_attention(q, k, v, attention_mask, packed_seq_params=packed_seq_params)
+        context = core_attention(q, k, v, attention_mask, packed_seq_params=packed_seq_params,
+                                 **core_kwargs)
         release(context)
         return self.linear_proj(context)
 

@@ -91,3 +91,31 @@ def test_masks_made_in_inference_mode_are_checked_every_call(qkv):
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second.double(), _reference(q, k, v, 0.2, ~mask.clone()),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_value_padded_by_the_caller_gives_the_same_attention(qkv):
+    """`value_head_dim` asks for v zero-padded to the q/k dim on the CPU flash path; v passed that
+    way with `value_dim` gives the float64 formula on the unpadded v, gradients included."""
+    q, k, v = qkv
+    dqk, dv = q.shape[-1], v.shape[-1]
+    attn = SDPAttention(get_config("deepseek-v3-tiny"), softmax_scale=0.3)
+    s = q.shape[0]
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]
+    assert attn.value_head_dim(dqk, dv, q.device, None, s, s) == dqk
+    assert attn.value_head_dim(dqk, dv, q.device, causal, s, s) == dqk
+    two_docs = causal.clone()
+    two_docs[..., s // 2:, : s // 2] = True
+    assert attn.value_head_dim(dqk, dv, q.device, two_docs, s, s) == dv  # math path: no padding
+    padded = F.pad(v, (0, dqk - dv))
+    for mask in (None, two_docs):
+        out = attn(q, k, padded, mask, value_dim=dv)
+        allowed = ~(causal if mask is None else two_docs)
+        ref = _reference(q, k, v, 0.3, allowed)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), g)
+        want = torch.autograd.grad(ref, (q, k, v), g.double())
+        for a, w in zip(got, want):
+            torch.testing.assert_close(a.double(), w.double(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="value_dim=30"):
+        attn(q, k, padded, None, value_dim=30)

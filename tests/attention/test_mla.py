@@ -170,3 +170,35 @@ def test_tensor_parallel_heads_equal_single_rank(single_rank_world):
             got = shards[0]
             torch.testing.assert_close(shards[1], shards[0])
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_value_written_padded_for_the_core_equals_the_plain_path(single_rank_world, monkeypatch):
+    """On CPU MLA writes v zero-padded to the q/k head dim at once (the core attention would pad
+    it): the same output and the same gradients as v handed over plain."""
+    import torch.nn.functional as F
+
+    config = get_config("deepseek-v3-tiny")
+    torch.manual_seed(0)
+    mla = build_mla(config)
+    x = torch.randn(10, 2, config.hidden_size, requires_grad=True)
+    widths, pads = [], []
+    sdpa, pad = F.scaled_dot_product_attention, F.pad
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: widths.append(v.shape[-1]) or sdpa(q, k, v, **kw))
+    monkeypatch.setattr(F, "pad", lambda t, p, *a, **kw: pads.append(p) or pad(t, p, *a, **kw))
+
+    def run():
+        out, _ = mla(x)
+        g = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+        params = [x] + [p for p in mla.parameters()]
+        return out, torch.autograd.grad(out, params, g)
+
+    out, grads = run()
+    assert widths == [mla.dn + mla.dr] and pads == []  # padded by MLA, not by the core
+    monkeypatch.setattr(type(mla.core_attention), "value_head_dim",
+                        lambda self, dqk, dv, *a: dv)
+    plain_out, plain_grads = run()
+    assert widths[1] == mla.dn + mla.dr and len(pads) == 1  # now the core pads
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
+    for a, b in zip(grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
