@@ -18,7 +18,8 @@ Two shapes of destination share it:
   idea). The tracker names the latest checkpoint and the last `keep` ones; only then are older
   ones deleted (renamed to `.deleting-*` first, so a half-deleted directory is never mistaken for
   a checkpoint). `recover()` at start removes partial saves, half-deleted directories and
-  directories the tracker does not name - never the published ones.
+  step directories the tracker does not name - never the published ones, never the one a run
+  resumes from, and without a tracker never a complete (manifested) one.
 
 Every published directory carries `checkpoint_manifest.json`: each file's size and CRC-32.
 `verify_manifest` names the missing, truncated or corrupted file.
@@ -41,7 +42,7 @@ import shutil
 import signal
 import uuid
 import zlib
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 from megatron_dsv3.checkpoint.errors import CheckpointFileError, writing
 
@@ -396,22 +397,29 @@ class CheckpointStore:
         return None if state is None else state.get("step")
 
     # -- recovery -------------------------------------------------------------------------------
-    def recover(self) -> List[str]:
+    def recover(self, protect: Iterable[str] = ()) -> List[str]:
         """Remove what interrupted saves left (partial directories, temporary trackers,
-        half-deleted and unpublished step directories). Never touches a published checkpoint.
-        Returns the names removed."""
+        half-deleted directories, and step directories a tracker exists but does not name: a
+        save renamed into place whose publication did not happen). Never touches a published
+        checkpoint, a directory in `protect` (e.g. the one a run resumes from), or, when there is
+        no tracker at all, a step directory holding a manifest (a complete checkpoint whose
+        tracker is gone: nothing says it is stale). Returns the names removed."""
         if not os.path.isdir(self.root):
             return []
         state = self.read_tracker()
         kept = set(state["kept"]) if state else set()
         if state:
             kept.add(state["latest"])
+        protected = {os.path.realpath(p) for p in protect}
         removed = []
         for name in sorted(os.listdir(self.root)):
             path = os.path.join(self.root, name)
+            if os.path.realpath(path) in protected:
+                continue
+            unpublished = STEP_DIR.match(name) and name not in kept and (
+                state is not None or not os.path.isfile(os.path.join(path, MANIFEST_FILE)))
             junk = (name.startswith((".partial-", ".deleting-"))
-                    or name.startswith(f".{TRACKER_FILE}.tmp-")
-                    or (STEP_DIR.match(name) and name not in kept))
+                    or name.startswith(f".{TRACKER_FILE}.tmp-") or unpublished)
             if junk:
                 if os.path.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)

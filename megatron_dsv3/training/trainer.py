@@ -13,6 +13,7 @@ checkpoints (`save_interval`; `resume` continues from one with the same losses).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -486,7 +487,13 @@ class Trainer:
                              "last checkpoint is kept until the new run publishes one), or another "
                              "--save-dir")
         if self.rank == 0:
-            removed = self.store.recover()
+            protect = []
+            if a.resume:
+                from megatron_dsv3.checkpoint.commit import resolve_checkpoint
+
+                with contextlib.suppress(ValueError, OSError):  # load() names the problem
+                    protect.append(resolve_checkpoint(a.resume))
+            removed = self.store.recover(protect=protect)
             if removed:
                 self.log(f"cleared {len(removed)} leftover(s) of interrupted saves in "
                          f"{self.store.root}: {', '.join(removed)}")

@@ -103,6 +103,26 @@ def test_leftovers_of_interrupted_saves_are_cleared_and_the_run_goes_on(run):
     assert (root / "step_000003" / "checkpoint_manifest.json").is_file()
 
 
+def test_a_checkpoint_resumed_from_or_without_tracker_is_never_cleared(run):
+    """A complete checkpoint copied into a new run directory (no tracker there): resuming from it
+    explicitly must not clear it as a leftover, and a complete checkpoint whose tracker is gone
+    is left in place too (only a tracker can say a step directory is stale)."""
+    import shutil
+
+    tmp, _ = run
+    src = CheckpointStore(str(tmp / "run" / "checkpoints")).latest()
+    root = tmp / "seeded" / "checkpoints"
+    copy = root / "step_000002"
+    shutil.copytree(src, copy)
+    stray = root / "step_000001"
+    shutil.copytree(os.path.join(os.path.dirname(src), "step_000001"), stray)
+    history = Trainer(_args(tmp, steps=3, save_dir=str(tmp / "seeded"),
+                            resume=str(copy))).train()
+    assert [r["step"] for r in history] == [3]
+    assert (copy / "rank0.pt").is_file() and (stray / "rank0.pt").is_file()
+    assert CheckpointStore(str(root)).latest_step() == 3
+
+
 def _poison_gradients_at(trainer, step):
     original = trainer.forward_backward
 
