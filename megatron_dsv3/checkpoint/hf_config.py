@@ -40,6 +40,11 @@ REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden
 def read_hf_config(path: str) -> Dict[str, Any]:
     """config.json of an HF checkpoint directory (or the path of a config.json itself);
     CheckpointFileError naming the file when it is not JSON or lacks a required field."""
+    if not os.path.isfile(path):
+        from megatron_dsv3.checkpoint.commit import recover_directory
+
+        # every reader first: a directory an interrupted commit left renamed aside goes back
+        recover_directory(path, clean=False)
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise ValueError(f"no HF config at {file!r}: expected a checkpoint directory holding "

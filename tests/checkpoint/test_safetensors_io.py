@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +109,35 @@ def test_failed_write_leaves_the_last_good_directory_untouched(tmp_path):
     with pytest.raises(ValueError, match="exists"):
         with atomic_directory(str(target), overwrite=False):
             pass
+
+
+def test_loaders_put_back_a_directory_an_interrupted_fallback_commit_renamed_aside(
+        tmp_path, monkeypatch):
+    """On a filesystem without the directory exchange, a commit over an existing checkpoint
+    renames the old one aside, then the new one into place; killed between the two, the name is
+    missing. Every loader reads config.json first: it must put the old directory back before
+    that (here config_from_hf, as hf_to_dist, load_hf, from_hf and the inference loader do)."""
+    from megatron_dsv3.checkpoint import commit
+    from megatron_dsv3.checkpoint.hf_config import config_from_hf
+
+    from hf_checkpoints import make_hf_checkpoint
+
+    path = tmp_path / "hf"
+    make_hf_checkpoint(str(path))
+    before = sorted(os.listdir(path))
+    monkeypatch.setattr(commit, "exchange_directories", lambda a, b: False)
+    real = commit.fault_point
+
+    def killed_between_the_renames(label):
+        real(label)
+        if "rename the new directory into place (fallback)" in label:
+            raise SystemExit("killed")
+
+    monkeypatch.setattr(commit, "fault_point", killed_between_the_renames)
+    with pytest.raises(SystemExit):
+        with atomic_directory(str(path)) as tmp:
+            (Path(tmp) / "config.json").write_text("{}")
+    monkeypatch.setattr(commit, "fault_point", real)
+    assert not path.exists()
+    config = config_from_hf(str(path))
+    assert config.num_layers >= 1 and sorted(os.listdir(path)) == before
