@@ -140,6 +140,7 @@ class Trainer:
 
             initialize_dispatch_groups()
         self.log = log if self.rank == 0 else (lambda *_: None)
+        self._resumed_from: Optional[str] = None  # the checkpoint directory load() read
         self._reset_checkpoints = bool(args.overwrite)  # the first save forgets the old run's
         self.skipped_steps = 0
         self._prepare_run_dir()
@@ -434,14 +435,18 @@ class Trainer:
                 self.save()
 
     def _open_metrics(self):
-        """metrics.jsonl for appending: on resume, first cut to the records up to the resumed
-        step (a crashed run may have logged steps its last checkpoint does not hold)."""
+        """metrics.jsonl for appending: on resume, first the records up to the resumed step, from
+        the copy the checkpoint holds (else from metrics.jsonl itself: a crashed run may have
+        logged steps its last checkpoint does not hold, and a run started with --overwrite that
+        never published a checkpoint has replaced it)."""
         path = os.path.join(self.args.save_dir, "metrics.jsonl")
-        if self.args.resume and os.path.isfile(path):
+        saved = os.path.join(self._resumed_from or "", METRICS_FILE)
+        source = saved if self._resumed_from and os.path.isfile(saved) else path
+        if self.args.resume and os.path.isfile(source):
             from megatron_dsv3.checkpoint.commit import write_file_atomic
 
             kept = []
-            with open(path) as f:
+            with open(source) as f:
                 for line in f:
                     try:
                         if json.loads(line)["step"] <= self.step:
@@ -531,12 +536,23 @@ class Trainer:
         dist.all_gather_object(entries, (name, f.entry()))
         box = [None]
         if self.rank == 0:
+            self._copy_metrics_into(partial)
             box = [store.publish(partial, self.step, known=dict(entries),
                                  reset=self._reset_checkpoints, world_size=len(entries))]
             self._reset_checkpoints = False
         dist.broadcast_object_list(box, src=0)
         self.log(f"saved checkpoint {box[0]} (step {self.step})")
         return box[0]
+
+    def _copy_metrics_into(self, partial: str) -> None:
+        """The metrics logged up to this step go into the checkpoint (covered by its manifest):
+        a resume from it restores them whatever metrics.jsonl holds by then."""
+        path = os.path.join(self.args.save_dir, "metrics.jsonl")
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            with open(os.path.join(partial, METRICS_FILE), "wb") as f:
+                f.write(data)
 
     def load(self, path: str):
         from megatron_dsv3.checkpoint.commit import STEP_DIR, resolve_checkpoint, verify_manifest
@@ -573,8 +589,11 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
+        self._resumed_from = directory
         self.log(f"resumed from {directory} at step {self.step}")
 
+
+METRICS_FILE = "metrics.jsonl"  # a checkpoint's copy of the run's metrics up to its step
 
 # Config fields compared on resume (an architecture or routing change is refused by name).
 ARCHITECTURE_FIELDS = (

@@ -53,6 +53,26 @@ def test_overwrite_keeps_the_old_checkpoint_until_the_new_run_publishes(run, mon
     assert sorted(n for n in os.listdir(store.root) if n.startswith("step_")) == [state["latest"]]
 
 
+def test_resuming_after_an_overwrite_that_never_published_restores_the_old_metrics(
+        run, monkeypatch):
+    """--overwrite starts metrics.jsonl afresh; killed before its first checkpoint, the old run's
+    checkpoint stays published, and resuming it must bring back its own metrics (each checkpoint
+    holds a copy up to its step), not the new run's lines."""
+    tmp, losses = run
+    metrics = tmp / "run" / "metrics.jsonl"
+    trainer = Trainer(_args(tmp, overwrite=True, steps=2, save_interval=2, lr=1e-2))
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError):
+        trainer.train()
+    monkeypatch.undo()
+    new_run = [json.loads(line)["lm_loss"] for line in open(metrics)]
+    assert new_run[1] != losses[1]  # metrics.jsonl now holds the new run's steps
+    Trainer(_args(tmp, steps=3, resume="auto")).train()
+    records = [json.loads(line) for line in open(metrics)]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["lm_loss"] for r in records[:2]] == losses
+
+
 def test_resume_continues_and_cuts_metrics_to_the_checkpoint(run):
     tmp, losses = run
     metrics = tmp / "run" / "metrics.jsonl"
