@@ -81,6 +81,15 @@ class TrainArgs:
     watchdog_save_timeout: float = 0.0
     collective_timeout_minutes: float = 10.0
     config_overrides: Dict = dataclasses.field(default_factory=dict)
+    # resume with other RESUME_ARGS values than the checkpoint's (refused otherwise)
+    override_saved_args: bool = False
+
+
+# Arguments a resume keeps (a change is refused by name unless --override-saved-args): the data
+# stream (its position is the step times the batch shape) and the optimizer and its schedule.
+RESUME_ARGS = ("seq_length", "micro_batch_size", "micro_batches", "seed", "corpus_bytes", "lr",
+               "min_lr", "warmup_steps", "weight_decay", "clip_grad", "bf16", "bf16_moments",
+               "fp8", "fp8_pow2_scales")
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -569,11 +578,27 @@ class Trainer:
             raise ValueError(f"checkpoint {directory} was written by {state['world_size']} ranks; "
                              f"this run has {dist.get_world_size()} (resume with the same layout)")
         saved_args = state.get("args", {})
-        for flag in ("pp", "ep"):
-            if saved_args.get(flag, 1) != getattr(self.args, flag):
+        for flag in ("pp", "ep", "zero1"):
+            saved_value = saved_args.get(flag, TrainArgs.__dataclass_fields__[flag].default)
+            if saved_value != getattr(self.args, flag):
                 raise ValueError(f"checkpoint {directory} was written with --{flag} "
-                                 f"{saved_args.get(flag, 1)}; this run has --{flag} "
+                                 f"{saved_value}; this run has --{flag} "
                                  f"{getattr(self.args, flag)} (resume with the same layout)")
+        changed = [f"--{f.replace('_', '-')}: checkpoint {saved_args[f]!r}, this run "
+                   f"{getattr(self.args, f)!r}" for f in RESUME_ARGS
+                   if f in saved_args and saved_args[f] != getattr(self.args, f)]
+        if changed and not self.args.override_saved_args:
+            raise ValueError(f"cannot resume from {directory} with other data or optimizer "
+                             "settings: " + "; ".join(changed) + " (the data position is the "
+                             "step times the batch shape, and the schedule continues from the "
+                             "step: pass the checkpoint's values, or --override-saved-args to "
+                             "change them knowingly)")
+        if changed:
+            self.log("resuming with changed settings (--override-saved-args): "
+                     + "; ".join(changed))
+        if saved_args.get("steps", self.args.steps) != self.args.steps:
+            self.log(f"--steps {saved_args['steps']} -> {self.args.steps}: the learning-rate "
+                     "schedule and the order of the data from here on follow the new length")
         saved = state.get("architecture")
         if saved is not None:
             ours = self.architecture()

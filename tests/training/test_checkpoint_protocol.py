@@ -94,6 +94,20 @@ def test_resume_refuses_a_different_architecture_naming_each_field(run):
     assert "checkpoint 2, this run 1" in message  # moe_router_topk of tiny is 2
 
 
+@pytest.mark.parametrize("change", [{"micro_batch_size": 4}, {"seed": 7},
+                                    {"lr": 1e-2, "warmup_steps": 5}, {"bf16_moments": True}])
+def test_resume_refuses_other_data_or_optimizer_settings_unless_overridden(run, change):
+    """The data position is the step times the batch shape and the schedule continues from the
+    step: a resume with other values would silently skip data or jump the schedule."""
+    tmp, _ = run
+    with pytest.raises(ValueError, match="--override-saved-args") as error:
+        Trainer(_args(tmp, steps=3, resume="auto", **change))
+    for field in change:
+        assert f"--{field.replace('_', '-')}" in str(error.value)
+    trainer = Trainer(_args(tmp, steps=3, resume="auto", override_saved_args=True, **change))
+    assert trainer.step == 2
+
+
 def test_loading_names_a_truncated_or_corrupted_file(run):
     tmp, _ = run
     latest = CheckpointStore(str(tmp / "run" / "checkpoints")).latest()
