@@ -40,12 +40,41 @@ def build_indexed_corpus(cache_dir: str, max_bytes: int = 8 << 20, log=print) ->
     return prefix
 
 
-def build_train_dataset(prefix: str, seq_length: int, num_samples: int, seed: int, cache_dir: str):
+def drop_torn_index_files(cache_dir: str, log=print) -> list:
+    """Megatron's GPTDataset writes its index arrays into `path_to_cache` with plain numpy.save
+    and takes "the files exist" for a cache hit, so a kill while one is written leaves a torn
+    .npy that every later start fails on. Remove each dataset's cached files (those sharing its
+    hash prefix) when one of its arrays does not read back whole; Megatron then builds them
+    again. -> the names removed."""
+    if not os.path.isdir(cache_dir):
+        return []
+    names = sorted(os.listdir(cache_dir))
+    torn = set()
+    for name in names:
+        if name.endswith(".npy"):
+            try:
+                numpy.load(os.path.join(cache_dir, name), mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError):
+                torn.add(name.split("-", 1)[0])
+    removed = [n for n in names if n.split("-", 1)[0] in torn and "-" in n]
+    for name in removed:
+        os.remove(os.path.join(cache_dir, name))
+    if removed:
+        log(f"removed a dataset index an interrupted build left incomplete in {cache_dir} "
+            f"({', '.join(removed)}); building it again")
+    return removed
+
+
+def build_train_dataset(prefix: str, seq_length: int, num_samples: int, seed: int, cache_dir: str,
+                        log=print):
     """Megatron's GPTDataset over the corpus (all documents in the training split)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        drop_torn_index_files(cache_dir, log)  # (the other ranks read the cache after rank 0)
 
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=([prefix], None), split="100,0,0",

@@ -195,7 +195,7 @@ class Trainer:
         prefix = build_indexed_corpus(args.cache_dir, args.corpus_bytes, log=lambda *_: None)
         samples = args.steps * args.micro_batches * self.dp * args.micro_batch_size
         self.dataset = build_train_dataset(prefix, args.seq_length, samples, args.seed,
-                                           args.cache_dir)
+                                           args.cache_dir, log=self.log)
         self.step = 0
         self.history: List[Dict] = []
         if args.resume:
