@@ -336,6 +336,8 @@ class Trainer:
         update_expert_biases(self.models,
                              self.config.moe_router_bias_update_rate if finite else 0.0,
                              self.dp_group)
+        for _, moe in moe_layers(self.models):  # (routers without a bias: counts of this step)
+            moe.router.local_tokens_per_expert.zero_()
         elapsed = time.perf_counter() - start
         metrics = torch.tensor([out["lm_loss"], out["aux_loss"]])
         if self.dp > 1:
