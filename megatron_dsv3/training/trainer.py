@@ -537,6 +537,7 @@ class Trainer:
         state = {"models": [m.state_dict() for m in self.models],
                  "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "rng": torch.get_rng_state(), "args": dataclasses.asdict(self.args),
+                 "cuda_rng": torch.cuda.get_rng_state() if self._on_cuda() else None,
                  "world_size": dist.get_world_size(), "architecture": self.architecture(),
                  "skipped_steps": self.skipped_steps}
         fault_point(f"rank {self.rank}: write {name}")
@@ -554,6 +555,9 @@ class Trainer:
         dist.broadcast_object_list(box, src=0)
         self.log(f"saved checkpoint {box[0]} (step {self.step})")
         return box[0]
+
+    def _on_cuda(self) -> bool:
+        return next(self.models[0].parameters()).is_cuda
 
     def _copy_metrics_into(self, partial: str) -> None:
         """The metrics logged up to this step go into the checkpoint (covered by its manifest):
@@ -614,6 +618,8 @@ class Trainer:
             m.load_state_dict(sd)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and self._on_cuda():
+            torch.cuda.set_rng_state(state["cuda_rng"])  # (dropout and jitter on the GPU)
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self._resumed_from = directory
