@@ -294,14 +294,25 @@ def _remove_tree(path: str, label: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _mtime_or_zero(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except OSError:  # moved by another reader meanwhile
+        return 0.0
+
+
 def recover_directory(path: str, clean: bool = True) -> None:
     """Undo an interrupted `atomic_directory` commit of `path`: a directory the fallback renamed
     aside goes back when `path` is missing (readers call this with clean=False); with clean=True
     (writers, before writing) partial writes and half-deleted directories are removed too."""
     path = os.path.abspath(path)
-    aside = sorted(_siblings(path, "replaced"), key=os.path.getmtime)
+    aside = sorted(_siblings(path, "replaced"), key=_mtime_or_zero)
     if aside and not os.path.exists(path):
-        os.rename(aside.pop(), path)
+        try:
+            os.rename(aside.pop(), path)
+        except OSError:
+            if not os.path.exists(path):  # else another reader (rank) put it back first
+                raise
     if not clean:
         return
     for leftover in aside + _siblings(path, "incomplete"):
