@@ -35,6 +35,7 @@ it). "tagged" is refused on such backends, and `recv_lookahead` applies to "tagg
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -65,6 +66,7 @@ class _Runner:
         self.outputs: Dict[Tuple[int, int], torch.Tensor] = {}
         self.local: Dict[Tuple[str, int, int], torch.Tensor] = {}  # same-rank hand-offs
         self.sends: List = []  # ([works], [tensors kept alive until the works are done])
+        self._sends_lock = threading.Lock()
         self.losses: Dict[Tuple[int, int], object] = {}
         self.num_tokens = torch.zeros((), dtype=torch.int)
         self.global_rank = dist.get_process_group_ranks(group)
@@ -148,11 +150,15 @@ class _Runner:
         if self.ordered:  # sent where the plan's SEND op stands
             self.outbox[(kind, chunk, mb)] = t
             return
-        self.sends.append(([dist.isend(t, dst=self.global_rank[dst[0]], group=self.group,
-                                       tag=self._send_tag(kind, chunk, mb))], [t]))
-        # completed sends release their buffers as the step goes (waited at the end otherwise)
-        while self.sends and self.sends[0][0][0].is_completed():
-            self.sends.pop(0)
+        work = dist.isend(t, dst=self.global_rank[dst[0]], group=self.group,
+                          tag=self._send_tag(kind, chunk, mb))
+        # completed sends release their buffers as the step goes (waited at the end otherwise);
+        # under a lock: F&B pairs in two threads send from both (a check by one thread and a pop
+        # by the other would drop an unfinished send)
+        with self._sends_lock:
+            self.sends.append(([work], [t]))
+            while self.sends and self.sends[0][0][0].is_completed():
+                self.sends.pop(0)
 
     # -- compute -----------------------------------------------------------------------------------
     def _is_last(self, chunk: int) -> bool:
