@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv3.inference.engine import InferenceEngine, Request
+from megatron_dsv3.inference.parallel import expert_parallel_group_of
 from megatron_dsv3.inference.sampling import Sampled
 
 HEADER = 8
@@ -81,6 +82,17 @@ class Served:
         self.finish_reason = event.finish_reason or ""
 
 
+def _refuse_expert_parallel(model, where: str) -> None:
+    """Each rank here serves its own requests, so ranks run different numbers of forwards: an
+    expert-parallel model's all-to-alls would not pair up (the busier rank would wait for ever)."""
+    if expert_parallel_group_of(model) is not None:
+        raise ValueError(f"{where}: the model is expert-parallel (its MoE layers exchange tokens "
+                         "with other ranks every forward), but each rank here serves its own "
+                         "requests; allowed: a model without expert parallelism "
+                         "(expert_model_parallel_size=1), or InferenceEngine with its lockstep "
+                         "for expert-parallel serving")
+
+
 def serve_separated(model, requests: Sequence[Request], roles: Roles, *,
                     speculative: bool = False, block_size: int = 16,
                     max_batch_size: int = 16, num_blocks: Optional[int] = None,
@@ -88,6 +100,7 @@ def serve_separated(model, requests: Sequence[Request], roles: Roles, *,
     """Run this rank's role; decode ranks return {request index: Served} of the requests they
     finished, prefill ranks {}. `start_time` (time.time(), shared by all ranks) anchors the
     requests' arrival times."""
+    _refuse_expert_parallel(model, "serve_separated")
     rank = dist.get_rank()
     if rank not in roles.prefill + roles.decode:
         raise ValueError(f"rank {rank} has no role: prefill={roles.prefill}, "
@@ -220,6 +233,7 @@ def serve_colocated(model, requests: Sequence[Request], rank: int, world: int, *
                     num_blocks: Optional[int] = None,
                     start_time: Optional[float] = None) -> Dict[int, Served]:
     """The baseline: every rank prefills and decodes its share of the requests (round-robin)."""
+    _refuse_expert_parallel(model, "serve_colocated")
     engine = InferenceEngine(model, block_size=block_size, max_batch_size=max_batch_size,
                              num_blocks=num_blocks, lockstep=None)
     mine = list(range(rank, len(requests), world))

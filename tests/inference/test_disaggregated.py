@@ -78,3 +78,20 @@ def test_arrivals_gate_admission_and_are_checked(single_rank_world):
     assert first_of_late.time - engine.start_time >= 0.3   # not admitted before its arrival
     with pytest.raises(ValueError, match="arrival=-1"):
         engine.generate([Request([1], 2, arrival=-1)])
+
+
+def test_an_expert_parallel_model_is_refused_where_ranks_serve_their_own_requests():
+    """Each rank serves its own requests there: an expert-parallel model's all-to-alls would not
+    pair up across ranks (the busier one would wait for ever)."""
+    from types import SimpleNamespace
+
+    from megatron_dsv3.inference.disaggregated import Roles, serve_colocated, serve_separated
+
+    class MoE(torch.nn.Module):
+        dispatcher = SimpleNamespace(ep_group=SimpleNamespace(size=lambda: 2))
+
+    model = torch.nn.Sequential(MoE())
+    with pytest.raises(ValueError, match="serve_colocated: the model is expert-parallel"):
+        serve_colocated(model, [], 0, 2)
+    with pytest.raises(ValueError, match="serve_separated: the model is expert-parallel"):
+        serve_separated(model, [], Roles(prefill=[0], decode=[1]))
