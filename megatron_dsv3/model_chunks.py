@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron_dsv3.layer_specs import get_layer_spec, norm_spec
 from megatron_dsv3.model import DeepSeekV3Model
 from megatron_dsv3.pipeline.placement import StageLayers
-from megatron_dsv3.pipeline.schedules import layout
+from megatron_dsv3.pipeline.schedules import check_ranks, layout
 
 SCHEDULES = ("dualpipev", "dualpipe")
 
@@ -44,6 +44,10 @@ def build_model_chunks(config, schedule: str, pp_rank: int, pp_size: int, pg_col
     `model` list of megatron_dsv3.pipeline's forward_backward_dualpipe(v))."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r}: allowed values are 'dualpipev', 'dualpipe'")
+    check_ranks(schedule, pp_size, ranks_name="pp_size")  # the schedule's rule: >= 1, DualPipe even
+    if not isinstance(pp_rank, int) or isinstance(pp_rank, bool) or not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pp_rank={pp_rank!r} is invalid: allowed values are integers in "
+                         f"[0, {pp_size - 1}] (pp_size={pp_size})")
     if schedule == "dualpipe" and config.mtp_num_layers:
         raise ValueError("DualPipe with MTP is not supported (its four embedding copies would need "
                          "tying across both directions): allowed are schedule='dualpipev', which "

@@ -12,9 +12,12 @@ checks that table against this list and against Megatron-LM's argument parsers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List
+import math
+import numbers
+from typing import Any, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mla_up_proj", "moe_act", "mlp", "shared_experts")
 """recompute_modules our layers honour (recompute_granularity='selective')."""
@@ -28,6 +31,9 @@ class Rule:
     field: str
     status: str  # "honoured" or "refused" (refused values are listed in `note`)
     note: str
+    dest: Optional[str] = None
+    """The flag's argparse dest where it is not `field` (--swiglu: dest swiglu, which Megatron-LM
+    turns into gated_linear_unit=True and activation_func=F.silu)."""
 
 
 RULES: List[Rule] = [
@@ -83,6 +89,16 @@ RULES: List[Rule] = [
     Rule("--context-parallel-size", "context_parallel_size", "refused",
          "> 1: our MLA attends over the local sequence only; use 1 and split with pipeline, "
          "expert and data parallelism"),
+    Rule("--normalization", "normalization", "refused",
+         "anything but RMSNorm (Megatron-LM's default is LayerNorm): our layers always use "
+         "RMSNorm; pass --normalization RMSNorm"),
+    Rule("--disable-bias-linear", "add_bias_linear", "refused",
+         "absent (Megatron-LM adds biases by default): our linear layers have no biases; pass "
+         "--disable-bias-linear"),
+    Rule("--swiglu", "gated_linear_unit", "refused",
+         "absent (gated_linear_unit=False, or an activation_func other than F.silu, e.g. "
+         "--squared-relu, --quick-geglu): our MLPs and experts are always SwiGLU; pass --swiglu",
+         dest="swiglu"),
 ]
 
 
@@ -114,8 +130,15 @@ def aux_loss_coefficients(config: Any) -> Dict[str, float]:
     return {k: float(c or 0.0) for k, c in zip(kinds, coeffs)}
 
 
-def _refuse(field: str, value: Any, why: str) -> None:
-    flag = next((r.flag for r in RULES if r.field == field), "--" + field.replace("_", "-"))
+def is_finite_number(value: Any) -> bool:
+    """A real, finite number that is not a bool (a count or a coefficient, never a switch)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _refuse(field: str, value: Any, why: str, flag: Optional[str] = None) -> None:
+    flag = flag or next((r.flag for r in RULES if r.field == field),
+                        "--" + field.replace("_", "-"))
     raise ValueError(f"{field}={value!r} ({flag}) is not supported by megatron-dsv3: {why}")
 
 
@@ -140,11 +163,36 @@ def check_upstream_flags(config: Any) -> None:
         _refuse("delay_wgrad_compute", True,
                 "our layers compute weight gradients in the backward pass; remove the flag "
                 "(DualPipe(V) schedules the backward passes itself)")
+    _check_layers(config)
     _check_recompute(config)
     if not getattr(config, "num_moe_experts", None):
         return
     _check_router(config)
     _check_dispatch(config)
+
+
+def _check_layers(config: Any) -> None:
+    """DeepSeek-V3's layer choices, which our modules build whatever the config says: RMSNorm,
+    no biases, SwiGLU (Megatron-LM's defaults are LayerNorm, biases and GeLU). qk_layernorm is
+    not checked: our MLA always applies its latent RMSNorms (docs/migration.md)."""
+    norm = getattr(config, "normalization", "RMSNorm")
+    if norm != "RMSNorm":
+        _refuse("normalization", norm, "our layers always use RMSNorm (DeepSeek-V3); allowed "
+                                       "value: 'RMSNorm' (pass --normalization RMSNorm)")
+    if getattr(config, "add_bias_linear", False):
+        _refuse("add_bias_linear", config.add_bias_linear,
+                "our linear layers have no biases (DeepSeek-V3); allowed value: False (pass "
+                "--disable-bias-linear)")
+    if not getattr(config, "gated_linear_unit", True):
+        _refuse("gated_linear_unit", config.gated_linear_unit,
+                "our MLPs and experts are always SwiGLU (DeepSeek-V3); allowed value: True with "
+                "activation_func=torch.nn.functional.silu (pass --swiglu)")
+    act = getattr(config, "activation_func", F.silu)
+    if act is not F.silu:
+        _refuse("activation_func", getattr(act, "__name__", repr(act)),
+                "our MLPs and experts are always SwiGLU (DeepSeek-V3); allowed value: "
+                "torch.nn.functional.silu with gated_linear_unit=True (pass --swiglu; not "
+                "--squared-relu or --quick-geglu)", flag="--swiglu")
 
 
 def _check_recompute(config: Any) -> None:
@@ -174,10 +222,12 @@ def _check_router(config: Any) -> None:
     dtype = getattr(config, "moe_router_dtype", None)
     if dtype not in (None, "fp32", "fp64"):
         _refuse("moe_router_dtype", dtype, "allowed values are None, 'fp32', 'fp64'")
+    coeffs = getattr(config, "moe_aux_loss_coeff", 0.0)
+    for coeff in coeffs if isinstance(coeffs, (list, tuple)) else [coeffs]:
+        if coeff is not None and not (is_finite_number(coeff) and coeff >= 0):
+            raise ValueError(f"moe_aux_loss_coeff={coeffs!r} is invalid: allowed values are "
+                             "finite numbers >= 0 (a list: one per load-balancing type)")
     for kind, coeff in aux_loss_coefficients(config).items():
-        if coeff < 0:
-            raise ValueError(f"moe_aux_loss_coeff={coeff} for {kind!r} is invalid: allowed "
-                             "values are >= 0")
         if kind == "global_aux_loss" and coeff > 0:
             _refuse("moe_router_load_balancing_type", kind,
                     "the global-batch loss is not implemented; use 'seq_aux_loss' (DeepSeek-V3) "
@@ -192,12 +242,13 @@ def _check_router(config: Any) -> None:
             _refuse("moe_router_load_balancing_type", kind,
                     f"allowed values: {', '.join(LOAD_BALANCING_TYPES)}")
     z = getattr(config, "moe_z_loss_coeff", None)
-    if z is not None and (not isinstance(z, (int, float)) or z < 0):
-        raise ValueError(f"moe_z_loss_coeff={z!r} is invalid: allowed values are None or >= 0")
+    if z is not None and not (is_finite_number(z) and z >= 0):
+        raise ValueError(f"moe_z_loss_coeff={z!r} is invalid: allowed values are None or finite "
+                         "numbers >= 0")
     eps = getattr(config, "moe_input_jitter_eps", None)
-    if eps is not None and (not isinstance(eps, (int, float)) or eps <= 0):
+    if eps is not None and not (is_finite_number(eps) and eps > 0):
         raise ValueError(f"moe_input_jitter_eps={eps!r} is invalid: allowed values are None or "
-                         "> 0 (noise drawn from U(1 - eps, 1 + eps))")
+                         "finite numbers > 0 (noise drawn from U(1 - eps, 1 + eps))")
 
 
 def _check_dispatch(config: Any) -> None:

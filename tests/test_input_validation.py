@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_dsv3 import cli
 from megatron_dsv3.training.trainer import TrainArgs
@@ -94,6 +95,8 @@ TRAIN_BAD = [
     ("--pp 2 --micro-batches 3", "--micro-batches"),
     ("--ep 0", "--ep"),
     ("--ep -4", "--ep"),
+    ("--ep 3", "--ep"),                          # does not divide the preset's 16 experts
+    ("--pp 3 --micro-batches 6", "--pp"),        # 6 DualPipeV stages, 3 layers
     ("--preset deepseek-v4", "--preset"),
 ]
 
@@ -377,3 +380,269 @@ def test_slurm_dry_run_stops_on_a_bad_port_before_any_arithmetic(tmp_path):
 def test_nan_is_never_in_range():
     for kind in (cli.non_negative_float, cli.positive_float, cli.probability, cli.float_range()):
         assert not kind.contains(math.nan) and not kind.contains(math.inf)
+
+
+# --- the model config: every number refused at configuration time, naming the field -------------
+
+NAN, INF = float("nan"), float("inf")
+
+CONFIG_BAD = [
+    # parallel sizes (were a ZeroDivisionError, or accepted: ep=-2 built and ran)
+    (dict(tensor_model_parallel_size=0), "tensor_model_parallel_size"),
+    (dict(tensor_model_parallel_size=-1), "tensor_model_parallel_size"),
+    (dict(expert_model_parallel_size=0), "expert_model_parallel_size"),
+    (dict(expert_model_parallel_size=-2), "expert_model_parallel_size"),
+    (dict(pipeline_model_parallel_size=0), "pipeline_model_parallel_size"),
+    (dict(max_position_embeddings=0), "max_position_embeddings"),
+    (dict(max_position_embeddings=-5), "max_position_embeddings"),
+    (dict(max_position_embeddings=None), "max_position_embeddings"),
+    # numbers of the layers
+    (dict(layernorm_epsilon=-1.0), "layernorm_epsilon"),
+    (dict(layernorm_epsilon=0.0), "layernorm_epsilon"),
+    (dict(layernorm_epsilon=NAN), "layernorm_epsilon"),
+    (dict(init_method_std=-0.02), "init_method_std"),
+    (dict(init_method_std=INF), "init_method_std"),
+    (dict(hidden_dropout=1.5), "hidden_dropout"),
+    (dict(hidden_dropout=-0.1), "hidden_dropout"),
+    (dict(hidden_dropout=1.0), "hidden_dropout"),
+    (dict(attention_dropout=1.5), "attention_dropout"),
+    (dict(attention_dropout=-0.1), "attention_dropout"),
+    (dict(attention_dropout=True), "attention_dropout"),
+    # RoPE / YaRN
+    (dict(rotary_base=0), "rotary_base"),
+    (dict(rotary_base=-1), "rotary_base"),
+    (dict(rotary_base=1), "rotary_base"),          # log(base) = 0 in YaRN's ramp
+    (dict(rope_type="rope", rotary_base=0), "rotary_base"),
+    (dict(rotary_scaling_factor=0), "rotary_scaling_factor"),
+    (dict(rotary_scaling_factor=-4), "rotary_scaling_factor"),
+    (dict(rotary_scaling_factor=0.5), "rotary_scaling_factor"),
+    (dict(rotary_scaling_factor=NAN), "rotary_scaling_factor"),
+    (dict(original_max_position_embeddings=0), "original_max_position_embeddings"),
+    (dict(original_max_position_embeddings=64.5), "original_max_position_embeddings"),
+    (dict(beta_fast=1, beta_slow=32), "beta_fast"),  # the ramp inverted
+    (dict(beta_fast=8, beta_slow=8), "beta_fast"),
+    (dict(beta_slow=0), "beta_slow"),
+    (dict(beta_fast=INF), "beta_fast"),
+    (dict(mscale=-1.0), "mscale"),
+    (dict(mscale_all_dim=NAN), "mscale_all_dim"),
+    # MoE and MTP coefficients
+    (dict(moe_router_topk_scaling_factor=0.0), "moe_router_topk_scaling_factor"),  # was 1.0
+    (dict(moe_router_topk_scaling_factor=-1.0), "moe_router_topk_scaling_factor"),
+    (dict(moe_router_topk_scaling_factor=NAN), "moe_router_topk_scaling_factor"),
+    (dict(moe_router_bias_update_rate=NAN), "moe_router_bias_update_rate"),
+    (dict(moe_router_bias_update_rate=INF), "moe_router_bias_update_rate"),
+    (dict(moe_router_bias_update_rate=None), "moe_router_bias_update_rate"),
+    (dict(moe_aux_loss_coeff=NAN), "moe_aux_loss_coeff"),  # was: balancing silently off
+    (dict(moe_aux_loss_coeff=INF), "moe_aux_loss_coeff"),
+    (dict(moe_aux_loss_coeff=-1e-4), "moe_aux_loss_coeff"),
+    (dict(moe_aux_loss_coeff=True), "moe_aux_loss_coeff"),
+    (dict(moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
+          moe_aux_loss_coeff=[1e-3, NAN]), "moe_aux_loss_coeff"),
+    (dict(moe_z_loss_coeff=NAN), "moe_z_loss_coeff"),
+    (dict(moe_z_loss_coeff=INF), "moe_z_loss_coeff"),
+    (dict(moe_input_jitter_eps=NAN), "moe_input_jitter_eps"),
+    (dict(moe_input_jitter_eps=INF), "moe_input_jitter_eps"),
+    (dict(mtp_loss_scaling_factor=NAN), "mtp_loss_scaling_factor"),
+    (dict(mtp_loss_scaling_factor=-1.0), "mtp_loss_scaling_factor"),  # gradient ascent on MTP
+    (dict(mtp_loss_scaling_factor=None), "mtp_loss_scaling_factor"),  # with mtp_num_layers=1
+]
+
+
+@pytest.mark.parametrize("overrides,field", CONFIG_BAD,
+                         ids=[f"{f}-{i}" for i, (_, f) in enumerate(CONFIG_BAD)])
+def test_config_refuses_bad_numbers_naming_the_field(overrides, field):
+    from megatron_dsv3.configs import get_config
+
+    with pytest.raises(ValueError, match=rf"^{field}=.* is invalid: allowed values are") as e:
+        get_config("deepseek-v3-tiny", **overrides)
+    assert "allowed" in str(e.value)
+
+
+def test_config_accepts_the_edges_of_the_ranges():
+    from megatron_dsv3.configs import get_config
+
+    for overrides in (dict(init_method_std=0.0), dict(hidden_dropout=0.0, attention_dropout=0.99),
+                      dict(rotary_scaling_factor=1), dict(mscale=0.0, mscale_all_dim=0.0),
+                      dict(beta_fast=2, beta_slow=1.5), dict(moe_router_topk_scaling_factor=None),
+                      dict(moe_router_bias_update_rate=0.0), dict(moe_aux_loss_coeff=0.0),
+                      dict(moe_z_loss_coeff=0.0), dict(mtp_loss_scaling_factor=0.0),
+                      dict(mtp_num_layers=None, mtp_loss_scaling_factor=None),
+                      dict(rope_type="rope", rotary_scaling_factor=0.5, beta_fast=1, beta_slow=32)):
+        get_config("deepseek-v3-tiny", **overrides)
+
+
+def test_router_scaling_none_is_one_and_zero_never_reaches_it(tiny_config):
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.moe.router import SigmoidGroupRouter
+
+    router = SigmoidGroupRouter(get_config("deepseek-v3-tiny", moe_router_topk_scaling_factor=None))
+    assert router.scaling_factor == 1.0
+    assert SigmoidGroupRouter(tiny_config).scaling_factor == 2.5
+
+
+# --- Megatron fields our layers build one way only (RMSNorm, no biases, SwiGLU) ------------------
+
+LAYER_CHOICES = [
+    (dict(normalization="LayerNorm"), "normalization", "--normalization RMSNorm"),
+    (dict(normalization="Foo"), "normalization", "--normalization RMSNorm"),
+    (dict(add_bias_linear=True), "add_bias_linear", "--disable-bias-linear"),
+    (dict(gated_linear_unit=False), "gated_linear_unit", "--swiglu"),
+    (dict(activation_func=torch.nn.functional.gelu), "activation_func", "--swiglu"),
+    (dict(activation_func=torch.nn.SiLU()), "activation_func", "--swiglu"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,flag", LAYER_CHOICES,
+                         ids=[f"{f}-{i}" for i, (_, f, _) in enumerate(LAYER_CHOICES)])
+def test_layer_choices_we_do_not_build_are_refused(overrides, field, flag):
+    from megatron_dsv3.configs import get_config
+
+    with pytest.raises(ValueError, match=field) as e:
+        get_config("deepseek-v3-tiny", **overrides)
+    assert "is not supported by megatron-dsv3" in str(e.value) and flag in str(e.value)
+
+
+def test_megatron_lm_defaults_for_the_layers_are_refused_on_its_config():
+    """Megatron-LM's defaults (biases, GeLU) reach validate_config on the pretrain_gpt path."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from megatron_dsv3.configs import validate_config
+
+    kw = dict(num_layers=2, hidden_size=32, num_attention_heads=4, kv_lora_rank=16,
+              q_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8,
+              normalization="RMSNorm")
+    with pytest.raises(ValueError, match="add_bias_linear=True .*--disable-bias-linear"):
+        validate_config(MLATransformerConfig(**kw))
+    with pytest.raises(ValueError, match="gated_linear_unit=False .*--swiglu"):
+        validate_config(MLATransformerConfig(add_bias_linear=False, **kw))
+    validate_config(MLATransformerConfig(add_bias_linear=False, gated_linear_unit=True,
+                                         activation_func=torch.nn.functional.silu, **kw))
+
+
+def test_presets_still_build_with_deepseeks_layer_choices(single_rank_world):
+    from megatron_dsv3.configs import PRESETS, get_config
+    from megatron_dsv3.model import build_model
+
+    for name in PRESETS:
+        config = get_config(name)
+        assert (config.normalization, config.add_bias_linear, config.gated_linear_unit,
+                config.activation_func) == ("RMSNorm", False, True, torch.nn.functional.silu)
+    config = get_config("deepseek-v3-tiny", qk_layernorm=False)  # not refused: MLA norms anyway
+    model = build_model(config)
+    assert not [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+    assert any("q_layernorm" in n for n, _ in model.named_parameters())
+
+
+# --- model chunks and pipeline schedules --------------------------------------------------------
+
+@pytest.mark.parametrize("schedule,pp_rank,pp_size,field", [
+    ("dualpipev", 2, 2, "pp_rank"),       # was: stages 2 and 1 built, neither first nor last
+    ("dualpipev", -1, 2, "pp_rank"),      # was an IndexError
+    ("dualpipev", 1.0, 2, "pp_rank"),
+    ("dualpipev", 0, 0, "pp_size"),
+    ("dualpipev", 0, -2, "pp_size"),
+    ("dualpipe", 0, 3, "pp_size"),        # DualPipe needs an even P (was refused at run time)
+])
+def test_build_model_chunks_refuses_bad_ranks(schedule, pp_rank, pp_size, field):
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.model_chunks import build_model_chunks
+
+    config = get_config("deepseek-v3-tiny", mtp_num_layers=None)
+    with pytest.raises(ValueError, match=rf"{field}=.*invalid.*allowed values are"):
+        build_model_chunks(config, schedule, pp_rank, pp_size)
+
+
+@pytest.mark.parametrize("chunks", [0, -1, 1.5, True])
+def test_schedules_refuse_chunks_below_one(chunks):
+    from megatron_dsv3.pipeline import schedules
+
+    with pytest.raises(ValueError, match=r"chunks=.* is invalid: allowed values are integers >= 1"):
+        schedules.build("interleaved", 2, 4, chunks=chunks)
+    with pytest.raises(ValueError, match="chunks="):
+        schedules.check_ranks("interleaved", 2, chunks)
+
+
+def test_schedules_refuse_bad_rank_and_micro_batch_counts():
+    from megatron_dsv3.pipeline import schedules
+
+    with pytest.raises(ValueError, match="pipeline ranks=0 is invalid"):
+        schedules.build("1f1b", 0, 4)
+    with pytest.raises(ValueError, match="micro-batches=0 is invalid"):
+        schedules.build("1f1b", 2, 0)
+    assert len(schedules.build("interleaved", 2, 4, chunks=1)) == 2
+
+
+# --- inference: the engine, its requests and their sampling parameters --------------------------
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(block_size=0), "block_size"),            # was a ZeroDivisionError
+    (dict(block_size=-4), "block_size"),
+    (dict(block_size=2.5, num_blocks=64), "block_size"),
+    (dict(max_batch_size=0), "max_batch_size"),    # named the wrong fields
+    (dict(max_batch_size=0, num_blocks=64), "max_batch_size"),  # generate() never returned
+    (dict(max_batch_size=-1, num_blocks=64), "max_batch_size"),
+    (dict(num_blocks=0), "num_blocks"),
+])
+def test_engine_refuses_bad_sizes_at_construction(kwargs, field):
+    from megatron_dsv3.inference import InferenceEngine
+
+    # refused before the model is looked at
+    with pytest.raises(ValueError, match=rf"^{field}=.* is invalid: allowed values are integers"):
+        InferenceEngine(object(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(temperature=NAN), "temperature"),        # was: a RuntimeError in multinomial
+    (dict(temperature=INF), "temperature"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(temperature="0.5"), "temperature"),
+    (dict(top_k=2.5), "top_k"),                    # was: a TypeError in topk
+    (dict(top_k=-1), "top_k"),
+    (dict(top_p=NAN), "top_p"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(logprobs=1.5), "logprobs"),
+    (dict(seed=2**64), "seed"),                    # was: an OverflowError at generation
+    (dict(seed=2**70), "seed"),
+    (dict(seed=-1), "seed"),                       # torch maps it to 2**64 - 1
+    (dict(seed=1.0), "seed"),
+])
+def test_sampling_params_refuse_bad_values_at_construction(kwargs, field):
+    from megatron_dsv3.inference import SamplingParams
+
+    with pytest.raises(ValueError, match=rf"^{field}=.* is invalid: allowed values are"):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_accept_their_bounds():
+    from megatron_dsv3.inference import SamplingParams
+
+    SamplingParams(temperature=0.0, top_k=0, top_p=1.0, seed=0, logprobs=0)
+    SamplingParams(temperature=1.5, top_k=5, top_p=0.5, seed=2**64 - 1, logprobs=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(single_rank_world):
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.inference import InferenceEngine
+    from megatron_dsv3.model import build_model
+
+    return InferenceEngine(build_model(get_config("deepseek-v3-tiny")), num_blocks=64)
+
+
+@pytest.mark.parametrize("prompt,kwargs,match", [
+    ([1, 256, 3], {}, r"prompt token 256 at position 1 is invalid: allowed token ids are "
+                      r"integers in \[0, 255\]"),     # was an IndexError in the embedding
+    ([1, -1, 3], {}, r"prompt token -1 at position 1 .*\[0, 255\]"),
+    ([1, 2.0], {}, r"prompt token 2.0 at position 1"),
+    ([True, 2], {}, r"prompt token True at position 0"),
+    ([1, 2], dict(max_new_tokens=2.5), r"max_new_tokens=2.5 is invalid"),  # was: 3 tokens
+    ([1, 2], dict(max_new_tokens=0), r"max_new_tokens=0 is invalid"),
+    ([1, 2], dict(arrival=INF), r"arrival=inf is invalid"),  # was an OverflowError
+    ([1, 2], dict(arrival=NAN), r"arrival=nan is invalid"),
+])
+def test_engine_refuses_bad_requests_before_any_forward(tiny_engine, prompt, kwargs, match):
+    from megatron_dsv3.inference import Request
+
+    with pytest.raises(ValueError, match=rf"request 0: {match}"):
+        tiny_engine.generate([Request(prompt, **kwargs)])
+    assert tiny_engine.cache.num_free_blocks == 64  # nothing was admitted

@@ -107,7 +107,8 @@ def _parser_flags(pythonpath=None):
 def _check_against(flags):
     for rule in upstream_flags.RULES:
         assert rule.flag in flags, f"{rule.flag} is not a flag of this Megatron-LM"
-        assert flags[rule.flag][0] == rule.field, (rule.flag, flags[rule.flag][0], rule.field)
+        dest = rule.dest or rule.field  # (--swiglu: dest swiglu, setting gated_linear_unit)
+        assert flags[rule.flag][0] == dest, (rule.flag, flags[rule.flag][0], dest)
     # the choices we decided on are the parser's choices (a new choice needs a decision)
     lb = set(flags["--moe-router-load-balancing-type"][1])
     assert lb <= {"aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn",
@@ -183,8 +184,9 @@ def test_refused_on_megatron_lm_config_too():
                                moe_router_score_function="sigmoid",
                                moe_token_dispatcher_type="alltoall", q_lora_rank=32,
                                kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8,
-                               v_head_dim=16)
-    validate_config(cfg)
+                               v_head_dim=16, add_bias_linear=False, gated_linear_unit=True,
+                               activation_func=torch.nn.functional.silu)  # as Megatron-LM's
+    validate_config(cfg)  # --disable-bias-linear --swiglu set them
     # (set after construction: without Transformer Engine Megatron's own __post_init__ already
     # fails on moe_permute_fusion; with TE it accepts it and only our check stops it)
     cfg.moe_permute_fusion = True

@@ -8,7 +8,7 @@ from typing import Any, Optional
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_dsv3 import compat
-from megatron_dsv3.upstream_flags import check_upstream_flags
+from megatron_dsv3.upstream_flags import check_upstream_flags, is_finite_number
 
 
 @dataclasses.dataclass
@@ -80,6 +80,25 @@ def _positive(config: Any, field: str, *, optional: bool = False) -> None:
         raise ValueError(f"{field}={value!r} is invalid: allowed values are {allowed}")
 
 
+def _number(config: Any, field: str, low: float, *, low_open: bool = False,
+            high: Optional[float] = None, high_open: bool = False,
+            optional: bool = False) -> None:
+    """`field` (when the config has it) a finite number (not a bool) in the range; None too
+    when `optional`."""
+    if not hasattr(config, field):
+        return
+    value = getattr(config, field)
+    if value is None and optional:
+        return
+    if (not is_finite_number(value) or (value <= low if low_open else value < low)
+            or (high is not None and (value >= high if high_open else value > high))):
+        allowed = (f"finite numbers {'>' if low_open else '>='} {low}" if high is None else
+                   f"finite numbers in {'(' if low_open else '['}{low}, {high}"
+                   f"{')' if high_open else ']'}")
+        raise ValueError(f"{field}={value!r} is invalid: allowed values are {allowed}"
+                         f"{' or None' if optional else ''}")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -120,6 +139,18 @@ def validate_config(config: Any) -> None:
         _positive(config, field, optional=True)
     if getattr(config, "vocab_size", 1) is not None:
         _positive(config, "vocab_size", optional=True)
+    # parallel sizes before anything divides by them; max_position_embeddings is ours (Megatron's
+    # TransformerConfig keeps it outside the config)
+    for field in ("tensor_model_parallel_size", "expert_model_parallel_size",
+                  "pipeline_model_parallel_size", "max_position_embeddings"):
+        if hasattr(config, field):
+            _positive(config, field)
+    _number(config, "layernorm_epsilon", 0, low_open=True)
+    _number(config, "init_method_std", 0)
+    for field in ("hidden_dropout", "attention_dropout"):
+        _number(config, field, 0, high=1, high_open=True)
+    _number(config, "mtp_loss_scaling_factor", 0,
+            optional=not getattr(config, "mtp_num_layers", None))
     if config.qk_pos_emb_head_dim % 2:
         raise ValueError(
             f"qk_pos_emb_head_dim={config.qk_pos_emb_head_dim} is invalid: RoPE needs an even "
@@ -153,6 +184,7 @@ def validate_config(config: Any) -> None:
                          "positive integers")
     if getattr(config, "rope_type", "yarn") not in ("rope", "yarn"):
         raise ValueError(f"rope_type={config.rope_type!r} is invalid: allowed values are 'rope', 'yarn'")
+    validate_rope(config)
 
     experts = getattr(config, "num_moe_experts", None)
     if not experts:
@@ -197,9 +229,26 @@ def validate_config(config: Any) -> None:
         raise ValueError(
             f"expert_tensor_parallel_size={config.expert_tensor_parallel_size} is not supported: "
             "allowed values are 1 (experts are split by expert parallelism only)")
-    rate = getattr(config, "moe_router_bias_update_rate", 0.0)
-    if rate is not None and rate < 0:
-        raise ValueError(f"moe_router_bias_update_rate={rate} is invalid: allowed values are >= 0")
-    coeff = getattr(config, "moe_aux_loss_coeff", 0.0)
-    if isinstance(coeff, (int, float)) and coeff < 0:
-        raise ValueError(f"moe_aux_loss_coeff={coeff} is invalid: allowed values are >= 0")
+    # (moe_aux_loss_coeff, moe_z_loss_coeff and moe_input_jitter_eps: check_upstream_flags)
+    _number(config, "moe_router_bias_update_rate", 0)
+    _number(config, "moe_router_topk_scaling_factor", 0, low_open=True, optional=True)
+
+
+def validate_rope(config: Any) -> None:
+    """RoPE's base, and YaRN's settings when rope_type='yarn' (DeepSeek-V3: factor 40 over an
+    original 4096 positions, beta_fast 32 > beta_slow 1, mscale = mscale_all_dim = 1)."""
+    # base^(-2i/d) decreases only for base > 1; base = 1 divides by log(base) = 0 in YaRN's ramp
+    _number(config, "rotary_base", 1, low_open=True)
+    if getattr(config, "rope_type", "yarn") != "yarn":
+        return
+    _number(config, "rotary_scaling_factor", 1)  # 1 = no interpolation (mscale 1)
+    if hasattr(config, "original_max_position_embeddings"):
+        _positive(config, "original_max_position_embeddings")
+    _number(config, "beta_slow", 0, low_open=True)
+    beta_fast, beta_slow = getattr(config, "beta_fast", 32), getattr(config, "beta_slow", 1)
+    if not is_finite_number(beta_fast) or beta_fast <= beta_slow:
+        raise ValueError(f"beta_fast={beta_fast!r} is invalid: allowed values are finite numbers "
+                         f"> beta_slow={beta_slow!r} (YaRN's ramp runs from beta_fast rotations, "
+                         "the high frequencies kept, down to beta_slow, the low ones interpolated)")
+    for field in ("mscale", "mscale_all_dim"):
+        _number(config, field, 0)

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import collections
 import itertools
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_dsv3.cli import non_negative_float, positive_int
 from megatron_dsv3.inference.cache import LatentCache
 from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
 from megatron_dsv3.inference.parallel import expert_parallel_group_of, lockstep_for
@@ -144,6 +146,13 @@ class InferenceEngine:
         `traces`."""
         if micro_batches not in (1, 2):
             raise ValueError(f"micro_batches={micro_batches!r} is invalid: allowed values are 1, 2")
+        for name, value, allowed in (
+                ("block_size", block_size, positive_int.describe()),
+                ("max_batch_size", max_batch_size, positive_int.describe()),
+                ("num_blocks", num_blocks, f"{positive_int.describe()} or None (room for "
+                                           "max_batch_size requests of the full length)")):
+            if not (name == "num_blocks" and value is None) and not positive_int.contains(value):
+                raise ValueError(f"{name}={value!r} is invalid: allowed values are {allowed}")
         model.eval()
         self.model, self.config, self.decode = model, model.config, decode
         self.max_batch_size = max_batch_size
@@ -253,15 +262,24 @@ class InferenceEngine:
     def validate(self, requests: Sequence[Request], speculative: bool = False) -> None:
         """ValueError naming the request and the allowed values unless every request can run on
         this engine (prompt, lengths, arrival, cache size, stop strings, speculative needs)."""
+        vocab = self.config.vocab_size
         for i, r in enumerate(requests):
             if not r.prompt:
                 raise ValueError(f"request {i} has an empty prompt: allowed are >= 1 tokens")
-            if r.max_new_tokens < 1:
-                raise ValueError(f"request {i}: max_new_tokens={r.max_new_tokens} is invalid: "
-                                 "allowed values are >= 1")
-            if not r.arrival >= 0:
-                raise ValueError(f"request {i}: arrival={r.arrival} is invalid: allowed values "
-                                 "are >= 0 (seconds after the stream starts)")
+            bad = next((j for j, t in enumerate(r.prompt) if not (
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab)),
+                None)
+            if bad is not None:
+                raise ValueError(f"request {i}: prompt token {r.prompt[bad]!r} at position "
+                                 f"{bad} is invalid: allowed token ids are integers in "
+                                 f"[0, {vocab - 1}] (the model's vocab_size={vocab})")
+            if not positive_int.contains(r.max_new_tokens):
+                raise ValueError(f"request {i}: max_new_tokens={r.max_new_tokens!r} is invalid: "
+                                 f"allowed values are {positive_int.describe()}")
+            if not non_negative_float.contains(r.arrival):
+                raise ValueError(f"request {i}: arrival={r.arrival!r} is invalid: allowed values "
+                                 f"are {non_negative_float.describe()} (seconds after the stream "
+                                 "starts)")
             total = len(r.prompt) + r.max_new_tokens
             if total > self.config.max_position_embeddings:
                 raise ValueError(f"request {i}: prompt ({len(r.prompt)}) + max_new_tokens "

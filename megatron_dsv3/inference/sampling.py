@@ -13,6 +13,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from megatron_dsv3.cli import int_range, non_negative_float, non_negative_int, probability
+
+SEEDS = int_range(0, 2**64 - 1)
+"""Seeds torch.Generator.manual_seed takes as themselves (it also takes -2**63..-1, as aliases of
+2**64 + seed)."""
+
 
 @dataclass
 class SamplingParams:
@@ -29,15 +35,17 @@ class SamplingParams:
     tokens at its position (0 = only the chosen token's, which is always reported)."""
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} is invalid: allowed values are >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} is invalid: allowed values are >= 0 (0 = off)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} is invalid: allowed values are in (0, 1]")
-        if self.logprobs < 0:
-            raise ValueError(f"logprobs={self.logprobs} is invalid: allowed values are >= 0 "
-                             "(0 = the chosen token's only)")
+        for name, allowed in (("temperature", non_negative_float.with_note("0 = greedy")),
+                              ("top_k", non_negative_int.with_note("0 = off")),
+                              ("top_p", probability),
+                              ("logprobs", non_negative_int.with_note("0 = the chosen token's "
+                                                                      "only")),
+                              ("seed", SEEDS.with_note("or None: drawn from torch's global "
+                                                       "RNG"))):
+            value = getattr(self, name)
+            if not (name == "seed" and value is None) and not allowed.contains(value):
+                raise ValueError(f"{name}={value!r} is invalid: allowed values are "
+                                 f"{allowed.describe()}")
 
     @property
     def greedy(self) -> bool:

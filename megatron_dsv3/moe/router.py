@@ -98,7 +98,8 @@ class SigmoidGroupRouter(MegatronModule):
         self.topk = config.moe_router_topk
         self.num_groups = config.moe_router_num_groups or 1
         self.group_topk = config.moe_router_group_topk or self.num_groups
-        self.scaling_factor = config.moe_router_topk_scaling_factor or 1.0
+        scaling = config.moe_router_topk_scaling_factor  # None: no scaling (0 is refused)
+        self.scaling_factor = 1.0 if scaling is None else scaling
         self.dtype = router_dtype(config)
         self.aux_loss_coeffs: Dict[str, float] = aux_loss_coefficients(config)
         self.z_loss_coeff = getattr(config, "moe_z_loss_coeff", None)

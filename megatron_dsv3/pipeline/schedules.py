@@ -84,16 +84,34 @@ def layout(name: str, ranks: int, chunks: int = 2) -> Layout:
     return Layout(name, ranks, 1, ranks)
 
 
-def check(name: str, ranks: int, microbatches: int, chunks: int = 2) -> None:
-    """ValueError naming the setting and its allowed values for a schedule that cannot run."""
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_ranks(name: str, ranks: int, chunks: int = 2, *,
+                ranks_name: str = "pipeline ranks") -> None:
+    """ValueError naming the setting (`ranks_name`: how the caller spells the rank count) and
+    its allowed values for a layout the schedule cannot place; needs no micro-batch count, so
+    the model chunks' builder asks it too."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r} is unknown: allowed values are {', '.join(SCHEDULES)}")
-    if ranks < 1 or microbatches < 1:
-        raise ValueError(f"pipeline ranks={ranks} and micro-batches={microbatches} must be >= 1")
+    if not _count(ranks):
+        raise ValueError(f"{ranks_name}={ranks!r} is invalid: allowed values are integers >= 1")
+    if not _count(chunks):
+        raise ValueError(f"chunks={chunks!r} is invalid: allowed values are integers >= 1 (model "
+                         "chunks per rank)")
+    if name == "dualpipe" and ranks % 2:
+        raise ValueError(f"DualPipe needs an even number of pipeline ranks (stages): "
+                         f"{ranks_name}={ranks} is invalid; allowed values are 2, 4, 6, ...")
+
+
+def check(name: str, ranks: int, microbatches: int, chunks: int = 2) -> None:
+    """ValueError naming the setting and its allowed values for a schedule that cannot run."""
+    check_ranks(name, ranks, chunks)
+    if not _count(microbatches):
+        raise ValueError(f"micro-batches={microbatches!r} is invalid: allowed values are "
+                         "integers >= 1")
     if name == "dualpipe":
-        if ranks % 2:
-            raise ValueError(f"DualPipe needs an even number of pipeline ranks (stages); got "
-                             f"{ranks}: allowed values are 2, 4, 6, ...")
         if microbatches % 2 or microbatches < 2 * ranks:
             raise ValueError(f"DualPipe needs an even number of micro-batches >= 2 x ranks = "
                              f"{2 * ranks}; got {microbatches}")

@@ -5,7 +5,10 @@ argparse error) and at the top of `Trainer.__init__` (for programmatic callers),
 refused before any process group, model or dataset exists. Messages name the flag as typed on the
 command line (`--clip-grad`) and the allowed values.
 
-Not here: world size vs pp x ep (the launcher's layout), checked where the process groups are made.
+The layout rules that need only the args and the preset's config are here too (--ep divides the
+routed experts, --pp leaves DualPipeV's 2 x --pp stages enough layers; megatron_dsv3.configs.layout
+with the trainer's flag names). Not here: world size vs pp x ep (the launcher's layout), checked by
+the Trainer from WORLD_SIZE before the process groups are made.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ def flag_of(field: str) -> str:
 
 def validate_train_args(args) -> None:
     """ValueError naming the flag and its allowed values for the first bad TrainArgs value."""
-    from megatron_dsv3.configs import PRESETS, get_config
+    from megatron_dsv3.configs import PRESETS, get_config, layout
+
+    # the layout rules' names: the trainer's flags (it has no --schedule: --pp > 1 is DualPipeV)
+    names = dataclasses.replace(layout.FLAGS, schedule="schedule")
 
     for field in dataclasses.fields(args):
         rule = RULES.get(field.name)
@@ -84,3 +90,8 @@ def validate_train_args(args) -> None:
         raise ValueError(f"--seq-length {args.seq_length} is invalid: allowed values are integers "
                          f"in [1, {config.max_position_embeddings}] (max_position_embeddings of "
                          f"{args.preset})")
+    # the layout rules the Trainer's config and chunks would apply once the process groups exist
+    layout.check_model_split(config, ep=args.ep, names=names)
+    if args.pp > 1:
+        layout.stage_layer_counts(config.num_layers, "dualpipev", args.pp,
+                                  **layout.stage_split_of(config), names=names)

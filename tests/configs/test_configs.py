@@ -61,7 +61,9 @@ def test_validation_also_runs_on_plain_megatron_configs():
                                num_moe_experts=8, moe_router_topk=2, moe_router_num_groups=2,
                                moe_router_group_topk=1, moe_router_score_function="sigmoid",
                                moe_ffn_hidden_size=16, kv_lora_rank=16, q_lora_rank=16,
-                               qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8)
+                               qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8,
+                               add_bias_linear=False, gated_linear_unit=True,
+                               activation_func=torch.nn.functional.silu)  # DeepSeek's layers
     validate_config(cfg)
     cfg.moe_router_topk = 5  # the one kept group holds 4 experts
     with pytest.raises(ValueError, match="moe_router_topk"):
