@@ -162,6 +162,8 @@ def config_from_args(args, config=None):
 
     from megatron_dsv3.configs import DeepSeekV3Config
 
+    if getattr(args, "mtp_num_layers", None) == 0:
+        args.mtp_num_layers = None  # --mtp-num-layers 0 = no MTP, which our config spells None
     if config is None:
         config = core_transformer_config_from_args(args, config_class=DeepSeekV3Config)
     if not isinstance(config, DeepSeekV3Config):
