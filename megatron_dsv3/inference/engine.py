@@ -39,7 +39,8 @@ import torch
 from megatron_dsv3.cli import non_negative_float, positive_int
 from megatron_dsv3.inference.cache import LatentCache
 from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
-from megatron_dsv3.inference.parallel import expert_parallel_group_of, lockstep_for
+from megatron_dsv3.inference.parallel import (PeerStoppedError, expert_parallel_group_of,
+                                              lockstep_for)
 from megatron_dsv3.inference.sampling import (
     Sampled,
     SamplingParams,
@@ -175,6 +176,7 @@ class InferenceEngine:
                                             dtype=cache_dtype or self.config.params_dtype)
         self.decoder = LatentDecoder(model, self.cache)
         self.lockstep = lockstep_for(model) if lockstep == "auto" else lockstep
+        self._in_step = False  # lockstep: inside a step's forwards (see _tell_peers_we_stop)
         self.micro_batches = micro_batches
         self.trace_steps: set = set()
         self.traces: dict = {}
@@ -213,16 +215,34 @@ class InferenceEngine:
         per engine: its admission control assumes it owns the cache). Requests are admitted in
         order of arrival, `request.arrival` seconds after `start_time` (time.time(), default
         now)."""
-        self.validate(requests, speculative)
+        self._in_step = False
+        try:
+            self.validate(requests, speculative)
+        except BaseException:
+            self._tell_peers_we_stop()
+            raise
         self.start_time = time.time() if start_time is None else start_time
         order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
         waiting = collections.deque(self.admit(i, requests[i]) for i in order)
         running: List[RequestState] = []
         try:
             yield from self._serve(waiting, running, speculative)
+        except PeerStoppedError:
+            raise
+        except BaseException:  # an error of ours, or the consumer stopped reading
+            self._tell_peers_we_stop()
+            raise
         finally:  # also when the consumer stops early: running requests give their blocks back
             for st in running:
                 self.cache.release(st.key)
+
+    def _tell_peers_we_stop(self) -> None:
+        """Expert parallelism: this rank stops serving; between steps (where every rank's next
+        collective is the agreement) the others learn it at once and raise PeerStoppedError. An
+        error inside a step's forwards, where the others wait in an all-to-all, cannot be paired
+        with their collectives: they end with the group's timeout."""
+        if self.lockstep is not None and not self._in_step:
+            self.lockstep.stop()
 
     def _serve(self, waiting, running: List[RequestState],
                speculative: bool) -> Iterator[TokenEvent]:
@@ -244,19 +264,28 @@ class InferenceEngine:
                 if not busy:
                     break
                 idle_prefills = most - len(admitted)
+                self._in_step = True
             elif not (admitted or running or waiting):
                 break
             elif not (admitted or running):  # idle until the next request arrives
                 time.sleep(max(0.0, waiting[0].request.arrival - now))
                 continue
+            # in lockstep the step's events are handed out after the step: a consumer that
+            # stops reading stops this rank between steps, where the others can be told
+            held: List[TokenEvent] = []
             for st in admitted:
                 running.append(st)
-                yield self.prefill(st, speculative)
+                event = self.prefill(st, speculative)
+                if self.lockstep is None:
+                    yield event
+                else:
+                    held.append(event)
             for _ in range(idle_prefills):
                 self.decoder.idle(mtp=speculative)
             events, freed = self.decode_step(running, speculative)
             reserved -= freed
-            yield from events
+            self._in_step = False
+            yield from held + events
 
     # -- step API (also used by megatron_dsv3.inference.disaggregated) ---------------------
     def validate(self, requests: Sequence[Request], speculative: bool = False) -> None:

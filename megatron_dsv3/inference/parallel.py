@@ -26,19 +26,42 @@ import torch
 import torch.distributed as dist
 
 
+class PeerStoppedError(RuntimeError):
+    """Another rank of the expert-parallel group stopped serving (an error, or its consumer
+    stopped reading); its own log names the cause."""
+
+
 class Lockstep:
-    """Agreement among the ranks of `group` (the expert-parallel group) before each step."""
+    """Agreement among the ranks of `group` (the expert-parallel group) before each step. A rank
+    that stops (an error of its own, or its stream closed early) says so in its next agreement
+    (`stop`), so the others end at once with PeerStoppedError naming it instead of waiting in the
+    next collective until the group times out."""
 
     def __init__(self, group):
         self.group = group
         self.rounds = 0
 
-    def agree(self, busy: bool, prefills: int) -> Tuple[bool, int]:
-        """-> (any rank busy, the largest number of prefills of any rank this step)."""
-        t = torch.tensor([int(busy), prefills], dtype=torch.long)
+    def _reduce(self, stopped: bool, busy: bool, prefills: int):
+        rank = dist.get_rank(self.group)
+        t = torch.tensor([rank + 1 if stopped else 0, int(busy), prefills], dtype=torch.long)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         self.rounds += 1
-        return bool(t[0]), int(t[1])
+        return int(t[0]) - 1, bool(t[1]), int(t[2])
+
+    def agree(self, busy: bool, prefills: int) -> Tuple[bool, int]:
+        """-> (any rank busy, the largest number of prefills of any rank this step).
+        PeerStoppedError when another rank has stopped."""
+        stopped, busy, most = self._reduce(False, busy, prefills)
+        if stopped >= 0:
+            raise PeerStoppedError(
+                f"rank {stopped} of the expert-parallel group stopped serving (its own log or "
+                "exception says why); this rank stops too, as its MoE layers can no longer "
+                "exchange tokens with it")
+        return busy, most
+
+    def stop(self) -> None:
+        """This rank stops: tell the others in the agreement they are about to make."""
+        self._reduce(True, False, 0)
 
 
 def expert_parallel_group_of(model):

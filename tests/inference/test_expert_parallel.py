@@ -123,3 +123,37 @@ def test_redundant_experts_keep_tokens_and_cut_the_busiest_ranks_load(single_ran
     print(f"\nmax rows per rank, per MoE layer: {worst_before.tolist()} -> {worst_after.tolist()}"
           f" (mean {(loads.sum(1) / WORLD).tolist()})")
     assert (worst_after <= worst_before).all() and worst_after.sum() < worst_before.sum()
+
+
+def _one_rank_stops(rank, world, how):
+    """Rank 1 stops serving (`how`: a request it refuses, or its consumer closing the stream
+    after the first event); -> (exception type, message, seconds) each rank saw."""
+    import time
+
+    engine = InferenceEngine(model(world), block_size=4, max_batch_size=2)
+    mine = [Request(p, n) for p, n in zip(PROMPTS, MAX_NEW)][rank::world]
+    if rank == 1 and how == "bad request":
+        mine[0] = Request([10**6], 3)  # a token id outside the vocabulary
+    start = time.perf_counter()
+    stream = engine.stream(mine)
+    try:
+        for n, _ in enumerate(stream):
+            if rank == 1 and how == "consumer stops" and n == 0:
+                stream.close()
+                return ("closed", "", time.perf_counter() - start)
+    except Exception as error:
+        return (type(error).__name__, str(error), time.perf_counter() - start)
+    return ("finished", "", time.perf_counter() - start)
+
+
+@pytest.mark.parametrize("how", ["bad request", "consumer stops"])
+def test_a_rank_that_stops_serving_stops_the_others_at_once(single_rank_world, how):
+    """Expert-parallel ranks must run every step together: one that stops (its own error, or a
+    client that went away) says so in the next agreement, and the others end at once naming it
+    instead of waiting in the next collective until the group times out."""
+    results = run_distributed(_one_rank_stops, 2, args=(how,), timeout=120,
+                              megatron_parallel={"expert_model_parallel_size": 2})
+    (kind0, message0, seconds0), (kind1, _, _) = results
+    assert kind1 == ("ValueError" if how == "bad request" else "closed")
+    assert kind0 == "PeerStoppedError" and "rank 1 of the expert-parallel group" in message0
+    assert seconds0 < 60  # (the group timeout is minutes)
