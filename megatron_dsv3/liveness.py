@@ -11,7 +11,7 @@ Two layers, both needed:
    Megatron's `parallel_state.initialize_model_parallel(distributed_timeout_minutes=...)` (then
    `align_group_timeouts` for the one group megatron-core 0.16.1 makes without it) and, via
    `group_timeout()`, to our dispatch groups (`dispatch.topology`). Trainer flag:
-   `--collective-timeout-minutes` (default 10).
+   `--collective-timeout-minutes` (default 20).
 
 2. **A progress watchdog** (`Watchdog`), which names the culprit within minutes and never waits on
    the collective that hangs. Each rank runs a daemon thread; the training loop reports
@@ -59,7 +59,8 @@ Timeouts to choose: watchdog timeout > the slowest ordinary step (plus the data-
 accept), and below the collective timeout, so the watchdog's message comes first; slow_timeout
 above the slowest checkpoint save (and the collective timeout above the longest time a rank may
 wait in a save's barrier for the slowest writer). Defaults in the trainer: `--watchdog-timeout 300`,
-`--watchdog-save-timeout 0` (= 3 x 300 s), `--collective-timeout-minutes 10`.
+`--watchdog-save-timeout 0` (= 3 x 300 s), `--collective-timeout-minutes 20` (the trainer refuses
+one at or below the save allowance).
 
 **Megatron-LM's own loop** (`python -m megatron_dsv3.pretrain_gpt ...`) is not watched by this
 watchdog. It gets finite collective timeouts from Megatron's flag ``--distributed-timeout-minutes

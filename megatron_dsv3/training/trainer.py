@@ -79,7 +79,7 @@ class TrainArgs:
     # collective_timeout_minutes (0 = torch's default, 30 min for gloo)
     watchdog_timeout: float = 300.0
     watchdog_save_timeout: float = 0.0
-    collective_timeout_minutes: float = 10.0
+    collective_timeout_minutes: float = 20.0  # above the watchdog's 900 s save allowance
     config_overrides: Dict = dataclasses.field(default_factory=dict)
     # resume with other RESUME_ARGS values than the checkpoint's (refused otherwise)
     override_saved_args: bool = False

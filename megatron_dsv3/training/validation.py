@@ -79,6 +79,16 @@ def validate_train_args(args) -> None:
         if value and args.pp < 2:
             raise ValueError(f"{flag} applies to DualPipeV runs: allowed with --pp >= 2 only "
                              f"(--pp {args.pp})")
+    allowance = max(args.watchdog_timeout, args.watchdog_save_timeout or 3 * args.watchdog_timeout)
+    if args.watchdog_timeout and args.collective_timeout_minutes \
+            and args.collective_timeout_minutes * 60 <= allowance:
+        raise ValueError(
+            f"--collective-timeout-minutes {args.collective_timeout_minutes} is invalid: a slow "
+            f"save or first step, which the watchdog allows {allowance:.0f} s "
+            "(--watchdog-save-timeout, 0 = 3 x --watchdog-timeout), would end the job as a "
+            "collective timeout naming no rank (the others wait for the slowest writer in a "
+            f"collective); allowed values are minutes > {allowance / 60:g}, or 0 (torch's "
+            "default)")
     if args.pp > 1 and args.micro_batches < 2 * args.pp:
         raise ValueError(f"--micro-batches {args.micro_batches} is too few for DualPipeV over "
                          f"--pp {args.pp} ranks: allowed values are integers >= {2 * args.pp}")

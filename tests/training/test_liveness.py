@@ -287,3 +287,16 @@ def test_stopped_rank_ends_the_job_within_the_watchdog_timeout(tmp_path):
             except OSError:
                 pass
         proc.wait()
+
+
+def test_a_collective_timeout_within_the_save_allowance_is_refused():
+    """Ranks that finished a save wait for the slowest writer in a collective: a collective
+    timeout at or below the watchdog's save allowance would end a slow but healthy save with a
+    timeout naming no rank. The defaults are consistent."""
+    from megatron_dsv3.training.trainer import TrainArgs
+    from megatron_dsv3.training.validation import validate_train_args
+
+    validate_train_args(TrainArgs())
+    with pytest.raises(ValueError, match="--collective-timeout-minutes 15.0 is invalid.*900 s"):
+        validate_train_args(TrainArgs(collective_timeout_minutes=15.0))
+    validate_train_args(TrainArgs(collective_timeout_minutes=15.0, watchdog_save_timeout=600.0))
