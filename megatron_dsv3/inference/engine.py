@@ -170,6 +170,12 @@ class InferenceEngine:
                              "two decode threads share the default stream, and expert-parallel "
                              "ranks whose threads issue the lanes' all-to-alls in different "
                              "orders deadlock (docs/backends.md). Allowed here: micro_batches=1")
+        tp = getattr(self.config, "tensor_model_parallel_size", 1) or 1
+        if micro_batches == 2 and tp > 1:
+            raise ValueError(f"micro_batches=2 is refused with tensor_model_parallel_size={tp}: "
+                             "the two decode threads would issue the tensor-parallel "
+                             "all-reduces (which have no lanes) in orders that differ between "
+                             "ranks. Allowed here: micro_batches=1")
         self.device = device
         # the latent cache (public: `hand_off`/`adopt` move a request's latents between engines)
         self.cache = LatentCache.for_config(self.config, num_blocks, block_size, device=device,

@@ -341,6 +341,14 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
             "and expert-parallel ranks whose threads issue them in different orders deadlock "
             "(megatron_dsv3.testing.nccl_p2p shows the cycle; docs/backends.md). Allowed on "
             "CUDA: overlap=None (the pair one half after the other)")
+    tp = getattr(config, "tensor_model_parallel_size", 1) or 1
+    if overlap is threaded_forward_backward and tp > 1:
+        raise ValueError(
+            f"overlap=threaded_forward_backward is refused with tensor_model_parallel_size={tp}: "
+            "the two threads would issue the tensor-parallel all-reduces of the pair's halves in "
+            "an order that differs between ranks (they have no lanes), pairing one rank's "
+            "forward all-reduce with another's backward one. Allowed: overlap=None, or "
+            "tensor_model_parallel_size=1")
     order = _p2p_order(p2p_order, recv_lookahead, group, runner.device)
     if order == "ordered":
         ops = ordered_plan(schedule, ranks, num_microbatches, forward_only)[rank]

@@ -214,13 +214,15 @@ def test_threaded_pairs_are_refused_on_cuda():
     from megatron_dsv3.pipeline.overlap import threaded_forward_backward
 
     class Chunk(torch.nn.Module):  # a parameter that claims to live on a GPU
-        def __init__(self):
+        def __init__(self, device="cuda", tp=1):
             super().__init__()
+            self.device = torch.device(device)
             self.config = SimpleNamespace(hidden_size=4, pipeline_dtype=torch.float32,
-                                          params_dtype=torch.float32)
+                                          params_dtype=torch.float32,
+                                          tensor_model_parallel_size=tp)
 
         def parameters(self, recurse=True):
-            yield SimpleNamespace(device=torch.device("cuda", 0))
+            yield SimpleNamespace(device=self.device)
 
     saved = (executor.dist.get_world_size, executor.dist.get_rank,
              executor.dist.get_process_group_ranks)
@@ -233,6 +235,13 @@ def test_threaded_pairs_are_refused_on_cuda():
                 forward_step_func=None, data_iterator=None, model=[Chunk(), Chunk()],
                 num_microbatches=4, seq_length=4, micro_batch_size=1,
                 overlap=threaded_forward_backward, pg_collection=SimpleNamespace(pp=object()))
+        # on CPU too with tensor parallelism: its all-reduces have no lanes
+        with pytest.raises(ValueError, match="refused with tensor_model_parallel_size=2"):
+            executor.forward_backward_dualpipev(
+                forward_step_func=None, data_iterator=None,
+                model=[Chunk("cpu", tp=2), Chunk("cpu", tp=2)], num_microbatches=4,
+                seq_length=4, micro_batch_size=1, overlap=threaded_forward_backward,
+                pg_collection=SimpleNamespace(pp=object()))
     finally:
         (executor.dist.get_world_size, executor.dist.get_rank,
          executor.dist.get_process_group_ranks) = saved
@@ -244,13 +253,17 @@ def test_two_micro_batch_decoding_is_refused_on_cuda_with_expert_parallelism():
     from megatron_dsv3.inference.engine import InferenceEngine
 
     class Model(torch.nn.Module):  # what the engine reads before it allocates anything
-        def __init__(self, ep):
+        def __init__(self, ep, device="cuda", tp=1):
             super().__init__()
-            self.config = SimpleNamespace(max_position_embeddings=64)
-            weight = SimpleNamespace(device=torch.device("cuda", 0))
+            self.config = SimpleNamespace(max_position_embeddings=64,
+                                          tensor_model_parallel_size=tp)
+            weight = SimpleNamespace(device=torch.device(device))
             self.embedding = SimpleNamespace(word_embeddings=SimpleNamespace(weight=weight))
             self.moe = torch.nn.Module()
             self.moe.dispatcher = SimpleNamespace(ep_group=SimpleNamespace(size=lambda: ep))
 
     with pytest.raises(ValueError, match="micro_batches=2 is refused on CUDA with expert"):
         InferenceEngine(Model(2), micro_batches=2)
+    # and anywhere with tensor parallelism (its all-reduces have no lanes)
+    with pytest.raises(ValueError, match="refused with tensor_model_parallel_size=2"):
+        InferenceEngine(Model(1, "cpu", tp=2), micro_batches=2)
