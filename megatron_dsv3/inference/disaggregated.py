@@ -39,11 +39,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv3.inference.engine import InferenceEngine, Request
-from megatron_dsv3.inference.parallel import expert_parallel_group_of
+from megatron_dsv3.inference.parallel import PeerStoppedError, expert_parallel_group_of
 from megatron_dsv3.inference.sampling import Sampled
 
 HEADER = 8
 HEADER_TAG, LATENT_TAG, TOP_TAG = 0, 1, 2
+END, KEEPALIVE, STOPPED = -1.0, -2.0, -3.0  # a header's first field below 0: no hand-off
 
 
 @dataclass
@@ -115,11 +116,45 @@ def serve_separated(model, requests: Sequence[Request], roles: Roles, *,
     return _DecodeRole(engine, requests, roles, speculative).run()
 
 
+def _keepalive_seconds() -> float:
+    """How often an idle prefill rank tells its decode ranks it is alive: a third of the group's
+    timeout (a decode rank's receive of the next hand-off must not time out while the prefill
+    rank only waits for the next request to arrive)."""
+    from megatron_dsv3.liveness import group_timeout
+
+    timeout = group_timeout()
+    return timeout.total_seconds() / 3 if timeout is not None else 60.0
+
+
+def _header(kind: float, value: float = 0.0) -> torch.Tensor:
+    """A control header: END (no more hand-offs), KEEPALIVE, or STOPPED (value: the rank)."""
+    header = torch.full((HEADER,), kind, dtype=torch.float64)
+    header[1] = value
+    return header
+
+
 def _prefill_role(engine: InferenceEngine, requests, roles: Roles, rank: int,
                   speculative: bool, t0: float) -> None:
+    try:
+        _prefill_requests(engine, requests, roles, rank, speculative, t0)
+    except BaseException:
+        for dst in roles.decode:  # the decode ranks stop at once, naming this rank
+            dist.send(_header(STOPPED, rank), dst, tag=HEADER_TAG)
+        raise
+    for dst in roles.decode:
+        dist.send(_header(END), dst, tag=HEADER_TAG)
+
+
+def _prefill_requests(engine: InferenceEngine, requests, roles: Roles, rank: int,
+                      speculative: bool, t0: float) -> None:
     mine = sorted((i for i in range(len(requests)) if roles.prefill_rank(i) == rank),
                   key=lambda i: requests[i].arrival)
+    keepalive = _keepalive_seconds()
     for i in mine:
+        while t0 + requests[i].arrival - time.time() > keepalive:
+            time.sleep(keepalive)
+            for dst in roles.decode:
+                dist.send(_header(KEEPALIVE), dst, tag=HEADER_TAG)
         time.sleep(max(0.0, t0 + requests[i].arrival - time.time()))
         st = engine.admit(i, requests[i])
         event = engine.prefill(st, speculative)
@@ -134,8 +169,6 @@ def _prefill_role(engine: InferenceEngine, requests, roles: Roles, rank: int,
                       tag=TOP_TAG)
         if not event.finished:
             dist.send(engine.hand_off(st).contiguous(), dst, tag=LATENT_TAG)
-    for dst in roles.decode:
-        dist.send(torch.full((HEADER,), -1.0, dtype=torch.float64), dst, tag=HEADER_TAG)
 
 
 class _DecodeRole:
@@ -160,7 +193,12 @@ class _DecodeRole:
                 header = torch.empty(HEADER, dtype=torch.float64)
                 dist.recv(header, src, tag=HEADER_TAG)
                 index, n, token, draft, finished, t_first, logprob, k = header.tolist()
-                if index < 0:
+                if index == KEEPALIVE:
+                    continue
+                if index == STOPPED:
+                    raise PeerStoppedError(f"prefill rank {int(n)} stopped serving (its own log "
+                                           "or exception says why); this decode rank stops too")
+                if index == END:
                     break
                 top = []
                 if k:

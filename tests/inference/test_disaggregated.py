@@ -95,3 +95,52 @@ def test_an_expert_parallel_model_is_refused_where_ranks_serve_their_own_request
         serve_colocated(model, [], 0, 2)
     with pytest.raises(ValueError, match="serve_separated: the model is expert-parallel"):
         serve_separated(model, [], Roles(prefill=[0], decode=[1]))
+
+
+def _prefill_fails_or_idles(rank, world, case):
+    """Rank 0 prefills, rank 1 decodes. 'fails': the prefill rank's second prefill raises;
+    'idles': the second request arrives 1.5 s after the first, with keep-alives every 0.3 s.
+    -> (what this rank saw, the keep-alive interval of the group's timeout)."""
+    import time
+
+    from megatron_dsv3.inference import disaggregated
+
+    interval = disaggregated._keepalive_seconds()
+    reqs = [Request([5, 6, 7], 4), Request([8, 9], 3, arrival=1.5 if case == "idles" else 0.0)]
+    if case == "fails" and rank == 0:
+        prefill, calls = InferenceEngine.prefill, []
+
+        def failing(self, st, speculative=False):
+            calls.append(st.index)
+            if len(calls) == 2:
+                raise RuntimeError("prefill failed here")
+            return prefill(self, st, speculative)
+
+        InferenceEngine.prefill = failing
+    if case == "idles":
+        disaggregated._keepalive_seconds = lambda: 0.3
+    start = time.perf_counter()
+    try:
+        out = serve_separated(model(), reqs, Roles(prefill=[0], decode=[1]), block_size=4)
+    except Exception as error:
+        return (type(error).__name__, str(error), time.perf_counter() - start), interval
+    return ({i: s.tokens for i, s in out.items()}, "", time.perf_counter() - start), interval
+
+
+def test_a_failing_prefill_rank_stops_its_decode_ranks_at_once(single_rank_world):
+    (prefill, decode) = run_distributed(_prefill_fails_or_idles, 2, args=("fails",), timeout=90,
+                                        megatron_parallel={})
+    assert prefill[0][:2] == ("RuntimeError", "prefill failed here")
+    kind, message, seconds = decode[0]
+    assert kind == "PeerStoppedError" and "prefill rank 0 stopped" in message
+    assert seconds < 45  # not the group's timeout
+    assert prefill[1] == 30.0  # keep-alives every third of the group's timeout (90 s)
+
+
+def test_an_idle_prefill_rank_keeps_its_decode_ranks_waiting_with_keepalives(single_rank_world):
+    (prefill, decode) = run_distributed(_prefill_fails_or_idles, 2, args=("idles",), timeout=90,
+                                        megatron_parallel={})
+    reference = InferenceEngine(model(), block_size=4).generate(
+        [Request([5, 6, 7], 4), Request([8, 9], 3)])
+    assert decode[0][0] == {i: r.tokens for i, r in enumerate(reference)}
+    assert prefill[0][0] == {} and decode[0][2] >= 1.5
