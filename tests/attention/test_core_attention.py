@@ -21,6 +21,16 @@ def _reference(q, k, v, scale, allowed):
     return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
+def _assert_matches(out, ref, inputs):
+    """out equals the float64 reference, and so do the gradients of `inputs` through both."""
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, g)
+    want = torch.autograd.grad(ref, inputs, g.double())
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a.double(), w.double(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture
 def qkv():
     torch.manual_seed(0)
@@ -46,12 +56,7 @@ def test_causal_attention_with_narrower_v_reaches_the_fused_kernel_and_matches(q
     for mask in (None, causal_mask, causal_mask.expand(b, 1, s, s)):
         out = attn(q, k, v, mask)
         ref = _reference(q, k, v, attn.softmax_scale, ~causal_mask)
-        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-        g = torch.randn_like(out)
-        got = torch.autograd.grad(out, (q, k, v), g)
-        want = torch.autograd.grad(ref, (q, k, v), g.double())
-        for a, w in zip(got, want):
-            torch.testing.assert_close(a.double(), w.double(), rtol=1e-5, atol=1e-5)
+        _assert_matches(out, ref, (q, k, v))
     # v padded to the q/k head dim, causal, no explicit mask: what the fused kernel accepts
     assert seen == [(24, True, False)] * 3
 
@@ -111,11 +116,6 @@ def test_value_padded_by_the_caller_gives_the_same_attention(qkv):
         out = attn(q, k, padded, mask, value_dim=dv)
         allowed = ~(causal if mask is None else two_docs)
         ref = _reference(q, k, v, 0.3, allowed)
-        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-        g = torch.randn_like(out)
-        got = torch.autograd.grad(out, (q, k, v), g)
-        want = torch.autograd.grad(ref, (q, k, v), g.double())
-        for a, w in zip(got, want):
-            torch.testing.assert_close(a.double(), w.double(), rtol=1e-5, atol=1e-5)
+        _assert_matches(out, ref, (q, k, v))
     with pytest.raises(ValueError, match="value_dim=30"):
         attn(q, k, padded, None, value_dim=30)
