@@ -137,7 +137,12 @@ def group_timeout(group=None) -> Optional[datetime.timedelta]:
 
 def align_group_timeouts(groups: Iterable, timeout: Optional[datetime.timedelta] = None) -> List:
     """Give each of `groups` (None entries and groups this rank is not in are skipped) `timeout`,
-    by default the default group's, where its own differs; returns the groups changed."""
+    by default the default group's, where its own differs; returns the groups changed.
+
+    Limit (torch 2.13, gloo): this reaches the group's collectives, not its point-to-point
+    send/recv, which keep the timeout the group was created with. The one group aligned today
+    (megatron-core 0.16.1's gloo EXPERT_DATA_PARALLEL_GROUP_GLOO) carries collectives only; a
+    group that needs finite send/recv waits must be created with the timeout (`group_timeout()`)."""
     import torch.distributed as dist
 
     timeout = timeout or group_timeout()
