@@ -25,6 +25,7 @@ nothing. This module imports nothing of ours: dispatch, pipeline and inference a
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 import time
 from typing import Callable, Dict, List, Optional
@@ -66,7 +67,10 @@ def run_on_two_lanes(on_lane0: Callable[[], None], on_lane1: Callable[[], None],
         except BaseException as error:  # re-raised in the caller's thread
             errors.append(error)
 
-    worker = threading.Thread(target=first, name=name, daemon=True)
+    # the helper thread runs in a copy of this thread's context (context variables, e.g. the
+    # engine's deferral of non-finite-logits errors, hold for both lanes)
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(first,), name=name,
+                              daemon=True)
     worker.start()
     try:
         with on_lane(1):

@@ -28,6 +28,7 @@ and the `cache` attribute (the engine's LatentCache).
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import numbers
 import time
@@ -45,6 +46,7 @@ from megatron_dsv3.inference.sampling import (
     Sampled,
     SamplingParams,
     check_finite_logits,
+    deferring_nonfinite,
     make_generator,
     sample_next,
     with_logprobs,
@@ -244,9 +246,10 @@ class InferenceEngine:
 
     def _tell_peers_we_stop(self) -> None:
         """Expert parallelism: this rank stops serving; between steps (where every rank's next
-        collective is the agreement) the others learn it at once and raise PeerStoppedError. An
-        error inside a step's forwards, where the others wait in an all-to-all, cannot be paired
-        with their collectives: they end with the group's timeout."""
+        collective is the agreement) the others learn it at once and raise PeerStoppedError.
+        Non-finite logits are raised after the step; any other error inside a step's forwards,
+        where the others wait in an all-to-all, cannot be paired with their collectives: they
+        end with the group's timeout."""
         if self.lockstep is not None and not self._in_step:
             self.lockstep.stop()
 
@@ -277,20 +280,25 @@ class InferenceEngine:
                 time.sleep(max(0.0, waiting[0].request.arrival - now))
                 continue
             # in lockstep the step's events are handed out after the step: a consumer that
-            # stops reading stops this rank between steps, where the others can be told
+            # stops reading stops this rank between steps, where the others can be told; and
+            # non-finite logits are raised after the step, whose forwards the others share
             held: List[TokenEvent] = []
-            for st in admitted:
-                running.append(st)
-                event = self.prefill(st, speculative)
-                if self.lockstep is None:
-                    yield event
-                else:
-                    held.append(event)
-            for _ in range(idle_prefills):
-                self.decoder.idle(mtp=speculative)
-            events, freed = self.decode_step(running, speculative)
+            with (deferring_nonfinite() if self.lockstep is not None
+                  else contextlib.nullcontext([])) as errors:
+                for st in admitted:
+                    running.append(st)
+                    event = self.prefill(st, speculative)
+                    if self.lockstep is None:
+                        yield event
+                    else:
+                        held.append(event)
+                for _ in range(idle_prefills):
+                    self.decoder.idle(mtp=speculative)
+                events, freed = self.decode_step(running, speculative)
             reserved -= freed
             self._in_step = False
+            if errors:
+                raise errors[0]
             yield from held + events
 
     # -- step API (also used by megatron_dsv3.inference.disaggregated) ---------------------

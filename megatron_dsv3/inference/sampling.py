@@ -8,8 +8,10 @@ generation APIs).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -73,20 +75,43 @@ class NonFiniteLogitsError(ValueError):
     activations hold NaN/inf, e.g. a checkpoint with broken scales, or an overflow)."""
 
 
+_DEFERRED: contextvars.ContextVar[Optional[List[BaseException]]] = contextvars.ContextVar(
+    "dsv3_deferred_nonfinite", default=None)
+
+
+@contextlib.contextmanager
+def deferring_nonfinite() -> Iterator[List[BaseException]]:
+    """Within the block check_finite_logits records its error and makes the logits finite
+    instead of raising, so a step whose forwards other ranks take part in (expert parallelism)
+    runs to its end; the caller raises the first recorded error after the step."""
+    errors: List[BaseException] = []
+    token = _DEFERRED.set(errors)
+    try:
+        yield errors
+    finally:
+        _DEFERRED.reset(token)
+
+
 def check_finite_logits(logits: torch.Tensor, requests: Sequence[int], positions: Sequence[int],
                         step: str) -> None:
     """NonFiniteLogitsError naming the step, the request and the position unless every logit is
     finite. logits [b, t, V]: row i is request `requests[i]` (its index in the caller's list) at
-    positions positions[i] .. positions[i] + t - 1. One reduction when all are finite."""
+    positions positions[i] .. positions[i] + t - 1. One reduction when all are finite. Inside
+    `deferring_nonfinite` the error is recorded and the logits are zeroed where not finite."""
     finite = torch.isfinite(logits)
     if bool(finite.all()):
         return
     row, t = (int(x) for x in (~finite).any(-1).nonzero()[0])  # the first bad (request, position)
     value = logits[row, t][~finite[row, t]][0].item()
-    raise NonFiniteLogitsError(
+    error = NonFiniteLogitsError(
         f"{step}: request {requests[row]} has non-finite logits ({value}) at position "
         f"{positions[row] + t}; refusing to choose a token from them (the model's weights or "
         "activations hold NaN or infinity)")
+    deferred = _DEFERRED.get()
+    if deferred is None:
+        raise error
+    deferred.append(error)
+    logits.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (the step's tokens are discarded)
 
 
 def make_generator(params: SamplingParams, device) -> Optional[torch.Generator]:

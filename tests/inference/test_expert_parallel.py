@@ -157,3 +157,38 @@ def test_a_rank_that_stops_serving_stops_the_others_at_once(single_rank_world, h
     assert kind1 == ("ValueError" if how == "bad request" else "closed")
     assert kind0 == "PeerStoppedError" and "rank 1 of the expert-parallel group" in message0
     assert seconds0 < 60  # (the group timeout is minutes)
+
+
+def _nonfinite_on_rank_1(rank, world, speculative):
+    """Rank 1's third forward returns NaN logits (after its collectives, as a real overflow
+    would); -> what each rank saw."""
+    from megatron_dsv3.inference.decoder import LatentDecoder
+
+    forward, calls = LatentDecoder.forward, []
+
+    def poisoned(self, *args, **kwargs):
+        logits, hidden = forward(self, *args, **kwargs)
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:
+            logits = torch.full_like(logits, float("nan"))
+        return logits, hidden
+
+    LatentDecoder.forward = poisoned
+    engine = InferenceEngine(model(world), block_size=4, max_batch_size=2)
+    mine = [Request(p, n) for p, n in zip(PROMPTS, MAX_NEW)][rank::world]
+    try:
+        engine.generate(mine, speculative=speculative)
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return "finished", ""
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_nonfinite_logits_on_one_rank_stop_the_others_at_once(single_rank_world, speculative):
+    """The check runs after a forward the other ranks took part in: the step is finished with
+    the logits zeroed, then the error is raised between steps, where the others are told."""
+    results = run_distributed(_nonfinite_on_rank_1, 2, args=(speculative,), timeout=120,
+                              megatron_parallel={"expert_model_parallel_size": 2})
+    (kind0, message0), (kind1, message1) = results
+    assert kind1 == "NonFiniteLogitsError" and "non-finite logits (nan)" in message1
+    assert kind0 == "PeerStoppedError" and "rank 1" in message0
