@@ -55,6 +55,16 @@ from megatron_dsv3.inference.speculative import speculative_step
 from megatron_dsv3.lanes import StepTrace, run_on_two_lanes
 
 
+def _final_part(text: str, stop_strings: Sequence[str]) -> str:
+    """What of an unfinished request's text can be streamed: without an incomplete multi-byte
+    character at its end (until it completes) and without an end that may be the start of a
+    stop string (if the string completes, the text is cut before it)."""
+    text = text.rstrip("\ufffd")
+    hold = max((k for s in stop_strings for k in range(1, len(s))
+                if text.endswith(s[:k])), default=0)
+    return text[: len(text) - hold]
+
+
 @dataclass
 class Request:
     prompt: List[int]
@@ -488,8 +498,9 @@ class InferenceEngine:
         text = ""
         if self.decode is not None:
             full = self._text(st.generated, r)
-            # hold back an incomplete multi-byte character until it completes
-            if st.finish_reason or not full.endswith("\ufffd"):
+            if not st.finish_reason:
+                full = _final_part(full, r.stop_strings)
+            if len(full) > len(st.text_sent):
                 text, st.text_sent = full[len(st.text_sent):], full
         return TokenEvent(st.index, kept, text, bool(st.finish_reason), st.finish_reason,
                           time.time(), new.logprobs[: len(kept)], new.top_logprobs[: len(kept)])

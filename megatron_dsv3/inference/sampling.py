@@ -55,8 +55,11 @@ class SamplingParams:
 
 
 def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [V] / temperature with everything outside top-k and top-p set to -inf."""
-    logits = logits.float() / params.temperature
+    """logits [V] / temperature with everything outside top-k and top-p set to -inf (shifted by
+    their maximum first: the same softmax, and no overflow to inf - then NaN - for a very small
+    temperature)."""
+    logits = logits.float()
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

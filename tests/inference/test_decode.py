@@ -188,6 +188,9 @@ def test_stop_token_stop_string_and_length(model):
     by_string = engine.generate([Request(prompt, 12, stop_strings=[stop])])[0]
     assert by_string.finish_reason == "stop_string" and by_string.tokens == plain[:j + 1]
     assert by_string.text == text[: text.find(stop)]
+    # streamed, the text is the same: no start of the stop string goes out before it completes
+    streamed = "".join(e.text for e in engine.stream([Request(prompt, 12, stop_strings=[stop])]))
+    assert streamed == by_string.text
     assert engine.generate([Request(prompt, 3)])[0].finish_reason == "length"
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
 

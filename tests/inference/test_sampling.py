@@ -66,3 +66,12 @@ def test_greedy_is_argmax_and_bad_parameters_are_refused():
                           ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")):
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kwargs)
+
+
+def test_a_very_small_temperature_samples_the_maximum_instead_of_failing():
+    """logits / 1e-39 overflow to inf (softmax: NaN, multinomial fails); shifted by their maximum
+    first, the distribution is the limit one: the maximum's token."""
+    logits = torch.tensor([0.1, 3.0, -1.0, 2.9])
+    params = SamplingParams(temperature=1e-39, seed=0)
+    draws = {sample_next(logits, params, torch.Generator().manual_seed(s)) for s in range(20)}
+    assert draws == {1}
