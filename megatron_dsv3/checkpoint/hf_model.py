@@ -157,7 +157,7 @@ def check_hf_checkpoint(reader: HFReader, maps: Dict[str, TensorMap], config,
     for copy, original in mirror_names(config):
         if reader.has(copy):
             reader.check(copy, reader.shape(original))
-            used.add(copy)
+            used.update((copy, copy + SCALE_SUFFIX))  # (an FP8 copy of the head has scales)
     unused = [n for n in reader.names() if n not in used
               and not (skip_mtp and is_mtp_tensor(n, config.num_layers))]
     if unused and not allow_unused:

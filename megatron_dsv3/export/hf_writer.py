@@ -306,11 +306,13 @@ def high_precision_linears(model, rope_interleave: bool = True, wildcards: bool 
     return out
 
 
-def hf_config_of(model, fmt: Format, base_config, excluded: List[str], group_size):
-    """(config.json dict, hf_quant_config.json dict or None)."""
+def hf_config_of(model, fmt: Format, base_config, excluded: List[str], group_size,
+                 rope_interleave: bool = True):
+    """(config.json dict, hf_quant_config.json dict or None); `rope_interleave`: the RoPE layout
+    the tensors are written in (the source's), which config.json must say."""
     config = model.config
     if fmt.layout == "deepseek-fp8":
-        hf = config_to_hf(config, base_config, fp8=True)
+        hf = config_to_hf(config, base_config, fp8=True, rope_interleave=rope_interleave)
         hf["quantization_config"]["modules_to_not_convert"] = excluded
         return hf, None
     import modelopt
@@ -321,7 +323,7 @@ def hf_config_of(model, fmt: Format, base_config, excluded: List[str], group_siz
         quantization["group_size"] = group_size
     hf_quant = {"producer": {"name": "modelopt", "version": modelopt.__version__},
                 "quantization": quantization}
-    hf = config_to_hf(config, base_config, fp8=False)
+    hf = config_to_hf(config, base_config, fp8=False, rope_interleave=rope_interleave)
     converted = convert_hf_quant_config_format(hf_quant)
     converted.setdefault("quant_method", "modelopt")
     converted.setdefault("quant_algo", fmt.quant_algo)
@@ -344,7 +346,7 @@ def export_hf(model, path: str, fmt: Format, *, base_config=None, group_size=Non
     bar = Progress(f"export {fmt.name}", total, enabled=progress)
     excluded = high_precision_linears(model, rope_interleave,
                                       wildcards=fmt.layout != "deepseek-fp8")
-    hf, hf_quant = hf_config_of(model, fmt, base_config, excluded, group_size)
+    hf, hf_quant = hf_config_of(model, fmt, base_config, excluded, group_size, rope_interleave)
     with atomic_directory(path, overwrite, covers=is_weight_file) as tmp:
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes)
         try:

@@ -241,9 +241,32 @@ def test_int4_layout_round_trips_through_modelopts_packer():
     assert torch.equal(unpack_int4(packed).float(), w)
 
 
-def test_export_report_and_also_quantize_mtp_and_head(trained_hf, tmp_path_factory):
+def test_rotate_half_sources_are_exported_as_rotate_half(trained_hf, tmp_path_factory):
+    """The tensors keep the source's RoPE layout, so config.json must say it: a source with
+    rope_interleave=false was exported labelled true (every reader then paired RoPE wrongly)."""
+    import shutil
+
+    source = str(tmp_path_factory.mktemp("rotate_half") / "hf")
+    shutil.copytree(trained_hf[0], source)
+    config = json.load(open(os.path.join(source, "config.json")))
+    config["rope_interleave"] = False
+    json.dump(config, open(os.path.join(source, "config.json"), "w"))
+    out, _ = _export((source,) + tuple(trained_hf[1:]), tmp_path_factory, "int8-wo")
+    assert json.load(open(os.path.join(out, "config.json")))["rope_interleave"] is False
+    name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"  # its last rows are RoPE's
+    source_rows = HFReader(source)._slice(name, None).float()
+    exported = reader_of(out).read(name).float()
+    assert (exported - source_rows).abs().max() < 0.02 * source_rows.abs().max()
+
+
+@pytest.mark.parametrize("quant", ["int8-wo", "fp8-block"])
+def test_export_report_and_also_quantize_mtp_and_head(trained_hf, tmp_path_factory, quant):
     from megatron_dsv3.inference.loading import load_hf_checkpoint
 
+    if quant == "fp8-block":  # the MTP layer's FP8 copy of the head has scales: it reads back
+        out, _ = _export(trained_hf, tmp_path_factory, quant, also_quantize=("mtp", "head"))
+        assert load_hf_checkpoint(out, torch.bfloat16).config.mtp_num_layers == 1
+        return
     out, report = _export(trained_hf, tmp_path_factory, "int8-wo", also_quantize=("mtp", "head"))
     assert report["format"] == "int8-wo" and report["checkpoint_kind"] == "hf"
     assert report["safetensors_bytes"] > 0 and report["peak_rss_mib"] > 0
