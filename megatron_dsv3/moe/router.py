@@ -67,13 +67,18 @@ def load_balancing_loss(kind: str, logits: torch.Tensor, *, topk: int, seq_len: 
     T, E = logits.shape
     routing_map, scores = aux_loss_scores(logits, topk, valid)
     if kind == "aux_loss":
-        n = T if valid is None else routing_map.sum() / topk
+        # (a micro-batch of padding only: no routed token, so the loss is 0, not 0 / 0)
+        n = T if valid is None else (routing_map.sum() / topk).clamp_min(1)
         return switch_loss(scores, routing_map, n, topk, E)
     if kind == "seq_aux_loss":
         b = T // seq_len
         # [s, b*E]: every (sequence, expert) pair is a column of one switch loss
         scores, routing_map = scores.reshape(seq_len, b * E), routing_map.reshape(seq_len, b * E)
-        n = seq_len if valid is None else routing_map.sum() / (topk * b)
+        if valid is not None:
+            n = routing_map.sum() / (topk * b)
+            n = torch.where(n > 0, n, torch.ones_like(n))  # (padding only: the loss is 0)
+        else:
+            n = seq_len
         return switch_loss(scores, routing_map, n, topk, E) / b
     raise ValueError(f"load balancing type {kind!r} is not implemented here: allowed values are "
                      "'aux_loss', 'seq_aux_loss' (and 'none' for no loss)")
@@ -125,6 +130,19 @@ class SigmoidGroupRouter(MegatronModule):
         self.last_z_loss: Optional[torch.Tensor] = None
         """The latest z-loss (coefficient applied), for logging."""
 
+    def _apply(self, fn, recurse=True):
+        """The balancing bias and the token counts stay float32 whatever the module is cast to
+        (Megatron-LM's Float16Module calls .bfloat16() on the whole model: a BF16 bias could
+        not take gamma-sized steps, nor BF16 counts count past 256); device moves apply."""
+        kept = {name: self._buffers[name] for name in ("expert_bias", "local_tokens_per_expert")
+                if self._buffers.get(name) is not None}
+        out = super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float32:
+                self._buffers[name] = before.to(device=after.device)
+        return out
+
     def jitter(self, x: torch.Tensor) -> torch.Tensor:
         """x * U(1 - eps, 1 + eps) elementwise in training (Megatron's apply_input_jitter)."""
         if not self.jitter_eps or not self.training:
@@ -141,11 +159,12 @@ class SigmoidGroupRouter(MegatronModule):
                                  scaling_factor=self.scaling_factor)
         weights = weights.to(torch.float32)
         loss = None
-        if self.training:
+        if self.training and torch.is_grad_enabled():
+            # (counted where autograd records, as Megatron does: a recomputed forward, e.g.
+            # Megatron's full-layer checkpointing, runs without grad and is not counted twice)
             with torch.no_grad():
                 self.local_tokens_per_expert += tokens_per_expert(indices, self.num_experts, valid)
-            if torch.is_grad_enabled():
-                loss = self._losses(logits, seq_len, valid)
+            loss = self._losses(logits, seq_len, valid)
         return weights, indices, loss
 
     def _losses(self, logits, seq_len, valid):

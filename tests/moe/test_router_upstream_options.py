@@ -253,3 +253,44 @@ def test_per_token_loss_scales_router_losses_by_the_local_tokens():
     plain = make_router(**kw)(x, seq_len=S, valid=valid)[2]
     scaled = make_router(calculate_per_token_loss=True, **kw)(x, seq_len=S, valid=valid)[2]
     assert scaled.item() == pytest.approx(plain.item() * (S * B - 2), rel=1e-6)
+
+
+def test_bias_and_counts_stay_float32_when_the_model_is_cast_to_bf16():
+    """Megatron-LM's Float16Module calls .bfloat16() on the whole model: the aux-loss-free bias
+    must still take gamma-sized steps and the counts count past 256."""
+    router = make_router(moe_router_enable_expert_bias=True)
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.linspace(-0.5, 1.0, router.num_experts))
+        router.local_tokens_per_expert.fill_(4096.0)
+    bias = router.expert_bias.clone()
+    router.bfloat16()
+    assert router.weight.dtype == torch.bfloat16  # parameters follow the cast
+    assert router.expert_bias.dtype == router.local_tokens_per_expert.dtype == torch.float32
+    assert torch.equal(router.expert_bias, bias)
+    router.train()
+    _, indices, _ = router(tokens()[:3].bfloat16(), seq_len=3)
+    counts = torch.bincount(indices.reshape(-1), minlength=router.num_experts).float()
+    assert torch.equal(router.local_tokens_per_expert, 4096.0 + counts)
+
+
+@pytest.mark.parametrize("kind", ["aux_loss", "seq_aux_loss"])
+def test_a_micro_batch_of_padding_only_has_a_zero_balancing_loss(kind):
+    logits = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    loss = router_mod.load_balancing_loss(kind, logits, topk=4, seq_len=4,
+                                          valid=torch.zeros(8, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_token_counts_are_taken_where_autograd_records_only():
+    """A forward run again without grad (Megatron's full-layer recompute) must not count its
+    tokens twice."""
+    router = make_router()
+    router.train()
+    x = tokens()
+    with torch.no_grad():
+        router(x, seq_len=x.shape[0])
+    assert router.local_tokens_per_expert.sum() == 0
+    router(x, seq_len=x.shape[0])
+    assert router.local_tokens_per_expert.sum() == x.shape[0] * router.topk
