@@ -42,8 +42,8 @@ from megatron_dsv3.inference.engine import InferenceEngine, Request
 from megatron_dsv3.inference.parallel import PeerStoppedError, expert_parallel_group_of
 from megatron_dsv3.inference.sampling import Sampled
 
-HEADER = 8
-HEADER_TAG, LATENT_TAG, TOP_TAG = 0, 1, 2
+HEADER = 9
+HEADER_TAG, LATENT_TAG, TOP_TAG, RNG_TAG = 0, 1, 2, 3
 END, KEEPALIVE, STOPPED = -1.0, -2.0, -3.0  # a header's first field below 0: no hand-off
 
 
@@ -160,8 +160,11 @@ def _prefill_requests(engine: InferenceEngine, requests, roles: Roles, rank: int
         event = engine.prefill(st, speculative)
         draft = -1 if st.draft is None else st.draft
         top = event.top_logprobs[0] if event.top_logprobs else {}
+        # a seeded request's sampling continues from where the prefill left its generator
+        rng = st.generator is not None and not event.finished
         header = torch.tensor([i, st.length, event.tokens[0], draft, int(event.finished),
-                               event.time, event.logprobs[0], len(top)], dtype=torch.float64)
+                               event.time, event.logprobs[0], len(top), int(rng)],
+                              dtype=torch.float64)
         dst = roles.decode_rank(i)
         dist.send(header, dst, tag=HEADER_TAG)
         if top:
@@ -169,6 +172,8 @@ def _prefill_requests(engine: InferenceEngine, requests, roles: Roles, rank: int
                       tag=TOP_TAG)
         if not event.finished:
             dist.send(engine.hand_off(st).contiguous(), dst, tag=LATENT_TAG)
+        if rng:
+            dist.send(st.generator.get_state(), dst, tag=RNG_TAG)
 
 
 class _DecodeRole:
@@ -180,6 +185,7 @@ class _DecodeRole:
         self.cache = engine.cache
         self.inbox: queue.Queue = queue.Queue()
         self.senders = len(roles.prefill)
+        self.rng_bytes = torch.Generator(device=engine.device).get_state().numel()
         self.arrived: List = []
         self.served: Dict[int, Served] = {}
         self.threads = [threading.Thread(target=self._receive, args=(src,), daemon=True,
@@ -192,7 +198,7 @@ class _DecodeRole:
             while True:
                 header = torch.empty(HEADER, dtype=torch.float64)
                 dist.recv(header, src, tag=HEADER_TAG)
-                index, n, token, draft, finished, t_first, logprob, k = header.tolist()
+                index, n, token, draft, finished, t_first, logprob, k, rng = header.tolist()
                 if index == KEEPALIVE:
                     continue
                 if index == STOPPED:
@@ -212,7 +218,11 @@ class _DecodeRole:
                                           self.cache.values_per_token_per_layer,
                                           dtype=self.cache.data.dtype)
                     dist.recv(latents, src, tag=LATENT_TAG)
-                self.inbox.put((int(index), first, int(draft), t_first, latents))
+                state = None
+                if rng:
+                    state = torch.empty(self.rng_bytes, dtype=torch.uint8)
+                    dist.recv(state, src, tag=RNG_TAG)
+                self.inbox.put((int(index), first, int(draft), t_first, latents, state))
         except BaseException as error:  # re-raised by the decode loop
             self.inbox.put(error)
         self.inbox.put(None)  # this sender is done
@@ -240,7 +250,7 @@ class _DecodeRole:
         while True:
             self._poll(block=not running and not self.arrived)
             while self.arrived and len(running) < engine.max_batch_size:
-                index, first, draft, t_first, latents = self.arrived[0]
+                index, first, draft, t_first, latents, rng_state = self.arrived[0]
                 request = self.requests[index]
                 need = engine.blocks_needed(request)
                 if latents is not None and reserved + need > self.cache.num_blocks:
@@ -248,7 +258,8 @@ class _DecodeRole:
                 self.arrived.pop(0)
                 st = engine.admit(index, request)
                 # the prefill rank's token, through the same stop conditions
-                event = engine.adopt(st, first, latents, draft if draft >= 0 else None)
+                event = engine.adopt(st, first, latents, draft if draft >= 0 else None,
+                                     rng_state=rng_state)
                 event.time = t_first
                 self._record(event)
                 if st.finish_reason:

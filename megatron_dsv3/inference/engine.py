@@ -390,15 +390,19 @@ class InferenceEngine:
         return latents
 
     def adopt(self, state: RequestState, first: Sampled, latents: Optional[torch.Tensor],
-              draft: Optional[int] = None) -> TokenEvent:
+              draft: Optional[int] = None, rng_state: Optional[torch.Tensor] = None) -> TokenEvent:
         """Continue a request another engine prefilled: its first token (with log-probabilities,
         as that engine's `prefill` reported them) goes through this engine's stop conditions;
         unless that finished it, its latents (that engine's `hand_off`) go into this cache and,
-        with the MTP draft, the state is ready for `decode_step`. -> the first token's event."""
+        with the MTP draft, the state is ready for `decode_step`. `rng_state`: a seeded
+        request's generator state after that prefill (its sampling continues from there, as on
+        one engine). -> the first token's event."""
         event = self._emit(state, first)
         if not state.finish_reason:
             self.cache.adopt(state.key, latents)
             state.length, state.draft = latents.shape[1], draft
+            if rng_state is not None and state.generator is not None:
+                state.generator.set_state(rng_state)
         return event
 
     def decode_step(self, running: List[RequestState],

@@ -17,17 +17,20 @@ def model():
     return build_model(get_config("deepseek-v3-tiny", init_method_std=0.1))
 
 
-def workload():
+def workload(sampled: bool = False):
     reqs = mixed_load(7, rate=200.0, vocab_size=256, seed=3, short_prompt=(2, 6),
                       long_prompt=(20, 30), new_tokens=(3, 9))
     reqs.append(Request([9, 8, 7], 1))  # finishes at prefill: nothing to hand over but the token
     for i in (1, 7):  # the first token's top-2 alternatives travel with the hand-off too
         reqs[i].sampling = SamplingParams(logprobs=2)
+    if sampled:  # seeded sampling continues from the prefill's generator on the decode rank
+        for i in (2, 5):
+            reqs[i].sampling = SamplingParams(temperature=1.0, seed=11 + i)
     return reqs
 
 
 def _role(rank, world, speculative):
-    out = serve_separated(model(), workload(), Roles(prefill=[0], decode=[1, 2]),
+    out = serve_separated(model(), workload(not speculative), Roles(prefill=[0], decode=[1, 2]),
                           speculative=speculative, block_size=4, max_batch_size=3)
     return {i: (s.tokens, s.finish_reason, s.token_times, s.logprobs, s.top_logprobs)
             for i, s in out.items()}
@@ -35,7 +38,7 @@ def _role(rank, world, speculative):
 
 @pytest.mark.parametrize("speculative", [False, True])
 def test_separated_serving_equals_colocated(single_rank_world, speculative):
-    reqs = workload()
+    reqs = workload(not speculative)  # (speculative decoding is greedy only)
     colocated = InferenceEngine(model(), block_size=4).generate(reqs, speculative=speculative)
     results = run_distributed(_role, 3, args=(speculative,), megatron_parallel={})
     assert results[0] == {}                                   # the prefill rank finishes none
