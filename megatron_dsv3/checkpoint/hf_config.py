@@ -28,6 +28,7 @@ DEFAULT_DTYPE = torch.bfloat16
 # DeepSeek's FP8 release: E4M3 weights, one float32 `weight_scale_inv` per 128x128 block.
 FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                            "weight_block_size": [128, 128]}
+SCALE_FORMATS = (None, "ue8m0")  # quantization_config.scale_fmt we read and write back
 
 
 # The config.json fields without a default: each sets the shape of weights.
@@ -162,6 +163,16 @@ def _check_supported(hf: Dict[str, Any]) -> None:
             if quant.get(key, FP8_QUANTIZATION_CONFIG[key]) != FP8_QUANTIZATION_CONFIG[key]:
                 _refuse(f"quantization_config.{key}", quant.get(key),
                         repr(FP8_QUANTIZATION_CONFIG[key]), "DeepSeek's 128x128 FP8 blocks")
+        if quant.get("scale_fmt") not in SCALE_FORMATS:
+            _refuse("quantization_config.scale_fmt", quant.get("scale_fmt"),
+                    ", ".join(map(repr, SCALE_FORMATS)),
+                    "float32 block scales, or power-of-2 ones (ue8m0)")
+
+
+def scale_format(hf: Optional[Dict[str, Any]]) -> Optional[str]:
+    """The FP8 block scales' format of an HF config: None (float32 amax / 448) or 'ue8m0'
+    (powers of 2)."""
+    return ((hf or {}).get("quantization_config") or {}).get("scale_fmt")
 
 
 def _rope_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
@@ -332,4 +343,6 @@ def config_to_hf(config, base: Optional[Dict[str, Any]] = None, *, fp8: bool = F
     )
     if fp8:
         out["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+        if scale_format(base):  # written with the source's scale format (write_hf)
+            out["quantization_config"]["scale_fmt"] = scale_format(base)
     return out

@@ -27,6 +27,7 @@ from megatron_dsv3.checkpoint.hf_config import (
     config_from_hf,
     config_to_hf,
     read_hf_config,
+    scale_format,
 )
 from megatron_dsv3.checkpoint.errors import writing
 from megatron_dsv3.checkpoint.mapping import TensorMap, mirror_names, model_maps
@@ -242,6 +243,9 @@ def write_hf(source: ExportSource, config, path: str, *, fp8: bool = True,
 
     if rope_interleave is None:
         rope_interleave = (base_config or {}).get("rope_interleave", True)
+    # the source's scale format: power-of-2 block scales ("ue8m0", later DeepSeek-V3 releases)
+    # are written as such again (amax / 448 scales would change every scale and code)
+    pow2 = scale_format(base_config) == "ue8m0"
     maps = model_maps(config, rope_interleave)
     missing = [k for k in maps if k not in source.keys]
     if missing:
@@ -269,7 +273,7 @@ def write_hf(source: ExportSource, config, path: str, *, fp8: bool = True,
                     tensor = source.fetch(key, start, stop)
                     for name, t in m.split(tensor, start):
                         if name in quantised:
-                            q, scale = quant.quantize_128x128(t)
+                            q, scale = quant.quantize_128x128(t, pow2_scales=pow2)
                             writer.write(name, q)
                             writer.write(name + SCALE_SUFFIX, scale)
                             bar.update(q.numel() + scale.numel() * 4)

@@ -204,24 +204,27 @@ def naive_dequantize(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     return q.float() * scale_inv[rows[:, None], cols[None, :]]
 
 
-def make_fp8_copy(src: str, dst: str) -> Dict[str, torch.Tensor]:
-    """DeepSeek's FP8 layout of `src` in `dst`; returns the dequantised weights by name."""
+def make_fp8_copy(src: str, dst: str, scale_fmt=None) -> Dict[str, torch.Tensor]:
+    """DeepSeek's FP8 layout of `src` in `dst` (scale_fmt 'ue8m0': power-of-2 block scales, as
+    later DeepSeek-V3 releases); returns the dequantised weights by name."""
     from megatron_dsv3.fp8.quant import quantize_128x128
 
     shutil.copytree(src, dst)
     out, dequantised = {}, {}
     for name, t in tensors(src).items():
         if is_quantised(name):
-            q, s = quantize_128x128(t)
+            q, s = quantize_128x128(t, pow2_scales=scale_fmt == "ue8m0")
             assert tuple(s.shape) == (math.ceil(t.shape[0] / 128), math.ceil(t.shape[1] / 128))
             out[name], out[name + "_scale_inv"] = q, s
             dequantised[name] = naive_dequantize(q, s)
         else:
             out[name] = t
             dequantised[name] = t
-    rewrite(dst, out, {"quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
-                                               "quant_method": "fp8",
-                                               "weight_block_size": [128, 128]}})
+    quantization = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                    "weight_block_size": [128, 128]}
+    if scale_fmt is not None:
+        quantization["scale_fmt"] = scale_fmt
+    rewrite(dst, out, {"quantization_config": quantization})
     return dequantised
 
 

@@ -94,6 +94,37 @@ def test_dist_to_hf_inverts_hf_to_dist_bitwise(hf_dir, tmp_path, single_rank_wor
     assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
 
 
+def test_power_of_2_fp8_scales_convert_back_to_the_same_weights(hf_dir, tmp_path,
+                                                               single_rank_world):
+    """A checkpoint with scale_fmt 'ue8m0' (power-of-2 block scales) comes back with power-of-2
+    scales, says so, and holds the same weights (amax / 448 scales changed every scale and
+    code). A block whose largest code was rounded to 224 has two power-of-2 encodings of the
+    same values (codes c with scale s, 2c with s / 2); every other block is bit for bit."""
+    from megatron_dsv3.fp8.quant import dequantize_128x128
+
+    from hf_checkpoints import make_fp8_copy
+
+    fp8, dist, back = (str(tmp_path / n) for n in ("fp8", "dist", "back"))
+    make_fp8_copy(hf_dir, fp8, scale_fmt="ue8m0")
+    hf_to_dist(fp8, dist, dtype=torch.float32, progress=False)
+    dist_to_hf(dist, back, fp8=True, progress=False)
+    original, exported = tensors(fp8), tensors(back)
+    assert original.keys() == exported.keys()
+    same = 0
+    for k in (k for k in original if original[k].dtype == torch.float8_e4m3fn):
+        s_old, s_new = original[k + "_scale_inv"], exported[k + "_scale_inv"]
+        assert torch.equal(torch.frexp(s_new).mantissa, torch.full_like(s_new, 0.5))  # 2^p
+        assert torch.equal(dequantize_128x128(original[k], s_old),
+                           dequantize_128x128(exported[k], s_new)), k
+        same += torch.equal(original[k].view(torch.uint8), exported[k].view(torch.uint8))
+    assert same > 0
+    assert read_hf_config(back)["quantization_config"]["scale_fmt"] == "ue8m0"
+    config = read_hf_config(fp8)
+    config["quantization_config"]["scale_fmt"] = "e8m0-other"
+    with pytest.raises(ValueError, match="scale_fmt"):
+        config_from_hf(config)
+
+
 def test_checkpoint_written_by_megatron_converts_to_the_original_hf(hf_dir, tmp_path,
                                                                     single_rank_world):
     model = model_from(hf_dir)
