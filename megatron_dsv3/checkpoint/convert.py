@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from typing import Any, Dict, Optional
 
 import torch
@@ -117,6 +118,12 @@ def hf_to_dist(hf_path: str, out_path: str, *, tp: int = 1, pp: int = 1, ep: int
 
     check_output_outside_input(hf_path, out_path)
     hf = read_hf_config(hf_path)
+    if hf.get("quantization_config") and dtype in (torch.bfloat16, torch.float16):
+        warnings.warn(
+            f"{hf_path} holds quantised weights, dequantised here into {dtype}: their values are "
+            "rounded, so an FP8 export of this checkpoint (dist_to_hf) will not reproduce the "
+            "source's block scales (they move by up to ~0.4%); convert with dtype=torch.float32 "
+            "(--dtype fp32) for an exact way back", stacklevel=2)
     # (from the path: a checkpoint without MTP weights, as transformers saves them, converts
     # without MTP, with a warning, and its stored config then says so)
     config = config_from_hf(hf_path, dtype=dtype)

@@ -119,6 +119,8 @@ def test_power_of_2_fp8_scales_convert_back_to_the_same_weights(hf_dir, tmp_path
         same += torch.equal(original[k].view(torch.uint8), exported[k].view(torch.uint8))
     assert same > 0
     assert read_hf_config(back)["quantization_config"]["scale_fmt"] == "ue8m0"
+    with pytest.warns(UserWarning, match="--dtype fp32"):  # BF16 values cannot come back exact
+        hf_to_dist(fp8, str(tmp_path / "dist16"), dtype=torch.bfloat16, progress=False)
     config = read_hf_config(fp8)
     config["quantization_config"]["scale_fmt"] = "e8m0-other"
     with pytest.raises(ValueError, match="scale_fmt"):
