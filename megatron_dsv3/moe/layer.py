@@ -66,9 +66,39 @@ class DeepSeekMoE(MegatronModule):
                 submodules.shared_experts, config=config,
                 ffn_hidden_size=config.moe_shared_expert_intermediate_size,
                 key=f"{key}.shared_experts", tp_group=getattr(pg_collection, "tp", None))
+        self._tp_group = getattr(pg_collection, "tp", None)
+        self._tp_copies_checked = False
+
+    def _refuse_tp_copies_in_training(self) -> None:
+        """Tensor-parallel ranks hold the same tokens (we run without sequence parallelism). An
+        expert-parallel group that holds several ranks of one tensor-parallel group would have
+        each of them dispatch those tokens: the outputs are right, but every expert sees each
+        token once per such rank, and its weight gradient is multiplied by that count."""
+        self._tp_copies_checked = True
+        ep = self.dispatcher.ep_group
+        if ep is None or ep.size() == 1 or not torch.distributed.is_initialized():
+            return
+        tp = self._tp_group
+        if tp is None:
+            tp = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+        if tp is None or tp.size() == 1:
+            return
+        shared = (set(torch.distributed.get_process_group_ranks(ep))
+                  & set(torch.distributed.get_process_group_ranks(tp)))
+        if len(shared) > 1:
+            raise ValueError(
+                f"training with tensor_model_parallel_size={tp.size()} and "
+                f"expert_model_parallel_size={ep.size()} where the expert-parallel group holds "
+                f"tensor-parallel peers (ranks {sorted(shared)}): they hold the same tokens, so "
+                "every expert would get each token once per peer and a multiplied weight "
+                "gradient. Allowed for training: tensor_model_parallel_size=1 with expert "
+                "parallelism (DeepSeek-V3 trains without tensor parallelism), or expert-parallel "
+                "groups across tensor-parallel groups only; this layout serves correctly")
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 **_unused):
+        if self.training and torch.is_grad_enabled() and not self._tp_copies_checked:
+            self._refuse_tp_copies_in_training()
         s, b, h = hidden_states.shape
         x = hidden_states.reshape(s * b, h)
         valid = None if padding_mask is None else ~padding_mask.transpose(0, 1).reshape(-1)

@@ -104,3 +104,36 @@ def test_aux_loss_joins_backward_through_the_output(single_rank_world):
     (out * 0).sum().backward()
     assert moe.router.weight.grad.abs().sum() > 0
     assert moe.router.last_aux_loss is not None and moe.router.last_aux_loss > 0
+
+
+def _train_and_serve_with_tp_peers_in_the_ep_group(rank, world):
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.model import build_model
+
+    model = build_model(get_config("deepseek-v3-tiny", tensor_model_parallel_size=2,
+                                   expert_model_parallel_size=2, expert_tensor_parallel_size=1,
+                                   mtp_num_layers=None))
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(8).expand(2, 8)
+    model.eval()
+    with torch.no_grad():
+        model(ids, pos, None)  # serving in this layout is right (each token seen twice)
+    model.train()
+    try:
+        model(ids, pos, None, labels=ids)
+    except ValueError as error:
+        return str(error)
+    return "trained"
+
+
+def test_training_with_tensor_parallel_peers_in_the_expert_parallel_group_is_refused():
+    """Without sequence parallelism tensor-parallel ranks hold the same tokens: in one expert-
+    parallel group each would dispatch them, and the experts' weight gradients would be
+    multiplied by the number of such peers."""
+    from megatron_dsv3.testing import run_distributed
+
+    messages = run_distributed(_train_and_serve_with_tp_peers_in_the_ep_group, 2,
+                               megatron_parallel=dict(tensor_model_parallel_size=2,
+                                                      expert_model_parallel_size=2,
+                                                      expert_tensor_parallel_size=1))
+    assert all("expert-parallel group holds tensor-parallel peers" in m for m in messages)
