@@ -141,14 +141,16 @@ def get_config(name: str, **overrides: Any) -> DeepSeekV3Config:
 def is_moe_layer(config, layer_number: int) -> bool:
     """Whether global layer `layer_number` (1-based, Megatron's numbering) is a DeepSeek-MoE layer.
 
-    Layers past `num_layers` are MTP layers; like DeepSeek's checkpoint they use an MoE block
-    whenever the model has MoE layers at all.
+    Layers past `num_layers` are MTP layers; like DeepSeek's checkpoint, and as vLLM and SGLang
+    build them from config.json (their index is past first_k_dense_replace), they use an MoE
+    block whenever the model has routed experts, also when every main layer is dense (with an
+    integer moe_layer_freq: when their index is a multiple of it).
     """
     if not getattr(config, "num_moe_experts", None):
         return False
     freq = config.moe_layer_freq
+    if layer_number > config.num_layers:
+        return isinstance(freq, (list, tuple)) or (layer_number - 1) % freq == 0
     pattern = (list(freq) if isinstance(freq, (list, tuple))
                else [1 if i % freq == 0 else 0 for i in range(config.num_layers)])
-    if layer_number > config.num_layers:
-        return any(pattern)
     return bool(pattern[layer_number - 1])

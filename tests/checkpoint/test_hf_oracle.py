@@ -73,9 +73,12 @@ def test_rotate_half_checkpoints_need_the_rope_row_permutation(tmp_path, single_
         assert relative_error(wrong, hf(input_ids=IDS).logits) > 1e-3
 
 
-def test_mtp_layers_match_a_hand_written_mtp_forward(tmp_path, single_rank_world):
+@pytest.mark.parametrize("hf_overrides", [{}, {"first_k_dense_replace": 2}])
+def test_mtp_layers_match_a_hand_written_mtp_forward(tmp_path, single_rank_world, hf_overrides):
+    """Also with every main layer dense: the MTP layers are MoE wherever the model has routed
+    experts (their index is past first_k_dense_replace, as vLLM and SGLang build them)."""
     path = str(tmp_path / "hf")
-    hf = make_hf_checkpoint(path)
+    hf = make_hf_checkpoint(path, **hf_overrides)
     add_mtp_layers(path, hf, depth=2)
     model = load_ours(path)
     assert model.config.mtp_num_layers == 2
