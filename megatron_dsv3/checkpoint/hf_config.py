@@ -38,6 +38,11 @@ REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden
                    "num_experts_per_tok")
 
 
+# Routing fields whose defaults differ between transformers (these) and DeepSeek's reference code
+# (1, 1, 1.0): a config.json must give them.
+ROUTING_DEFAULTS = {"n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5}
+
+
 def read_hf_config(path: str) -> Dict[str, Any]:
     """config.json of an HF checkpoint directory (or the path of a config.json itself);
     CheckpointFileError naming the file when it is not JSON or lacks a required field."""
@@ -215,6 +220,12 @@ def config_fields_from_hf(hf: Dict[str, Any]) -> Dict[str, Any]:
     if missing_fields(hf):
         raise ValueError(f"HF config {missing_fields(hf)}")
     _check_supported(hf)
+    for key, theirs in ROUTING_DEFAULTS.items():
+        if key not in hf:
+            raise ValueError(
+                f"HF config lacks {key}: transformers would take {theirs}, DeepSeek's reference "
+                f"code 1, and the routing differs; give {key} in config.json (DeepSeek-V3: "
+                f"n_group 8, topk_group 4, routed_scaling_factor 2.5)")
     experts = hf["n_routed_experts"]
     shared = hf.get("n_shared_experts") or 0
     depth = mtp_depth(hf)

@@ -112,6 +112,15 @@ def test_config_the_model_cannot_hold_is_refused_naming_the_field(field, value):
         config_from_hf(dict(DEEPSEEK_V3, **{field: value}))
 
 
+@pytest.mark.parametrize("field", ["n_group", "topk_group", "routed_scaling_factor"])
+def test_routing_fields_whose_defaults_disagree_must_be_given(field):
+    """transformers defaults them to 8, 4, 2.5 and DeepSeek's reference code to 1, 1, 1.0: a
+    config without one would load as a different model depending on the reader."""
+    config = {k: v for k, v in DEEPSEEK_V3.items() if k != field}
+    with pytest.raises(ValueError, match=f"lacks {field}: transformers would take"):
+        config_from_hf(config)
+
+
 @pytest.mark.parametrize("rope_update,field", [
     ({"type": "linear"}, "rope_type"), ({"factor": None}, "factor"), ({"truncate": False}, "truncate"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
