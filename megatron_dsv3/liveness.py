@@ -369,6 +369,12 @@ def _proc_identity(pid: int) -> Tuple[str, str]:
 
 
 # -- the watchdog -------------------------------------------------------------------------------
+def slow_allowance(timeout: float, slow_timeout: float = 0.0) -> float:
+    """Seconds without progress the watchdog allows in a slow phase (a checkpoint save, the first
+    step): `slow_timeout`, 0 = 3 x `timeout`, never below `timeout`."""
+    return max(float(timeout), float(slow_timeout) or 3 * float(timeout))
+
+
 class Watchdog:
     """See the module docstring. `progress`, `phase`, `start` and `close` are called by the
     training loop; `tick` is one round of the thread (tests call it with a fake clock/store)."""
@@ -384,7 +390,7 @@ class Watchdog:
             raise ValueError(f"watchdog timeouts ({timeout}, {slow_timeout}) are invalid: allowed "
                              "values are seconds >= 0 (0 = off)")
         self.timeout = float(timeout)
-        self.slow_timeout = max(self.timeout, float(slow_timeout) or 3 * self.timeout)
+        self.slow_timeout = slow_allowance(self.timeout, slow_timeout)
         self.rank, self.world_size = rank, world_size
         self.enabled = self.timeout > 0 and world_size > 1
         self.interval = interval or min(5.0, max(0.05, self.timeout / 10))

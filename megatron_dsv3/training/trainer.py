@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from typing import Dict, List, Optional
 
@@ -450,9 +451,10 @@ class Trainer:
         the copy the checkpoint holds (else from metrics.jsonl itself: a crashed run may have
         logged steps its last checkpoint does not hold, and a run started with --overwrite that
         never published a checkpoint has replaced it)."""
-        path = os.path.join(self.args.save_dir, "metrics.jsonl")
-        saved = os.path.join(self._resumed_from or "", METRICS_FILE)
-        source = saved if self._resumed_from and os.path.isfile(saved) else path
+        path = self.metrics_path
+        source = path
+        if self._resumed_from and os.path.isfile(os.path.join(self._resumed_from, METRICS_FILE)):
+            source = os.path.join(self._resumed_from, METRICS_FILE)
         if self.args.resume and os.path.isfile(source):
             from megatron_dsv3.checkpoint.commit import write_file_atomic
 
@@ -492,11 +494,11 @@ class Trainer:
             a.resume = latest
         if not a.save_dir:
             return
-        metrics = os.path.join(a.save_dir, "metrics.jsonl")
+        metrics = self.metrics_path
         used = [what for what, present in (
             (f"checkpoint step {self.store.latest_step()}", self.store.latest() is not None),
             ("an old-layout checkpoint/", os.path.isdir(os.path.join(a.save_dir, "checkpoint"))),
-            ("metrics.jsonl", os.path.isfile(metrics) and os.path.getsize(metrics) > 0)) if present]
+            (METRICS_FILE, os.path.isfile(metrics) and os.path.getsize(metrics) > 0)) if present]
         if used and not (a.resume or a.overwrite):
             raise ValueError(f"save_dir {a.save_dir} already holds a run ({', '.join(used)}): pass "
                              "--resume to continue it, --overwrite to start a new run there (its "
@@ -559,15 +561,15 @@ class Trainer:
     def _on_cuda(self) -> bool:
         return next(self.models[0].parameters()).is_cuda
 
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.args.save_dir, METRICS_FILE)
+
     def _copy_metrics_into(self, partial: str) -> None:
         """The metrics logged up to this step go into the checkpoint (covered by its manifest):
         a resume from it restores them whatever metrics.jsonl holds by then."""
-        path = os.path.join(self.args.save_dir, "metrics.jsonl")
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                data = f.read()
-            with open(os.path.join(partial, METRICS_FILE), "wb") as f:
-                f.write(data)
+        if os.path.isfile(self.metrics_path):
+            shutil.copyfile(self.metrics_path, os.path.join(partial, METRICS_FILE))
 
     def load(self, path: str):
         from megatron_dsv3.checkpoint.commit import STEP_DIR, resolve_checkpoint, verify_manifest
@@ -626,7 +628,7 @@ class Trainer:
         self.log(f"resumed from {directory} at step {self.step}")
 
 
-METRICS_FILE = "metrics.jsonl"  # a checkpoint's copy of the run's metrics up to its step
+METRICS_FILE = "metrics.jsonl"  # the run's metrics, and each checkpoint's copy up to its step
 
 # Config fields compared on resume (an architecture or routing change is refused by name).
 ARCHITECTURE_FIELDS = (

@@ -61,6 +61,7 @@ def flag_of(field: str) -> str:
 def validate_train_args(args) -> None:
     """ValueError naming the flag and its allowed values for the first bad TrainArgs value."""
     from megatron_dsv3.configs import PRESETS, get_config, layout
+    from megatron_dsv3.liveness import slow_allowance
 
     # the layout rules' names: the trainer's flags (it has no --schedule: --pp > 1 is DualPipeV)
     names = dataclasses.replace(layout.FLAGS, schedule="schedule")
@@ -79,7 +80,7 @@ def validate_train_args(args) -> None:
         if value and args.pp < 2:
             raise ValueError(f"{flag} applies to DualPipeV runs: allowed with --pp >= 2 only "
                              f"(--pp {args.pp})")
-    allowance = max(args.watchdog_timeout, args.watchdog_save_timeout or 3 * args.watchdog_timeout)
+    allowance = slow_allowance(args.watchdog_timeout, args.watchdog_save_timeout)
     if args.watchdog_timeout and args.collective_timeout_minutes \
             and args.collective_timeout_minutes * 60 <= allowance:
         raise ValueError(
