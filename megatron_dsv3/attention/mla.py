@@ -23,6 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_dsv3.attention.rope import YarnRotary, apply_rotary
+from megatron_dsv3.configs import latent_norm_epsilon
 from megatron_dsv3.core.gemm import DEFAULT_GEMM, shared_input_linear
 from megatron_dsv3.core.linear import KeyedInit, ReplicatedLinear, group_size, tp_group_or_default
 from megatron_dsv3.core.recompute import checkpointed, recompute_region
@@ -86,6 +87,7 @@ class MLASelfAttention(MegatronModule):
                                                       self.tp_group), **kw)
 
         q_out = nh * (self.dn + self.dr)
+        latent_eps = latent_norm_epsilon(config)
         if self.q_lora_rank is None:
             self.linear_q_proj = linear(submodules.linear_q_proj, h, q_out, "q_proj", 0,
                                         gather_output=False)
@@ -93,14 +95,14 @@ class MLASelfAttention(MegatronModule):
             self.linear_q_down_proj = linear(submodules.linear_q_down_proj, h, self.q_lora_rank,
                                              "q_down_proj", 0, gather_output=False)
             self.q_layernorm = build_module(submodules.q_layernorm, config=config,
-                                            hidden_size=self.q_lora_rank, eps=config.layernorm_epsilon)
+                                            hidden_size=self.q_lora_rank, eps=latent_eps)
             self.linear_q_up_proj = linear(submodules.linear_q_up_proj, self.q_lora_rank, q_out,
                                            "q_up_proj", 0, gather_output=False)
         self.linear_kv_down_proj = linear(submodules.linear_kv_down_proj, h,
                                           self.kv_lora_rank + self.dr, "kv_down_proj", 0,
                                           gather_output=False)
         self.kv_layernorm = build_module(submodules.kv_layernorm, config=config,
-                                         hidden_size=self.kv_lora_rank, eps=config.layernorm_epsilon)
+                                         hidden_size=self.kv_lora_rank, eps=latent_eps)
         self.linear_kv_up_proj = linear(submodules.linear_kv_up_proj, self.kv_lora_rank,
                                         nh * (self.dn + self.dv), "kv_up_proj", 0,
                                         gather_output=False)

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from megatron_dsv3.checkpoint.errors import CheckpointFileError, reading
-from megatron_dsv3.configs import DeepSeekV3Config, get_config
+from megatron_dsv3.configs import DeepSeekV3Config, get_config, latent_norm_epsilon
 
 # The parameter dtype a model built from an HF checkpoint gets unless told otherwise: every load
 # path (config_from_hf, inference.loading, python -m megatron_dsv3.generate) uses this one default.
@@ -40,6 +40,7 @@ REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden
 
 # Routing fields whose defaults differ between transformers (these) and DeepSeek's reference code
 # (1, 1, 1.0): a config.json must give them.
+HF_LATENT_NORM_EPS = 1e-6  # MLA's latent norms in transformers and DeepSeek's reference code
 ROUTING_DEFAULTS = {"n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5}
 
 
@@ -249,6 +250,7 @@ def config_fields_from_hf(hf: Dict[str, Any]) -> Dict[str, Any]:
         moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
         first_k_dense_replace=hf.get("first_k_dense_replace") or 0,
         layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        dsv3_latent_norm_epsilon=HF_LATENT_NORM_EPS,  # hard-coded there, whatever rms_norm_eps
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         mtp_num_layers=depth or None,
         init_method_std=float(hf.get("initializer_range", 0.006)),
@@ -314,6 +316,12 @@ def config_to_hf(config, base: Optional[Dict[str, Any]] = None, *, fp8: bool = F
     if pattern is None or pattern != sorted(pattern):
         raise ValueError(f"moe_layer_freq={freq!r} cannot be written as HF's first_k_dense_replace: "
                          "allowed values are k dense layers followed by MoE layers")
+    latent_eps = latent_norm_epsilon(config)
+    if latent_eps != HF_LATENT_NORM_EPS:
+        warnings.warn(f"MLA's latent norms use epsilon {latent_eps:g} here; an HF config cannot "
+                      f"say so and transformers reads them with {HF_LATENT_NORM_EPS:g} (set "
+                      f"dsv3_latent_norm_epsilon={HF_LATENT_NORM_EPS:g} to train what HF runs)",
+                      stacklevel=2)
     shared = config.moe_shared_expert_intermediate_size or 0
     if shared % config.moe_ffn_hidden_size:
         raise ValueError(

@@ -7,7 +7,8 @@ node-limited routing, `mtp_num_layers`, ...). The subclass adds only what Megatr
 config (vocabulary size, maximum sequence length) and our deterministic-initialisation seed.
 """
 
-from megatron_dsv3.configs.config import DeepSeekV3Config, validate_config
+from megatron_dsv3.configs.config import DeepSeekV3Config, latent_norm_epsilon, validate_config
 from megatron_dsv3.configs.presets import PRESETS, get_config, is_moe_layer
 
-__all__ = ["DeepSeekV3Config", "PRESETS", "get_config", "is_moe_layer", "validate_config"]
+__all__ = ["DeepSeekV3Config", "PRESETS", "get_config", "is_moe_layer", "latent_norm_epsilon",
+           "validate_config"]

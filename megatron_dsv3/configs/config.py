@@ -56,6 +56,11 @@ class DeepSeekV3Config(MLATransformerConfig):
     trainer and generate take it through their config overrides, e.g.
     TrainArgs(config_overrides={"dsv3_gemm_backend": "torch"})."""
 
+    dsv3_latent_norm_epsilon: Optional[float] = None
+    """Epsilon of MLA's two latent RMSNorms (the compressed query and key-value): None takes
+    layernorm_epsilon, as Megatron's MLA does; DeepSeek's reference code and transformers use
+    1e-6 there whatever rms_norm_eps is, so a model read from an HF config sets 1e-6."""
+
     init_seed: int = 1234
     """Seed of the layout-independent weight initialisation: each weight (and each expert) draws
     from its own generator keyed by this seed and the weight's global name, so a model split over
@@ -64,6 +69,13 @@ class DeepSeekV3Config(MLATransformerConfig):
     def __post_init__(self):
         validate_config(self)
         super().__post_init__()
+
+
+def latent_norm_epsilon(config: Any) -> float:
+    """Epsilon of MLA's latent norms: `dsv3_latent_norm_epsilon`, or layernorm_epsilon where it
+    is None or absent (Megatron-LM's own config)."""
+    eps = getattr(config, "dsv3_latent_norm_epsilon", None)
+    return config.layernorm_epsilon if eps is None else eps
 
 
 DISPATCHERS = ("node-aware", "flat", "local")
@@ -146,6 +158,7 @@ def validate_config(config: Any) -> None:
         if hasattr(config, field):
             _positive(config, field)
     _number(config, "layernorm_epsilon", 0, low_open=True)
+    _number(config, "dsv3_latent_norm_epsilon", 0, low_open=True, optional=True)
     _number(config, "init_method_std", 0)
     for field in ("hidden_dropout", "attention_dropout"):
         _number(config, field, 0, high=1, high_open=True)

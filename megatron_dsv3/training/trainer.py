@@ -634,7 +634,8 @@ METRICS_FILE = "metrics.jsonl"  # the run's metrics, and each checkpoint's copy 
 ARCHITECTURE_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
     "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
-    "multi_latent_attention", "normalization", "layernorm_epsilon", "rope_type", "rotary_base",
+    "multi_latent_attention", "normalization", "layernorm_epsilon",
+    "dsv3_latent_norm_epsilon", "rope_type", "rotary_base",
     "rotary_scaling_factor", "original_max_position_embeddings",
     "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
     "moe_layer_freq", "moe_router_topk", "moe_router_num_groups", "moe_router_group_topk",

@@ -48,6 +48,21 @@ def test_from_hf_gives_transformers_logits_in_eval_mode(tmp_path, single_rank_wo
     assert relative_error(logits(model), hf(input_ids=IDS).logits) < 1e-5
 
 
+def test_latent_norms_keep_transformers_epsilon_whatever_rms_norm_eps(tmp_path, single_rank_world):
+    """transformers (and DeepSeek's reference) build MLA's q/kv latent norms with eps 1e-6 and
+    only the layer norms with rms_norm_eps: a config with another rms_norm_eps gives its logits."""
+    path = str(tmp_path / "hf")
+    hf = make_hf_checkpoint(path, rms_norm_eps=0.5)  # large, so that the latent eps shows
+    model = megatron_dsv3.from_hf(path, torch.float32)
+    assert model.config.layernorm_epsilon == 0.5 and model.config.dsv3_latent_norm_epsilon == 1e-6
+    reference = hf(input_ids=IDS).logits
+    assert relative_error(logits(model), reference) < 1e-5
+    # the control: latent norms at rms_norm_eps (Megatron's MLA) are measurably another model
+    wrong = build_model(config_from_hf(path, torch.float32, dsv3_latent_norm_epsilon=0.5))
+    wrong.load_state_dict(model.state_dict())
+    assert relative_error(logits(wrong.eval()), reference) > 1e-3
+
+
 def test_from_hf_defaults_to_bfloat16(tmp_path, single_rank_world):
     path = str(tmp_path / "hf")
     hf = make_hf_checkpoint(path)

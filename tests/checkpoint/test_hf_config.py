@@ -3,6 +3,7 @@ config the model cannot hold is refused naming the HF field."""
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -160,3 +161,16 @@ def test_config_to_hf_refuses_layer_patterns_hf_cannot_express():
     with pytest.raises(ValueError, match="moe_layer_freq"):
         config_to_hf(c)
     assert math.isclose(config_from_hf(DEEPSEEK_V3).moe_router_topk_scaling_factor, 2.5)
+
+
+def test_config_to_hf_warns_when_latent_norms_use_another_epsilon():
+    """HF's config.json has no field for MLA's latent-norm epsilon (transformers uses 1e-6)."""
+    deepseek = config_from_hf(DEEPSEEK_V3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config_to_hf(deepseek)  # 1e-6: nothing to say
+    megatron_style = copy.copy(config_from_hf(DEEPSEEK_V3))
+    megatron_style.layernorm_epsilon, megatron_style.dsv3_latent_norm_epsilon = 1e-5, None
+    with pytest.warns(UserWarning, match="latent norms use epsilon 1e-05"):
+        written = config_to_hf(megatron_style)
+    assert written["rms_norm_eps"] == 1e-5
