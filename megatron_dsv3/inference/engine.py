@@ -8,8 +8,9 @@
 Each admitted request is prefilled on its own (its prompt's latents go into its blocks), then all
 running requests decode together, one token each per step (two with `speculative`: the pending
 token and the MTP draft), each at its own position. A request is admitted when the free blocks
-can hold its prompt plus max_new_tokens (+1 draft position), so a running request never runs out
-of cache; finished requests return their blocks and waiting ones take their place.
+can hold its prompt plus max_new_tokens (the last token is never cached, the draft position is),
+so a running request never runs out of cache; finished requests return their blocks and waiting
+ones take their place.
 
 Every generated token comes with its log-probability under the model (log_softmax of the raw
 logits at its position, before temperature, top-k and top-p), and with SamplingParams(logprobs=k)
@@ -358,9 +359,11 @@ class InferenceEngine:
         return RequestState(index, next(self._keys), request, self.device)
 
     def blocks_needed(self, request: Request) -> int:
-        """Cache blocks reserved for a request from admission to its end: its prompt, all its new
-        tokens and the speculative draft position."""
-        return self.cache.blocks_for(len(request.prompt) + request.max_new_tokens + 1)
+        """Cache blocks reserved for a request from admission to its end: its prompt, its new
+        tokens but the last (never fed back) and the speculative draft position, i.e. positions
+        [0, prompt + max_new_tokens): the last speculative step starts with max_new_tokens - 1
+        tokens out, one of them pending, and writes it and the draft."""
+        return self.cache.blocks_for(len(request.prompt) + request.max_new_tokens)
 
     def prefill(self, state: RequestState, speculative: bool = False) -> TokenEvent:
         """One forward over the prompt: its latents go into the cache (every decoder layer, and

@@ -138,3 +138,18 @@ def test_speculative_decoding_refuses_sampling(random_model):
     engine = InferenceEngine(random_model, block_size=4)
     with pytest.raises(ValueError, match="greedy"):
         engine.generate([Request([1, 2], 3, SamplingParams(temperature=1.0))], speculative=True)
+
+
+def test_a_request_fits_the_blocks_it_reserves_exactly(random_model):
+    """Reserved: positions [0, prompt + max_new_tokens) - the last token is never fed back, the
+    speculative step's draft is. A cache of exactly that many blocks serves the request plain
+    and speculative, two such requests one after the other, with the unlimited cache's tokens."""
+    prompts = [torch.randint(1, 255, (5,)).tolist(), torch.randint(1, 255, (9,)).tolist()]
+    requests = [Request(prompts[0], 7), Request(prompts[1], 3)]  # 12 positions: 3 blocks of 4
+    expected = InferenceEngine(random_model, block_size=4).generate(requests)
+    for speculative in (False, True):
+        engine = InferenceEngine(random_model, block_size=4, num_blocks=3, max_batch_size=2)
+        assert [engine.blocks_needed(r) for r in requests] == [3, 3]
+        got = engine.generate(requests, speculative=speculative)
+        assert [r.tokens for r in got] == [r.tokens for r in expected]
+        assert engine.cache.num_free_blocks == 3
