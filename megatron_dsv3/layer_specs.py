@@ -152,7 +152,8 @@ def make_dispatcher(config, ep_group, cls: Optional[type] = None) -> TokenDispat
                    expert_tensor_parallel_size=getattr(config, "expert_tensor_parallel_size",
                                                        None) or 1)
     if issubclass(cls, FlatAllToAllDispatcher):
-        return cls(config.num_moe_experts, ep_group)
+        return cls(config.num_moe_experts, ep_group, hidden_size=config.hidden_size,
+                   fp8_payload=getattr(config, "dsv3_dispatch_fp8", False))
     if issubclass(cls, LocalDispatcher):
         return cls(config.num_moe_experts)
     raise TypeError(f"make_dispatcher cannot build {cls.__name__}: allowed classes are "

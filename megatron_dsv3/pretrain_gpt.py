@@ -118,6 +118,11 @@ def validate_dsv3_args(args) -> None:
     if getattr(args, "dsv3_dispatch_fp8", False) and getattr(args, "dsv3_dispatcher", None) == "local":
         raise ValueError("--dsv3-dispatch-fp8 needs --dsv3-dispatcher node-aware or flat "
                          "(the local dispatcher sends nothing)")
+    if getattr(args, "dsv3_fp8_recipe", None) and getattr(args, "fp8", None):
+        raise ValueError(f"--dsv3-fp8-recipe {args.dsv3_fp8_recipe} and --fp8-format {args.fp8} "
+                         "are both given: allowed is one of them (--fp8-format would run the "
+                         "Transformer Engine layers with Megatron's recipe and --dsv3-fp8-recipe "
+                         "the routed experts)")
 
 
 def parse_dsv3_args(argv: List[str], world_size: Optional[int] = None):

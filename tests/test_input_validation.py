@@ -90,6 +90,8 @@ TRAIN_BAD = [
     ("--pp 2 --micro-batches 8 --steps 10 --trace-step 11", "--trace-step"),  # never reached
     ("--trace-step 3", "--trace-step"),          # DualPipeV only
     ("--overlap-pairs", "--overlap-pairs"),      # DualPipeV only
+    ("--fp8-pow2-scales", "--fp8-pow2-scales"),  # without --fp8 nothing is quantised
+    ("--dispatch-fp8", "--dispatch-fp8"),        # --ep 1 sends no tokens
     ("--pp 0", "--pp"),                          # 0 is not "unset"
     ("--pp -1", "--pp"),
     ("--pp 2 --micro-batches 3", "--micro-batches"),

@@ -43,7 +43,9 @@ class DeepSeekV3Config(MLATransformerConfig):
 
     dsv3_dispatch_fp8: bool = False
     """Expert parallelism: send the dispatch payload in E4M3 with power-of-2 1x128 scales
-    (the combine stays in the compute dtype), as DeepSeek-V3 does."""
+    (the combine stays in the compute dtype), as DeepSeek-V3 does; both the node-aware and the
+    flat dispatcher. With dsv3_fp8_recipe='deepseek' (float32 scales) the routed experts then
+    quantise those rows a second time; 'deepseek-pow2' reproduces the payload's codes exactly."""
 
     dsv3_gemm_backend: Optional[str] = None
     """Who runs the GEMMs of our layers: None (auto: 'te' where Transformer Engine imports and
@@ -117,27 +119,39 @@ def _divisors(n: int) -> list[int]:
 
 def validate_fp8(config: Any) -> None:
     """The FP8 fields our linear layers can run: dsv3_fp8_recipe in FP8_RECIPES, or Megatron's
-    `fp8` with fp8_recipe='blockwise' where Transformer Engine imports (megatron-core's FP8 is
-    TE's autocast: without TE it runs dense layers in high precision and fails for MoE).
-    `dsv3_fp8_recipe`, when set, wins over `fp8` for our modules."""
+    `fp8='e4m3'` with fp8_recipe='blockwise' where Transformer Engine imports (megatron-core's FP8
+    is TE's autocast: without TE it runs dense layers in high precision and fails for MoE), not
+    both: Megatron's switch drives the TE linears with its own recipe and ours would drive the
+    routed experts, two recipes in one model."""
     name = getattr(config, "dsv3_fp8_recipe", None)
-    if name is not None:
-        if name not in FP8_RECIPES:
-            raise ValueError(f"dsv3_fp8_recipe={name!r} is invalid: allowed values are None, "
-                             f"{', '.join(repr(r) for r in FP8_RECIPES)}")
+    if name is not None and name not in FP8_RECIPES:
+        raise ValueError(f"dsv3_fp8_recipe={name!r} is invalid: allowed values are None, "
+                         f"{', '.join(repr(r) for r in FP8_RECIPES)}")
+    fp8 = getattr(config, "fp8", None)
+    if not fp8:
         return
-    if getattr(config, "fp8", None):
-        if not compat.te_importable():
-            raise ValueError(
-                f"fp8={config.fp8!r} needs Transformer Engine, which is not importable here "
-                "(megatron-core's FP8 is TE's autocast: without TE it runs dense layers in high "
-                "precision and fails for MoE). Allowed here: fp8=None with "
-                f"dsv3_fp8_recipe in {list(FP8_RECIPES)} (DeepSeek's recipe, portable emulation)")
-        recipe = str(getattr(config, "fp8_recipe", ""))
-        if "blockwise" not in recipe:
-            raise ValueError(f"fp8_recipe={recipe!r} is not DeepSeek's fine-grained recipe: "
-                             "allowed value with megatron-dsv3 layers is 'blockwise' (or set "
-                             "fp8=None and use dsv3_fp8_recipe)")
+    if name is not None:
+        raise ValueError(
+            f"dsv3_fp8_recipe={name!r} and fp8={fp8!r} are both set: Megatron's fp8 would run "
+            "the Transformer Engine layers with its recipe and dsv3_fp8_recipe the routed experts. "
+            "Allowed: one of them - dsv3_fp8_recipe alone (our layers, and TE's autocast with the "
+            "same numerics on the 'te' GEMM backend), or fp8='e4m3' with fp8_recipe='blockwise' "
+            "and dsv3_fp8_recipe=None")
+    if not compat.te_importable():
+        raise ValueError(
+            f"fp8={fp8!r} needs Transformer Engine, which is not importable here "
+            "(megatron-core's FP8 is TE's autocast: without TE it runs dense layers in high "
+            "precision and fails for MoE). Allowed here: fp8=None with "
+            f"dsv3_fp8_recipe in {list(FP8_RECIPES)} (DeepSeek's recipe, portable emulation)")
+    if fp8 != "e4m3":
+        raise ValueError(f"fp8={fp8!r} is not DeepSeek's format: allowed value with megatron-dsv3 "
+                         "layers is 'e4m3' (E4M3 for every GEMM input, gradients included; our "
+                         "routed experts run it), or fp8=None with dsv3_fp8_recipe")
+    recipe = str(getattr(config, "fp8_recipe", ""))
+    if "blockwise" not in recipe:
+        raise ValueError(f"fp8_recipe={recipe!r} is not DeepSeek's fine-grained recipe: "
+                         "allowed value with megatron-dsv3 layers is 'blockwise' (or set "
+                         "fp8=None and use dsv3_fp8_recipe)")
 
 
 def validate_config(config: Any) -> None:

@@ -19,7 +19,8 @@ How to switch it on:
   through `Fp8BlockwiseGemm`. Without TE megatron-core silently runs such a config in high
   precision (dense) or fails with a TypeError (MoE, in TransformerConfig.__post_init__), so the
   config's validation (`configs.config.validate_fp8`) refuses `fp8` without TE at configuration
-  time, naming the field to use. `dsv3_fp8_recipe`, when set, wins over `fp8` for our modules.
+  time, naming the field to use. Setting both `dsv3_fp8_recipe` and `fp8` is refused: the TE
+  layers would follow Megatron's recipe and the routed experts ours.
 - `fp8_recipe_for_te(recipe)` gives the TE recipe with exactly our numerics for users who enter
   `te.pytorch.autocast(enabled=True, recipe=...)` themselves.
 
@@ -70,8 +71,9 @@ def recipe_from_config(config) -> Optional[FP8Recipe]:
     """The recipe a config asks for (None: no FP8 in our linear layers).
 
     Raises ValueError naming the field for a recipe our layers cannot run (the check lives with
-    the config, `configs.config.validate_fp8`): an unknown dsv3_fp8_recipe, Megatron's `fp8` with
-    an fp8_recipe other than 'blockwise', or `fp8` without Transformer Engine.
+    the config, `configs.config.validate_fp8`): an unknown dsv3_fp8_recipe, Megatron's `fp8` other
+    than 'e4m3' or with an fp8_recipe other than 'blockwise', `fp8` without Transformer Engine,
+    or both switches at once.
     """
     validate_fp8(config)
     name = getattr(config, "dsv3_fp8_recipe", None)

@@ -80,6 +80,12 @@ def validate_train_args(args) -> None:
         if value and args.pp < 2:
             raise ValueError(f"{flag} applies to DualPipeV runs: allowed with --pp >= 2 only "
                              f"(--pp {args.pp})")
+    if args.fp8_pow2_scales and not args.fp8:
+        raise ValueError("--fp8-pow2-scales applies to the FP8 recipe: allowed with --fp8 only "
+                         "(without it nothing is quantised)")
+    if args.dispatch_fp8 and args.ep < 2:
+        raise ValueError(f"--dispatch-fp8 applies to the expert-parallel dispatch: allowed with "
+                         f"--ep >= 2 only (--ep {args.ep} sends no tokens)")
     allowance = slow_allowance(args.watchdog_timeout, args.watchdog_save_timeout)
     if args.watchdog_timeout and args.collective_timeout_minutes \
             and args.collective_timeout_minutes * 60 <= allowance:

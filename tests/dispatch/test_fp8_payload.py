@@ -20,3 +20,20 @@ def test_round_trip_equals_blockwise_quantisation_with_pow2_scales(rows, hidden)
                        dequantize_1x128(q, scale, dtype=torch.bfloat16))
     sent_scales = wire[:, hidden:].contiguous().view(torch.float32)
     assert torch.equal(sent_scales, torch.exp2(torch.log2(sent_scales).round()))  # powers of two
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pow2_recipe_requantises_the_payload_exactly(dtype):
+    """The routed experts quantise their dispatched input again (1x128 tiles along the hidden
+    dim, the payload's tiling): with power-of-2 scales ('deepseek-pow2') that gives the payload's
+    values back exactly; with float32 scales ('deepseek') most values round a second time, as the
+    config's dsv3_dispatch_fp8 documents."""
+    from megatron_dsv3.fp8.gemm import Fp8BlockwiseGemm
+
+    h = 200
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(40, h, generator=g) * torch.logspace(-6, 3, 40)[:, None]).to(dtype)
+    codec = Fp8Payload(h)
+    received = codec.decode(codec.encode(x), dtype).float()
+    assert torch.equal(Fp8BlockwiseGemm(pow2_scales=True).tiles(received), received)
+    assert (Fp8BlockwiseGemm(pow2_scales=False).tiles(received) != received).float().mean() > 0.5

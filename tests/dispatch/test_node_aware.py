@@ -149,24 +149,31 @@ def _errors(rank, world):
 
 
 def _flat(rank, world):
-    """The flat all-to-all baseline gives the same layer output and sends more across nodes."""
+    """The flat all-to-all baseline gives the same layer output and sends more across nodes; with
+    dsv3_dispatch_fp8 it sends the same E4M3 rows (the same output as the node-aware dispatcher's
+    FP8 payload, fewer bytes than its own rows in float32)."""
     from megatron_dsv3.configs import get_config
     from megatron_dsv3.dispatch.flat import FlatAllToAllDispatcher
     from megatron_dsv3.layer_specs import get_layer_spec
     from megatron_dsv3.moe.layer import DeepSeekMoE
 
-    cfg = get_config("deepseek-v3-tiny", moe_aux_loss_coeff=0.0, expert_model_parallel_size=8)
-    x, _ = _tokens(rank, cfg.hidden_size)
-    outs, counters = [], []
-    for d in (None, FlatAllToAllDispatcher):
-        moe = DeepSeekMoE(cfg, get_layer_spec(cfg, dispatcher=d).submodules.moe.submodules,
-                          layer_number=2)
-        with torch.no_grad():
-            outs.append(moe(x)[0])
-        counters.append(moe.dispatcher.counters)
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-    return {name: (c.inter_node_copies, c.inter_node_bytes)
-            for name, c in zip(("node_aware", "flat"), counters)}
+    result = {}
+    for fp8 in (False, True):
+        cfg = get_config("deepseek-v3-tiny", moe_aux_loss_coeff=0.0, expert_model_parallel_size=8,
+                         dsv3_dispatch_fp8=fp8)
+        x, _ = _tokens(rank, cfg.hidden_size)
+        outs, counters = [], []
+        for d in (None, FlatAllToAllDispatcher):
+            moe = DeepSeekMoE(cfg, get_layer_spec(cfg, dispatcher=d).submodules.moe.submodules,
+                              layer_number=2)
+            assert (moe.dispatcher.codec is not None) == fp8
+            with torch.no_grad():
+                outs.append(moe(x)[0])
+            counters.append(moe.dispatcher.counters)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+        result.update({name + ("_fp8" if fp8 else ""): (c.inter_node_copies, c.inter_node_bytes)
+                       for name, c in zip(("node_aware", "flat"), counters)})
+    return dict(result, hidden=cfg.hidden_size)
 
 
 def _all_checks(rank, world):
@@ -213,6 +220,11 @@ def test_node_aware_dispatch_on_4_simulated_nodes():
         assert over == T
         ours, flat = res["flat"]["node_aware"], res["flat"]["flat"]
         assert ours[0] <= flat[0] and ours[1] < flat[1]
+        # FP8: the same copies; each dispatched row h + 4 * tiles bytes instead of 4 * h (the
+        # combine and the routing metadata unchanged)
+        flat_fp8, h = res["flat"]["flat_fp8"], res["flat"]["hidden"]
+        assert flat_fp8[0] == flat[0] > 0
+        assert flat[1] - flat_fp8[1] == flat[0] * (4 * h - (h + 4 * -(-h // 128)))
     assert sum(r["topk4"]["copies"] for r in results) > 0
     # chunks 0 and 1 compute while the next chunk's intra-node and the one after's inter-node
     # transfers are in flight; in the backward, chunks 2 and 3 compute while the previous

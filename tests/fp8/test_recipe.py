@@ -50,8 +50,24 @@ def test_megatron_fp8_blockwise_with_transformer_engine_maps_to_our_recipe(monke
     cfg.fp8_recipe = "delayed"
     with pytest.raises(ValueError, match="fp8_recipe='delayed'.*'blockwise'"):
         recipe_from_config(cfg)
-    cfg.dsv3_fp8_recipe = "deepseek"  # ours wins for our modules
+    cfg.fp8, cfg.fp8_recipe = "hybrid", "blockwise"  # E5M2 gradients in TE, E4M3 in our experts
+    with pytest.raises(ValueError, match="fp8='hybrid'.*allowed value.*'e4m3'"):
+        recipe_from_config(cfg)
+    # both switches: the TE layers would run Megatron's recipe and the routed experts ours
+    for fp8_recipe in ("blockwise", "delayed"):
+        cfg.fp8, cfg.fp8_recipe, cfg.dsv3_fp8_recipe = "e4m3", fp8_recipe, "deepseek"
+        with pytest.raises(ValueError, match="both set.*Allowed: one of them"):
+            recipe_from_config(cfg)
+    cfg.fp8 = None  # ours alone
     assert recipe_from_config(cfg) == FP8Recipe(pow2_scales=False)
+
+
+@pytest.mark.skipif(compat.te_importable(), reason="Transformer Engine is importable here")
+def test_both_fp8_switches_without_transformer_engine_are_refused_by_name():
+    """Before: our recipe skipped Megatron's checks and megatron-core failed with a TypeError."""
+    with pytest.raises(ValueError, match="dsv3_fp8_recipe='deepseek' and fp8='e4m3'"):
+        get_config("deepseek-v3-tiny", dsv3_fp8_recipe="deepseek", fp8="e4m3",
+                   fp8_recipe="blockwise")
 
 
 def test_te_recipe_carries_the_scale_choice_past_the_constructor(monkeypatch):
