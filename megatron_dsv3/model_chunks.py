@@ -65,6 +65,13 @@ def build_model_chunks(config, schedule: str, pp_rank: int, pp_size: int, pg_col
                                       vp_stage=chunk, pg_collection=pg_collection,
                                       transformer_layer_spec=block, use_te=use_te))
         _name_layers_by_position(chunks[-1].decoder)
+    if schedule == "dualpipe":
+        # every stage lives twice, as chunk 0 of rank s and chunk 1 of rank P-1-s, and both
+        # copies hold the same (summed) gradients: Megatron's gradient norm and zero count
+        # (param_is_not_shared, summed over the pipeline group) count each stage once, by its
+        # chunk 0
+        for p in chunks[1].parameters():
+            p.shared = True
     if schedule == "dualpipev" and pp_rank == 0 and hasattr(chunks[1], "embedding"):
         # first and last stage on one rank: one embedding, used by both (MTP reads it)
         chunks[1].embedding.word_embeddings.weight = chunks[0].embedding.word_embeddings.weight

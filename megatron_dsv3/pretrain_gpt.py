@@ -115,6 +115,8 @@ def validate_dsv3_args(args) -> None:
         tp = getattr(args, "tensor_model_parallel_size", None) or 1
         ep = getattr(args, "expert_model_parallel_size", None) or 1
         layout_rules.check_world_size(world, tp, pp, ep, names=layout_rules.MEGATRON_FLAGS)
+    if schedule in layout_rules.DUALPIPE_SCHEDULES and world is not None:
+        _check_micro_batches(args, schedule, pp, world)
     if getattr(args, "dsv3_dispatch_fp8", False) and getattr(args, "dsv3_dispatcher", None) == "local":
         raise ValueError("--dsv3-dispatch-fp8 needs --dsv3-dispatcher node-aware or flat "
                          "(the local dispatcher sends nothing)")
@@ -123,6 +125,40 @@ def validate_dsv3_args(args) -> None:
                          "are both given: allowed is one of them (--fp8-format would run the "
                          "Transformer Engine layers with Megatron's recipe and --dsv3-fp8-recipe "
                          "the routed experts)")
+
+
+def _check_micro_batches(args, schedule: str, pp: int, world: int) -> None:
+    """DualPipe(V)'s micro-batch rule (pipeline.schedules.check) for every global batch size of
+    the run (--rampup-batch-size start, start + increment, ..., --global-batch-size), with the
+    flags that set the count: global batch / (micro-batch x data-parallel size)."""
+    from megatron_dsv3.pipeline.schedules import check
+
+    gbs, mbs = getattr(args, "global_batch_size", None), getattr(args, "micro_batch_size", None)
+    if not mbs:
+        return
+    tp = getattr(args, "tensor_model_parallel_size", None) or 1
+    cp = getattr(args, "context_parallel_size", None) or 1
+    if world % (tp * pp * cp):
+        return  # (check_world_size names that)
+    dp = world // (tp * pp * cp)
+    gbs = gbs or mbs * dp  # Megatron's default: one micro-batch per step
+    sizes = [gbs]
+    ramp = getattr(args, "rampup_batch_size", None)
+    if ramp:
+        start, step = int(ramp[0]), int(ramp[1])
+        if step > 0:
+            sizes = list(range(start, gbs, step)) + [gbs]
+    for size in sizes:
+        if size % (mbs * dp):
+            continue  # Megatron refuses a global batch that does not split into micro-batches
+        count = size // (mbs * dp)
+        try:
+            check(schedule, pp, count)
+        except ValueError as e:
+            flag = "--global-batch-size" if size == gbs else "--rampup-batch-size (a ramp value)"
+            raise ValueError(f"{flag} {size} / (--micro-batch-size {mbs} x data-parallel size "
+                             f"{dp}) = {count} micro-batches per step, too few or odd for "
+                             f"--pipeline-schedule {schedule}: {e}") from None
 
 
 def parse_dsv3_args(argv: List[str], world_size: Optional[int] = None):
@@ -139,8 +175,10 @@ def parse_dsv3_args(argv: List[str], world_size: Optional[int] = None):
                  "--num-layers-per-virtual-pipeline-stage", "--mtp-num-layers"):
         parser.add_argument(flag, type=types[flag], default=None)
     for flag in ("--tensor-model-parallel-size", "--expert-model-parallel-size", "--num-layers",
-                 "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers"):
+                 "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers",
+                 "--context-parallel-size", "--global-batch-size", "--micro-batch-size"):
         parser.add_argument(flag, type=positive_int, default=None)
+    parser.add_argument("--rampup-batch-size", nargs="*", default=None)
     args, _ = parser.parse_known_args(argv)
     args.world_size = world_size
     try:

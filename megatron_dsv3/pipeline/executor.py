@@ -59,7 +59,16 @@ class _Runner:
         self.lay, self.rank, self.model = lay, rank, model
         self.overlap, self.trace = overlap, trace
         self.forward_step_func, self.config, self.group = forward_step_func, config, group
-        self.data = data_iterator if isinstance(data_iterator, list) else [data_iterator] * 2
+        if data_iterator is None:
+            data_iterator = [None, None]
+        if not isinstance(data_iterator, (list, tuple)) or len(data_iterator) != 2:
+            raise ValueError(
+                f"data_iterator={data_iterator!r} is invalid: allowed values are a list of two "
+                "iterators, one per chunk, or None. One iterator shared by both chunks would be "
+                "read twice per micro-batch on a rank whose chunks both read data (tokens of one "
+                "micro-batch, labels of the next); Megatron-LM's loop passes one, and "
+                "megatron_dsv3.pretrain_gpt's schedule splits it per chunk")
+        self.data = list(data_iterator)
         self.n, self.shape, self.dtype = num_microbatches, tensor_shape, dtype
         self.forward_only, self.collect = forward_only, collect_non_loss_data
         self.inputs: Dict[Tuple[int, int], torch.Tensor] = {}
@@ -68,10 +77,12 @@ class _Runner:
         self.sends: List = []  # ([works], [tensors kept alive until the works are done])
         self._sends_lock = threading.Lock()
         self.losses: Dict[Tuple[int, int], object] = {}
-        self.num_tokens = torch.zeros((), dtype=torch.int)
         self.global_rank = dist.get_process_group_ranks(group)
         self.recv_wait = 0.0  # seconds spent waiting for another stage: this rank's bubble
         self.device = next(model[0].parameters()).device
+        # loss tokens of this rank's last stages (Megatron's finalize_model_grads takes the
+        # step's total on the model's device)
+        self.num_tokens = torch.zeros((), dtype=torch.int, device=self.device)
         # per chunk, computed once: (prev, next) neighbour, own stage, p2p direction
         self.peers = [neighbours(lay, rank, c) for c in range(2)]
         self.stages = [lay.stage(rank, c) for c in range(2)]
@@ -183,7 +194,7 @@ class _Runner:
             model, output, loss_func, self.config, None, self.collect, self.n, store,
             cp_group_size=1, is_last_stage=last)
         if last:
-            self.num_tokens += tokens
+            self.num_tokens += torch.as_tensor(tokens, device=self.device)
             if store:
                 self.losses[(chunk, mb)] = store[0]
         else:
@@ -330,11 +341,8 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
         shape = tuple(adjust_tensor_shapes_fn([shape], [shape])[0][0])
     dtype = config.pipeline_dtype or config.params_dtype
     per_direction = num_microbatches // 2 if schedule == "dualpipe" else num_microbatches
-    runner = _Runner(lay, rank, model, forward_step_func, data_iterator, per_direction, shape,
-                     dtype, config, group, forward_only, collect_non_loss_data,
-                     overlap or sequential_forward_backward, trace)
-    runner.n = num_microbatches  # losses are averaged over every micro-batch of the step
-    if overlap is threaded_forward_backward and runner.device.type == "cuda":
+    device = next(model[0].parameters()).device
+    if overlap is threaded_forward_backward and device.type == "cuda":
         raise ValueError(
             "overlap=threaded_forward_backward is refused on CUDA: the two threads share the "
             "default stream, so each lane's collectives wait through it for the other lane's, "
@@ -349,7 +357,11 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
             "an order that differs between ranks (they have no lanes), pairing one rank's "
             "forward all-reduce with another's backward one. Allowed: overlap=None, or "
             "tensor_model_parallel_size=1")
-    order = _p2p_order(p2p_order, recv_lookahead, group, runner.device)
+    runner = _Runner(lay, rank, model, forward_step_func, data_iterator, per_direction, shape,
+                     dtype, config, group, forward_only, collect_non_loss_data,
+                     overlap or sequential_forward_backward, trace)
+    runner.n = num_microbatches  # losses are averaged over every micro-batch of the step
+    order = _p2p_order(p2p_order, recv_lookahead, group, device)
     if order == "ordered":
         ops = ordered_plan(schedule, ranks, num_microbatches, forward_only)[rank]
         if group not in _BATCHED_GROUPS:
@@ -371,11 +383,21 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
     if stats is not None:
         stats.update(step)
     if not forward_only:
+        if config.calculate_per_token_loss:
+            # Megatron's finalize_model_grads broadcasts the token count from the last pipeline
+            # rank, which holds no last stage under DualPipeV (rank 0 does) and one direction's
+            # under DualPipe: every rank gets the step's total first
+            dist.all_reduce(runner.num_tokens, group=group)
         if schedule == "dualpipe":
-            sync_mirrored_grads(model, group)
+            # the router-bias update (in finalize_model_grads) reads each copy's expert loads
+            sum_mirrored_expert_loads(model, group)
         if config.finalize_model_grads_func is not None:
             config.finalize_model_grads_func(
                 model, runner.num_tokens if config.calculate_per_token_loss else None)
+        if schedule == "dualpipe":
+            # after finalize: DDP's reduction (overlapped with backward) has then finished
+            # writing main_grad; the sum commutes with its averaging and the 1 / tokens scale
+            sync_mirrored_grads(model, group)
     return [runner.losses[k] for k in sorted(runner.losses)]
 
 
@@ -403,9 +425,16 @@ def _p2p_order(asked: Optional[str], recv_lookahead: Optional[int], group, devic
     return order
 
 
+def _grad_of(p: torch.Tensor) -> Optional[torch.Tensor]:
+    """The gradient the optimizer reads: Megatron DDP's main_grad buffer, else .grad."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
+
+
 def _flat_grads(chunk) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
-                      for p in chunk.parameters() if p.requires_grad])
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                      for p in chunk.parameters() if p.requires_grad
+                      for g in [_grad_of(p)]])
 
 
 def _add_flat(chunk, flat: torch.Tensor) -> None:
@@ -413,18 +442,32 @@ def _add_flat(chunk, flat: torch.Tensor) -> None:
     for p in chunk.parameters():
         if not p.requires_grad:
             continue
-        g = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
-        p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        main = getattr(p, "main_grad", None)
+        target = main if main is not None else p.grad
+        g = flat[offset:offset + p.numel()].view_as(p).to(target.dtype if target is not None
+                                                          else p.dtype)
+        if target is None:
+            p.grad = g.clone()
+        else:
+            target.add_(g)
         offset += p.numel()
 
 
-def sync_mirrored_grads(model: List, group) -> None:
-    """DualPipe keeps every stage twice: rank r's chunk 0 (stage r) is rank P-1-r's chunk 1,
-    and rank r's chunk 1 is rank P-1-r's chunk 0. Each rank sends both chunks' gradients to its
-    mirror and adds what it receives, so both copies take the same optimizer step."""
+def _expert_loads(chunk) -> List[torch.Tensor]:
+    """The routers' token counts since the last bias update (the modules Megatron's
+    finalize_model_grads updates: an `expert_bias` and `local_tokens_per_expert`), in module
+    order."""
+    return [m.local_tokens_per_expert for m in chunk.modules()
+            if getattr(m, "expert_bias", None) is not None
+            and getattr(m, "local_tokens_per_expert", None) is not None]
+
+
+def _exchange_with_mirror(mine: List[torch.Tensor], group) -> List[torch.Tensor]:
+    """DualPipe keeps every stage twice: rank r's chunk 0 (stage r) is rank P-1-r's chunk 1, and
+    rank r's chunk 1 is rank P-1-r's chunk 0. Sends this rank's per-chunk tensors [chunk 0,
+    chunk 1] to the mirror -> the mirror's tensors of the same stages [its chunk 1, its chunk 0]."""
     ranks, rank = dist.get_world_size(group), dist.get_rank(group)
     peer = dist.get_process_group_ranks(group)[ranks - 1 - rank]
-    mine = [_flat_grads(model[0]), _flat_grads(model[1])]
     into = [torch.empty_like(mine[0]), torch.empty_like(mine[1])]
     # tag c: "the sender's chunk c", which the receiver adds to its chunk 1 - c
     ops = [dist.P2POp(dist.isend, mine[0], peer, group, tag=0),
@@ -433,8 +476,32 @@ def sync_mirrored_grads(model: List, group) -> None:
            dist.P2POp(dist.irecv, into[0], peer, group, tag=1)]
     for work in dist.batch_isend_irecv(ops):
         work.wait()
+    return into
+
+
+def sync_mirrored_grads(model: List, group) -> None:
+    """Each rank sends both chunks' gradients (DDP's main_grad where present) to its mirror and
+    adds what it receives, so both copies of a stage take the same optimizer step."""
+    into = _exchange_with_mirror([_flat_grads(model[0]), _flat_grads(model[1])], group)
     _add_flat(model[0], into[0])
     _add_flat(model[1], into[1])
+
+
+def sum_mirrored_expert_loads(model: List, group) -> None:
+    """Both copies of a stage route half of the step's micro-batches: each router's expert loads
+    become the sum of both copies', so both take the aux-loss-free bias step of the whole batch."""
+    loads = [_expert_loads(chunk) for chunk in model]
+    if not loads[0] and not loads[1]:
+        return  # (the mirror holds the same stages: it has none either)
+    mine = [torch.cat([t.flatten().float() for t in ts]) if ts else
+            torch.zeros(0, device=next(chunk.parameters()).device)
+            for ts, chunk in zip(loads, model)]
+    into = _exchange_with_mirror(mine, group)
+    for ts, got in zip(loads, into):
+        offset = 0
+        for t in ts:
+            t.add_(got[offset:offset + t.numel()].view_as(t).to(t.dtype))
+            offset += t.numel()
 
 
 def forward_backward_dualpipev(**kwargs):

@@ -69,6 +69,29 @@ def test_cross_flag_validation(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,world,message", [
+    ("--pipeline-schedule dualpipev --pipeline-model-parallel-size 4 --micro-batch-size 1 "
+     "--global-batch-size 4", 4, "--global-batch-size 4 / (--micro-batch-size 1 x "
+                                 "data-parallel size 1) = 4 micro-batches"),
+    ("--pipeline-schedule dualpipe --pipeline-model-parallel-size 2 --micro-batch-size 1 "
+     "--global-batch-size 10", 4, "= 5 micro-batches"),  # data-parallel 2: odd per direction
+    ("--pipeline-schedule dualpipev --pipeline-model-parallel-size 2 --micro-batch-size 2",
+     2, "--global-batch-size 2"),  # Megatron's default global batch: one micro-batch
+    ("--pipeline-schedule dualpipev --pipeline-model-parallel-size 2 --micro-batch-size 1 "
+     "--global-batch-size 16 --rampup-batch-size 2 2 1000", 2, "--rampup-batch-size"),
+])
+def test_micro_batch_count_is_checked_against_the_schedule(argv, world, message, capsys):
+    """The count the first step would refuse (global batch / (micro-batch x data parallel)) is
+    refused at start, naming the flags that set it."""
+    with pytest.raises(SystemExit):
+        entry.parse_dsv3_args(argv.split() + ["--num-layers", "8"], world_size=world)
+    assert message in capsys.readouterr().err
+    ok = argv.replace("--global-batch-size 4", "--global-batch-size 8").replace(
+        "--global-batch-size 10", "--global-batch-size 8")
+    if "rampup" not in ok and ok != argv:
+        entry.parse_dsv3_args(ok.split() + ["--num-layers", "8"], world_size=world)
+
+
 def test_valid_layouts_pass():
     args = entry.parse_dsv3_args("--pipeline-schedule dualpipev --pipeline-model-parallel-size 2 "
                                  "--mtp-num-layers 1 --hidden-size 64".split())

@@ -140,3 +140,22 @@ def test_negative_recv_lookahead_is_refused_naming_the_field():
         forward_backward_dualpipev(forward_step_func=None, data_iterator=None,
                                    model=[object(), object()], num_microbatches=4, seq_length=4,
                                    micro_batch_size=1, recv_lookahead=-1)
+
+
+def _one_iterator(rank, world):
+    from megatron_dsv3.model_chunks import build_model_chunks
+    from megatron_dsv3.pipeline import forward_backward_dualpipev
+
+    chunks = build_model_chunks(_config(False, 2), "dualpipev", rank, world)
+    with pytest.raises(ValueError, match="data_iterator=.*list of two iterators"):
+        forward_backward_dualpipev(forward_step_func=forward_step,
+                                   data_iterator=iter(_batches(2)), model=chunks,
+                                   num_microbatches=2, seq_length=S, micro_batch_size=B)
+    return True
+
+
+def test_one_iterator_for_both_chunks_is_refused(single_rank_world):
+    """Rank 0's two DualPipeV chunks both read the batch: one shared iterator would give one
+    chunk the tokens of a micro-batch and the other the labels of the next."""
+    assert run_distributed(_one_iterator, 1,
+                           megatron_parallel={"pipeline_model_parallel_size": 1}) == [True]
