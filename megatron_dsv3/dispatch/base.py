@@ -126,6 +126,12 @@ def _combine_matrix(weights, inverse, n_rows):
                                    check_invariants=False), perm
 
 
+def combine_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What routing weights and combine sums are kept in: float32, or the tokens' dtype where it
+    is wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _sparse_combine_runs(rows, weights) -> bool:
     """torch's CSR x dense product (MKL on CPU) takes float32/float64 only."""
     return (rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64)
@@ -147,7 +153,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weights, order, inverse):
         T, k = weights.shape
-        acc = torch.promote_types(rows.dtype, torch.float32)
+        acc = combine_dtype(rows.dtype)
         ctx.save_for_backward(rows, weights, order, inverse)
         ctx.acc = acc
         ctx.matrix = None  # (the CSR matrix and its choice order, kept for backward's pattern)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from megatron_dsv3.dispatch.base import TokenDispatcher, sort_by_expert
+from megatron_dsv3.dispatch.base import TokenDispatcher, combine_dtype, sort_by_expert
 from megatron_dsv3.dispatch.comm import Hop, all_to_all, start, wait
 from megatron_dsv3.dispatch.fp8_payload import Fp8Payload
 from megatron_dsv3.dispatch.counters import TrafficCounters
@@ -55,7 +55,8 @@ class FlatAllToAllDispatcher(TokenDispatcher):
         got = self._hop(send, recv).exchange(expert.int()[:, None])[:, 0]  # [R] expert ids
         hop = self._hop(send, recv)
         rows = wait(start(x.index_select(0, token), hop, codec=self.codec), hop, codec=self.codec)
-        w = all_to_all(weights.flatten()[order].float()[:, None], self._hop(send, recv))[:, 0]
+        acc = combine_dtype(x.dtype)  # weights and sums: float32, float64 for float64 tokens
+        w = all_to_all(weights.flatten()[order].to(acc)[:, None], self._hop(send, recv))[:, 0]
         local = got.long() - self.local_expert_offset
         by_expert = torch.argsort(local, stable=True)
         c = self.counters
@@ -63,12 +64,12 @@ class FlatAllToAllDispatcher(TokenDispatcher):
         c.inter_node_copies += sum(n for n, link in zip(send, self.links) if link == "inter")
         counts = torch.bincount(local, minlength=self.num_local_experts).tolist()
         c.add_tokens_per_expert(counts)
-        state = (token, by_expert, w, self._hop(recv, send), x.shape[0])
+        state = (token, by_expert, w, self._hop(recv, send), x.shape[0], acc)
         return rows.index_select(0, by_expert), counts, state
 
     def combine(self, expert_output, state):
-        token, by_expert, w, hop_back, T = state
-        y = torch.zeros_like(expert_output, dtype=torch.float32).index_copy(
-            0, by_expert, expert_output.float()) * w[:, None]  # [R, h] in arrival order
-        back = all_to_all(y.to(expert_output.dtype), hop_back).float()
+        token, by_expert, w, hop_back, T, acc = state
+        y = torch.zeros_like(expert_output, dtype=acc).index_copy(
+            0, by_expert, expert_output.to(acc)) * w[:, None]  # [R, h] in arrival order
+        back = all_to_all(y.to(expert_output.dtype), hop_back).to(acc)
         return back.new_zeros(T, back.shape[1]).index_add(0, token, back).to(expert_output.dtype)

@@ -31,5 +31,7 @@ class Fp8Payload:
     def decode(self, wire: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         h = self.hidden
         q = wire[:, :h].view(torch.float8_e4m3fn)
-        scale = wire[:, h:].contiguous().view(torch.float32)  # [n, tiles]
+        # a fresh copy: the scales' bytes start at offset h of each row, and a float32 view
+        # needs them 4-byte aligned (contiguous() returns 0 or 1 rows as the unaligned view)
+        scale = wire[:, h:].clone(memory_format=torch.contiguous_format).view(torch.float32)
         return dequantize_1x128(q, scale, dtype=dtype)

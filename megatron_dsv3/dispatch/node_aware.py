@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from megatron_dsv3.dispatch.base import TokenDispatcher
+from megatron_dsv3.dispatch.base import TokenDispatcher, combine_dtype
 from megatron_dsv3.dispatch.comm import BackwardMark, Hop, start, wait
 from megatron_dsv3.dispatch.counters import TrafficCounters
 from megatron_dsv3.dispatch.fp8_payload import Fp8Payload
@@ -48,7 +48,6 @@ class Plan:
     intra: Copies  # stage-2 copies of the received stage-1 copies, by destination local index
     recv2: List[int]
     rows: Copies  # expert rows of the received stage-2 copies, by local expert
-    row_slot: torch.Tensor  # [rows] the slot each row serves
     nodes_per_token: torch.Tensor  # [T] nodes each token reaches (its own included)
 
 
@@ -116,10 +115,11 @@ class NodeAwareDispatcher(TokenDispatcher):
         ids2 = torch.where(intra.slots, got1.index_select(0, intra.source), -1)
         recv2, got2 = self._exchange(intra.counts, ids2, topo.node_group, self.node_links)
         local_expert = torch.where(got2 >= 0, got2.long() - self.local_expert_offset, -1)
-        rows = copies_by_destination(local_expert, E_local)  # one row per (copy, slot) here
-        row_slot = rows.slots.int().argmax(dim=1)
+        # one row per (copy, local expert) here; rows.slots marks the slots naming that expert
+        # (several if a routing repeats an expert: their weights add up)
+        rows = copies_by_destination(local_expert, E_local)
         nodes_per_token = torch.bincount(inter.source, minlength=T)
-        return Plan(T, inter, recv1, intra, recv2, rows, row_slot, nodes_per_token)
+        return Plan(T, inter, recv1, intra, recv2, rows, nodes_per_token)
 
     def _exchange(self, send: List[int], ids: torch.Tensor, group, links):
         members = len(send)
@@ -197,6 +197,7 @@ class _ChunkFlow:
                  timeline: Optional[list]):
         topo = d.topo
         self.x, self.weights, self.plan, self.codec = x, weights, plan, d.codec
+        self.acc = combine_dtype(x.dtype)  # weights and sums: float32, float64 for float64
         self.chunk, self.timeline = chunk, timeline
         rail, node = topo.rail_group, topo.node_group
 
@@ -217,7 +218,7 @@ class _ChunkFlow:
     def start_inter(self):
         """Stage 1: each token once to every destination node, with its weights there."""
         p = self.plan
-        w1 = self.weights.index_select(0, p.inter.source).float() * p.inter.slots  # [C1, k]
+        w1 = self.weights.index_select(0, p.inter.source).to(self.acc) * p.inter.slots  # [C1, k]
         self.w1 = start(w1, self.weight_hop1)
         s1 = self.x.index_select(0, p.inter.source)  # [C1, h]
         self.r1 = start(s1, self.hop1, codec=self.codec)
@@ -235,11 +236,13 @@ class _ChunkFlow:
             self.r2 = start(r1.index_select(0, p.intra.source), self.hop2)
 
     def arrive(self):
-        """-> rows [N, h] sorted by local expert, and each row's combine weight [N] float32."""
+        """-> rows [N, h] sorted by local expert, and each row's combine weight [N] (float32, or
+        float64 for float64 tokens): the sum of the weights of the slots naming its expert."""
         p = self.plan
         r2 = wait(self.r2, self.hop2, codec=self.codec)  # [R2, h]
         w2 = wait(self.w2, self.weight_hop2)  # [R2, k]
-        return r2.index_select(0, p.rows.source), w2[p.rows.source, p.row_slot]
+        return r2.index_select(0, p.rows.source), (w2.index_select(0, p.rows.source)
+                                                   * p.rows.slots).sum(1)
 
     def run_experts(self, experts: Callable, rows: torch.Tensor) -> torch.Tensor:
         forward = {"chunk": self.chunk, "stage": "experts", "pass": "forward"}
@@ -256,22 +259,23 @@ class _ChunkFlow:
         return out
 
     def start_combine_intra(self, expert_output: torch.Tensor, row_weights: torch.Tensor):
-        """Weighted expert outputs summed per copy (float32), sent back to the relaying rank."""
+        """Weighted expert outputs summed per copy (float32 or wider), sent back to the relaying
+        rank."""
         p = self.plan
-        y = expert_output.float() * row_weights[:, None]  # [N, h]
+        y = expert_output.to(self.acc) * row_weights[:, None]  # [N, h]
         y2 = y.new_zeros(sum(p.recv2), y.shape[1]).index_add(0, p.rows.source, y)
         self.y2 = start(y2.to(self.x.dtype), self.hop3)
 
     def start_combine_inter(self):
         """Summed over this node's ranks per stage-1 copy, sent back across nodes once."""
         p = self.plan
-        y2 = wait(self.y2, self.hop3).float()  # [C2, h]
+        y2 = wait(self.y2, self.hop3).to(self.acc)  # [C2, h]
         y1 = y2.new_zeros(sum(p.recv1), y2.shape[1]).index_add(0, p.intra.source, y2)
         self.y1 = start(y1.to(self.x.dtype), self.hop4)
 
     def finish(self) -> torch.Tensor:
         """-> [T, h]: each token's sum over its destination nodes."""
         p = self.plan
-        y1 = wait(self.y1, self.hop4).float()  # [C1, h]
+        y1 = wait(self.y1, self.hop4).to(self.acc)  # [C1, h]
         out = y1.new_zeros(p.num_tokens, y1.shape[1]).index_add(0, p.inter.source, y1)
         return out.to(self.x.dtype)

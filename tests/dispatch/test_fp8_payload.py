@@ -37,3 +37,15 @@ def test_pow2_recipe_requantises_the_payload_exactly(dtype):
     received = codec.decode(codec.encode(x), dtype).float()
     assert torch.equal(Fp8BlockwiseGemm(pow2_scales=True).tiles(received), received)
     assert (Fp8BlockwiseGemm(pow2_scales=False).tiles(received) != received).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3])
+@pytest.mark.parametrize("hidden", [66, 130])
+def test_hidden_sizes_that_misalign_the_scales_decode(rows, hidden):
+    """The scales start at byte `hidden` of each row; with 0 or 1 rows nothing copied them to an
+    aligned buffer before their float32 view (a RuntimeError on the rank that received few)."""
+    x = torch.randn(rows, hidden)
+    codec = Fp8Payload(hidden)
+    q, scale = quantize_1x128(x, pow2_scales=True)
+    assert torch.equal(codec.decode(codec.encode(x), torch.float32),
+                       dequantize_1x128(q, scale, dtype=torch.float32))

@@ -127,6 +127,44 @@ def _over_node_limit(rank, world):
     return d.counters.tokens_over_node_limit, T
 
 
+def _closed_form(rank, world):
+    """Both expert-parallel dispatchers against a closed form, in float64, with routings that
+    name an expert twice (a custom router may): expert e multiplies its rows by e + 1, so a
+    token's output is x * sum_j w_j (e_j + 1), its input gradient dy * that sum and the
+    gradient of w_j (dy . x) (e_j + 1). A repeated expert's weights add up (the node-aware
+    dispatcher kept only the first); float64 stays float64 (both rounded through float32)."""
+    from megatron.core import parallel_state
+
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.dispatch import NodeAwareDispatcher
+    from megatron_dsv3.dispatch.flat import FlatAllToAllDispatcher
+    from megatron_dsv3.layer_specs import make_dispatcher
+
+    cfg = get_config("deepseek-v3-tiny", expert_model_parallel_size=8)
+    ep = parallel_state.get_expert_model_parallel_group()
+    T, h = 4 + rank, cfg.hidden_size
+    g = torch.Generator().manual_seed(50 + rank)
+    x = torch.randn(T, h, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(T, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    first = torch.randint(0, 8, (T, 1), generator=g)  # groups 0-1 (nodes 0-1): within the limit
+    idx = torch.cat([first, first, (first + 3) % 8, first], 1)  # one expert three times
+    dy = torch.randn(T, h, generator=g, dtype=torch.float64)
+    for cls in (NodeAwareDispatcher, FlatAllToAllDispatcher):
+        d = make_dispatcher(cfg, ep, cls)
+        rows, counts, state = d.dispatch(x, idx, w)
+        assert rows.dtype == torch.float64
+        scale = torch.arange(d.local_expert_offset, d.local_expert_offset + d.num_local_experts,
+                             dtype=torch.float64) + 1.0
+        out = d.combine(rows * scale.repeat_interleave(torch.tensor(counts))[:, None], state)
+        assert out.dtype == torch.float64
+        s = (w * (idx + 1)).sum(1, keepdim=True)
+        torch.testing.assert_close(out, x * s, rtol=1e-12, atol=1e-12, msg=cls.__name__)
+        gx, gw = torch.autograd.grad(out, (x, w), dy)
+        torch.testing.assert_close(gx, dy * s, rtol=1e-12, atol=1e-12, msg=cls.__name__)
+        torch.testing.assert_close(gw, (dy * x).sum(1, keepdim=True) * (idx + 1), rtol=1e-12,
+                                   atol=1e-12, msg=cls.__name__)
+
+
 def _errors(rank, world):
     import os
 
@@ -178,6 +216,7 @@ def _flat(rank, world):
 
 def _all_checks(rank, world):
     _errors(rank, world)
+    _closed_form(rank, world)
     results = {"flat": _flat(rank, world), "over_limit": _over_node_limit(rank, world)}
     zero = torch.zeros(16)
     results["topk4"] = _case(rank, world, {}, zero, 6, 4, False)
