@@ -60,9 +60,13 @@ class TokenDispatcher:
             raise ValueError(f"num_local_experts={num_local_experts} is invalid for "
                              f"num_experts={num_experts} over {ep} expert-parallel ranks: allowed "
                              f"is num_experts / {ep}")
-        if not 0 <= local_expert_offset <= num_experts - num_local_experts:
-            raise ValueError(f"local_expert_offset={local_expert_offset} is invalid: allowed "
-                             f"values are 0..{num_experts - num_local_experts}")
+        rank = self.ep_group.rank() if self.ep_group is not None else 0
+        if local_expert_offset != rank * num_local_experts:
+            # every dispatcher sends expert e to expert-parallel rank e // num_local_experts
+            raise ValueError(f"local_expert_offset={local_expert_offset} is invalid on "
+                             f"expert-parallel rank {rank}: allowed is rank x num_local_experts "
+                             f"= {rank * num_local_experts} (experts are routed to rank "
+                             "e // num_local_experts)")
         self.num_experts = num_experts
         self.num_local_experts = num_local_experts
         self.local_expert_offset = local_expert_offset

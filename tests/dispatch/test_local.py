@@ -36,3 +36,15 @@ def test_local_dispatch_combine_matches_naive_loop_and_its_gradients(sparse, mon
     ref_grads = torch.autograd.grad(ref, (x, w, scale), g)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_an_expert_layout_the_routing_cannot_reach_is_refused():
+    """Dispatchers send expert e to expert-parallel rank e // num_local_experts: another offset
+    would fail later as a count mismatch or an out-of-range expert."""
+    d = LocalDispatcher(8)
+    d.set_expert_layout(12, 12, 0)  # e.g. redundant experts placed on the one rank
+    assert (d.num_experts, d.num_local_experts, d.local_expert_offset) == (12, 12, 0)
+    with pytest.raises(ValueError, match=r"local_expert_offset=4 is invalid .* allowed is .* = 0"):
+        d.set_expert_layout(12, 12, 4)
+    with pytest.raises(ValueError, match="num_local_experts=6 is invalid"):
+        d.set_expert_layout(12, 6, 0)
