@@ -45,6 +45,17 @@ def _init_megatron(timeout, **sizes) -> None:
     from megatron_dsv3.liveness import align_group_timeouts, group_timeout
 
     if parallel_state.model_parallel_is_initialized():
+        have = {"tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+                "pipeline_model_parallel_size":
+                    parallel_state.get_pipeline_model_parallel_world_size(),
+                "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size()}
+        differ = [f"{k}={have[k]} (asked: {v})" for k, v in sizes.items()
+                  if v is not None and have[k] != v]
+        if differ:
+            raise ValueError("Megatron's parallel_state is already initialised with "
+                             + ", ".join(differ) + ": the run would go on in that layout. "
+                             "Allowed: the same sizes, or parallel_state.destroy_model_parallel() "
+                             "first")
         return
     timeout = group_timeout() or timeout
     if timeout:

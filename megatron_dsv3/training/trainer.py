@@ -109,9 +109,10 @@ def moe_layers(models):
             if isinstance(m, DeepSeekMoE)]
 
 
-def expert_loads(models, group) -> List[Dict]:
+def expert_loads(models, group, pp_group=None) -> List[Dict]:
     """Each MoE layer's token counts per expert since the last bias update, summed over the
-    data-parallel group (the global batch), with max/mean (1.0 = perfectly balanced)."""
+    data-parallel group (the global batch), with max/mean (1.0 = perfectly balanced); with
+    `pp_group`, every stage's layers (on every pipeline rank), by layer number."""
     stats = []
     for layer_number, moe in moe_layers(models):
         load = moe.router.local_tokens_per_expert.clone()
@@ -120,6 +121,10 @@ def expert_loads(models, group) -> List[Dict]:
         mean = load.mean().item()
         stats.append({"layer": layer_number, "load": load.tolist(),
                       "max_over_mean": (load.max().item() / mean) if mean > 0 else 0.0})
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        parts = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(parts, stats, group=pp_group)
+        stats = sorted((s for part in parts for s in part), key=lambda s: s["layer"])
     return stats
 
 
@@ -198,6 +203,7 @@ class Trainer:
         self.dataset = build_train_dataset(prefix, args.seq_length, samples, args.seed,
                                            args.cache_dir, log=self.log)
         self.step = 0
+        self._step_aux = 0.0  # balancing losses of the step's forwards (pipelined steps)
         self.history: List[Dict] = []
         if args.resume:
             self.load(args.resume)
@@ -227,6 +233,9 @@ class Trainer:
         """Megatron-style forward step: (output, loss_func) for one micro-batch."""
         batch = next(data_iterator)
         out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        # this chunk's balancing losses of this micro-batch (for the step's logged aux loss)
+        self._step_aux += sum(float(r.last_aux_loss) for r in routers_of([model])
+                              if r.last_aux_loss is not None)
         mask = batch["loss_mask"].float()
 
         def loss_func(per_token):
@@ -247,6 +256,7 @@ class Trainer:
         tracing = a.trace_step == self.step + 1 and a.save_dir
         trace = StepTrace() if tracing else None
         stats: Dict[str, float] = {}
+        self._step_aux = 0.0
         records = forward_backward_dualpipev(
             forward_step_func=self._forward_step, data_iterator=[iter(batches), iter(batches)],
             model=self.models, num_microbatches=a.micro_batches, seq_length=a.seq_length,
@@ -258,9 +268,10 @@ class Trainer:
         lm = torch.tensor([sum(float(r["lm loss"]) for r in records) / a.micro_batches
                            if records else 0.0])
         dist.broadcast(lm, src=dist.get_process_group_ranks(self.pp_group)[0], group=self.pp_group)
-        aux = sum(float(r.last_aux_loss) for r in routers_of(self.models)
-                  if r.last_aux_loss is not None) / a.micro_batches
-        return {"lm_loss": lm.item(), "aux_loss": aux,
+        # every micro-batch's balancing losses of this rank's layers, summed over the stages
+        aux = torch.tensor([self._step_aux / a.micro_batches])
+        dist.all_reduce(aux, group=self.pp_group)
+        return {"lm_loss": lm.item(), "aux_loss": aux.item(),
                 "tokens": a.micro_batches * a.micro_batch_size * a.seq_length,
                 "bubble_fraction": stats.get("bubble_fraction", 0.0)}
 
@@ -333,7 +344,7 @@ class Trainer:
             self.log(f"step {self.step + 1}: non-finite loss or gradients, step skipped "
                      f"({self.skipped_steps} skipped so far)")
         self.optimizer.zero_grad()
-        loads = expert_loads(self.models, self.dp_group)
+        loads = expert_loads(self.models, self.dp_group, self.pp_group if a.pp > 1 else None)
         update_expert_biases(self.models,
                              self.config.moe_router_bias_update_rate if finite else 0.0,
                              self.dp_group)

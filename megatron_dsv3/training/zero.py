@@ -79,6 +79,10 @@ class ZeroOneOptimizer:
     """ZeRO-1 around an inner optimizer class (torch AdamW, or our AdamW with BF16 moments).
 
     `dp_group` reduces dense parameters, `expert_dp_group` expert parameters (None = no peers).
+    Both domains' reduced gradients are divided by the data-parallel size (`dp_group`'s), as
+    Megatron scales them: an expert's local gradient already sums the tokens of every rank of its
+    expert-parallel group, so the expert-data-parallel group (dp / ep ranks) completes the sum
+    over all dp ranks' losses, and dividing by its own size would leave it ep times too large.
     Weight decay applies to matrices only (ndim > 1), as in Megatron. With `shard=False` the
     same object is plain data parallelism: averaged gradients, full optimizer state everywhere.
     """
@@ -95,6 +99,7 @@ class ZeroOneOptimizer:
                 self.domains.append(_Domain(name, group_params, group,
                                             [p.ndim > 1 for p in group_params], shard))
         self.weight_decay = weight_decay
+        self.grad_divisor = _size(dp_group)  # every domain: the mean over data-parallel losses
         # Decay is applied by masking: the inner optimizer runs without it on the shard.
         self.inner = optimizer_cls([d.master for d in self.domains], weight_decay=0.0,
                                    **optimizer_kwargs)
@@ -109,10 +114,10 @@ class ZeroOneOptimizer:
         """Average gradients over each domain's group and hand this rank's slice to its master."""
         for d in self.domains:
             flat = d.flat_grad()
-            world = _size(d.group)
-            if world > 1:
+            if _size(d.group) > 1:
                 dist.all_reduce(flat, group=d.group)
-                flat /= world
+            if self.grad_divisor > 1:
+                flat /= self.grad_divisor
             start = _rank(d.shard_group) * d.shard
             d.master.grad = flat[start:start + d.shard].clone()
 

@@ -31,6 +31,33 @@ def test_data_parallel_zero1_matches_single_process(tmp_path, single_rank_world)
         assert math.isclose(c, z, rel_tol=2e-4)
 
 
+def test_expert_parallel_gradients_are_the_single_process_ones(tmp_path, single_rank_world):
+    """--ep 2 over 2 ranks (dp 2): each expert's local gradient sums both ranks' tokens, and is
+    divided by the data-parallel size like the dense ones. Before, it was divided by the
+    expert-data-parallel size (1 here): expert gradients twice too large, a larger gradient norm
+    from the first step (identical weights) and a drifting trajectory."""
+    single = [(r["lm_loss"], r["mtp_loss"][0], r["grad_norm"])
+              for r in Trainer(_args(tmp_path, micro_batches=2)).train()]
+    results = run_distributed(_train, 2, args=(_args(tmp_path, ep=2),))  # the trainer's layout
+    assert results[0] == results[1]
+    for (a, b, c), (x, y, z) in zip(single, results[0]):
+        assert math.isclose(a, x, rel_tol=2e-5) and math.isclose(b, y, rel_tol=2e-5)
+        assert math.isclose(c, z, rel_tol=2e-5), (c, z)
+
+
+def _other_layout(rank, world, args):
+    with pytest.raises(ValueError, match=r"expert_model_parallel_size=1 \(asked: 2\)"):
+        Trainer(args)
+    return True
+
+
+def test_a_parallel_state_of_another_layout_is_refused(tmp_path):
+    """Megatron's parallel_state set up before the trainer (here with expert parallelism 1): the
+    trainer asked for --ep 2 went on without it, silently."""
+    assert run_distributed(_other_layout, 2, args=(_args(tmp_path, ep=2),),
+                           megatron_parallel={}) == [True, True]
+
+
 def _interrupted(rank, world, tmp):
     first = Trainer(_args(tmp, steps=6, exit_interval=3, save_dir=str(tmp / "run"),
                           zero1=True)).train()
