@@ -29,6 +29,22 @@ def _rank(group) -> int:
     return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
 
 
+FP32_GRAD = "grad_fp32"  # a low-precision parameter's gradient, accumulated in float32
+
+
+def _accumulate_in_fp32(p: torch.Tensor) -> None:
+    """Post-accumulate-grad hook of a BF16/FP16 parameter: each gradient autograd (or a deferred
+    weight gradient, megatron_dsv3.core.gemm.accumulate_grad) hands it is added into a float32
+    buffer at once, so micro-batches accumulate in float32 (DeepSeek-V3 keeps the gradients of
+    batch accumulation in FP32, as Megatron's main_grad does), not in the parameter's dtype."""
+    acc = getattr(p, FP32_GRAD, None)
+    if acc is None:
+        setattr(p, FP32_GRAD, p.grad.float())
+    else:
+        acc.add_(p.grad)
+    p.grad = None
+
+
 class _Domain:
     """Parameters sharing one reduction group, flattened into one float32 master buffer."""
 
@@ -62,8 +78,10 @@ class _Domain:
         out = torch.zeros(self.padded, dtype=torch.float32, device=device)
         offset = 0
         for p, n in zip(self.params, self.numels):
-            if p.grad is not None:
-                out[offset:offset + n] = p.grad.reshape(-1).float()
+            part = out[offset:offset + n]
+            for g in (getattr(p, FP32_GRAD, None), p.grad):
+                if g is not None:
+                    part.add_(g.reshape(-1))
             offset += n
         return out
 
@@ -90,6 +108,9 @@ class ZeroOneOptimizer:
     def __init__(self, params, optimizer_cls: Callable, dp_group=None, expert_dp_group=None,
                  weight_decay: float = 0.0, shard: bool = True, **optimizer_kwargs):
         params = [p for p in params if p.requires_grad]
+        for p in params:
+            if p.dtype in (torch.bfloat16, torch.float16):
+                p.register_post_accumulate_grad_hook(_accumulate_in_fp32)
         dense = [p for p in params if getattr(p, "allreduce", True)]
         experts = [p for p in params if not getattr(p, "allreduce", True)]
         self.domains: List[_Domain] = []
@@ -157,6 +178,8 @@ class ZeroOneOptimizer:
             d.master.grad = None
             for p in d.params:
                 p.grad = None
+                if getattr(p, FP32_GRAD, None) is not None:
+                    setattr(p, FP32_GRAD, None)
 
     def state_dict(self) -> Dict:
         """This rank's shard: master slices and inner optimizer state (layout-specific)."""
