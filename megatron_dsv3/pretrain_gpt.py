@@ -179,6 +179,7 @@ def parse_dsv3_args(argv: List[str], world_size: Optional[int] = None):
                  "--context-parallel-size", "--global-batch-size", "--micro-batch-size"):
         parser.add_argument(flag, type=positive_int, default=None)
     parser.add_argument("--rampup-batch-size", nargs="*", default=None)
+    parser.add_argument("--fp8-format", dest="fp8", default=None)
     args, _ = parser.parse_known_args(argv)
     args.world_size = world_size
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from megatron_dsv3.pipeline.placement import StageLayers
+from megatron_dsv3.pretrain_gpt import parse_dsv3_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "examples" / "slurm"
@@ -81,6 +82,13 @@ def test_dry_run_prints_each_nodes_command_with_sizes_derived_from_slurm(name, t
         assert "--use-distributed-optimizer" in argv and flag(argv, "--exp-avg-dtype") == "bf16"
         assert flag(argv, "--save") == str(tmp_path / "run" / "checkpoints")
         assert "--load" not in argv  # nothing to resume yet
+        # DeepSeek-V3's values where Megatron's defaults differ (dropout 0.1, epsilon 1e-5)
+        assert (flag(argv, "--hidden-dropout"), flag(argv, "--attention-dropout"),
+                flag(argv, "--norm-epsilon")) == ("0", "0", "1e-6")
+        # our checks of the command line, as the entry point runs them at start (one FP8
+        # switch; DualPipeV's micro-batch count from the global batch and the world size)
+        start = argv.index("megatron_dsv3.pretrain_gpt") + 1
+        parse_dsv3_args(argv[start:], world_size=nodes * gpn)
     world = nodes * gpn
     summary = re.search(r"summary: .*world_size=(\d+) tp=(\d+) pp=(\d+) ep=(\d+) dp=(\d+)", out)
     assert summary and tuple(map(int, summary.groups())) == (world, tp, pp, ep, world // (tp * pp))
@@ -125,6 +133,36 @@ def test_dry_run_resumes_from_an_existing_checkpoint(tmp_path):
     assert "resume from" in out and "iteration 10" in out
 
 
+def test_a_fresh_run_starts_from_converted_weights_and_a_requeued_one_from_its_own(tmp_path):
+    """INIT_CKPT becomes Megatron's --pretrained-checkpoint, which Megatron reads only while
+    --load holds no checkpoint: a requeued job resumes from its own; a directory without
+    Megatron's tracker (where Megatron would start from random weights) is refused."""
+    init = tmp_path / "converted"
+    init.mkdir()
+    err = subprocess.run(["bash", str(SLURM / "smoke_2node.sbatch")], cwd=tmp_path,
+                         env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable,
+                              "RUN_DIR": str(tmp_path / "run"), "INIT_CKPT": str(init)},
+                         capture_output=True, text=True, timeout=120)
+    assert err.returncode == 2 and "latest_checkpointed_iteration.txt" in err.stderr
+    (init / "latest_checkpointed_iteration.txt").write_text("release")
+    argv = node_commands(dry_run("smoke_2node.sbatch", tmp_path, INIT_CKPT=str(init)))[0][1]
+    assert flag(argv, "--pretrained-checkpoint") == str(init)
+    assert flag(argv, "--load") == str(tmp_path / "run" / "checkpoints")
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("10")
+    argv = node_commands(dry_run("smoke_2node.sbatch", tmp_path, INIT_CKPT=str(init)))[0][1]
+    assert "--pretrained-checkpoint" not in argv and flag(argv, "--load") == str(ckpt)
+
+
+def test_extra_args_from_the_environment_are_split_into_words(tmp_path):
+    """bash cannot export an array: a string EXTRA_ARGS is split like a command line (it was one
+    word, which Megatron rejects)."""
+    out = dry_run("smoke_2node.sbatch", tmp_path, EXTRA_ARGS="--seed 7 --log-throughput")
+    argv = node_commands(out)[0][1]
+    assert argv[-3:] == ["--seed", "7", "--log-throughput"]
+
+
 def test_dry_run_takes_the_node_list_and_port_from_the_environment(tmp_path):
     out = dry_run("smoke_2node.sbatch", tmp_path, SLURM_JOB_NUM_NODES="4", MASTER_PORT="29123")
     cmds = node_commands(out)
@@ -141,3 +179,7 @@ def test_sbatch_headers_request_requeue_and_a_signal_before_the_limit():
         assert f"DRY_NODES={nodes} DRY_GPUS_PER_NODE={gpn}" in text
     common = (SLURM / "common.sh").read_text()
     assert "scontrol show hostnames" in common and "scontrol requeue" in common
+    # the preemption signal goes to the job's steps (srun would turn SIGTERM into SIGKILL), and
+    # torchrun waits for the ranks' save longer than its default 30 s
+    assert 'scancel --signal=TERM "$SLURM_JOB_ID"' in common and 'kill -TERM "$SRUN_PID"' not in common
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-540}" in common

@@ -6,8 +6,9 @@
 # defaults that match the #SBATCH header: DRY_NODES, DRY_GPUS_PER_NODE).
 #
 # Environment knobs: RUN_DIR (checkpoints + logs), DATA_PATH/TOKENIZER_MODEL (real data; else
-# --mock-data), NCCL_SOCKET_IFNAME, NCCL_IB_HCA, MASTER_PORT, PYTHON, DRY_RUN. Every numeric knob
-# (TP, PP, EP, MTP, SAVE_INTERVAL, MASTER_PORT, DRY_NODES, ...) is checked first by
+# --mock-data), INIT_CKPT (converted weights for a fresh run), EXTRA_ARGS (array, or a string
+# from the environment), NCCL_SOCKET_IFNAME, NCCL_IB_HCA, MASTER_PORT, PYTHON, DRY_RUN. Every
+# numeric knob (TP, PP, EP, MTP, SAVE_INTERVAL, MASTER_PORT, DRY_NODES, ...) is checked first by
 # dsv3_check_knobs: "error: NAME=value is invalid: allowed values are ..." and exit 2.
 
 set -euo pipefail
@@ -88,6 +89,9 @@ dsv3_environment() {
     export NVTE_FWD_LAYERNORM_SM_MARGIN=${NVTE_FWD_LAYERNORM_SM_MARGIN:-16}
     export NVTE_BWD_LAYERNORM_SM_MARGIN=${NVTE_BWD_LAYERNORM_SM_MARGIN:-16}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+    # torchrun waits this long for its ranks after forwarding SIGTERM before it SIGKILLs them
+    # (default 30 s): long enough to finish the step and save (the signal comes 600 s early)
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-540}
 }
 
 dsv3_checkpoint_args() {
@@ -98,6 +102,17 @@ dsv3_checkpoint_args() {
     if [[ -f "$CKPT_DIR/latest_checkpointed_iteration.txt" ]]; then
         CKPT_ARGS+=(--load "$CKPT_DIR")
         RESUME="resume from $CKPT_DIR (iteration $(cat "$CKPT_DIR/latest_checkpointed_iteration.txt"))"
+    elif [[ -n "${INIT_CKPT:-}" ]]; then
+        # a fresh run starting from converted weights (megatron_dsv3.checkpoint convert --to dist
+        # --megatron-release): Megatron's --pretrained-checkpoint, read only while --load holds
+        # nothing, so a requeued job resumes from its own checkpoints instead
+        if [[ ! -f "$INIT_CKPT/latest_checkpointed_iteration.txt" ]]; then
+            echo "error: INIT_CKPT=$INIT_CKPT has no latest_checkpointed_iteration.txt: Megatron" \
+                 "would start from random weights; convert with --megatron-release" >&2
+            exit 2
+        fi
+        CKPT_ARGS+=(--load "$CKPT_DIR" --pretrained-checkpoint "$INIT_CKPT")
+        RESUME="fresh start from the weights in $INIT_CKPT"
     else
         RESUME="fresh start (no checkpoint in $CKPT_DIR)"
     fi
@@ -111,7 +126,8 @@ dsv3_data_args() {
                    --tokenizer-model "${TOKENIZER_MODEL:?set TOKENIZER_MODEL with DATA_PATH}"
                    --split 99990,8,2)
     else
-        DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size "${VOCAB_SIZE:-129280}")
+        # NullTokenizer adds an end-of-document id: 129279 + 1 = DeepSeek-V3's 129280 rows
+        DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size "${VOCAB_SIZE:-129279}")
     fi
 }
 
@@ -129,12 +145,23 @@ dsv3_command() {  # the command node $1 runs (as an array in CMD)
 
 dsv3_requeue_trap() {
     # SLURM sends SIGUSR1 (--signal=B:USR1@600) 10 minutes before the limit or on preemption:
-    # forward SIGTERM to the ranks (they checkpoint via --exit-signal-handler) and requeue.
-    trap 'echo "[dsv3] signal: checkpoint and requeue"; kill -TERM "$SRUN_PID" 2>/dev/null;
+    # SIGTERM to the job's steps (not to srun, which would turn it into SIGKILL of every task):
+    # each node's torchrun forwards it to its ranks, Megatron's --exit-signal-handler saves a
+    # checkpoint and exits, torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT for that; then requeue.
+    trap 'echo "[dsv3] signal: checkpoint and requeue"; scancel --signal=TERM "$SLURM_JOB_ID";
           wait "$SRUN_PID"; scontrol requeue "$SLURM_JOB_ID"' USR1
 }
 
+dsv3_extra_args() {
+    # EXTRA_ARGS: an array set in the sbatch file, or a string from the environment (bash cannot
+    # export arrays), split into words like a command line
+    if [[ "$(declare -p EXTRA_ARGS 2>/dev/null)" != "declare -a"* ]]; then
+        read -r -a EXTRA_ARGS <<< "${EXTRA_ARGS:-}"
+    fi
+}
+
 dsv3_main() {
+    dsv3_extra_args
     dsv3_check_knobs
     dsv3_topology
     dsv3_environment

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "shard (default 5GB)")
     c.add_argument("--allow-unused", action="store_true",
                    help="leave out source tensors the model has no place for (else an error)")
+    c.add_argument("--megatron-release", action="store_true",
+                   help="--to dist: in Megatron-LM's layout (OUTPUT/release and a tracker file), "
+                        "for Megatron-LM's --pretrained-checkpoint or --load")
     c.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (only once the new one is complete)")
     c.add_argument("--quiet", action="store_true", help="no progress line")
@@ -95,6 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "last": "--decoder-last-pipeline-num-layers",
                      "vpp": "--virtual-pipeline-model-parallel-size"}
         misplaced = [flag for f, flag in dist_only.items() if getattr(args, f) is not None]
+        misplaced += ["--megatron-release"] if args.megatron_release else []
         if misplaced:
             parser.error(f"{misplaced[0]} applies to --to dist only: a distributed checkpoint is "
                          "read in whatever layout wrote it")
@@ -110,7 +114,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                        dtype=getattr(torch, DTYPES[args.dtype or "bf16"]),
                        allow_unused=args.allow_unused, overwrite=args.overwrite,
                        progress=not args.quiet, schedule=args.schedule or "1f1b",
-                       first=args.first, last=args.last, vpp=args.vpp)
+                       first=args.first, last=args.last, vpp=args.vpp,
+                       megatron_release=args.megatron_release)
         else:
             dist_to_hf(args.input, args.output, hf_config=args.hf_config, fp8=not args.no_fp8,
                        allow_unused=args.allow_unused, overwrite=args.overwrite,

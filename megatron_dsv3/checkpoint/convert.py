@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from megatron_dsv3.checkpoint.errors import reading
+from megatron_dsv3.checkpoint.errors import CheckpointFileError, reading
 from megatron_dsv3.checkpoint.hf_model import ExportSource, check_hf_checkpoint, write_hf
 from megatron_dsv3.checkpoint.hf_config import config_from_hf, read_hf_config
 from megatron_dsv3.checkpoint.mapping import TensorMap, model_maps, tp_chunks
@@ -41,6 +41,27 @@ from megatron_dsv3.configs import layout as layout_rules
 
 HF_CONFIG_FILE = "hf_config.json"  # the source config.json, kept for the way back
 COMMON_FILE = "common.pt"  # megatron.core.dist_checkpointing's non-sharded state
+# Megatron-LM's checkpoint directory: its tracker names the step directory ("release" for weights
+# that are not a training step: read as iteration 0, without optimizer or RNG state)
+MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
+RELEASE_DIR = "release"
+
+
+def dist_checkpoint_dir(path: str) -> str:
+    """The distributed checkpoint meant by `path`: `path` itself, or in Megatron-LM's layout (a
+    tracker naming "release" or an iteration) the step directory the tracker names."""
+    tracker = os.path.join(path, MEGATRON_TRACKER)
+    if not os.path.isfile(tracker):
+        return path
+    with reading(tracker, "Megatron checkpoint tracker"):
+        with open(tracker) as f:
+            name = f.read().strip()
+    if name == RELEASE_DIR:
+        return os.path.join(path, RELEASE_DIR)
+    if not name.isdigit():
+        raise CheckpointFileError(f"{tracker} holds {name!r}: allowed are 'release' or an "
+                                  "iteration number")
+    return os.path.join(path, f"iter_{int(name):07d}")
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
 
 
@@ -109,10 +130,13 @@ def hf_to_dist(hf_path: str, out_path: str, *, tp: int = 1, pp: int = 1, ep: int
                dtype: torch.dtype = torch.bfloat16, allow_unused: bool = False,
                overwrite: bool = False, progress: bool = True, schedule: str = "1f1b",
                first: Optional[int] = None, last: Optional[int] = None,
-               vpp: Optional[int] = None) -> None:
+               vpp: Optional[int] = None, megatron_release: bool = False) -> None:
     """Convert the HF checkpoint at `hf_path` into a Megatron distributed checkpoint at `out_path`
     laid out for a TP x PP x EP run, parameters in `dtype` (the router stays float32). The
-    layout (`schedule`, uneven split `first`/`last`, `vpp`) is checked by `check_layout`."""
+    layout (`schedule`, uneven split `first`/`last`, `vpp`) is checked by `check_layout`.
+    `megatron_release`: in Megatron-LM's directory layout (`out_path/release` and a tracker
+    saying "release"), which Megatron-LM's --load / --pretrained-checkpoint read as starting
+    weights; without a tracker Megatron-LM would start from random weights with a warning."""
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
@@ -145,7 +169,11 @@ def hf_to_dist(hf_path: str, out_path: str, *, tp: int = 1, pp: int = 1, ep: int
         bar.update(tensor.numel() * tensor.element_size())
         return tensor
 
-    with atomic_directory(out_path, overwrite) as tmp:
+    with atomic_directory(out_path, overwrite) as top:
+        tmp = top
+        if megatron_release:
+            tmp = os.path.join(top, RELEASE_DIR)
+            os.makedirs(tmp)
         writer = dcp.FileSystemWriter(tmp, single_file_per_rank=False, thread_count=1)
         try:
             dcp.save({}, storage_writer=writer, planner=_streaming_planner(items, resolve),
@@ -158,6 +186,9 @@ def hf_to_dist(hf_path: str, out_path: str, *, tp: int = 1, pp: int = 1, ep: int
         torch.save({}, os.path.join(tmp, COMMON_FILE))
         with open(os.path.join(tmp, HF_CONFIG_FILE), "w") as f:
             json.dump(hf, f, indent=2)
+        if megatron_release:
+            with open(os.path.join(top, MEGATRON_TRACKER), "w") as f:
+                f.write(RELEASE_DIR)
     bar.close()
 
 
@@ -262,7 +293,7 @@ def dist_to_hf(dist_path: str, out_path: str, *, hf_config: Optional[Any] = None
     HF -> dist conversion stored next to the checkpoint. fp8=True writes DeepSeek's FP8 layout.
     """
     check_output_outside_input(dist_path, out_path)
-    open_published(dist_path)
+    dist_path = dist_checkpoint_dir(open_published(dist_path))
     if hf_config is None:
         stored = os.path.join(dist_path, HF_CONFIG_FILE)
         if not os.path.isfile(stored):

@@ -55,8 +55,10 @@ def load(models: List, path: str) -> None:
     from megatron.core import dist_checkpointing
 
     from megatron_dsv3.checkpoint.commit import open_published
+    from megatron_dsv3.checkpoint.convert import dist_checkpoint_dir
 
-    state = dist_checkpointing.load(sharded_state_dict(models), open_published(path))
+    state = dist_checkpointing.load(sharded_state_dict(models),
+                                    dist_checkpoint_dir(open_published(path)))
     if len(models) == 1:
         models[0].load_state_dict(state)
     else:

@@ -248,3 +248,27 @@ def test_checkpoint_saved_by_transformers_without_mtp_weights_converts_both_ways
     original, back = tensors(src), tensors(str(tmp_path / "back"))
     assert set(original) == set(back)
     assert all(torch.equal(original[k].float(), back[k].float()) for k in original)
+
+
+def test_megatron_release_layout_is_what_megatron_lm_reads_and_ours_read_it_too(
+        hf_dir, tmp_path, single_rank_world):
+    """--megatron-release: OUTPUT/release and a tracker saying "release", the layout Megatron-LM's
+    --load / --pretrained-checkpoint read (a bare distributed checkpoint has no tracker, and
+    Megatron-LM then starts from random weights with a warning); our loaders take either path."""
+    from megatron_dsv3.checkpoint import dist as dist_io
+    from megatron_dsv3.checkpoint.convert import dist_checkpoint_dir
+
+    out = str(tmp_path / "dist")
+    hf_to_dist(hf_dir, out, dtype=torch.float32, progress=False, megatron_release=True)
+    with open(os.path.join(out, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read() == "release"
+    assert dist_checkpoint_dir(out) == os.path.join(out, "release")
+    assert os.path.isfile(os.path.join(out, "release", "metadata.json"))
+    expected = model_from(hf_dir, torch.float32)
+    load_hf(expected, hf_dir)
+    model = model_from(hf_dir, torch.float32)
+    dist_io.load([model], out)
+    assert_same_state(model, expected)
+    dist_to_hf(out, str(tmp_path / "back"), fp8=False, progress=False)
+    original, exported = tensors(hf_dir), tensors(str(tmp_path / "back"))
+    assert all(torch.equal(original[k], exported[k]) for k in original)
