@@ -183,7 +183,9 @@ def hf_to_dist(hf_path: str, out_path: str, *, tp: int = 1, pp: int = 1, ep: int
             (error, _), = wrapped.failures.values()
             raise error from None
         save_config(CheckpointingConfig("torch_dist"), tmp)
-        torch.save({}, os.path.join(tmp, COMMON_FILE))
+        # (Megatron-LM reads a checkpoint without a version as version 0 and runs its QKV
+        # reordering fix-up for such old checkpoints on loading: its own saves say 3.0)
+        torch.save({"checkpoint_version": 3.0}, os.path.join(tmp, COMMON_FILE))
         with open(os.path.join(tmp, HF_CONFIG_FILE), "w") as f:
             json.dump(hf, f, indent=2)
         if megatron_release:

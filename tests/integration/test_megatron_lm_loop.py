@@ -195,3 +195,39 @@ def test_c_patched_checkout_mtp_on_pp2(tmp_path):
     assert sorted(lm) == sorted(mtp) == list(range(1, ITERS + 1))
     assert sum(lm[i] for i in range(16, 21)) < sum(lm[i] for i in range(1, 6)) - 0.5
     assert sum(mtp[i] for i in range(16, 21)) < sum(mtp[i] for i in range(1, 6)) - 0.2
+
+
+def test_d_converted_weights_start_a_megatron_lm_run(tmp_path):
+    """(d) An HF checkpoint converted with `--megatron-release` starts Megatron-LM's own run
+    through --pretrained-checkpoint (what the SLURM files' INIT_CKPT passes; --load names the
+    run's empty checkpoint directory): after one step at learning rate 0 Megatron-LM's own save,
+    converted back to HF, holds the HF weights bit for bit (the router biases moved by the
+    aux-loss-free update only). Without Megatron's tracker it would have started from random
+    weights, with a warning."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "checkpoint"))
+    import torch
+    from hf_checkpoints import make_hf_checkpoint, tensors
+
+    from megatron_dsv3.checkpoint.convert import dist_to_hf, hf_to_dist
+
+    hf, conv, ckpt, back = (str(tmp_path / n) for n in ("hf", "converted", "ckpt", "back"))
+    # (vocabulary: Megatron-LM pads --vocab-size 256 + NullTokenizer's end-of-document id to 384)
+    make_hf_checkpoint(hf, vocab_size=384, hidden_size=64, intermediate_size=160,
+                       moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=4, n_routed_experts=4, n_group=1, topk_group=1,
+                       q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, v_head_dim=16)
+    hf_to_dist(hf, conv, ep=2, dtype=torch.float32, progress=False, megatron_release=True)
+    spec = ["--spec", "megatron_dsv3.layer_specs", "layer_spec"]
+    run_loop("megatron", spec + EP2 + ["--pretrained-checkpoint", conv, "--load", ckpt,
+                                      "--save", ckpt, "--save-interval", "1",
+                                      "--train-iters", "1", "--lr", "0.0", "--min-lr", "0.0"], 2)
+    with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read().strip() == "1"
+    dist_to_hf(ckpt, back, hf_config=hf, fp8=False, allow_unused=True, progress=False)
+    original, saved = tensors(hf), tensors(back)
+    assert original.keys() == saved.keys()
+    for name, tensor in original.items():
+        if name.endswith("e_score_correction_bias"):  # one bias step of 1e-3 per expert
+            assert torch.allclose(saved[name], tensor, atol=1.01e-3), name
+        else:
+            assert torch.equal(saved[name], tensor), name
