@@ -59,6 +59,7 @@ def load(models: List, path: str) -> None:
 
     state = dist_checkpointing.load(sharded_state_dict(models),
                                     dist_checkpoint_dir(open_published(path)))
+    state.pop("checkpoint_version", None)  # (the converter's note for Megatron-LM's loader)
     if len(models) == 1:
         models[0].load_state_dict(state)
     else:

@@ -104,6 +104,7 @@ def _model_config(model):
 # -- checks --------------------------------------------------------------------------------------
 def check_architecture(config, hf: Dict[str, Any]) -> None:
     """ValueError naming the first HF config field whose value the model was not built with."""
+    from megatron_dsv3.configs import latent_norm_epsilon
     from megatron_dsv3.configs.presets import moe_layer_pattern
 
     wanted = config_fields_from_hf(hf)
@@ -115,7 +116,9 @@ def check_architecture(config, hf: Dict[str, Any]) -> None:
     for field, value in wanted.items():
         if field in _NOT_ARCHITECTURE:
             continue
-        ours = getattr(config, field)
+        ours = getattr(config, field, None)
+        if field == "dsv3_latent_norm_epsilon":  # (None: layernorm_epsilon, the same number)
+            ours = latent_norm_epsilon(config)
         if ours != value:
             raise ValueError(f"HF config gives {field}={value!r} but the model was built with "
                              f"{field}={ours!r}; build it with config_from_hf(<checkpoint>)")
