@@ -14,6 +14,7 @@ as causal attention; any other mask (document boundaries, padding) is applied as
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -54,22 +55,26 @@ class SDPAttention(MegatronModule):
         super().__init__(config=config)
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout
-        self._causal_seen = None  # (mask identity, answer) of the last mask checked
+        self._causal_seen = None  # (weak reference to the mask, its version, answer)
 
     def _is_causal(self, mask: torch.Tensor, sq: int, sk: int) -> bool:
         """True if Megatron's mask [b or 1, 1, sq, sk] (True = not allowed) is the causal mask for
-        every sequence. The answer is kept for the mask object (the same tensor reaches every
-        layer of a step), keyed on its storage, shape and in-place version (inference-mode
-        tensors have no version: checked on every call)."""
-        key = None if mask.is_inference() else (mask.data_ptr(), tuple(mask.shape), mask._version)
-        if key is not None and self._causal_seen is not None and self._causal_seen[0] == key:
-            return self._causal_seen[1]
+        every sequence. The answer is kept for the mask object itself (the same tensor reaches
+        every layer of a step) and its in-place version, through a weak reference: a new mask,
+        even one in the memory of a freed causal mask, is checked again (keyed on the address, a
+        document mask there was taken for causal). Inference-mode tensors have no version: they
+        are checked on every call."""
+        seen = self._causal_seen
+        if seen is not None and not mask.is_inference() and seen[0]() is mask \
+                and seen[1] == mask._version:
+            return seen[2]
         answer = False
         if mask.dim() == 4 and mask.shape[1] == 1 and tuple(mask.shape[-2:]) == (sq, sk) \
                 and sq == sk:
             causal = torch.ones(sq, sk, dtype=torch.bool, device=mask.device).triu_(1)
             answer = bool((mask.to(torch.bool) == causal).all())
-        self._causal_seen = (key, answer)
+        self._causal_seen = (None if mask.is_inference() else
+                             (weakref.ref(mask), mask._version, answer))
         return answer
 
     def _causal(self, mask: Optional[torch.Tensor], sq: int, sk: int) -> bool:

@@ -93,6 +93,10 @@ def checkpointed(config, name: str, fn: Callable) -> Callable:
         return fn
 
     def run(*args, **kwargs):
+        if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            # (e.g. a frozen embedding below): the checkpoint's output would carry no graph to
+            # the module's own weights, whose gradients would be lost; run it plainly
+            return fn(*args, **kwargs)
         layout = {}
 
         def tensors_only(*inputs):
@@ -138,6 +142,11 @@ class DiscardedOutput:
         self.fn, self.ctx, self.outputs = fn, None, None
 
     def __call__(self, *inputs):
+        if not any(isinstance(i, torch.Tensor) and i.requires_grad for i in inputs):
+            # no input gradient to carry (e.g. a frozen embedding below): run plainly, so the
+            # region's own weights keep their gradients, and keep the outputs
+            self.outputs = None
+            return self.fn(*inputs)
         outputs = _Discardable.apply(self, *inputs)
         self.outputs = _as_tuple(outputs)
         return outputs
@@ -145,7 +154,7 @@ class DiscardedOutput:
     def release(self, consumer_output: torch.Tensor) -> None:
         """Free the outputs' storage now that `consumer_output` (which saved them) exists; they
         are recomputed when the gradient of `consumer_output` arrives."""
-        if not consumer_output.requires_grad:
+        if not consumer_output.requires_grad or self.outputs is None:
             return
         for out in self.outputs:
             out.untyped_storage().resize_(0)

@@ -119,3 +119,23 @@ def test_value_padded_by_the_caller_gives_the_same_attention(qkv):
         _assert_matches(out, ref, (q, k, v))
     with pytest.raises(ValueError, match="value_dim=30"):
         attn(q, k, padded, None, value_dim=30)
+
+
+def test_a_new_mask_in_the_memory_of_a_causal_one_is_checked_again(qkv):
+    """A loader that refills one buffer and hands out fresh tensors over it (here numpy through
+    torch.from_numpy: same address, version 0 each time): the answer was keyed on the address, so
+    the document mask in the causal mask's memory was taken for causal and the documents mixed."""
+    import numpy as np
+
+    q, k, v = qkv
+    s = q.shape[0]
+    attn = SDPAttention(get_config("deepseek-v3-tiny"), softmax_scale=0.2)
+    allowed = torch.ones(s, s, dtype=torch.bool).tril()
+    allowed[s // 2:, : s // 2] = False
+    buffer = np.triu(np.ones((1, 1, s, s), dtype=bool), 1)  # causal, True = masked
+    attn(q, k, v, torch.from_numpy(buffer))  # recognised as causal
+    buffer[...] = (~allowed).numpy()  # the loader's next batch: two documents
+    mask = torch.from_numpy(buffer)
+    out = attn(q, k, v, mask)
+    torch.testing.assert_close(out.double(), _reference(q, k, v, 0.2, allowed[None, None]),
+                               rtol=1e-5, atol=1e-5)

@@ -57,3 +57,29 @@ def test_recompute_is_off_unless_selected(single_rank_world):
     assert recompute.recompute_enabled(cfg, "layernorm")
     assert not recompute.recompute_enabled(cfg, "moe_act")
     assert not recompute.recompute_enabled(get_config("deepseek-v3-tiny"), "layernorm")
+
+
+def test_recompute_below_frozen_layers_keeps_every_gradient(single_rank_world):
+    """Fine-tuning with the embedding and the first layer's attention frozen: the regions'
+    inputs need no gradient. The 'layernorm' region then failed in backward (nothing saved to
+    recompute from) and the 'mlp' checkpoint cut the MLP's weights off their gradients (its output
+    carried no graph); such regions now run plainly, with the gradients of no recompute."""
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(8).expand(2, 8)
+    trained = ("decoder.layers.0.mlp.", "decoder.layers.0.pre_mlp_layernorm.", "output_layer")
+
+    def grads(**kw):
+        torch.manual_seed(0)
+        model = build_model(get_config("deepseek-v3-tiny", **kw))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(trained))
+        model(ids, pos, None, labels=ids).mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    base = grads()
+    assert len(base) >= 4 and all(g is not None for g in base.values())
+    for modules in (["layernorm"], ["mlp"], MODULES + ["mlp"]):
+        got = grads(recompute_granularity="selective", recompute_modules=modules)
+        assert got.keys() == base.keys()
+        for name, g in got.items():
+            assert g is not None and torch.equal(g, base[name]), (modules, name)
