@@ -107,7 +107,15 @@ class DeepSeekV3TransformerLayer(TransformerLayer):
         return self._dropout_add(mlp_out, mlp_bias, hidden_states)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                packed_seq_params=None, padding_mask=None, **_unused):
+                packed_seq_params=None, padding_mask=None, inference_context=None,
+                inference_params=None, **_unused):
+        if inference_context is not None or inference_params is not None:
+            # (ignored, a decode step would attend to its new tokens only)
+            raise ValueError(
+                "Megatron's KV-cache inference (inference_context / inference_params) is not "
+                "supported by megatron-dsv3's layers: decode with megatron_dsv3.generate or "
+                "megatron_dsv3.inference.InferenceEngine (MLA's latent cache), or run full "
+                "forwards without an inference context")
         hidden = self.forward_attention(hidden_states, attention_mask, packed_seq_params)
         output = self.forward_mlp(hidden, padding_mask)
         output = make_viewless_tensor(output, requires_grad=output.requires_grad, keep_graph=True)

@@ -99,6 +99,9 @@ RULES: List[Rule] = [
          "absent (gated_linear_unit=False, or an activation_func other than F.silu, e.g. "
          "--squared-relu, --quick-geglu): our MLPs and experts are always SwiGLU; pass --swiglu",
          dest="swiglu"),
+    Rule("--window-size", "window_size", "refused",
+         "set: our MLA attends over the whole causal context (DeepSeek-V3 has no sliding "
+         "window); remove it"),
 ]
 
 
@@ -187,6 +190,18 @@ def _check_layers(config: Any) -> None:
         _refuse("gated_linear_unit", config.gated_linear_unit,
                 "our MLPs and experts are always SwiGLU (DeepSeek-V3); allowed value: True with "
                 "activation_func=torch.nn.functional.silu (pass --swiglu)")
+    if getattr(config, "window_size", None) is not None:
+        _refuse("window_size", config.window_size,
+                "our MLA attends over the whole causal context (DeepSeek-V3 has no sliding "
+                "window); allowed value: None (remove --window-size)")
+    softmax = getattr(config, "softmax_type", "vanilla")
+    if softmax != "vanilla":
+        _refuse("softmax_type", softmax, "our attention core is the plain softmax; allowed "
+                                         "value: 'vanilla'", flag="a config field")
+    if getattr(config, "apply_residual_connection_post_layernorm", False):
+        _refuse("apply_residual_connection_post_layernorm", True,
+                "our layers add the residual before the norm (pre-norm, DeepSeek-V3); allowed "
+                "value: False", flag="a config field")
     act = getattr(config, "activation_func", F.silu)
     if act is not F.silu:
         _refuse("activation_func", getattr(act, "__name__", repr(act)),

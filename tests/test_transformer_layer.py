@@ -1,5 +1,6 @@
 """Dense or MoE is chosen from the global layer number, on every pipeline stage."""
 
+import pytest
 import torch
 
 from megatron_dsv3.configs import get_config
@@ -64,3 +65,30 @@ def test_the_final_norm_is_the_layers_rmsnorm(single_rank_world):
     with torch.no_grad():
         norm.weight.data = wb
         assert torch.equal(norm(xb), deepseek)
+
+
+def test_megatron_kv_cache_inference_is_refused(single_rank_world):
+    """Megatron's inference context (its KV-cache decoding) was swallowed: a decode step then
+    attended to its new tokens only and gave plausible wrong logits."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from megatron_dsv3.model import build_model
+
+    model = build_model(get_config("deepseek-v3-tiny", mtp_num_layers=None)).eval()
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad(), pytest.raises(ValueError, match="inference_context.*InferenceEngine"):
+        model(ids, torch.arange(6)[None], None,
+              inference_context=StaticInferenceContext(max_batch_size=1, max_sequence_length=16))
+
+
+def test_mtp_runs_without_position_ids(single_rank_world):
+    """The decoder takes position_ids=None (positions 0..s-1); the MTP layer rolled None."""
+    from megatron_dsv3.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(get_config("deepseek-v3-tiny"))
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        given = model(ids, torch.arange(8).expand(2, 8), None, labels=ids)
+        none = model(ids, None, None, labels=ids)
+    torch.testing.assert_close(none, given)

@@ -158,6 +158,10 @@ REFUSED = [
      "moe_act"),
     (dict(recompute_granularity="selective", recompute_modules=["gdn_norm_out"]),
      "recompute_modules", "allowed values"),
+    (dict(window_size=(4, 0)), "window_size", "remove --window-size"),
+    (dict(softmax_type="off-by-one"), "softmax_type", "'vanilla'"),
+    (dict(apply_residual_connection_post_layernorm=True),
+     "apply_residual_connection_post_layernorm", "pre-norm"),
     (dict(moe_input_jitter_eps=0.0), "moe_input_jitter_eps", "> 0"),
     (dict(moe_z_loss_coeff=-1.0), "moe_z_loss_coeff", ">= 0"),
 ]
@@ -171,7 +175,8 @@ def test_refused_when_the_config_is_built(overrides, field, alternative):
     message = str(err.value)
     assert message.startswith(field) or f" {field}" in message, message
     assert alternative in message, message
-    if field not in ("moe_input_jitter_eps", "moe_z_loss_coeff"):  # invalid values, not refusals
+    if field not in ("moe_input_jitter_eps", "moe_z_loss_coeff",  # invalid values, not refusals
+                     "softmax_type", "apply_residual_connection_post_layernorm"):  # (no flag)
         rule = next(r for r in upstream_flags.RULES if r.field == field)
         assert rule.flag in message, message
 

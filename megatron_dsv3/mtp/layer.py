@@ -71,7 +71,8 @@ class MTPLayer(MegatronModule):
     def forward(self, input_ids, position_ids, hidden_states, attention_mask, embedding=None,
                 packed_seq_params=None, padding_mask=None, **_unused):
         """-> (h^k [s, b, h], input ids shifted once more, position ids shifted once more)."""
-        input_ids, position_ids = roll_left(input_ids), roll_left(position_ids)
+        input_ids = roll_left(input_ids)
+        position_ids = None if position_ids is None else roll_left(position_ids)
         emb = embedding(input_ids=input_ids, position_ids=position_ids)
         out = self._step(emb, hidden_states, lambda x: self.transformer_layer(
             x, attention_mask=attention_mask, packed_seq_params=packed_seq_params,
