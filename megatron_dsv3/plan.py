@@ -300,6 +300,15 @@ def plan(args) -> Dict:
     small = counts["replicated_small"]
     total_all = counts["total_main"] + counts["total_mtp"]
     small_frac = small / total_all
+    # (rank -> chunks) holding a last stage, where the output head runs: DualPipe has one per
+    # direction
+    from megatron_dsv3.pipeline.schedules import layout as stage_layout
+
+    stages = stage_layout(lay.schedule, lay.pp, lay.vpp or 1)
+    head_chunks: Dict[int, set] = {}
+    for direction in range(2 if lay.schedule == "dualpipe" else 1):
+        rank, chunk = stages.place(stages.stages - 1, direction)
+        head_chunks.setdefault(rank, set()).add(chunk)
     per_rank = []
     for r, chunks in table.items():
         dense = exp = 0
@@ -311,11 +320,17 @@ def plan(args) -> Dict:
             dense += counts["embedding"]
         if hold["output_head"] == r:
             dense += counts["output_head"] + counts["final_norm"]
-            if lay.schedule == "dualpipe":  # a second copy per direction
-                dense += counts["embedding"]
+        if lay.schedule == "dualpipe" and r in (0, lay.pp - 1):
+            # each direction has its own first and last stage: rank P-1 also holds direction 1's
+            # embedding, rank 0 direction 1's final norm and head
+            dense += counts["output_head"] + counts["final_norm"] if r == 0 else counts["embedding"]
         if args.mtp and hold["mtp"] == r:
             dense += counts["mtp_dense"]
             exp += counts["mtp_experts"]
+            if lay.schedule == "dualpipev":
+                # the MTP chunk's own copy of the embedding (megatron_dsv3.pretrain_gpt unties it
+                # from the first stage's for Megatron's DDP; their gradients are summed)
+                dense += counts["embedding"]
         dense_gpu = dense / lay.tp  # norms/router replicated: ~small_frac, ignored in the split
         exp_gpu = exp / lay.ep
         params_gpu = dense_gpu + exp_gpu
@@ -336,6 +351,14 @@ def plan(args) -> Dict:
                 b = sum(activation_bytes_per_token(config, g, recompute, lay.tp).values())
                 act_layer[g] = b
                 act += n_mb * b * tokens
+            if c in head_chunks.get(r, ()):
+                # the MTP layers (MoE layers) and the float32 logits each output head keeps for
+                # its cross-entropy backward (main head and one per MTP depth), per micro-batch
+                moe = sum(activation_bytes_per_token(config, config.num_layers, recompute,
+                                                     lay.tp).values())
+                heads = 1 + (args.mtp or 0)
+                act += n_mb * tokens * ((args.mtp or 0) * moe
+                                        + heads * 4 * config.vocab_size / lay.tp)
         mem["activations"] = act
         mem["total"] = sum(mem.values())
         per_rank.append({"pp_rank": r, "params_per_gpu": round(params_gpu),

@@ -31,12 +31,14 @@ def test_671b_totals_agree_with_the_model_built_on_meta(single_rank_world):
     assert abs(P["total_main"] - 671e9) / 671e9 < 0.005
     assert abs(P["mtp"] - 11.6e9) / 11.6e9 < 0.02
     assert 36.7e9 <= P["activated_main"] <= 37.6e9
-    # every parameter lands on exactly one pipeline rank (EP shards experts 64 ways)
+    # every parameter lands on exactly one pipeline rank (EP shards experts 64 ways), and rank 0
+    # holds a second embedding for its MTP chunk (pretrain_gpt unties it for Megatron's DDP)
     per_rank = result["per_rank"]
     assert len(per_rank) == 16
     routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     rebuilt = sum(r["dense_params_per_gpu"] + r["expert_params_per_gpu"] * 64 for r in per_rank)
-    assert abs(rebuilt - (main + mtp)) <= 16  # rounding per rank
+    embedding = model.embedding.word_embeddings.weight.numel()
+    assert abs(rebuilt - (main + mtp + embedding)) <= 16  # rounding per rank
     assert sum(r["expert_params_per_gpu"] for r in per_rank) * 64 == pytest.approx(routed, abs=64)
     L = result["layout"]
     assert (L["world_size"], L["dp"], L["expert_dp"], L["ep_nodes"], L["stages"]) == (
@@ -98,7 +100,7 @@ def test_tiny_memory_matches_a_closed_form_recomputation(single_rank_world):
         return sum(v for n, v in params.items() if n.startswith(f"decoder.layers.{i - 1}.")
                    and (".experts." in n) == routed)
 
-    rank0_dense = (layer(1, False) + params["embedding.word_embeddings.weight"]
+    rank0_dense = (layer(1, False) + 2 * params["embedding.word_embeddings.weight"]  # MTP's copy
                    + params["output_layer.weight"] + params["decoder.final_layernorm.weight"]
                    + sum(v for n, v in params.items() if n.startswith("mtp.") and ".experts." not in n))
     rank0_exp = layer(1, True) + sum(v for n, v in params.items()
@@ -116,11 +118,35 @@ def test_tiny_memory_matches_a_closed_form_recomputation(single_rank_world):
                      + n * config.v_head_dim + n * config.v_head_dim + h + h + 2 * f + f)
     r0 = result["per_rank"][0]
     assert r0["in_flight_micro_batches"] == {"0": 4, "1": 1}
-    expected["activations"] = 4 * dense_tok * 2 * 64  # chunk 1 holds no layers
+    # chunk 1 (1 micro-batch) holds no decoder layer but the head: the MTP layer (a MoE layer)
+    # and float32 logits of the main and the MTP head
+    moe_tok = result["activation_bytes_per_token"]["moe_layer"]
+    expected["activations"] = (4 * dense_tok + 1 * (moe_tok + 2 * 4 * config.vocab_size)) * 2 * 64
     expected["total"] = sum(expected.values())
     for k, v in expected.items():
         assert r0["memory_gib"][k] == pytest.approx(round(v / planner.GiB, 2), abs=0.011), k
     assert result["activation_bytes_per_token"]["dense_layer"] == dense_tok
+
+
+@pytest.mark.parametrize("schedule,pp", [("dualpipev", 2), ("dualpipe", 2), ("dualpipe", 4)])
+def test_per_rank_parameters_are_those_of_the_chunks_megatron_lm_builds(single_rank_world,
+                                                                        schedule, pp):
+    """Each rank's planned parameters against build_model_chunks (+ the embedding copy
+    megatron_dsv3.pretrain_gpt unties for the MTP chunk): DualPipeV's rank 0 holds two
+    embeddings, DualPipe's end ranks an embedding and a head each (one per direction)."""
+    from megatron_dsv3.model_chunks import build_model_chunks
+    from megatron_dsv3.pretrain_gpt import untie_shared_embedding
+
+    mtp = 1 if schedule == "dualpipev" else 0
+    result = run(f"--preset deepseek-v3-tiny --num-layers 4 --nodes 1 --gpus-per-node {pp} "
+                 f"--pp {pp} --schedule {schedule} --mtp {mtp} --json".split())
+    config = get_config("deepseek-v3-tiny", num_layers=4, perform_initialization=False,
+                        mtp_num_layers=mtp or None)
+    for rank in range(pp):
+        chunks = build_model_chunks(config, schedule, rank, pp)
+        untie_shared_embedding(chunks)
+        built = sum(p.numel() for p in {id(p): p for c in chunks for p in c.parameters()}.values())
+        assert result["per_rank"][rank]["params_per_gpu"] == built, rank
 
 
 def test_cli_prints_progress_free_text_and_refuses_what_does_not_fit(capsys):
