@@ -232,7 +232,8 @@ class Trainer:
     def _forward_step(self, data_iterator, model):
         """Megatron-style forward step: (output, loss_func) for one micro-batch."""
         batch = next(data_iterator)
-        out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                    loss_mask=batch["loss_mask"])  # (the MTP loss masks as the LM loss does)
         # this chunk's balancing losses of this micro-batch (for the step's logged aux loss)
         self._step_aux += sum(float(r.last_aux_loss) for r in routers_of([model])
                               if r.last_aux_loss is not None)
@@ -301,7 +302,8 @@ class Trainer:
         lm_loss, aux, tokens = 0.0, 0.0, 0
         for j in range(a.micro_batches):
             batch = self.micro_batch(self.step, j)
-            per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                              loss_mask=batch["loss_mask"])
             mask = batch["loss_mask"].float()
             loss = (per_token * mask).sum() / mask.sum()
             (loss / a.micro_batches).backward()

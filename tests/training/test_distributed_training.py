@@ -104,3 +104,31 @@ def test_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, single_rank_w
     assert trainer.store.latest() == str(good.parent)
     assert good.read_bytes() == before
     assert torch.load(good, weights_only=False)["step"] == 2
+
+
+def test_the_mtp_loss_masks_what_the_lm_loss_masks(tmp_path, single_rank_world):
+    """A loss mask with zeros (end-of-document or padding masking): the trainer's MTP loss
+    leaves those positions out, as its LM loss does (it was computed over every position)."""
+    from megatron_dsv3.model import build_model
+
+    trainer = Trainer(_args(tmp_path, steps=1))
+    unmasked = trainer.micro_batch
+
+    def masked(step, j):
+        batch = unmasked(step, j)
+        batch["loss_mask"][:, -24:] = 0
+        return batch
+
+    trainer.micro_batch = masked
+    model = build_model(trainer.config)  # the trainer's initial weights (keyed initialisation)
+    model.load_state_dict(trainer.models[0].state_dict())
+    batch = masked(0, 0)
+    with torch.no_grad():
+        model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+              loss_mask=batch["loss_mask"])
+    want = float(model.pop_mtp_losses()[0])
+    with torch.no_grad():
+        model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    assert abs(float(model.pop_mtp_losses()[0]) - want) > 1e-4  # the mask matters here
+    record = trainer.train_step()
+    assert math.isclose(record["mtp_loss"][0], want, rel_tol=1e-6)
