@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.autograd.variable import Variable
 
 from megatron_dsv3.core.gemm import WeightGradStore
 from megatron_dsv3.lanes import BACKWARD_LANE, FORWARD_LANE, StepTrace, on_lane
@@ -77,6 +78,7 @@ class _Runner:
         self.sends: List = []  # ([works], [tensors kept alive until the works are done])
         self._sends_lock = threading.Lock()
         self.losses: Dict[Tuple[int, int], object] = {}
+        self.deallocated: set = set()  # (chunk, mb) whose sent output's values were freed
         self.global_rank = dist.get_process_group_ranks(group)
         self.recv_wait = 0.0  # seconds spent waiting for another stage: this rank's bubble
         self.device = next(model[0].parameters()).device
@@ -199,6 +201,13 @@ class _Runner:
                 self.losses[(chunk, mb)] = store[0]
         else:
             self._send("F", chunk, mb, output)
+            if getattr(self.config, "deallocate_pipeline_outputs", False) \
+                    and not self.forward_only and output._base is None:
+                # Megatron's deallocate_output_tensor: the graph needs only the output's grad_fn
+                # (its shape is recorded there); the values went to the next stage, whose send
+                # buffer keeps them until the transfer is done
+                output.data = torch.empty((1,), device=output.device, dtype=output.dtype)
+                self.deallocated.add((chunk, mb))
         if not self.forward_only:
             self.inputs[(chunk, mb)] = x
             self.outputs[(chunk, mb)] = output
@@ -210,7 +219,15 @@ class _Runner:
         if grad is None and self.config.grad_scale_func is not None:
             output = self.config.grad_scale_func(output)
         with WeightGradStore.deferring(zb):
-            torch.autograd.backward(output, grad_tensors=grad)
+            if (chunk, mb) in self.deallocated:
+                # (torch.autograd.backward would compare grad's shape with the 1-element output;
+                # the engine checks it against the shape the graph recorded)
+                self.deallocated.discard((chunk, mb))
+                Variable._execution_engine.run_backward(
+                    tensors=(output,), grad_tensors=(grad,), keep_graph=False, create_graph=False,
+                    inputs=(), allow_unreachable=True, accumulate_grad=True)
+            else:
+                torch.autograd.backward(output, grad_tensors=grad)
         if zb:
             WeightGradStore.flush()
         if x is not None:

@@ -34,11 +34,22 @@ def forward_step(data_iterator, model):
 
 
 def _pipelined(rank, world, schedule, mtp, forward_only, N, layers, p2p_order=None,
-               threaded=False):
+               threaded=False, dealloc=False):
     from megatron_dsv3.model_chunks import build_model_chunks
-    from megatron_dsv3.pipeline import get_forward_backward_func
+    from megatron_dsv3.pipeline import executor, get_forward_backward_func
 
-    chunks = build_model_chunks(_config(mtp, layers), schedule, rank, world)
+    config = _config(mtp, layers)
+    config.deallocate_pipeline_outputs = dealloc
+    freed = []
+    if dealloc:  # the bytes each sent output keeps after its forward
+        forward = executor._Runner.forward
+
+        def spy(self, chunk, mb):
+            forward(self, chunk, mb)
+            if (chunk, mb) in self.deallocated:
+                freed.append(self.outputs[(chunk, mb)].untyped_storage().nbytes())
+        executor._Runner.forward = spy
+    chunks = build_model_chunks(config, schedule, rank, world)
     batches = _batches(N)
     if schedule == "dualpipev":
         iters = [iter(batches), iter(batches)]
@@ -53,6 +64,8 @@ def _pipelined(rank, world, schedule, mtp, forward_only, N, layers, p2p_order=No
         losses = run(forward_step_func=forward_step, data_iterator=iters, model=chunks,
                      num_microbatches=N, seq_length=S, micro_batch_size=B,
                      forward_only=forward_only, p2p_order=p2p_order)
+    if dealloc:
+        assert freed and max(freed) <= 4, freed  # every rank sends outputs; one element kept
     return [float(l["lm loss"]) for l in losses], grads_by_global_name(chunks), \
         [[l.layer_number for l in c.decoder.layers] for c in chunks], \
         [(c.mtp_process, hasattr(c, "mtp"), hasattr(c, "embedding")) for c in chunks]
@@ -84,14 +97,19 @@ CASES = [("dualpipev", 2, True, 4, 4, None, False), ("dualpipe", 2, False, 4, 4,
          ("dualpipev", 4, True, 8, 8, "ordered", False),
          ("dualpipe", 4, False, 8, 4, "ordered", False),
          ("dualpipev", 4, True, 8, 8, "ordered", True)]
+# Megatron's deallocate_pipeline_outputs (Megatron-LM sets it): a sent output keeps one element
+DEALLOC = [("dualpipev", 2, True, 4, 4, None, False, True),
+           ("dualpipe", 4, False, 8, 4, "ordered", False, True),
+           ("dualpipev", 4, True, 8, 8, None, True, True)]
 
 
-@pytest.mark.parametrize("schedule,ranks,mtp,N,layers,p2p_order,threaded", CASES)
+@pytest.mark.parametrize("schedule,ranks,mtp,N,layers,p2p_order,threaded,dealloc",
+                         [c + (False,) for c in CASES] + DEALLOC)
 def test_pipelined_losses_and_gradients_equal_unpipelined(single_rank_world, schedule, ranks, mtp,
-                                                          N, layers, p2p_order, threaded):
+                                                          N, layers, p2p_order, threaded, dealloc):
     ref_losses, ref_grads = _reference(mtp, N, layers)
     results = run_distributed(_pipelined, ranks,
-                              args=(schedule, mtp, False, N, layers, p2p_order, threaded),
+                              args=(schedule, mtp, False, N, layers, p2p_order, threaded, dealloc),
                               megatron_parallel={"pipeline_model_parallel_size": ranks})
     losses = [l for r in results for l in r[0]]
     assert sorted(losses) == pytest.approx(sorted(ref_losses), rel=1e-5)
