@@ -140,7 +140,13 @@ def plan_placement(loads: Sequence[float], *, num_groups: int, num_nodes: int, n
             replicas[i] += 1
         physical = [e for e, n in zip(experts, replicas) for _ in range(n)]
         share = [loads[e] / n for e, n in zip(experts, replicas) for _ in range(n)]
-        for members in _pack(share, ranks_per_node, P // num_ranks, labels=physical):
+        # replicas of one expert on different ranks where that helps; forcing them apart can put
+        # a replica on the heaviest rank, so the packing that lets them share a rank (which is
+        # never worse than no redundancy) is kept when its busiest rank carries less
+        packings = [_pack(share, ranks_per_node, P // num_ranks, labels=physical),
+                    _pack(share, ranks_per_node, P // num_ranks)]
+        best = min(packings, key=lambda packing: max(sum(share[i] for i in m) for m in packing))
+        for members in best:
             slots.append(sorted(physical[i] for i in members))
     return Placement(slots, E, num_nodes)
 
@@ -152,15 +158,18 @@ class ReplicaMap(torch.nn.Module):
     replica k mod n. (With two decode micro-batches in two threads the shared count may
     interleave; any replica gives the same result, only the balance is approximate.)"""
 
-    def __init__(self, placement: Placement):
+    def __init__(self, placement: Placement, rank: Optional[int] = None):
         super().__init__()
         replicas = placement.replicas()
         width = max(len(r) for r in replicas)
         table = torch.tensor([r + [r[0]] * (width - len(r)) for r in replicas], dtype=torch.long)
         self.register_buffer("table", table, persistent=False)  # [E, max replicas]
         self.register_buffer("count", torch.tensor([len(r) for r in replicas]), persistent=False)
-        self.register_buffer("seen", torch.zeros(len(replicas), dtype=torch.long),
-                             persistent=False)  # tokens routed to each expert so far
+        # tokens routed to each expert so far, started at the rank's place: ranks stepping in
+        # lockstep (decoding) send a hot expert's tokens to different replicas in the same step
+        start = rank if rank is not None else 0
+        self.register_buffer("seen", torch.full((len(replicas),), start, dtype=torch.long),
+                             persistent=False)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         flat = indices.flatten().long()
@@ -245,7 +254,7 @@ def apply_placement(model, placements: Sequence[Placement]) -> None:
         experts.num_local_experts = n_local
         experts.local_expert_offset = rank * n_local
         d.set_expert_layout(S * placement.num_ranks, n_local, rank * n_local)
-        moe.replicas = ReplicaMap(placement).to(experts.fc1_weight.device)
+        moe.replicas = ReplicaMap(placement, rank).to(experts.fc1_weight.device)
         moe.placement = placement
 
 

@@ -45,6 +45,11 @@ def expert_replica_id(expt_dp_group) -> tuple:
     return (0, 0, group.rank() if group is not None else 0)
 
 
+
+PLACED_NO_CHECKPOINT = (
+    "these experts were re-laid with redundant replicas (megatron_dsv3.moe.eplb.apply_placement), "
+    "which is for serving: checkpoint the model before applying a placement")
+
 class GroupedExperts(MegatronModule):
     """`gemm`: the GEMM strategy factory, config -> Gemm, of fc1 and fc2 (the spec's param, from
     layer_specs.gemm_strategy; None: plain GEMMs)."""
@@ -69,6 +74,14 @@ class GroupedExperts(MegatronModule):
                 init_expert_weights(config, list(self.fc1_weight), list(self.fc2_weight), key,
                                     local_expert_offset)
         self.gemm = gemm(config) if gemm is not None else DEFAULT_GEMM
+        self.register_state_dict_pre_hook(GroupedExperts._refuse_plain_state_dict_when_placed)
+
+    def _refuse_plain_state_dict_when_placed(self, *_args, **_kwargs):
+        """state_dict() pre-hook: a placed stack holds physical slots (replicas, experts moved
+        across ranks), which a plain state dict would write as if they were the logical experts
+        (a reload then silently permutes them)."""
+        if getattr(self, "placed", False):
+            raise ValueError(PLACED_NO_CHECKPOINT)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """The global [E, ...] stacks, this rank's experts at rows [offset, offset + E_local).
@@ -78,9 +91,7 @@ class GroupedExperts(MegatronModule):
         Megatron prepends for homogeneous blocks) come first.
         """
         if getattr(self, "placed", False):
-            raise ValueError("these experts were re-laid with redundant replicas "
-                             "(megatron_dsv3.moe.eplb.apply_placement), which is for serving: "
-                             "checkpoint the model before applying a placement")
+            raise ValueError(PLACED_NO_CHECKPOINT)
         replica_id = expert_replica_id(self.expt_dp_group)
         expert_axis = (len(sharded_offsets), self.local_expert_offset // self.num_local_experts,
                        self.config.num_moe_experts // self.num_local_experts)

@@ -99,6 +99,13 @@ class DeepSeekMoE(MegatronModule):
                 **_unused):
         if self.training and torch.is_grad_enabled() and not self._tp_copies_checked:
             self._refuse_tp_copies_in_training()
+        if self.placement is not None and torch.is_grad_enabled():
+            # (the replicas are frozen copies: their gradients would be lost or, once trainable,
+            # differ between the copies of one expert)
+            raise ValueError("this MoE layer's experts were re-laid for serving "
+                             "(megatron_dsv3.moe.eplb.apply_placement): run it without gradients "
+                             "(torch.no_grad / inference_mode), and train the model before "
+                             "applying a placement")
         s, b, h = hidden_states.shape
         x = hidden_states.reshape(s * b, h)
         valid = None if padding_mask is None else ~padding_mask.transpose(0, 1).reshape(-1)

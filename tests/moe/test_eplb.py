@@ -33,13 +33,23 @@ def test_placement_keeps_the_rules(E, G, N, W, R, seed):
         nodes = {r // per_node for r, slots in enumerate(p.slots) for e in slots
                  if e // per_group == g}
         assert len(nodes) == 1
-    for slots in p.slots:  # no rank holds one expert twice (there is always room here)
-        assert len(set(slots)) == len(slots)
     after = p.rank_loads(loads)
     before = contiguous_placement(E, W, N).rank_loads(loads)
     assert after.sum().item() == pytest.approx(sum(loads))
     if R:
         assert after.max() < before.max()
+    # (replicas of an expert may share a rank: the planner keeps, per node, the better of the
+    # packings with the replicas forced apart or not; see the next test)
+
+
+def test_redundant_slots_never_balance_worse_than_none():
+    """Loads [14, 48, 28, 31] on 2 ranks: forcing the replicas of 48 and 31 apart put one on the
+    heaviest rank (67.5); without redundancy the busiest rank carries 62 (found by review)."""
+    loads = [14, 48, 28, 31]
+    none = plan_placement(loads, num_groups=1, num_nodes=1, num_ranks=2, num_redundant=0)
+    two = plan_placement(loads, num_groups=1, num_nodes=1, num_ranks=2, num_redundant=2)
+    assert none.rank_loads(loads).max() == 62
+    assert two.rank_loads(loads).max() <= 62
 
 
 def test_the_hot_expert_is_split_over_its_nodes_ranks():
@@ -66,6 +76,16 @@ def test_replica_map_is_round_robin_per_expert_across_calls():
             assert got.flatten()[pos].item() == reps[e][seen[e] % len(reps[e])]
             seen[e] += 1
         assert (p.physical_to_logical[got] == indices).all()
+
+
+def test_ranks_in_lockstep_start_on_different_replicas():
+    """Every expert-parallel rank builds the same map: started at the same count, all ranks sent
+    a hot expert's decode tokens to the same replica in a step (found by review)."""
+    p = plan_placement([9, 1, 1, 1, 1, 1, 1, 1], num_groups=1, num_nodes=1, num_ranks=4,
+                       num_redundant=4)
+    hot = torch.zeros(1, 1, dtype=torch.long)  # one token for expert 0 per rank and step
+    chosen = [ReplicaMap(p, rank)(hot).item() for rank in range(4)]
+    assert sorted(set(chosen)) == sorted(p.replicas()[0])  # spread over its replicas
 
 
 def test_bad_arguments_name_the_field():
@@ -104,6 +124,13 @@ def test_applied_placement_leaves_outputs_unchanged(single_rank_world):
         [r.tokens for r in plain]
     with pytest.raises(ValueError, match="checkpoint the model before applying a placement"):
         model.sharded_state_dict()
+    # a plain state dict would write the physical slots as the logical experts (a reload then
+    # silently permuted them; found by review), and training would lose the replicas' gradients
+    with pytest.raises(ValueError, match="checkpoint the model before applying a placement"):
+        model.state_dict()
+    with pytest.raises(ValueError, match="re-laid for serving.*without gradients"):
+        model.train()(tokens, pos, None)
+    model.eval()
     # placed again from other loads: still the same model
     apply_placement(model, [plan_placement(list(reversed(l)), num_groups=4, num_nodes=2,
                                            num_ranks=4, num_redundant=8) for l in loads.tolist()])
