@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_dsv3.generate",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
-                   help="HF checkpoint directory or trainer checkpoint (run dir or checkpoint/)")
+                   help="HF checkpoint directory, trainer checkpoint (run dir or checkpoint/) or "
+                   "distributed checkpoint written by `convert --to dist`")
     p.add_argument("--prompt", action="append", dest="prompts", default=[],
                    help="prompt text; repeat for a batch of requests")
     p.add_argument("--prompt-ids", action="append", dest="prompts", type=token_ids,
@@ -85,7 +86,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.prompts:
         parser.error("a prompt is needed: allowed are one or more --prompt TEXT or "
                      "--prompt-ids 1,2,3")
+    if any(stop == "" for stop in args.stop):
+        parser.error("--stop '' is invalid: allowed are non-empty strings (an empty one ends "
+                     "every request after its first token)")
+    if args.temperature == 0:
+        ignored = [flag for flag, given in (("--top-k", args.top_k != 0),
+                                            ("--top-p", args.top_p != 1.0),
+                                            ("--seed", args.seed is not None)) if given]
+        if ignored:
+            parser.error(f"{' '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to "
+                         "sampling: allowed with --temperature > 0 (the default 0 is greedy)")
     import torch
+
+    if args.device is not None:
+        try:
+            chosen = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r} is invalid: allowed are cpu, cuda, cuda:N")
+        if chosen.type not in ("cpu", "cuda"):
+            parser.error(f"--device {args.device!r} is invalid: allowed are cpu, cuda, cuda:N")
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device} is invalid here: CUDA is not available "
+                         "(allowed: cpu)")
 
     import megatron_dsv3  # noqa: F401
     from megatron_dsv3.inference import InferenceEngine, Request, SamplingParams

@@ -68,7 +68,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_formats:
-        return list_formats(args.device)
+        try:
+            return list_formats(args.device)
+        except ImportError as error:  # (nvidia-modelopt, the [deploy] extra, is missing)
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     missing = [f"--{f}" for f in ("checkpoint", "quant", "out") if getattr(args, f) is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")

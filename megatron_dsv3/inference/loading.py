@@ -122,15 +122,50 @@ def load_hf_checkpoint(path: str, dtype: torch.dtype = DEFAULT_DTYPE):
     return model
 
 
+def _converted_dist_checkpoint(path: str) -> Optional[str]:
+    """The step directory of a distributed checkpoint at `path` (ours or in Megatron-LM's
+    layout), or None."""
+    from megatron_dsv3.checkpoint.convert import dist_checkpoint_dir
+
+    step = dist_checkpoint_dir(path)
+    return step if os.path.isfile(os.path.join(step, ".metadata")) else None
+
+
+def load_converted_dist_checkpoint(path: str, step: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Our model from a distributed checkpoint with the HF config the converter kept."""
+    from megatron_dsv3.checkpoint import dist as dist_io
+    from megatron_dsv3.checkpoint.convert import HF_CONFIG_FILE
+    from megatron_dsv3.checkpoint.hf_config import config_from_hf, read_hf_config
+    from megatron_dsv3.model import build_model
+
+    stored = os.path.join(step, HF_CONFIG_FILE)
+    if not os.path.isfile(stored):
+        raise CheckpointError(f"{step} is a distributed checkpoint without {HF_CONFIG_FILE} (not "
+                              "written by our converter): convert it to HF with "
+                              "`python -m megatron_dsv3.checkpoint convert --to hf --hf-config "
+                              "<config.json>` and generate from that")
+    hf = read_hf_config(stored)
+    depth = hf.get("num_nextn_predict_layers") or 0
+    model = build_model(config_from_hf(hf, dtype=dtype, mtp_num_layers=depth or None,
+                                       perform_initialization=False))
+    dist_io.load([model], path)
+    return model
+
+
 def load_for_generation(path: str, dtype: torch.dtype = DEFAULT_DTYPE, device=None
                         ) -> Tuple[torch.nn.Module, Optional[Tokenizer]]:
     """(model in eval mode on `device`, Tokenizer or None) from an HF or trainer checkpoint
     directory, parameters in `dtype` (bfloat16 by default). The tokenizer is the checkpoint's own,
     the byte-level one for a 256-token vocabulary, else None (the caller works in token ids).
-    Weights are read on the CPU, then moved."""
+    Weights are read on the CPU, then moved. Also a distributed checkpoint the converter wrote
+    (`convert --to dist`, its config.json kept as hf_config.json), in our or Megatron-LM's layout."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a directory")
-    if os.path.isfile(os.path.join(path, "config.json")):
+    dist_dir = _converted_dist_checkpoint(path)
+    if dist_dir is not None:
+        model = load_converted_dist_checkpoint(path, dist_dir, dtype)
+        tokenizer = byte_tokenizer() if model.config.vocab_size == 256 else None
+    elif os.path.isfile(os.path.join(path, "config.json")):
         model = load_hf_checkpoint(path, dtype)
         if any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
             tokenizer = hf_tokenizer(path)
@@ -140,8 +175,9 @@ def load_for_generation(path: str, dtype: torch.dtype = DEFAULT_DTYPE, device=No
         file = trainer_checkpoint_file(path)
         if file is None:
             raise CheckpointError(
-                f"{path} is neither an HF checkpoint (no config.json) nor a trainer checkpoint "
-                "(no rank0.pt, checkpoints/latest.json or checkpoint/rank0.pt)")
+                f"{path} is neither an HF checkpoint (no config.json), a converted distributed "
+                "checkpoint (no .metadata) nor a trainer checkpoint (no rank0.pt, "
+                "checkpoints/latest.json or checkpoint/rank0.pt)")
         model = load_trainer_checkpoint(file, dtype)
         tokenizer = byte_tokenizer() if model.config.vocab_size == 256 else None
     if device is not None:

@@ -13,6 +13,7 @@ CPU, read back through our load_hf / generate, and checked against independent r
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -477,3 +478,32 @@ def test_list_formats_reports_what_modelopt_runs_here(capsys):
     with pytest.raises(SystemExit):
         main(["--quant", "fp8"])
     assert "required: --checkpoint, --out" in capsys.readouterr().err
+
+
+def test_list_formats_without_modelopt_is_an_error_message(capsys, monkeypatch):
+    """The export itself named the missing [deploy] extra; --list-formats ended in a traceback."""
+    from megatron_dsv3.export import quantize
+    from megatron_dsv3.export.__main__ import main
+
+    def missing():
+        raise ImportError("the export needs nvidia-modelopt: pip install 'megatron-dsv3[deploy]'")
+
+    monkeypatch.setattr(quantize, "_mtq", missing)
+    assert main(["--list-formats", "--device", "cpu"]) == 1
+    assert "error: the export needs nvidia-modelopt" in capsys.readouterr().err
+
+
+def test_fp8_block_warns_about_rows_that_end_in_a_partial_block():
+    """Written as DeepSeek writes them (our reader is exact); transformers 5.24 misreads them."""
+    from types import SimpleNamespace
+
+    from megatron_dsv3.export.formats import get_format
+    from megatron_dsv3.export.hf_writer import _fmt_tensors
+
+    fmt, q = get_format("fp8-block"), SimpleNamespace(weight_quantizers=[None])
+    with pytest.warns(UserWarning, match="160 rows .* partial 128x128 block"):
+        names = [n for n, _ in _fmt_tensors(fmt, "x.weight", torch.randn(160, 64), None, q)]
+    assert names == ["x.weight", "x.weight_scale_inv"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(_fmt_tensors(fmt, "y.weight", torch.randn(256, 160), None, q))  # whole row blocks

@@ -182,3 +182,44 @@ def test_one_default_dtype_bf16_for_the_cli_and_every_load_path(trainer_run, tmp
     assert config_from_hf(path).params_dtype == torch.bfloat16
     model, tok = load_for_generation(path)
     assert model.embedding.word_embeddings.weight.dtype == torch.bfloat16 and tok is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "a", "--stop", ""], "--stop '' is invalid: allowed are non-empty strings"),
+    (["--prompt", "a", "--top-k", "5"], "--top-k applies to sampling: allowed with --temperature"),
+    (["--prompt", "a", "--top-p", "0.5", "--seed", "3"], "--top-p --seed apply to sampling"),
+    (["--prompt", "a", "--device", "gpu0"], "--device 'gpu0' is invalid"),
+])
+def test_cli_refuses_flags_that_would_be_ignored_or_fail_late(argv, message, capsys):
+    """Before: an empty stop string ended every request after one token; sampling flags under
+    greedy decoding changed nothing; a bad device failed with a traceback after loading."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", "/nonexistent", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_cli_generates_from_a_converted_distributed_checkpoint(tmp_path, capsys, release):
+    """`convert --to dist` output (ours, or in Megatron-LM's layout) gives the HF checkpoint's
+    tokens (it was refused as neither an HF nor a trainer checkpoint)."""
+    from megatron_dsv3.checkpoint.convert import hf_to_dist
+
+    hf, dist = str(tmp_path / "hf"), str(tmp_path / "dist")
+    make_hf_checkpoint(hf, vocab_size=64)
+    hf_to_dist(hf, dist, dtype=torch.float32, progress=False, megatron_release=release)
+    outs = []
+    for path in (hf, dist):
+        assert main(["--checkpoint", path, "--prompt-ids", "5,9,33,2", "--max-new-tokens", "5",
+                     "--device", "cpu", "--dtype", "fp32"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and "(5 tokens, length)" in outs[0]
+
+
+def test_byte_tokenizer_refuses_the_character_whose_byte_ends_a_document():
+    """U+0000 encodes to byte 0, the end-of-document id: 'a\\x00b' became [97, EOD, 98] and
+    decoded back as 'ab' (found by review)."""
+    tok = ByteTokenizer()
+    assert tok.detokenize(tok.tokenize("héllo")) == "héllo"
+    with pytest.raises(ValueError, match="U\\+0000 at position 1"):
+        tok.tokenize("a\x00b")
