@@ -87,11 +87,13 @@ def load_trainer_checkpoint(file: str, dtype: torch.dtype = DEFAULT_DTYPE):
         raise CheckpointError(f"{file} is not a trainer checkpoint: expected a dict with 'models' "
                               "and 'args' (written by megatron_dsv3.training.trainer.Trainer.save)")
     args = state["args"]
-    if state.get("world_size", 1) != 1 or args.get("pp", 1) != 1 or args.get("ep", 1) != 1:
+    if args.get("pp", 1) != 1 or args.get("ep", 1) != 1:
+        # (data parallelism alone replicates the model: rank 0's file holds all of it)
         raise CheckpointError(
             f"{file} was written by a distributed run (world size {state.get('world_size')}, "
-            f"pp={args.get('pp')}, ep={args.get('ep')}); generation loads trainer checkpoints "
-            "of single-process runs (world size 1, pp=1, ep=1)")
+            f"pp={args.get('pp')}, ep={args.get('ep')}) whose rank 0 holds part of the model; "
+            "generation loads trainer checkpoints of runs with pp=1 and ep=1 (any number of "
+            "data-parallel ranks)")
     overrides = dict(args.get("config_overrides") or {})
     overrides.setdefault("init_seed", args.get("seed", 1234))
     if args.get("fp8"):

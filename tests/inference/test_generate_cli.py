@@ -223,3 +223,18 @@ def test_byte_tokenizer_refuses_the_character_whose_byte_ends_a_document():
     assert tok.detokenize(tok.tokenize("héllo")) == "héllo"
     with pytest.raises(ValueError, match="U\\+0000 at position 1"):
         tok.tokenize("a\x00b")
+
+
+def test_a_data_parallel_runs_checkpoint_loads(trainer_run, tmp_path, capsys):
+    """Data parallelism alone (world size 2, pp=1, ep=1): rank 0's file holds the whole model
+    (it was refused as "written by a distributed run")."""
+    run, _ = trainer_run
+    state = torch.load(os.path.join(run, "checkpoint", "rank0.pt"), weights_only=False)
+    os.makedirs(tmp_path / "checkpoint")
+    torch.save(dict(state, world_size=2), tmp_path / "checkpoint" / "rank0.pt")
+    outs = []
+    for path in (run, str(tmp_path)):
+        assert main(["--checkpoint", path, "--prompt", "def ", "--max-new-tokens", "4",
+                     "--device", "cpu", "--dtype", "fp32"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
