@@ -91,7 +91,8 @@ def export(checkpoint: str, out: str, quant: str, *, calib: int = 64,
     start = time.monotonic()
     model, base_config, kind = load_model(checkpoint, dtype, hf_config)
     group_size = check_group_size(model, fmt, group_size, also_quantize)
-    batches = calibration_batches(model.config, calib_data, calib, calib_seq_length, batch_size)
+    batches = calibration_batches(model.config, calib_data, calib, calib_seq_length, batch_size,
+                                  skip_bytes=getattr(model, "trained_corpus_bytes", 8 << 20))
     model = model.to(target)
     loaded = time.monotonic()
     quantize(model, fmt, batches, group_size=group_size, quantize=also_quantize,

@@ -108,6 +108,8 @@ def load_trainer_checkpoint(file: str, dtype: torch.dtype = DEFAULT_DTYPE):
     except RuntimeError as error:
         raise CheckpointError(f"{file} does not fit the model its arguments describe: "
                               f"{error}") from error
+    # the bytes of the standard-library corpus the run trained on (held-out text starts there)
+    model.trained_corpus_bytes = int(args.get("corpus_bytes", 8 << 20))
     return model
 
 

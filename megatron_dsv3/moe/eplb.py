@@ -207,7 +207,11 @@ class ExpertLoadRecorder:
         """[layers, E] counts, summed over `group` (e.g. the expert-parallel group) if given."""
         out = torch.stack(self.counts)
         if group is not None and dist.get_world_size(group) > 1:
+            # on the model's device: an NCCL group reduces CUDA tensors only
+            device = self.layers[0].router.weight.device if self.layers else out.device
+            out = out.to(device)
             dist.all_reduce(out, group=group)
+            out = out.cpu()
         return out
 
     def remove(self) -> None:

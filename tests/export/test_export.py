@@ -507,3 +507,33 @@ def test_fp8_block_warns_about_rows_that_end_in_a_partial_block():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         list(_fmt_tensors(fmt, "y.weight", torch.randn(256, 160), None, q))  # whole row blocks
+
+
+def test_calibration_of_a_trainer_checkpoint_skips_the_text_it_trained_on(tmp_path, monkeypatch,
+                                                                           single_rank_world):
+    """The held-out calibration text starts after the run's --corpus-bytes (it always skipped
+    the default 8 MiB: a run on more had trained on its calibration text)."""
+    import dataclasses
+
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.export import quantize
+    from megatron_dsv3.export.api import export
+    from megatron_dsv3.model import build_model
+    from megatron_dsv3.training.trainer import TrainArgs
+
+    run = tmp_path / "run"
+    args = TrainArgs(seed=0, save_dir=str(run), corpus_bytes=10 << 20)
+    os.makedirs(run / "checkpoint")
+    torch.save({"models": [build_model(get_config(args.preset)).state_dict()], "optimizer": {},
+                "step": 1, "rng": torch.get_rng_state(), "args": dataclasses.asdict(args),
+                "world_size": 1}, run / "checkpoint" / "rank0.pt")
+    seen = {}
+
+    def calibration_batches(*a, skip_bytes, **k):
+        seen["skip"] = skip_bytes
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(quantize, "calibration_batches", calibration_batches)
+    with pytest.raises(ValueError, match="stop here"):
+        export(str(run), str(tmp_path / "out"), "fp8-block", progress=False)
+    assert seen["skip"] == 10 << 20
