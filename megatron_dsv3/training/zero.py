@@ -37,6 +37,8 @@ def _accumulate_in_fp32(p: torch.Tensor) -> None:
     weight gradient, megatron_dsv3.core.gemm.accumulate_grad) hands it is added into a float32
     buffer at once, so micro-batches accumulate in float32 (DeepSeek-V3 keeps the gradients of
     batch accumulation in FP32, as Megatron's main_grad does), not in the parameter's dtype."""
+    if p.grad is None:
+        return
     acc = getattr(p, FP32_GRAD, None)
     if acc is None:
         setattr(p, FP32_GRAD, p.grad.float())
@@ -109,8 +111,9 @@ class ZeroOneOptimizer:
                  weight_decay: float = 0.0, shard: bool = True, **optimizer_kwargs):
         params = [p for p in params if p.requires_grad]
         for p in params:
-            if p.dtype in (torch.bfloat16, torch.float16):
+            if p.dtype in (torch.bfloat16, torch.float16) and not getattr(p, "_fp32_hooked", False):
                 p.register_post_accumulate_grad_hook(_accumulate_in_fp32)
+                p._fp32_hooked = True  # (once, whichever optimizer sees the parameter first)
         dense = [p for p in params if getattr(p, "allreduce", True)]
         experts = [p for p in params if not getattr(p, "allreduce", True)]
         self.domains: List[_Domain] = []
