@@ -33,6 +33,10 @@ from megatron_dsv3.core.recompute import recompute_region
 from megatron_dsv3.moe.experts import expert_replica_id, init_expert_weights
 
 STACKED = ("fc1_weight", "fc2_weight")
+# TE's FP8 block-scaling grouped GEMM takes per-GEMM row counts that are multiples of 16
+# (cublaslt_gemm.cu: "Caller must pad"; TE's get_align_size_for_quantization, Megatron's
+# Fp8Padding): under an FP8 recipe each expert's rows are padded with zero rows to that.
+FP8_ALIGN = 16
 
 
 def _transformer_engine():
@@ -70,6 +74,9 @@ class TEGroupedExperts(MegatronModule):
         if config.perform_initialization:
             init_expert_weights(config, self.expert_weights("fc1"), self.expert_weights("fc2"),
                                 key, local_expert_offset)
+        # an FP8 recipe of ours or Megatron's drives TE's GEMMs: row counts padded for them
+        self.align = FP8_ALIGN if (getattr(config, "dsv3_fp8_recipe", None)
+                                   or getattr(config, "fp8", None)) else 1
         self._register_state_dict_hook(_stack_expert_weights)
         self._register_load_state_dict_pre_hook(_split_expert_weights, with_module=True)
 
@@ -81,12 +88,22 @@ class TEGroupedExperts(MegatronModule):
     def forward(self, rows: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
         """rows [N, h] sorted by local expert -> [N, h]."""
         m_splits = [int(n) for n in tokens_per_expert]
+        real = None
+        if self.align > 1 and any(n % self.align for n in m_splits):
+            # zero rows after each expert's: they give zero outputs and add nothing to any
+            # gradient; only the real rows are handed back
+            padded = [-(-n // self.align) * self.align for n in m_splits]
+            starts = [sum(padded[:e]) for e in range(len(padded))]
+            real = torch.cat([torch.arange(n, device=rows.device) + s
+                              for n, s in zip(m_splits, starts)])
+            rows = rows.new_zeros(sum(padded), rows.shape[1]).index_copy(0, real, rows)
+            m_splits = padded
         h = self.linear_fc1(rows, m_splits)
         act, release = recompute_region(self.config, "moe_act", swiglu)
         a = act(h)
         out = self.linear_fc2(a, m_splits)
         release(out)
-        return out
+        return out if real is None else out.index_select(0, real)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """GroupedExperts' global tensors (`fc1_weight` [E, 2F, h], `fc2_weight` [E, h, F]), one

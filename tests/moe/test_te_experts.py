@@ -60,6 +60,9 @@ def _fake_transformer_engine(fake: FakeTE):
 
         def forward(self, inp, m_splits: List[int], is_first_microbatch=None):
             assert len(m_splits) == self.num_gemms, "Number of splits should match number of GEMMs."
+            if fake.active_recipe is not None and any(m % 16 for m in m_splits):
+                # TE's FP8 block-scaling GEMM (cublaslt_gemm.cu, CanonicalizeGemmInput)
+                raise RuntimeError(f"Caller must pad. m_splits={m_splits}")
             fake.calls.append((self, list(m_splits), fake.active_recipe))
             parts = torch.split(inp, m_splits)
             return torch.cat([p @ getattr(self, f"weight{i}").t() for i, p in enumerate(parts)])
@@ -140,6 +143,34 @@ def test_te_experts_hold_the_same_experts_and_keys_and_get_counts_as_m_splits(fa
     torch.testing.assert_close(te(rows, counts), ours(rows, counts))
     assert [c[1] for c in fake_te.calls] == [counts, counts]
     assert [c[0] for c in fake_te.calls] == [te.linear_fc1, te.linear_fc2]
+
+
+def test_te_experts_pad_each_experts_rows_for_fp8(fake_te, single_rank_world):
+    """TE's FP8 block-scaling grouped GEMM needs row counts that are multiples of 16 (the
+    stand-in raises TE's "Caller must pad"): under the recipe each expert's rows are padded with
+    zero rows, and the outputs and gradients are the unpadded experts' (against our experts in
+    high precision: the stand-in's GEMMs are not FP8)."""
+    from megatron_dsv3.fp8.te_autocast import te_fp8_autocast
+
+    config = get_config("deepseek-v3-tiny", use_cpu_initialization=True,
+                        dsv3_fp8_recipe="deepseek")
+    te = _experts(config, te_spec=True)
+    plain = _experts(get_config("deepseek-v3-tiny", use_cpu_initialization=True), te_spec=True)
+    counts = [3, 0, 17, 2]
+    rows = torch.randn(sum(counts), config.hidden_size, requires_grad=True)
+    with te_fp8_autocast(config):
+        out = te(rows, counts)
+    assert [c[1] for c in fake_te.calls] == [[16, 0, 32, 16]] * 2  # padded per expert
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    ref_rows = rows.detach().clone().requires_grad_()
+    ref = plain(ref_rows, counts)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(rows.grad, ref_rows.grad)
+    for a, b in zip(te.expert_weights("fc1") + te.expert_weights("fc2"),
+                    plain.expert_weights("fc1") + plain.expert_weights("fc2")):
+        torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_te_fp8_autocast_enters_our_recipe_only_on_the_te_backend(fake_te):
