@@ -17,7 +17,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check_out}"
 mkdir -p "$OUT"
-PY="$(command -v python || command -v python3)"
+PY="$(command -v python3 || command -v python)"  # python3: the device image's interpreter with torch
 SITE="$(mktemp -d)"  # outside $OUT: nothing of it travels back
 trap 'rm -rf "$SITE"' EXIT
 echo "[gpu_check] $(date -u +%H:%M:%S) python: $PY; out: $OUT"

@@ -117,18 +117,25 @@ def _torch_blockers(c: Capabilities) -> str:
     return ""
 
 
-def _te_blockers(c: Capabilities) -> str:
+def _te_blockers(c: Capabilities, fp8: bool = False) -> str:
     if not c.te:
         return "Transformer Engine is not importable (transformer_engine.pytorch)"
     if not c.cuda:
         return "no CUDA device (Transformer Engine's modules run on CUDA only)"
+    if fp8 and (c.capability is None or c.capability < (9, 0)
+                or c.cuda_version is None or c.cuda_version < MIN_CUDA):
+        # (TE asserts it when its autocast is entered: _compute_fp8_block_scaling_support)
+        return (f"the FP8 recipe runs on Transformer Engine's Float8BlockScaling, which needs SM "
+                f">= 9.0 and CUDA >= {MIN_CUDA[0]}.{MIN_CUDA[1]} ({c.device_name}: "
+                f"SM{''.join(map(str, c.capability or ()))}, CUDA {c.cuda_version})")
     return ""
 
 
-def available_backends(caps: Optional[Capabilities] = None) -> Dict[str, str]:
-    """{backend: '' if it can run with `caps` (default: this process), else why not}."""
+def available_backends(caps: Optional[Capabilities] = None, fp8: bool = False) -> Dict[str, str]:
+    """{backend: '' if it can run with `caps` (default: this process), else why not}; `fp8`:
+    with an FP8 recipe configured."""
     c = probe() if caps is None else caps
-    return {"emulated": "", "torch": _torch_blockers(c), "te": _te_blockers(c)}
+    return {"emulated": "", "torch": _torch_blockers(c), "te": _te_blockers(c, fp8)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +149,10 @@ class BackendChoice:
         return f"GEMM backend {self.name!r} (dsv3_gemm_backend: {how}): {self.reason}"
 
 
-def choose_backend(requested: Optional[str], caps: Optional[Capabilities] = None) -> BackendChoice:
-    """The backend for `requested` (None: auto) given `caps` (default: this process).
+def choose_backend(requested: Optional[str], caps: Optional[Capabilities] = None,
+                   fp8: bool = False) -> BackendChoice:
+    """The backend for `requested` (None: auto) given `caps` (default: this process) and whether
+    an FP8 recipe is configured (`fp8`: Transformer Engine then needs its block scaling).
 
     Auto: 'te' when Transformer Engine imports and CUDA is present, else 'torch' when torch's
     blockwise FP8 GEMMs run here, else 'emulated'. ValueError naming dsv3_gemm_backend when
@@ -152,7 +161,7 @@ def choose_backend(requested: Optional[str], caps: Optional[Capabilities] = None
     if requested is not None and requested not in GEMM_BACKENDS:
         raise ValueError(f"dsv3_gemm_backend={requested!r} is invalid: allowed values are None "
                          f"(auto), {', '.join(repr(b) for b in GEMM_BACKENDS)}")
-    blockers = available_backends(c)
+    blockers = available_backends(c, fp8)
     if requested is None:
         if not blockers["te"]:
             return BackendChoice("te", f"auto: Transformer Engine {c.te_version} and CUDA "
@@ -177,7 +186,8 @@ _LOGGED = set()
 
 def resolve(config, caps: Optional[Capabilities] = None) -> BackendChoice:
     """The backend for `config.dsv3_gemm_backend` here; each distinct decision is logged once."""
-    choice = choose_backend(getattr(config, "dsv3_gemm_backend", None), caps)
+    fp8 = bool(getattr(config, "dsv3_fp8_recipe", None) or getattr(config, "fp8", None))
+    choice = choose_backend(getattr(config, "dsv3_gemm_backend", None), caps, fp8)
     key = (choice.name, choice.requested, choice.reason)
     if key not in _LOGGED:
         _LOGGED.add(key)

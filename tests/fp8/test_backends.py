@@ -97,6 +97,15 @@ def test_decision_on_other_machines():
     assert choose_backend("torch", with_te).name == "torch"  # asked for: honoured
     with pytest.raises(ValueError, match="'te' cannot run here: no CUDA device"):
         choose_backend("te", Capabilities(te=True))
+    # TE's FP8 block scaling needs SM >= 9.0 and CUDA >= 12.9: with the FP8 recipe, auto passes
+    # over TE there (its autocast would assert at the first forward) and asking for it is refused
+    a100_te = Capabilities(**{**A100.__dict__, "te": True, "te_version": "2.8"})
+    assert choose_backend(None, a100_te).name == "te"  # BF16: TE runs on Ampere
+    assert choose_backend(None, a100_te, fp8=True).name == "emulated"
+    with pytest.raises(ValueError, match=r"'te' cannot run here: the FP8 recipe .* SM >= 9.0"):
+        choose_backend("te", a100_te, fp8=True)
+    h100_old_cuda_te = Capabilities(**{**old_cuda.__dict__, "te": True, "te_version": "2.8"})
+    assert choose_backend(None, h100_old_cuda_te, fp8=True).name == "emulated"
     assert choose_backend(None, CPU_ONLY).name == "emulated"
 
 

@@ -207,9 +207,10 @@ def test_each_half_of_the_te_specs_layer_runs_inside_te_autocast(fake_te, single
     from megatron_dsv3.moe.te_experts import TEGroupedExperts
 
     local = layer_specs.backend(False)
-    # an SM80 GPU with TE: our stand-in linears take the emulation ('torch' needs SM 9.x)
-    a100 = dataclasses.replace(H200_WITH_TE, device_name="NVIDIA A100", capability=(8, 0))
-    monkeypatch.setattr(backends, "probe", lambda: a100)
+    # an H200 with TE and a torch without the blockwise scaled_mm: our stand-in linears take the
+    # emulation ('torch' cannot run), TE's FP8 block scaling can (SM 9.0, CUDA 12.9)
+    old_torch = dataclasses.replace(H200_WITH_TE, torch_version=(2, 8), blockwise_scaled_mm=False)
+    monkeypatch.setattr(backends, "probe", lambda: old_torch)
     monkeypatch.setattr(layer_specs, "backend",
                         lambda use_te=None: SimpleNamespace(**{**vars(local), "name": "te"}))
     config = get_config("deepseek-v3-tiny", dsv3_fp8_recipe="deepseek",
