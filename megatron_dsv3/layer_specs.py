@@ -116,6 +116,14 @@ class TEAutocastLayer(DeepSeekV3TransformerLayer):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         self.te_fp8_recipe = te_fp8_recipe(config)
+        if self.te_fp8_recipe is None and getattr(config, "dsv3_fp8_recipe", None) \
+                and not getattr(config, "fp8", None):
+            raise ValueError(
+                f"the Transformer Engine spec runs dsv3_fp8_recipe={config.dsv3_fp8_recipe!r} in "
+                f"its linears only on the 'te' GEMM backend; here it is "
+                f"{gemm_backend(config).name!r}, so they would run in BF16 beside FP8 routed "
+                "experts. Allowed: dsv3_gemm_backend='te' (or None where TE runs the recipe) with "
+                "the TE spec, or our modules' spec (use_te=False) with 'torch' or 'emulated'")
 
     def _attention_half(self, hidden_states, attend):
         with te_autocast(self.te_fp8_recipe):
@@ -164,8 +172,16 @@ def make_dispatcher(config, ep_group, cls: Optional[type] = None) -> TokenDispat
 
 def _use_te(config, use_te: Optional[bool]) -> Optional[bool]:
     """`use_te` as given; unset, TE's modules unless the config asks for a GEMM backend of ours
-    ('emulated', 'torch'), which our modules run (on a TE machine too)."""
-    if use_te is None and getattr(config, "dsv3_gemm_backend", None) in ("emulated", "torch"):
+    ('emulated', 'torch'), which our modules run (on a TE machine too), or its FP8 recipe needs
+    a backend of ours here (TE present, but its block scaling cannot run on this GPU: auto then
+    picks ours, and TE's linears would run in BF16 beside FP8 experts)."""
+    if use_te is not None or config is None:
+        return use_te
+    requested = getattr(config, "dsv3_gemm_backend", None)
+    if requested in ("emulated", "torch"):
+        return False
+    if requested is None and getattr(config, "dsv3_fp8_recipe", None) \
+            and compat.use_transformer_engine() and gemm_backend(config).name != "te":
         return False
     return use_te
 

@@ -237,3 +237,26 @@ def test_te_experts_without_transformer_engine_name_the_field(monkeypatch, singl
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
     with pytest.raises(ImportError, match="set dsv3_gemm_backend to 'emulated' or 'torch'"):
         TEGroupedExperts(get_config("deepseek-v3-tiny"), num_local_experts=2)
+
+
+def test_te_spec_never_runs_bf16_linears_beside_fp8_experts(fake_te, single_rank_world,
+                                                            monkeypatch):
+    """TE present but its FP8 block scaling cannot run here (an A100): the automatic spec is ours
+    (it was TE's: TE linears in BF16, our experts in FP8); asked for explicitly, the TE layer
+    with our recipe on another backend is refused naming the fields."""
+    from types import SimpleNamespace
+
+    from megatron_dsv3 import compat, layer_specs
+
+    a100 = dataclasses.replace(H200_WITH_TE, device_name="NVIDIA A100", capability=(8, 0))
+    monkeypatch.setattr(backends, "probe", lambda: a100)
+    monkeypatch.setattr(compat, "use_transformer_engine", lambda: True)
+    fp8 = get_config("deepseek-v3-tiny", dsv3_fp8_recipe="deepseek", use_cpu_initialization=True)
+    assert layer_specs._use_te(fp8, None) is False
+    assert layer_specs._use_te(get_config("deepseek-v3-tiny"), None) is None  # BF16: TE's
+    local = layer_specs.backend(False)
+    monkeypatch.setattr(layer_specs, "backend",
+                        lambda use_te=None: SimpleNamespace(**{**vars(local), "name": "te"}))
+    spec = layer_specs.get_layer_spec(fp8, use_te=True)
+    with pytest.raises(ValueError, match="'te' GEMM backend; here it is 'emulated'"):
+        spec.module(fp8, spec.submodules, layer_number=2)
