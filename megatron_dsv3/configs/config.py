@@ -49,7 +49,7 @@ class DeepSeekV3Config(MLATransformerConfig):
 
     dsv3_gemm_backend: Optional[str] = None
     """Who runs the GEMMs of our layers: None (auto: 'te' where Transformer Engine imports and
-    CUDA is present, else 'torch' on Hopper (SM 9.x, CUDA >= 12.9, torch >= 2.10), else
+    CUDA is present, with an FP8 recipe on SM >= 9.0 and CUDA >= 12.9 only, else 'torch' on Hopper (SM 9.x, CUDA >= 12.9, torch >= 2.10), else
     'emulated'), 'emulated' (torch GEMMs; the FP8 recipe quantised, dequantised and multiplied in
     float32, on any device), 'torch' (the FP8 recipe on torch's blockwise-scaled F.scaled_mm;
     BF16 experts through torch._grouped_mm) or 'te' (Transformer Engine modules, routed experts
