@@ -374,6 +374,14 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
             "an order that differs between ranks (they have no lanes), pairing one rank's "
             "forward all-reduce with another's backward one. Allowed: overlap=None, or "
             "tensor_model_parallel_size=1")
+    rerun = _recompute_reruns_random_draws(config)
+    if overlap is threaded_forward_backward and rerun:
+        raise ValueError(
+            f"overlap=threaded_forward_backward is refused with {rerun}: a recompute in the "
+            "backward thread sets and restores the process's random-number state while the "
+            "forward thread draws dropout or jitter noise from it (results then differ from "
+            "sequential pairs, and between runs). Allowed: overlap=None, or no dropout and "
+            "jitter, or recompute_modules without core_attn, mlp and shared_experts")
     runner = _Runner(lay, rank, model, forward_step_func, data_iterator, per_direction, shape,
                      dtype, config, group, forward_only, collect_non_loss_data,
                      overlap or sequential_forward_backward, trace)
@@ -416,6 +424,28 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
             # writing main_grad; the sum commutes with its averaging and the 1 / tokens scale
             sync_mirrored_grads(model, group)
     return [runner.losses[k] for k in sorted(runner.losses)]
+
+
+# recompute modules that run their module again in backward, random draws included (the others
+# recompute norms and activations, which draw nothing)
+_RERUN_MODULES = ("core_attn", "mlp", "shared_experts")
+
+
+def _recompute_reruns_random_draws(config) -> str:
+    """'' unless a recompute re-runs random draws in backward (dropout or router jitter inside a
+    module that is run again); else the settings that do, for the error message."""
+    noise = [f"{f}={getattr(config, f)}" for f in ("hidden_dropout", "attention_dropout",
+                                                     "moe_input_jitter_eps")
+             if getattr(config, f, None)]
+    granularity = getattr(config, "recompute_granularity", None)
+    if not noise or granularity is None:
+        return ""
+    if granularity == "full":
+        return f"recompute_granularity='full' and {', '.join(noise)}"
+    modules = getattr(config, "recompute_modules", None)
+    modules = ["core_attn"] if modules is None else list(modules)  # Megatron's default
+    rerun = [m for m in modules if m in _RERUN_MODULES]
+    return f"recompute_modules {rerun} and {', '.join(noise)}" if rerun else ""
 
 
 def _backend(group, device) -> str:

@@ -267,3 +267,52 @@ def test_two_micro_batch_decoding_is_refused_on_cuda_with_expert_parallelism():
     # and anywhere with tensor parallelism (its all-reduces have no lanes)
     with pytest.raises(ValueError, match="refused with tensor_model_parallel_size=2"):
         InferenceEngine(Model(1, "cpu", tp=2), micro_batches=2)
+
+
+def test_threaded_pairs_are_refused_where_a_recompute_reruns_random_draws():
+    """The backward thread's recompute sets and restores the process's random-number state while
+    the forward thread draws dropout / jitter noise from it: threaded pairs then differed from
+    sequential ones, and between runs (found by review)."""
+    from types import SimpleNamespace
+
+    import megatron_dsv3.pipeline.executor as executor
+    from megatron_dsv3.pipeline.overlap import threaded_forward_backward
+
+    def config(**kw):
+        return SimpleNamespace(hidden_size=4, pipeline_dtype=torch.float32,
+                               params_dtype=torch.float32, tensor_model_parallel_size=1, **kw)
+
+    class Chunk(torch.nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.config = cfg
+
+        def parameters(self, recurse=True):
+            yield SimpleNamespace(device=torch.device("cpu"))
+
+    noisy = config(hidden_dropout=0.1, recompute_granularity="selective",
+                   recompute_modules=["layernorm", "shared_experts"])
+    saved = (executor.dist.get_world_size, executor.dist.get_rank,
+             executor.dist.get_process_group_ranks)
+    executor.dist.get_world_size = lambda group=None: 2
+    executor.dist.get_rank = lambda group=None: 0
+    executor.dist.get_process_group_ranks = lambda group: [0, 1]
+    try:
+        with pytest.raises(ValueError, match=r"recompute_modules \['shared_experts'\] and "
+                                             r"hidden_dropout=0.1"):
+            executor.forward_backward_dualpipev(
+                forward_step_func=None, data_iterator=None, model=[Chunk(noisy), Chunk(noisy)],
+                num_microbatches=4, seq_length=4, micro_batch_size=1,
+                overlap=threaded_forward_backward, pg_collection=SimpleNamespace(pp=object()))
+    finally:
+        (executor.dist.get_world_size, executor.dist.get_rank,
+         executor.dist.get_process_group_ranks) = saved
+    rerun = executor._recompute_reruns_random_draws
+    assert rerun(config(hidden_dropout=0.1, recompute_granularity="selective",
+                        recompute_modules=None)).startswith("recompute_modules ['core_attn']")
+    assert rerun(config(moe_input_jitter_eps=0.01, recompute_granularity="full"))
+    # recomputing norms / activations draws nothing; no noise, nothing to disturb
+    assert rerun(config(hidden_dropout=0.1, recompute_granularity="selective",
+                        recompute_modules=["layernorm", "moe_act", "mla_up_proj"])) == ""
+    assert rerun(config(hidden_dropout=0.0, attention_dropout=0.0, recompute_granularity="full",
+                        recompute_modules=None)) == ""
