@@ -72,10 +72,34 @@ def build_model_chunks(config, schedule: str, pp_rank: int, pp_size: int, pg_col
         # chunk 0
         for p in chunks[1].parameters():
             p.shared = True
+        # and in checkpoints the second copies are replicas of the first (megatron-core wants
+        # exactly one main copy of every tensor: with two, no save or load passed its check)
+        _as_replicas(chunks[1])
     if schedule == "dualpipev" and pp_rank == 0 and hasattr(chunks[1], "embedding"):
         # first and last stage on one rank: one embedding, used by both (MTP reads it)
         chunks[1].embedding.word_embeddings.weight = chunks[0].embedding.word_embeddings.weight
     return chunks
+
+
+def _as_replicas(chunk) -> None:
+    """`chunk.sharded_state_dict` with every sharded item a non-main replica (replica id first
+    element 1): written by the main copy elsewhere, read all the same."""
+    original = chunk.sharded_state_dict
+
+    def mark(item):
+        if isinstance(item, dict):
+            return {k: mark(v) for k, v in item.items()}
+        if isinstance(item, list):
+            return [mark(v) for v in item]
+        replica = getattr(item, "replica_id", None)
+        if replica is not None:
+            item.replica_id = (1, *replica[1:]) if isinstance(replica, tuple) else 1
+        return item
+
+    def sharded_state_dict(*args, **kwargs):
+        return mark(original(*args, **kwargs))
+
+    chunk.sharded_state_dict = sharded_state_dict
 
 
 def _name_layers_by_position(block) -> None:

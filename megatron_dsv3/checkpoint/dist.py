@@ -51,14 +51,25 @@ def save(models: List, path: str, overwrite: bool = True) -> None:
 
 
 def load(models: List, path: str) -> None:
-    """Fill this rank's model chunks from the distributed checkpoint `path` (any layout)."""
+    """Fill this rank's model chunks from the distributed checkpoint `path` (any layout). Every
+    tensor of the checkpoint must have its place in the model and the other way round: a
+    checkpoint of another architecture (more layers, MTP, biases the model lacks) is refused
+    (megatron-core's default left the checkpoint's extra tensors unread, silently)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from megatron_dsv3.checkpoint.commit import open_published
     from megatron_dsv3.checkpoint.convert import dist_checkpoint_dir
 
-    state = dist_checkpointing.load(sharded_state_dict(models),
-                                    dist_checkpoint_dir(open_published(path)))
+    step = dist_checkpoint_dir(open_published(path))
+    try:
+        state = dist_checkpointing.load(sharded_state_dict(models), step,
+                                        strict=StrictHandling.RAISE_ALL)
+    except (CheckpointingException, KeyError) as error:
+        raise ValueError(f"the distributed checkpoint {step} does not fit this model: its tensors "
+                         "and the model's differ (another number of layers or experts, MTP, "
+                         f"router biases?): {str(error)[:600]}") from error
     state.pop("checkpoint_version", None)  # (the converter's note for Megatron-LM's loader)
     if len(models) == 1:
         models[0].load_state_dict(state)

@@ -73,3 +73,85 @@ def test_save_at_pp2_ep2_load_at_1x1_and_ep4(tmp_path, single_rank_world):
                           megatron_parallel={"expert_model_parallel_size": 4})
     for logits in ep4:
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def _dualpipe_save(rank, world, ckpt_dir, seed):
+    from megatron_dsv3.checkpoint import dist
+    from megatron_dsv3.model_chunks import build_model_chunks
+
+    chunks = build_model_chunks(_config(init_seed=seed, mtp_num_layers=None), "dualpipe", rank,
+                                world)
+    dist.save(chunks, ckpt_dir)
+    return True
+
+
+def _dualpipe_load(rank, world, ckpt_dir):
+    from megatron_dsv3.checkpoint import dist
+    from megatron_dsv3.model_chunks import build_model_chunks
+
+    chunks = build_model_chunks(_config(init_seed=999, mtp_num_layers=None), "dualpipe", rank,
+                                world)
+    dist.load(chunks, ckpt_dir)
+    out = {}
+    for c in chunks:
+        for name, p in c.named_parameters():
+            if name.startswith("decoder.layers."):
+                local = int(name.split(".")[2])
+                number = c.decoder.layers[local].layer_number
+                name = name.replace(f"decoder.layers.{local}.", f"decoder.layers.{number - 1}.", 1)
+            out[name] = p.detach().clone()
+    return out
+
+
+def _single(rank, world, ckpt_dir, what):
+    from megatron_dsv3.checkpoint import dist
+    from megatron_dsv3.model import DeepSeekV3Model
+
+    if what == "save":
+        dist.save([DeepSeekV3Model(_config(init_seed=11, mtp_num_layers=None))], ckpt_dir)
+        return True
+    model = DeepSeekV3Model(_config(init_seed=999, mtp_num_layers=None))
+    dist.load([model], ckpt_dir)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_dualpipe_chunks_save_and_load_their_mirrored_copies_once(tmp_path, single_rank_world):
+    """DualPipe keeps every stage twice (chunk 0 of rank s, chunk 1 of rank P-1-s): both copies
+    claimed to be the main one, and megatron-core refused every save and load (found by review).
+    The second copy is a replica: a DualPipe checkpoint loads into one rank, and back."""
+    from megatron_dsv3.model import DeepSeekV3Model
+
+    pp = {"pipeline_model_parallel_size": 2}
+    saved, single = str(tmp_path / "dualpipe"), str(tmp_path / "single")
+    assert run_distributed(_dualpipe_save, 2, args=(saved, 11), megatron_parallel=pp) == [True] * 2
+    reference = DeepSeekV3Model(_config(init_seed=11, mtp_num_layers=None))  # keyed: the same
+    loaded = run_distributed(_single, 1, args=(saved, "load"), megatron_parallel={})[0]
+    for name, p in reference.named_parameters():
+        assert torch.equal(loaded[name], p), name
+    assert run_distributed(_single, 1, args=(single, "save"), megatron_parallel={}) == [True]
+    for part in run_distributed(_dualpipe_load, 2, args=(single,), megatron_parallel=pp):
+        for name, value in part.items():
+            assert torch.equal(value, dict(reference.named_parameters())[name]), name
+
+
+def _load_other_architecture(rank, world, ckpt_dir):
+    import pytest
+
+    from megatron_dsv3.checkpoint import dist
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.model import DeepSeekV3Model
+
+    smaller = DeepSeekV3Model(get_config("deepseek-v3-tiny", num_layers=3, mtp_num_layers=None,
+                                         first_k_dense_replace=1, moe_aux_loss_coeff=0.0))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        dist.load([smaller], ckpt_dir)
+    return True
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, single_rank_world):
+    """A 4-layer checkpoint into a 3-layer model: megatron-core's default strictness left layer 4
+    unread and loaded the rest without a word."""
+    ckpt = str(tmp_path / "four")
+    assert run_distributed(_single, 1, args=(ckpt, "save"), megatron_parallel={}) == [True]
+    assert run_distributed(_load_other_architecture, 1, args=(ckpt,),
+                           megatron_parallel={}) == [True]
