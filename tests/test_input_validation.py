@@ -650,3 +650,16 @@ def test_engine_refuses_bad_requests_before_any_forward(tiny_engine, prompt, kwa
     with pytest.raises(ValueError, match=rf"request 0: {match}"):
         tiny_engine.generate([Request(prompt, **kwargs)])
     assert tiny_engine.cache.num_free_blocks == 64  # nothing was admitted
+
+
+def test_overlap_pairs_with_a_recompute_that_reruns_random_draws_is_refused_at_start():
+    """The executor refuses it at the first step; the trainer names it before any rank starts."""
+    noisy = {"hidden_dropout": 0.1, "recompute_granularity": "selective",
+             "recompute_modules": ["mlp"]}
+    with pytest.raises(ValueError, match=r"--overlap-pairs is refused with recompute_modules "
+                                         r"\['mlp'\] and hidden_dropout=0.1"):
+        validate_train_args(TrainArgs(pp=2, micro_batches=4, overlap_pairs=True,
+                                      config_overrides=noisy))
+    # --recompute's own modules draw nothing: allowed
+    validate_train_args(TrainArgs(pp=2, micro_batches=4, overlap_pairs=True, recompute=True,
+                                  config_overrides=noisy))

@@ -374,7 +374,7 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
             "an order that differs between ranks (they have no lanes), pairing one rank's "
             "forward all-reduce with another's backward one. Allowed: overlap=None, or "
             "tensor_model_parallel_size=1")
-    rerun = _recompute_reruns_random_draws(config)
+    rerun = recompute_reruns_random_draws(config)
     if overlap is threaded_forward_backward and rerun:
         raise ValueError(
             f"overlap=threaded_forward_backward is refused with {rerun}: a recompute in the "
@@ -431,7 +431,7 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
 _RERUN_MODULES = ("core_attn", "mlp", "shared_experts")
 
 
-def _recompute_reruns_random_draws(config) -> str:
+def recompute_reruns_random_draws(config) -> str:
     """'' unless a recompute re-runs random draws in backward (dropout or router jitter inside a
     module that is run again); else the settings that do, for the error message."""
     noise = [f"{f}={getattr(config, f)}" for f in ("hidden_dropout", "attention_dropout",

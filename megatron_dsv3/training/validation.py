@@ -103,6 +103,16 @@ def validate_train_args(args) -> None:
         raise ValueError(f"--preset {args.preset!r} is invalid: allowed values are "
                          f"{', '.join(sorted(PRESETS))}")
     config = get_config(args.preset, **dict(args.config_overrides))  # cheap: no model is built
+    if args.overlap_pairs and not args.recompute:  # (--recompute's modules draw nothing)
+        from megatron_dsv3.pipeline.executor import recompute_reruns_random_draws
+
+        rerun = recompute_reruns_random_draws(config)
+        if rerun:
+            raise ValueError(f"--overlap-pairs is refused with {rerun} (TrainArgs.config_overrides): a "
+                             "recompute in the backward thread would reset the random-number "
+                             "state the forward thread draws dropout or jitter from; allowed: "
+                             "no --overlap-pairs, or no dropout and jitter, or recompute_modules "
+                             "without core_attn, mlp and shared_experts")
     if args.seq_length > config.max_position_embeddings:
         raise ValueError(f"--seq-length {args.seq_length} is invalid: allowed values are integers "
                          f"in [1, {config.max_position_embeddings}] (max_position_embeddings of "

@@ -269,7 +269,7 @@ def test_two_micro_batch_decoding_is_refused_on_cuda_with_expert_parallelism():
         InferenceEngine(Model(1, "cpu", tp=2), micro_batches=2)
 
 
-def test_threaded_pairs_are_refused_where_a_recompute_reruns_random_draws():
+def test_threaded_pairs_are_refused_where_arecompute_reruns_random_draws():
     """The backward thread's recompute sets and restores the process's random-number state while
     the forward thread draws dropout / jitter noise from it: threaded pairs then differed from
     sequential ones, and between runs (found by review)."""
@@ -307,7 +307,7 @@ def test_threaded_pairs_are_refused_where_a_recompute_reruns_random_draws():
     finally:
         (executor.dist.get_world_size, executor.dist.get_rank,
          executor.dist.get_process_group_ranks) = saved
-    rerun = executor._recompute_reruns_random_draws
+    rerun = executor.recompute_reruns_random_draws
     assert rerun(config(hidden_dropout=0.1, recompute_granularity="selective",
                         recompute_modules=None)).startswith("recompute_modules ['core_attn']")
     assert rerun(config(moe_input_jitter_eps=0.01, recompute_granularity="full"))
