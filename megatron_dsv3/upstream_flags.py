@@ -21,6 +21,14 @@ import torch.nn.functional as F
 
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mla_up_proj", "moe_act", "mlp", "shared_experts")
 """recompute_modules our layers honour (recompute_granularity='selective')."""
+
+
+def recompute_modules(config: Any) -> List[str]:
+    """`recompute_modules` as Megatron reads it: unset means its default, ['core_attn']."""
+    modules = getattr(config, "recompute_modules", None)
+    return ["core_attn"] if modules is None else list(modules)
+
+
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
 """moe_router_load_balancing_type values our router honours."""
 
@@ -219,8 +227,7 @@ def _check_recompute(config: Any) -> None:
     granularity = getattr(config, "recompute_granularity", None)
     if granularity != "selective":
         return
-    modules = getattr(config, "recompute_modules", None)
-    modules = ["core_attn"] if modules is None else list(modules)  # Megatron's default
+    modules = recompute_modules(config)
     for name in modules:
         if name == "moe":
             _refuse("recompute_modules", modules,

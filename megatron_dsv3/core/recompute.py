@@ -22,7 +22,7 @@ from typing import Callable, Tuple
 
 import torch
 
-from megatron_dsv3.upstream_flags import RECOMPUTE_MODULES
+from megatron_dsv3.upstream_flags import RECOMPUTE_MODULES, recompute_modules
 
 SUPPORTED = RECOMPUTE_MODULES
 _state = threading.local()
@@ -33,8 +33,7 @@ def recompute_enabled(config, name: str) -> bool:
     means Megatron's default ['core_attn'])."""
     if getattr(config, "recompute_granularity", None) != "selective":
         return False
-    modules = getattr(config, "recompute_modules", None)
-    return name in (["core_attn"] if modules is None else modules)
+    return name in recompute_modules(config)
 
 
 @contextlib.contextmanager

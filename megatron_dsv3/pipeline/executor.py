@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch.autograd.variable import Variable
 
 from megatron_dsv3.core.gemm import WeightGradStore
+from megatron_dsv3.upstream_flags import recompute_modules
 from megatron_dsv3.lanes import BACKWARD_LANE, FORWARD_LANE, StepTrace, on_lane
 from megatron_dsv3.pipeline.overlap import sequential_forward_backward, threaded_forward_backward
 from megatron_dsv3.pipeline.schedules import (COMPUTE, Layout, Op, build, check, layout,
@@ -359,29 +360,8 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
     dtype = config.pipeline_dtype or config.params_dtype
     per_direction = num_microbatches // 2 if schedule == "dualpipe" else num_microbatches
     device = next(model[0].parameters()).device
-    if overlap is threaded_forward_backward and device.type == "cuda":
-        raise ValueError(
-            "overlap=threaded_forward_backward is refused on CUDA: the two threads share the "
-            "default stream, so each lane's collectives wait through it for the other lane's, "
-            "and expert-parallel ranks whose threads issue them in different orders deadlock "
-            "(megatron_dsv3.testing.nccl_p2p shows the cycle; docs/backends.md). Allowed on "
-            "CUDA: overlap=None (the pair one half after the other)")
-    tp = getattr(config, "tensor_model_parallel_size", 1) or 1
-    if overlap is threaded_forward_backward and tp > 1:
-        raise ValueError(
-            f"overlap=threaded_forward_backward is refused with tensor_model_parallel_size={tp}: "
-            "the two threads would issue the tensor-parallel all-reduces of the pair's halves in "
-            "an order that differs between ranks (they have no lanes), pairing one rank's "
-            "forward all-reduce with another's backward one. Allowed: overlap=None, or "
-            "tensor_model_parallel_size=1")
-    rerun = recompute_reruns_random_draws(config)
-    if overlap is threaded_forward_backward and rerun:
-        raise ValueError(
-            f"overlap=threaded_forward_backward is refused with {rerun}: a recompute in the "
-            "backward thread sets and restores the process's random-number state while the "
-            "forward thread draws dropout or jitter noise from it (results then differ from "
-            "sequential pairs, and between runs). Allowed: overlap=None, or no dropout and "
-            "jitter, or recompute_modules without core_attn, mlp and shared_experts")
+    if overlap is threaded_forward_backward:
+        _refuse_threaded_pairs(config, device)
     runner = _Runner(lay, rank, model, forward_step_func, data_iterator, per_direction, shape,
                      dtype, config, group, forward_only, collect_non_loss_data,
                      overlap or sequential_forward_backward, trace)
@@ -426,6 +406,33 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
     return [runner.losses[k] for k in sorted(runner.losses)]
 
 
+def _refuse_threaded_pairs(config, device: torch.device) -> None:
+    """ValueError naming why F&B pairs in two threads cannot run with `config` on `device`."""
+    if device.type == "cuda":
+        raise ValueError(
+            "overlap=threaded_forward_backward is refused on CUDA: the two threads share the "
+            "default stream, so each lane's collectives wait through it for the other lane's, "
+            "and expert-parallel ranks whose threads issue them in different orders deadlock "
+            "(megatron_dsv3.testing.nccl_p2p shows the cycle; docs/backends.md). Allowed on "
+            "CUDA: overlap=None (the pair one half after the other)")
+    tp = getattr(config, "tensor_model_parallel_size", 1) or 1
+    if tp > 1:
+        raise ValueError(
+            f"overlap=threaded_forward_backward is refused with tensor_model_parallel_size={tp}: "
+            "the two threads would issue the tensor-parallel all-reduces of the pair's halves in "
+            "an order that differs between ranks (they have no lanes), pairing one rank's "
+            "forward all-reduce with another's backward one. Allowed: overlap=None, or "
+            "tensor_model_parallel_size=1")
+    rerun = recompute_reruns_random_draws(config)
+    if rerun:
+        raise ValueError(
+            f"overlap=threaded_forward_backward is refused with {rerun}: a recompute in the "
+            "backward thread sets and restores the process's random-number state while the "
+            "forward thread draws dropout or jitter noise from it (results then differ from "
+            "sequential pairs, and between runs). Allowed: overlap=None, or no dropout and "
+            "jitter, or recompute_modules without core_attn, mlp and shared_experts")
+
+
 # recompute modules that run their module again in backward, random draws included (the others
 # recompute norms and activations, which draw nothing)
 _RERUN_MODULES = ("core_attn", "mlp", "shared_experts")
@@ -442,9 +449,7 @@ def recompute_reruns_random_draws(config) -> str:
         return ""
     if granularity == "full":
         return f"recompute_granularity='full' and {', '.join(noise)}"
-    modules = getattr(config, "recompute_modules", None)
-    modules = ["core_attn"] if modules is None else list(modules)  # Megatron's default
-    rerun = [m for m in modules if m in _RERUN_MODULES]
+    rerun = [m for m in recompute_modules(config) if m in _RERUN_MODULES]
     return f"recompute_modules {rerun} and {', '.join(noise)}" if rerun else ""
 
 
