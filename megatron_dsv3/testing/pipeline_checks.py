@@ -22,19 +22,21 @@ def random_lm_batches(n: int, batch: int, seq: int, seed: int, vocab: int = 255)
     return out
 
 
+def global_name(chunk, name: str) -> str:
+    """A chunk's parameter or buffer name as the whole model names it: the chunk's local layer i
+    renamed to its global layer number."""
+    if name.startswith("decoder.layers."):
+        local = int(name.split(".")[2])
+        number = chunk.decoder.layers[local].layer_number
+        name = name.replace(f"decoder.layers.{local}.", f"decoder.layers.{number - 1}.", 1)
+    return name
+
+
 def grads_by_global_name(chunks) -> Dict[str, torch.Tensor]:
     """Copies of the gradients of `chunks` (a rank's model chunks), keyed by the parameter names
-    of the whole model: a chunk's local layer i is renamed to its global layer number."""
-    out = {}
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            if name.startswith("decoder.layers."):
-                local = int(name.split(".")[2])
-                number = chunk.decoder.layers[local].layer_number
-                name = name.replace(f"decoder.layers.{local}.", f"decoder.layers.{number - 1}.", 1)
-            if p.grad is not None:
-                out[name] = p.grad.clone()
-    return out
+    of the whole model (`global_name`)."""
+    return {global_name(chunk, name): p.grad.clone()
+            for chunk in chunks for name, p in chunk.named_parameters() if p.grad is not None}
 
 
 class TinyStage(torch.nn.Module):

@@ -88,19 +88,13 @@ def _dualpipe_save(rank, world, ckpt_dir, seed):
 def _dualpipe_load(rank, world, ckpt_dir):
     from megatron_dsv3.checkpoint import dist
     from megatron_dsv3.model_chunks import build_model_chunks
+    from megatron_dsv3.testing.pipeline_checks import global_name
 
     chunks = build_model_chunks(_config(init_seed=999, mtp_num_layers=None), "dualpipe", rank,
                                 world)
     dist.load(chunks, ckpt_dir)
-    out = {}
-    for c in chunks:
-        for name, p in c.named_parameters():
-            if name.startswith("decoder.layers."):
-                local = int(name.split(".")[2])
-                number = c.decoder.layers[local].layer_number
-                name = name.replace(f"decoder.layers.{local}.", f"decoder.layers.{number - 1}.", 1)
-            out[name] = p.detach().clone()
-    return out
+    return {global_name(c, name): p.detach().clone()
+            for c in chunks for name, p in c.named_parameters()}
 
 
 def _single(rank, world, ckpt_dir, what):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_dsv3.testing.distributed import run_distributed
-from megatron_dsv3.testing.pipeline_checks import random_lm_batches
+from megatron_dsv3.testing.pipeline_checks import global_name, random_lm_batches
 
 B, S, N, PP = 2, 16, 4, 2  # micro-batch size, sequence length, micro-batches per step, ranks
 
@@ -45,14 +45,6 @@ def forward_step(data_iterator, model):
     return out, loss_func
 
 
-def _global_name(chunk, name):
-    if name.startswith("decoder.layers."):
-        local = int(name.split(".")[2])
-        number = chunk.decoder.layers[local].layer_number
-        name = name.replace(f"decoder.layers.{local}.", f"decoder.layers.{number - 1}.", 1)
-    return name
-
-
 def _pipelined(rank, world, schedule, per_token):
     from megatron.core import parallel_state
     from megatron.core.distributed import (DistributedDataParallel,
@@ -78,10 +70,10 @@ def _pipelined(rank, world, schedule, per_token):
     grads, biases = {}, {}
     for c in chunks:
         for name, p in c.named_parameters():
-            grads[_global_name(c, name)] = p.main_grad.clone()
+            grads[global_name(c, name)] = p.main_grad.clone()
         for name, b in c.named_buffers():
             if name.endswith("expert_bias"):
-                biases[_global_name(c, name)] = b.clone()
+                biases[global_name(c, name)] = b.clone()
     # Megatron's gradient norm: the parameters not marked shared, summed over the pipeline
     norm_sq = sum(float((p.main_grad.float() ** 2).sum()) for c in chunks
                   for p in c.parameters() if param_is_not_shared(p))

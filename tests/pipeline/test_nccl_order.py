@@ -207,44 +207,50 @@ def test_two_lanes_on_one_compute_stream_deadlock_when_ranks_interleave_them_dif
                                 ("wait", (1, 0))]]).ok
 
 
-def test_threaded_pairs_are_refused_on_cuda():
+def _config_stub(**fields):
+    """The config fields the executor reads before it runs anything."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(hidden_size=4, pipeline_dtype=torch.float32, params_dtype=torch.float32,
+                           **{"tensor_model_parallel_size": 1, **fields})
+
+
+class _ChunkStub(torch.nn.Module):
+    """A model chunk with `config` whose one parameter claims to live on `device`."""
+
+    def __init__(self, config, device="cpu"):
+        super().__init__()
+        self.config, self.device = config, torch.device(device)
+
+    def parameters(self, recurse=True):
+        from types import SimpleNamespace
+
+        yield SimpleNamespace(device=self.device)
+
+
+def _start_threaded_pairs(monkeypatch, config, device="cpu"):
+    """forward_backward_dualpipev with threaded F&B pairs, as rank 0 of a 2-rank pipeline."""
     from types import SimpleNamespace
 
     import megatron_dsv3.pipeline.executor as executor
     from megatron_dsv3.pipeline.overlap import threaded_forward_backward
 
-    class Chunk(torch.nn.Module):  # a parameter that claims to live on a GPU
-        def __init__(self, device="cuda", tp=1):
-            super().__init__()
-            self.device = torch.device(device)
-            self.config = SimpleNamespace(hidden_size=4, pipeline_dtype=torch.float32,
-                                          params_dtype=torch.float32,
-                                          tensor_model_parallel_size=tp)
+    monkeypatch.setattr(executor.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(executor.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(executor.dist, "get_process_group_ranks", lambda group: [0, 1])
+    executor.forward_backward_dualpipev(
+        forward_step_func=None, data_iterator=None,
+        model=[_ChunkStub(config, device), _ChunkStub(config, device)], num_microbatches=4,
+        seq_length=4, micro_batch_size=1, overlap=threaded_forward_backward,
+        pg_collection=SimpleNamespace(pp=object()))
 
-        def parameters(self, recurse=True):
-            yield SimpleNamespace(device=self.device)
 
-    saved = (executor.dist.get_world_size, executor.dist.get_rank,
-             executor.dist.get_process_group_ranks)
-    executor.dist.get_world_size = lambda group=None: 2
-    executor.dist.get_rank = lambda group=None: 0
-    executor.dist.get_process_group_ranks = lambda group: [0, 1]
-    try:
-        with pytest.raises(ValueError, match="threaded_forward_backward is refused on CUDA"):
-            executor.forward_backward_dualpipev(
-                forward_step_func=None, data_iterator=None, model=[Chunk(), Chunk()],
-                num_microbatches=4, seq_length=4, micro_batch_size=1,
-                overlap=threaded_forward_backward, pg_collection=SimpleNamespace(pp=object()))
-        # on CPU too with tensor parallelism: its all-reduces have no lanes
-        with pytest.raises(ValueError, match="refused with tensor_model_parallel_size=2"):
-            executor.forward_backward_dualpipev(
-                forward_step_func=None, data_iterator=None,
-                model=[Chunk("cpu", tp=2), Chunk("cpu", tp=2)], num_microbatches=4,
-                seq_length=4, micro_batch_size=1, overlap=threaded_forward_backward,
-                pg_collection=SimpleNamespace(pp=object()))
-    finally:
-        (executor.dist.get_world_size, executor.dist.get_rank,
-         executor.dist.get_process_group_ranks) = saved
+def test_threaded_pairs_are_refused_on_cuda(monkeypatch):
+    with pytest.raises(ValueError, match="threaded_forward_backward is refused on CUDA"):
+        _start_threaded_pairs(monkeypatch, _config_stub(), "cuda")
+    # on CPU too with tensor parallelism: its all-reduces have no lanes
+    with pytest.raises(ValueError, match="refused with tensor_model_parallel_size=2"):
+        _start_threaded_pairs(monkeypatch, _config_stub(tensor_model_parallel_size=2))
 
 
 def test_two_micro_batch_decoding_is_refused_on_cuda_with_expert_parallelism():
@@ -269,44 +275,18 @@ def test_two_micro_batch_decoding_is_refused_on_cuda_with_expert_parallelism():
         InferenceEngine(Model(1, "cpu", tp=2), micro_batches=2)
 
 
-def test_threaded_pairs_are_refused_where_arecompute_reruns_random_draws():
+def test_threaded_pairs_are_refused_where_a_recompute_reruns_random_draws(monkeypatch):
     """The backward thread's recompute sets and restores the process's random-number state while
     the forward thread draws dropout / jitter noise from it: threaded pairs then differed from
     sequential ones, and between runs (found by review)."""
-    from types import SimpleNamespace
-
     import megatron_dsv3.pipeline.executor as executor
-    from megatron_dsv3.pipeline.overlap import threaded_forward_backward
 
-    def config(**kw):
-        return SimpleNamespace(hidden_size=4, pipeline_dtype=torch.float32,
-                               params_dtype=torch.float32, tensor_model_parallel_size=1, **kw)
-
-    class Chunk(torch.nn.Module):
-        def __init__(self, cfg):
-            super().__init__()
-            self.config = cfg
-
-        def parameters(self, recurse=True):
-            yield SimpleNamespace(device=torch.device("cpu"))
-
+    config = _config_stub
     noisy = config(hidden_dropout=0.1, recompute_granularity="selective",
                    recompute_modules=["layernorm", "shared_experts"])
-    saved = (executor.dist.get_world_size, executor.dist.get_rank,
-             executor.dist.get_process_group_ranks)
-    executor.dist.get_world_size = lambda group=None: 2
-    executor.dist.get_rank = lambda group=None: 0
-    executor.dist.get_process_group_ranks = lambda group: [0, 1]
-    try:
-        with pytest.raises(ValueError, match=r"recompute_modules \['shared_experts'\] and "
-                                             r"hidden_dropout=0.1"):
-            executor.forward_backward_dualpipev(
-                forward_step_func=None, data_iterator=None, model=[Chunk(noisy), Chunk(noisy)],
-                num_microbatches=4, seq_length=4, micro_batch_size=1,
-                overlap=threaded_forward_backward, pg_collection=SimpleNamespace(pp=object()))
-    finally:
-        (executor.dist.get_world_size, executor.dist.get_rank,
-         executor.dist.get_process_group_ranks) = saved
+    with pytest.raises(ValueError, match=r"recompute_modules \['shared_experts'\] and "
+                                         r"hidden_dropout=0.1"):
+        _start_threaded_pairs(monkeypatch, noisy)
     rerun = executor.recompute_reruns_random_draws
     assert rerun(config(hidden_dropout=0.1, recompute_granularity="selective",
                         recompute_modules=None)).startswith("recompute_modules ['core_attn']")
