@@ -140,7 +140,7 @@ def _fmt_tensors(fmt: Format, name: str, piece: torch.Tensor, amax: torch.Tensor
     if fmt.layout == "deepseek-fp8":
         # modelopt's weight-only 128x128 calibration (max) is each block's absolute maximum:
         # applied per HF tensor, that is DeepSeek's quantiser on it (check_block_calibration)
-        if w.shape[0] % 128:
+        if w.shape[0] > 128 and w.shape[0] % 128:  # (one partial block alone is read right)
             warnings.warn(
                 f"{fmt.name}: weights with {w.shape[0]} rows (not a multiple of 128) end in a "
                 "partial 128x128 block, written as DeepSeek's FP8 release writes them (e.g. its "

@@ -507,6 +507,7 @@ def test_fp8_block_warns_about_rows_that_end_in_a_partial_block():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         list(_fmt_tensors(fmt, "y.weight", torch.randn(256, 160), None, q))  # whole row blocks
+        list(_fmt_tensors(fmt, "z.weight", torch.randn(64, 160), None, q))  # one block of rows
 
 
 def test_calibration_of_a_trainer_checkpoint_skips_the_text_it_trained_on(tmp_path, monkeypatch,
