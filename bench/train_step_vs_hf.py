@@ -6,7 +6,8 @@ configuration, on CPU, measured in one run with interleaved A/B timing.
 Sizes (`SIZES`): tiny = deepseek-v3-tiny, batch 8 x 128; small = hidden 256, 4 layers (first
 dense), 16 experts top-4, batch 4 x 256; medium = hidden 512, 4 layers, 32 experts top-8,
 batch 4 x 512. Both models take AdamW steps on the same batches (forward + backward + optimizer),
-float32. Ours computes the LM loss, the MTP loss unless --no-mtp (HF's model has no MTP in
+float32; the same AdamW kernel on both sides (`--optimizer`, default torch's fused one, as HF's
+Trainer and our trainer use). Ours computes the LM loss, the MTP loss unless --no-mtp (HF's model has no MTP in
 training: --no-mtp is the equal-work comparison) and the sequence-wise aux loss. Steps alternate
 ours, HF, ours, HF, ... so both see the same machine state; the reported time per step is each
 side's median. The ratio is HF time / our time (higher is better for us).
@@ -89,6 +90,9 @@ def main():
                    help="torch threads (0 = torch default)")
     p.add_argument("--no-mtp", action="store_true",
                    help="build ours without MTP (HF's training forward has none)")
+    p.add_argument("--optimizer", choices=("fused", "foreach"), default="fused",
+                   help="torch AdamW kernel, the same on both sides (default fused: what HF's "
+                        "Trainer uses on torch >= 2.8 and our trainer uses on CPU and CUDA)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     if a.threads:
@@ -111,8 +115,9 @@ def main():
     ids = torch.randint(1, config.vocab_size, (a.batch, a.seq + 1))
     tokens, labels = ids[:, :-1], ids[:, 1:]
     pos = torch.arange(a.seq).expand(a.batch, a.seq)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-3)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-3)
+    adamw = {"fused": {"fused": True}, "foreach": {"foreach": True}}[a.optimizer]
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-3, **adamw)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-3, **adamw)
 
     def step_ours():
         loss = ours(tokens, pos, None, labels=labels).mean()
@@ -129,7 +134,7 @@ def main():
     hf.train(), ours.train()
     t_ours, t_hf = time_interleaved(step_ours, step_hf, a.steps)
     n = a.batch * a.seq
-    result = {"size": a.size, "mtp": not a.no_mtp, "batch": a.batch, "seq": a.seq, "steps": a.steps, "threads": torch.get_num_threads(),
+    result = {"size": a.size, "mtp": not a.no_mtp, "optimizer": a.optimizer, "batch": a.batch, "seq": a.seq, "steps": a.steps, "threads": torch.get_num_threads(),
               "params_ours": sum(p.numel() for p in ours.parameters()),
               "params_hf": sum(p.numel() for p in hf.parameters()),
               "tokens_per_s_ours": n / t_ours, "tokens_per_s_hf": n / t_hf,

@@ -72,3 +72,23 @@ class AdamW(torch.optim.Optimizer):
                 master.add_(update, alpha=-lr)
                 p.copy_(master)
         return loss
+
+
+# Devices and dtypes torch's fused AdamW kernel takes (one pass over parameter, gradient and both
+# moments per element instead of about ten foreach passes: ~10x faster on CPU for a few flat
+# buffers of a few million values, and what HF transformers' Trainer uses by default).
+FUSED_DEVICES = ("cpu", "cuda")
+FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def torch_adamw(params_like):
+    """torch.optim.AdamW, fused where every tensor of `params_like` allows it (device type in
+    FUSED_DEVICES, dtype in FUSED_DTYPES); else the foreach form. -> (constructor, 'fused' |
+    'foreach'). Both compute the same update; they may round its last bit differently."""
+    import functools
+
+    tensors = list(params_like)
+    if tensors and all(t.device.type in FUSED_DEVICES and t.dtype in FUSED_DTYPES
+                       for t in tensors):
+        return functools.partial(torch.optim.AdamW, fused=True), "fused"
+    return torch.optim.AdamW, "foreach"

@@ -57,3 +57,34 @@ def test_bad_arguments_name_the_field():
 def test_bf16_parameters_are_refused_because_master_weights_are_fp32():
     with pytest.raises(ValueError, match="FP32 master weights.*torch.float32"):
         AdamW([torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.bfloat16))])
+
+
+def _adamw_float64(steps=20):
+    """The AdamW formula written out in float64 (the reference for both torch kernels)."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 32).double()
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    g_ = torch.Generator().manual_seed(1)
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.95, 1e-8, 0.1
+    for t in range(1, steps + 1):
+        g = torch.randn(64, 32, generator=g_).double()
+        w = w * (1 - lr * wd)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        w = w - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+    return w
+
+
+def test_trainer_adamw_is_fused_on_cpu_and_matches_the_formula():
+    from megatron_dsv3.optim import torch_adamw
+
+    ctor, kind = torch_adamw([torch.zeros(2)])
+    assert kind == "fused"
+    got, opt = _run(ctor)
+    assert opt.defaults["fused"] is True
+    ref = _adamw_float64()
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-6)
+    foreach, _ = _run(torch.optim.AdamW, foreach=True)
+    torch.testing.assert_close(got, foreach, rtol=0, atol=2e-6)
+    # a device or dtype the fused kernel does not take gets the foreach form
+    assert torch_adamw([torch.zeros(2, device="meta")])[1] == "foreach"
+    assert torch_adamw([torch.zeros(2, dtype=torch.complex64)])[1] == "foreach"

@@ -187,10 +187,12 @@ class Trainer:
             if id(p) not in seen:  # rank 0's two DualPipeV chunks share the embedding
                 seen.add(id(p))
                 params.append(p)
-        from megatron_dsv3.optim import AdamW
+        from megatron_dsv3.optim import AdamW, torch_adamw
 
-        inner = (functools.partial(AdamW, moment_dtype=torch.bfloat16) if args.bf16_moments
-                 else torch.optim.AdamW)
+        if args.bf16_moments:
+            inner, kind = functools.partial(AdamW, moment_dtype=torch.bfloat16), "BF16 moments"
+        else:
+            inner, kind = torch_adamw(params)  # (masters are FP32 on the params' device)
         self.optimizer = ZeroOneOptimizer(
             params, inner, dp_group=self.dp_group,
             expert_dp_group=parallel_state.get_expert_data_parallel_group(), shard=args.zero1,
@@ -215,7 +217,7 @@ class Trainer:
                  f"pipeline {args.pp}{' (DualPipeV)' if args.pp > 1 else ''}, "
                  f"expert-parallel {args.ep}"
                  f"{', ZeRO-1' if args.zero1 else ''}{', FP8' if args.fp8 else ''}"
-                 f"{', BF16' if args.bf16 else ''}{', BF16 moments' if args.bf16_moments else ''}")
+                 f"{', BF16' if args.bf16 else ''}; AdamW ({kind})")
         from megatron_dsv3.liveness import make_watchdog
 
         self.watchdog = make_watchdog(args.watchdog_timeout, args.watchdog_save_timeout)
