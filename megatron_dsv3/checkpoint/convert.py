@@ -62,6 +62,8 @@ def dist_checkpoint_dir(path: str) -> str:
         raise CheckpointFileError(f"{tracker} holds {name!r}: allowed are 'release' or an "
                                   "iteration number")
     return os.path.join(path, f"iter_{int(name):07d}")
+
+
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
 
 

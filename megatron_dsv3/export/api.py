@@ -19,20 +19,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def checkpoint_kind(path: str) -> str:
-    """'hf' (config.json), 'dist' (a Megatron distributed checkpoint: .metadata) or 'trainer'
-    (our trainer's checkpoint or run directory); ValueError naming --checkpoint otherwise."""
-    from megatron_dsv3.inference.loading import trainer_checkpoint_file
+    """'hf' (config.json), 'dist' (a Megatron distributed checkpoint: .metadata, in its own
+    directory or in Megatron-LM's layout under a latest_checkpointed_iteration.txt tracker) or
+    'trainer' (our trainer's checkpoint or run directory); ValueError naming --checkpoint
+    otherwise."""
+    from megatron_dsv3.inference.loading import dist_checkpoint_step, trainer_checkpoint_file
 
     if not os.path.isdir(path):
         raise ValueError(f"--checkpoint {path!r} does not exist or is not a directory")
     if os.path.isfile(os.path.join(path, "config.json")):
         return "hf"
-    if os.path.isfile(os.path.join(path, ".metadata")):
+    if dist_checkpoint_step(path) is not None:
         return "dist"
     if trainer_checkpoint_file(path) is not None:
         return "trainer"
     raise ValueError(f"--checkpoint {path}: not a checkpoint we read (allowed: an HF directory with "
-                     "config.json, a Megatron distributed checkpoint with .metadata, or our "
+                     "config.json, a Megatron distributed checkpoint with .metadata (or Megatron-LM's "
+                     "directory with latest_checkpointed_iteration.txt naming one), or our "
                      "trainer's checkpoint / run directory)")
 
 

@@ -126,7 +126,7 @@ def load_hf_checkpoint(path: str, dtype: torch.dtype = DEFAULT_DTYPE):
     return model
 
 
-def _converted_dist_checkpoint(path: str) -> Optional[str]:
+def dist_checkpoint_step(path: str) -> Optional[str]:
     """The step directory of a distributed checkpoint at `path` (ours or in Megatron-LM's
     layout), or None."""
     from megatron_dsv3.checkpoint.convert import dist_checkpoint_dir
@@ -165,7 +165,7 @@ def load_for_generation(path: str, dtype: torch.dtype = DEFAULT_DTYPE, device=No
     (`convert --to dist`, its config.json kept as hf_config.json), in our or Megatron-LM's layout."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a directory")
-    dist_dir = _converted_dist_checkpoint(path)
+    dist_dir = dist_checkpoint_step(path)
     if dist_dir is not None:
         model = load_converted_dist_checkpoint(path, dist_dir, dtype)
         tokenizer = byte_tokenizer() if model.config.vocab_size == 256 else None

@@ -398,7 +398,8 @@ def _same_checkpoint(a: str, b: str) -> int:
 
 def test_trainer_and_distributed_checkpoints_export_the_same_checkpoint(trained_hf, exports,
                                                                         tmp_path):
-    """The three checkpoint kinds we read, holding the same weights, give the same export."""
+    """The checkpoint kinds we read (a distributed checkpoint also in Megatron-LM's layout),
+    holding the same weights, give the same export."""
     import dataclasses
 
     from megatron_dsv3.checkpoint.convert import hf_to_dist
@@ -411,6 +412,9 @@ def test_trainer_and_distributed_checkpoints_export_the_same_checkpoint(trained_
     hf_dir, reference = trained_hf[0], exports["fp8-block"][0]
     dist = str(tmp_path / "dist")
     hf_to_dist(hf_dir, dist, progress=False)
+    release = str(tmp_path / "megatron_lm")  # Megatron-LM's layout: release/ + tracker file
+    hf_to_dist(hf_dir, release, progress=False, megatron_release=True)
+    assert not os.path.isfile(os.path.join(release, ".metadata"))
     run = tmp_path / "run"
     args = TrainArgs(seed=0, save_dir=str(run), config_overrides={"ffn_hidden_size": 128})
     model = build_model(get_config(args.preset, ffn_hidden_size=128))
@@ -419,9 +423,10 @@ def test_trainer_and_distributed_checkpoints_export_the_same_checkpoint(trained_
     torch.save({"models": [model.state_dict()], "optimizer": {}, "step": 40,
                 "rng": torch.get_rng_state(), "args": dataclasses.asdict(args), "world_size": 1},
                run / "checkpoint" / "rank0.pt")
-    for source, kind in ((dist, "dist"), (str(run), "trainer")):
+    for name, source, kind in (("dist", dist, "dist"), ("release", release, "dist"),
+                               ("trainer", str(run), "trainer")):
         assert checkpoint_kind(source) == kind
-        out = str(tmp_path / f"from_{kind}")
+        out = str(tmp_path / f"from_{name}")
         report = export(source, out, "fp8-block", calib=CALIB, calib_seq_length=SEQ,
                         progress=False)
         assert report["checkpoint_kind"] == kind
