@@ -61,8 +61,11 @@ def load_balancing_loss(kind: str, logits: torch.Tensor, *, topk: int, seq_len: 
     non-padding tokens.
 
     'aux_loss': the micro-batch's tokens together, T = the (valid) tokens.
-    'seq_aux_loss': each sequence on its own, averaged over the b sequences; with padding T is
-    the mean number of valid tokens per sequence (as Megatron counts it).
+    'seq_aux_loss': each sequence on its own (DeepSeek-V3's eq. 17-20: T = that sequence's
+    tokens), averaged over the sequences. With padding, T_j is sequence j's valid tokens and the
+    mean is over the sequences that hold any. (Megatron-core divides every sequence by the mean
+    valid count of the micro-batch: a sequence's term then moves with the other sequences'
+    padding, by (mean / T_j)^2; without padding, or with equal padding, both are the same.)
     """
     T, E = logits.shape
     routing_map, scores = aux_loss_scores(logits, topk, valid)
@@ -72,14 +75,16 @@ def load_balancing_loss(kind: str, logits: torch.Tensor, *, topk: int, seq_len: 
         return switch_loss(scores, routing_map, n, topk, E)
     if kind == "seq_aux_loss":
         b = T // seq_len
-        # [s, b*E]: every (sequence, expert) pair is a column of one switch loss
-        scores, routing_map = scores.reshape(seq_len, b * E), routing_map.reshape(seq_len, b * E)
-        if valid is not None:
-            n = routing_map.sum() / (topk * b)
-            n = torch.where(n > 0, n, torch.ones_like(n))  # (padding only: the loss is 0)
-        else:
-            n = seq_len
-        return switch_loss(scores, routing_map, n, topk, E) / b
+        if valid is None:
+            # [s, b*E]: every (sequence, expert) pair is a column of one switch loss
+            return switch_loss(scores.reshape(seq_len, b * E), routing_map.reshape(seq_len, b * E),
+                               seq_len, topk, E) / b
+        # per sequence j: E / (k T_j^2) * sum_i count_ji * sum_t p_tji
+        counts = routing_map.reshape(seq_len, b, E).sum(dim=0).to(scores.dtype)  # [b, E]
+        n = valid.reshape(seq_len, b).sum(dim=0).to(scores.dtype)                # [b]
+        per_seq = (scores.reshape(seq_len, b, E).sum(dim=0) * counts).sum(dim=-1)
+        per_seq = per_seq * E / (topk * n.clamp_min(1).square())  # (no valid token: 0)
+        return per_seq.sum() / (n > 0).sum().clamp_min(1)
     raise ValueError(f"load balancing type {kind!r} is not implemented here: allowed values are "
                      "'aux_loss', 'seq_aux_loss' (and 'none' for no loss)")
 

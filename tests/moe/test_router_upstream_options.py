@@ -62,16 +62,19 @@ def ref_aux_loss(logits, valid=None):
 
 
 def ref_seq_aux_loss(logits, valid=None):
-    """Per sequence j (tokens t*B + j): the switch loss with T = tokens per sequence (with padding:
-    the mean number of valid tokens per sequence, as Megatron counts), averaged over B."""
+    """Per sequence j (tokens t*B + j): the switch loss with T_j = the sequence's (valid) tokens,
+    averaged over the sequences that hold any (DeepSeek-V3's eq. 17-20, sequence by sequence)."""
     rows = _ref_scores_and_map(logits, valid)
-    T = S if valid is None else int(valid.sum()) / B
-    total = 0.0
+    total, sequences = 0.0, 0
     for j in range(B):
+        T = sum(1 for t in range(S) if valid is None or valid[t * B + j])
+        if T == 0:
+            continue
         seq = [rows[t * B + j] for t in range(S)]
         total += sum(sum(1 for _, m in seq if i in m) * sum(p[i] for p, _ in seq)
                      for i in range(E)) * E / (K * T * T)
-    return total / B
+        sequences += 1
+    return total / sequences
 
 
 def ref_z_loss(logits, valid=None):
@@ -87,15 +90,19 @@ def ref_z_loss(logits, valid=None):
 # ---- load balancing ------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,ref", [("aux_loss", ref_aux_loss),
                                       ("seq_aux_loss", ref_seq_aux_loss)])
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("padded", ["none", "tail", "uneven"])
 def test_balancing_losses_match_closed_form(kind, ref, padded):
     router = make_router(moe_router_load_balancing_type=kind, moe_aux_loss_coeff=0.01,
                          moe_router_dtype="fp64")
     x = tokens()
     valid = None
-    if padded:
+    if padded == "tail":
         valid = torch.ones(S * B, dtype=torch.bool)
-        valid[-4:] = False  # the last tokens of the sequences are padding
+        valid[-4:] = False  # the last tokens of the sequences are padding (5, 5, 4 valid)
+    elif padded == "uneven":  # sequence 0 all padding, sequence 1 two tokens, sequence 2 all
+        valid = torch.ones(S, B, dtype=torch.bool)
+        valid[:, 0], valid[2:, 1] = False, False
+        valid = valid.reshape(-1)
     _, _, loss = router(x, seq_len=S, valid=valid)
     assert loss is not None
     expected = 0.01 * ref(logits64(router, x), valid)
