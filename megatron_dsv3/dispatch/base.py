@@ -164,7 +164,7 @@ class _Combine(torch.autograd.Function):
         if _sparse_combine_runs(rows, weights):
             ctx.matrix, ctx.perm = _combine_matrix(weights, inverse, rows.shape[0])
             return torch.sparse.mm(ctx.matrix, rows)
-        y = rows.index_select(0, inverse).view(T, k, -1).to(acc)
+        y = rows.index_select(0, inverse).view(T, k, rows.shape[-1]).to(acc)
         return torch.bmm(weights.to(acc).unsqueeze(1), y).squeeze(1).to(rows.dtype)
 
     @staticmethod
@@ -180,7 +180,7 @@ class _Combine(torch.autograd.Function):
                 d_weights = torch.empty_like(dots).view(T, k).scatter_(1, ctx.perm,
                                                                        dots.view(T, k))
             else:
-                y = rows.index_select(0, inverse).view(T, k, -1).to(acc)
+                y = rows.index_select(0, inverse).view(T, k, rows.shape[-1]).to(acc)
                 d_weights = torch.bmm(y, g.unsqueeze(-1))
             d_weights = d_weights.reshape(T, k).to(weights.dtype)
         d_rows = None

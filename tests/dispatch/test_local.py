@@ -38,6 +38,22 @@ def test_local_dispatch_combine_matches_naive_loop_and_its_gradients(sparse, mon
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_tokens_combine_to_an_empty_output_with_gradients(dtype):
+    """A rank or micro-batch with no tokens (float32 takes the CSR combine on CPU, BF16 the
+    gather path, as every dtype does on GPU): an empty [0, h] output and empty gradients."""
+    E, k, h = 4, 2, 8
+    x = torch.zeros(0, h, dtype=dtype, requires_grad=True)
+    w = torch.zeros(0, k, dtype=dtype, requires_grad=True)
+    d = LocalDispatcher(E)
+    rows, counts, state = d.dispatch(x, torch.zeros(0, k, dtype=torch.long), w)
+    assert counts == [0] * E
+    out = d.combine(rows * 2, state)
+    assert out.shape == (0, h) and out.dtype == dtype
+    gx, gw = torch.autograd.grad(out, (x, w), torch.zeros(0, h, dtype=dtype))
+    assert gx.shape == (0, h) and gw.shape == (0, k)
+
+
 def test_an_expert_layout_the_routing_cannot_reach_is_refused():
     """Dispatchers send expert e to expert-parallel rank e // num_local_experts: another offset
     would fail later as a count mismatch or an out-of-range expert."""
