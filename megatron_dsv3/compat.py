@@ -89,7 +89,8 @@ check_supported(MCORE_VERSION)
 # Our MTPLayer keeps `transformer_layer` (its checkpoint keys, which 0.19 maps its own name back
 # to) and answers to both names on every version, so no switch is needed.
 
-# From 0.18 Megatron's MultiTokenPredictionBlock expects each MTP layer to also return padding_mask.
+# From 0.18 Megatron's MultiTokenPredictionBlock expects each MTP layer to also return padding_mask
+# (and GPTModel hands padding_mask to _postprocess and the MTP block; before, to the decoder only).
 MTP_LAYER_RETURNS_PADDING_MASK = MCORE_VERSION >= Version("0.18")
 
 # From 0.19 the GPT builder calls a callable `--spec` attribute as spec(config[, vp_stage=...]).

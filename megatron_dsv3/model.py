@@ -31,6 +31,10 @@ class DeepSeekV3Model(GPTModel):
         layer_spec = transformer_layer_spec or get_layer_spec(config, vp_stage, use_te=use_te)
         if mtp_process is None:
             mtp_process = post_process and bool(config.mtp_num_layers)
+        elif mtp_process and not config.mtp_num_layers:
+            raise ValueError(f"mtp_process=True needs MTP layers: config.mtp_num_layers is "
+                             f"{config.mtp_num_layers!r} (allowed with mtp_process=True: >= 1; or "
+                             "pass mtp_process=False / None)")
         # Where MTP runs is the caller's decision (see the `mtp_process` property); set before
         # GPTModel's constructor, which reads it to build the MTP block and its embedding.
         self.__dict__["_mtp_process"] = bool(mtp_process)
@@ -98,15 +102,33 @@ class DeepSeekV3Model(GPTModel):
             init_normal_(self.output_layer.weight, std=std, seed=seed, key="output_layer",
                          full_shape=full, dim=0, rank=rank)
 
+    def forward(self, *args, padding_mask=None, **kwargs):
+        """GPTModel.forward. megatron-core < 0.18 hands `padding_mask` to the decoder only, not to
+        `_postprocess` and the MTP block: it is kept here for them (see _postprocess)."""
+        self.__dict__["_padding_mask"] = padding_mask
+        try:
+            return super().forward(*args, padding_mask=padding_mask, **kwargs)
+        finally:
+            self.__dict__["_padding_mask"] = None
+
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb,
                      rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None,
                      decoder_input=None, attention_mask=None, inference_params=None,
                      packed_seq_params=None, sequence_len_offset=None, runtime_gather_output=None,
                      extra_block_kwargs=None, inference_context=None, padding_mask=None,
                      **_newer_megatron_kwargs):
+        if padding_mask is None:
+            padding_mask = self.__dict__.get("_padding_mask")
         if mtp_in_postprocess:
-            # (megatron-core 0.16's MTP block takes no padding_mask; newer ones pass it on)
-            extra = {} if padding_mask is None else {"padding_mask": padding_mask}
+            # megatron-core >= 0.18's MTP block takes padding_mask and hands each depth's shifted
+            # mask to the next; older blocks take none and hand every depth the same
+            # extra_block_kwargs (our MTP layer shifts the model's mask to its depth)
+            if padding_mask is None:
+                extra = {}
+            elif compat.MTP_LAYER_RETURNS_PADDING_MASK:
+                extra = {"padding_mask": padding_mask}
+            else:
+                extra = {"extra_block_kwargs": {"token_padding_mask": padding_mask}}
             hidden_states = self.mtp(input_ids=input_ids, position_ids=position_ids,
                                      hidden_states=hidden_states, attention_mask=attention_mask,
                                      packed_seq_params=packed_seq_params, embedding=self.embedding,

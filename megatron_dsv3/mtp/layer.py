@@ -69,10 +69,23 @@ class MTPLayer(MegatronModule):
         return self.transformer_layer
 
     def forward(self, input_ids, position_ids, hidden_states, attention_mask, embedding=None,
-                packed_seq_params=None, padding_mask=None, **_unused):
-        """-> (h^k [s, b, h], input ids shifted once more, position ids shifted once more)."""
+                packed_seq_params=None, padding_mask=None, token_padding_mask=None, **_unused):
+        """-> (h^k [s, b, h], input ids shifted once more, position ids shifted once more[,
+        padding mask shifted once more: megatron-core >= 0.18]).
+
+        padding_mask [b, s] (True = padding; MoE routing leaves those positions out): the
+        previous depth's, as megatron-core >= 0.18 hands it from depth to depth. Shifted with the
+        input ids, as Megatron does: position i at depth k reads token i + k.
+        token_padding_mask: the model's own, for megatron-core < 0.18, whose MTP block hands
+        every depth the same extra arguments (DeepSeekV3Model passes it there); shifted here to
+        the previous depth's first."""
+        if padding_mask is None and token_padding_mask is not None:
+            padding_mask = token_padding_mask
+            for _ in range(self.layer_number - 1):
+                padding_mask = roll_left(padding_mask)
         input_ids = roll_left(input_ids)
         position_ids = None if position_ids is None else roll_left(position_ids)
+        padding_mask = None if padding_mask is None else roll_left(padding_mask)
         emb = embedding(input_ids=input_ids, position_ids=position_ids)
         out = self._step(emb, hidden_states, lambda x: self.transformer_layer(
             x, attention_mask=attention_mask, packed_seq_params=packed_seq_params,

@@ -127,3 +127,41 @@ def test_megatron_schedule_trains_our_mtp_with_the_gradients_of_a_plain_backward
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
     assert all(expected[name].abs().sum() > 0 for name, _ in model.mtp.named_parameters(
         prefix="mtp"))  # MTP took part in both
+
+
+def test_padding_mask_reaches_each_mtp_depth_shifted_with_its_input(single_rank_world):
+    """padding_mask (MoE routing leaves padded positions out) reaches the MTP layers' routers on
+    every megatron-core version, shifted with the input ids as Megatron >= 0.18 does: at depth k
+    position i reads token i + k. Left padding of 2 in one sequence and right padding of 3 in the
+    other give distinct valid counts per depth: 11 (decoder), 12 (depth 1), 13 (depth 2)."""
+    config = get_config("deepseek-v3-tiny", mtp_num_layers=2)
+    model = build_model(config)
+    model.train()
+    b, s = 2, 8
+    ids = torch.randint(1, 255, (b, s))
+    pad = torch.zeros(b, s, dtype=torch.bool)
+    pad[0, 5:], pad[1, :2] = True, True
+    routers = {name: m for name, m in model.named_modules() if hasattr(m, "local_tokens_per_expert")}
+    for m in routers.values():
+        m.local_tokens_per_expert.zero_()
+    model(ids, None, None, labels=torch.roll(ids, -1, 1), loss_mask=(~pad).float(),
+          padding_mask=pad)
+    topk = config.moe_router_topk
+    routed = {name: int(m.local_tokens_per_expert.sum()) // topk for name, m in routers.items()}
+    mask = pad
+    for depth in range(3):
+        want = int((~mask).sum())
+        names = [n for n in routed if (n.startswith(f"mtp.layers.{depth - 1}.") if depth
+                                       else n.startswith("decoder."))]
+        assert names and all(routed[n] == want for n in names), (depth, want, routed)
+        mask = roll_left(mask)
+    assert [int((~roll_left(pad)).sum()), int((~roll_left(roll_left(pad))).sum())] == [12, 13]
+
+
+def test_mtp_process_without_mtp_layers_is_refused_by_name(single_rank_world):
+    import pytest
+
+    from megatron_dsv3.model import DeepSeekV3Model
+
+    with pytest.raises(ValueError, match=r"mtp_process=True needs MTP layers: config.mtp_num_layers is None"):
+        DeepSeekV3Model(get_config("deepseek-v3-tiny", mtp_num_layers=None), mtp_process=True)
