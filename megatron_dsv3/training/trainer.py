@@ -209,6 +209,10 @@ class Trainer:
         self.history: List[Dict] = []
         if args.resume:
             self.load(args.resume)
+            if self.step > args.steps:
+                raise ValueError(f"--steps {args.steps} is below the resumed checkpoint's step "
+                                 f"{self.step} ({args.resume}): allowed are --steps >= "
+                                 f"{self.step} (the run's total length, not steps to add)")
         n_params = sum(p.numel() for p in params)
         self.log(f"model: {args.preset}, {n_params / 1e6:.2f}M parameters on rank 0, "
                  f"{self.config.num_layers} layers (+{self.config.mtp_num_layers or 0} MTP), "
@@ -438,7 +442,9 @@ class Trainer:
         """Steps until args.steps (or exit_interval), logging, periodic and final saves."""
         a = self.args
         window: List[Dict] = []
-        saved_at = None
+        saved_at = self.step  # (a resume already at --steps trains nothing and saves nothing)
+        if self.step >= a.steps:
+            self.log(f"step {self.step} is already --steps {a.steps}: nothing to train")
         while self.step < a.steps:
             record = self.train_step()
             self.watchdog.progress(self.step)

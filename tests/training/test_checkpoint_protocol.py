@@ -83,6 +83,20 @@ def test_resume_continues_and_cuts_metrics_to_the_checkpoint(run):
     assert [json.loads(line)["step"] for line in open(metrics)] == [1, 2, 3, 4]
 
 
+def test_a_resume_at_or_beyond_steps_trains_and_saves_nothing(run):
+    """--steps is the run's total length: a resume already there (a requeued finished job) ends
+    without writing a checkpoint (which would evict an older real one); a smaller --steps is
+    refused naming both steps."""
+    tmp, _ = run
+    ckpts = tmp / "run" / "checkpoints"
+    before = sorted(os.listdir(ckpts))
+    assert Trainer(_args(tmp, steps=2, resume="auto")).train() == []
+    assert sorted(os.listdir(ckpts)) == before
+    with pytest.raises(ValueError, match=r"--steps 1 is below the resumed checkpoint's step 2"):
+        Trainer(_args(tmp, steps=1, resume="auto"))
+    assert sorted(os.listdir(ckpts)) == before
+
+
 def test_resume_refuses_a_different_architecture_naming_each_field(run):
     tmp, _ = run
     change = {"moe_router_topk": 1, "moe_router_num_groups": 1, "moe_router_group_topk": 1}
