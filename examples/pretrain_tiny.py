@@ -13,7 +13,7 @@ import dataclasses
 
 import megatron_dsv3  # noqa: F401
 from megatron_dsv3.training.trainer import TrainArgs, Trainer
-from megatron_dsv3.training.validation import RULES, validate_train_args
+from megatron_dsv3.training.validation import RULES, validate_launch, validate_train_args
 
 
 def parse_args(argv=None) -> TrainArgs:
@@ -35,10 +35,29 @@ def parse_args(argv=None) -> TrainArgs:
     args = TrainArgs(**vars(p.parse_args(argv)))
     try:  # every range and cross-flag rule, before any process group or model exists
         validate_train_args(args)
+        validate_launch(args)  # WORLD_SIZE, --ranks-per-node, --save-dir / --cache-dir
     except ValueError as e:
         p.error(str(e))
     return args
 
 
+def main(argv=None) -> int:
+    """Train; a refusal of the run itself (its directory already holds a run, no checkpoint to
+    resume, a resume with other settings, a damaged checkpoint: ValueErrors naming what and why)
+    is one `error:` line and exit status 2, not a traceback. MEGATRON_DSV3_TRACEBACK=1 shows it."""
+    import os
+    import sys
+
+    args = parse_args(argv)
+    try:
+        Trainer(args).train()
+    except ValueError as e:
+        if os.environ.get("MEGATRON_DSV3_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    Trainer(parse_args()).train()
+    raise SystemExit(main())

@@ -154,6 +154,38 @@ def test_trainer_refuses_before_any_process_group():
     assert dist.is_initialized() == was_initialized
 
 
+def test_pretrain_tiny_refuses_the_launch_at_parse_time(monkeypatch, capsys, tmp_path):
+    """What the launcher and the file system decide is refused when parsed, naming the flag (not
+    a traceback from every rank once the process groups exist)."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    refused(capsys, lambda: pretrain_tiny_args(["--ep", "2"]), "--ep 2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    err = refused(capsys, lambda: pretrain_tiny_args("--ep 4 --ranks-per-node 3".split()),
+                  "--ranks-per-node 3")
+    assert "allowed values are [1, 2, 4]" in err
+    assert pretrain_tiny_args("--ep 4 --ranks-per-node 2".split()).ranks_per_node == 2
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for flag in ("--save-dir", "--cache-dir"):
+        refused(capsys, lambda: pretrain_tiny_args([flag, str(a_file)]), f"{flag} {a_file}")
+    refused(capsys, lambda: pretrain_tiny_args(["--resume", "--overwrite"]), "--overwrite")
+
+
+def test_pretrain_tiny_refusing_a_run_is_one_error_line(tmp_path, capsys, single_rank_world):
+    """A refusal of the run itself (here: its directory already holds one) is `error: ...` and
+    exit status 2, not a traceback."""
+    from pretrain_tiny import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    code = main(["--save-dir", str(run), "--steps", "1", "--cache-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: save_dir") and "already holds a run" in err, err
+    assert "Traceback" not in err
+
+
 def test_pretrain_tiny_exits_2_with_usage():
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "pretrain_tiny.py"),
                            "--clip-grad", "-1"], capture_output=True, text=True, timeout=120)

@@ -137,15 +137,14 @@ class Trainer:
         from megatron_dsv3.configs import get_config
         from megatron_dsv3.model import build_model
         from megatron_dsv3.training.data import build_indexed_corpus, build_train_dataset
-        from megatron_dsv3.configs.layout import check_world_size
-        from megatron_dsv3.training.validation import validate_train_args
+        from megatron_dsv3.training.validation import validate_launch, validate_train_args
         from megatron_dsv3.training.zero import ZeroOneOptimizer
 
         validate_train_args(args)
+        validate_launch(args)
         self.args = args
         if args.ranks_per_node:
             os.environ["MEGATRON_DSV3_RANKS_PER_NODE"] = str(args.ranks_per_node)
-        check_world_size(int(os.environ.get("WORLD_SIZE", "1")), pp=args.pp, ep=args.ep)
         init_distributed(pp=args.pp, ep=args.ep, timeout_minutes=args.collective_timeout_minutes)
         self.rank = dist.get_rank()
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
@@ -502,10 +501,7 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         """Refuse to write over an existing run without --resume or --overwrite; resolve a bare
         --resume to save_dir's latest checkpoint; clear what interrupted saves left behind."""
-        a = self.args
-        if a.resume and a.overwrite:
-            raise ValueError("--resume and --overwrite exclude each other: --resume continues the "
-                             "run in save_dir, --overwrite starts a new one there")
+        a = self.args  # (--resume with --overwrite: refused by validate_train_args)
         if a.resume == "auto":
             latest = self.store.latest() if a.save_dir else None
             if latest is None:

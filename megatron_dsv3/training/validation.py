@@ -7,14 +7,16 @@ command line (`--clip-grad`) and the allowed values.
 
 The layout rules that need only the args and the preset's config are here too (--ep divides the
 routed experts, --pp leaves DualPipeV's 2 x --pp stages enough layers; megatron_dsv3.configs.layout
-with the trainer's flag names). Not here: world size vs pp x ep (the launcher's layout), checked by
-the Trainer from WORLD_SIZE before the process groups are made.
+with the trainer's flag names). `validate_launch` adds what needs the launcher's environment
+(WORLD_SIZE against --pp x --ep, --ranks-per-node against the expert-parallel groups) and the
+run's directories; examples/pretrain_tiny.py calls both at parse time, the Trainer again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict
+import os
+from typing import Dict, Mapping, Optional
 
 from megatron_dsv3.cli import (
     NumberRange,
@@ -58,6 +60,39 @@ def flag_of(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def validate_launch(args, env: Optional[Mapping[str, str]] = None) -> None:
+    """ValueError naming the flag for what the launcher's environment (`env`, default os.environ)
+    and the file system decide: WORLD_SIZE against --pp x --ep, --ranks-per-node against the
+    expert-parallel groups (consecutive blocks of --ep ranks, Megatron's default order), and
+    --save-dir / --cache-dir being directories where they exist."""
+    from megatron_dsv3.configs.layout import check_world_size
+    from megatron_dsv3.dispatch.topology import node_layout
+
+    env = os.environ if env is None else env
+    for flag, path in (("--save-dir", args.save_dir), ("--cache-dir", args.cache_dir)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a file: allowed are a directory or a path to "
+                             "create one at")
+    world = int(env.get("WORLD_SIZE", "1"))
+    check_world_size(world, pp=args.pp, ep=args.ep)
+    rpn = args.ranks_per_node
+    if rpn and args.ep > 1:
+        def fits(n: int) -> bool:
+            try:
+                for first in range(0, world, args.ep):
+                    node_layout(list(range(first, first + args.ep)), n)
+            except ValueError:
+                return False
+            return True
+
+        if not fits(rpn):
+            allowed = [n for n in range(1, world + 1) if fits(n)]
+            raise ValueError(f"--ranks-per-node {rpn} is invalid with --ep {args.ep} on {world} "
+                             "ranks: every node must hold the same number of each expert-parallel "
+                             f"group's ranks (groups of {args.ep} consecutive ranks); allowed "
+                             f"values are {allowed} (or 0: the launcher's LOCAL_WORLD_SIZE)")
+
+
 def validate_train_args(args) -> None:
     """ValueError naming the flag and its allowed values for the first bad TrainArgs value."""
     from megatron_dsv3.configs import PRESETS, get_config, layout
@@ -70,6 +105,10 @@ def validate_train_args(args) -> None:
         rule = RULES.get(field.name)
         if rule is not None:
             rule.check(flag_of(field.name), getattr(args, field.name))
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: allowed is one of them "
+                         "(--resume continues the run in --save-dir, --overwrite starts a new one "
+                         "there)")
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} is invalid: allowed values are numbers in "
                          f"[0, --lr] = [0, {args.lr}] (the schedule decays from --lr to --min-lr)")
