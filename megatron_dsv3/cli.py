@@ -97,3 +97,21 @@ non_negative_float = float_range(0)
 probability = float_range(0, 1, low_open=True)  # (0, 1]
 seed_int = int_range(0, 2**32 - 1)  # numpy's RandomState (Megatron's datasets) takes no more
 port_int = int_range(1, 65535)
+
+
+def check_device(flag: str, value: Optional[str]):
+    """torch.device of `value` (None: None), or ValueError naming `flag` and the allowed values:
+    cpu or cuda[:N], cuda only where CUDA is available."""
+    if value is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{flag} {value!r} is invalid: allowed are cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {value} is invalid here: CUDA is not available (allowed: cpu)")
+    return device

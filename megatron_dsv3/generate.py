@@ -21,8 +21,8 @@ import sys
 import time
 from typing import List, Optional
 
-from megatron_dsv3.cli import (int_range, non_negative_float, non_negative_int, positive_int,
-                               probability, seed_int)
+from megatron_dsv3.cli import (check_device, int_range, non_negative_float, non_negative_int,
+                               positive_int, probability, seed_int)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 DEFAULT_DTYPE = "bf16"  # = megatron_dsv3.checkpoint.hf_config.DEFAULT_DTYPE (not imported: torch)
@@ -98,16 +98,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "sampling: allowed with --temperature > 0 (the default 0 is greedy)")
     import torch
 
-    if args.device is not None:
-        try:
-            chosen = torch.device(args.device)
-        except RuntimeError:
-            parser.error(f"--device {args.device!r} is invalid: allowed are cpu, cuda, cuda:N")
-        if chosen.type not in ("cpu", "cuda"):
-            parser.error(f"--device {args.device!r} is invalid: allowed are cpu, cuda, cuda:N")
-        if chosen.type == "cuda" and not torch.cuda.is_available():
-            parser.error(f"--device {args.device} is invalid here: CUDA is not available "
-                         "(allowed: cpu)")
+    try:
+        check_device("--device", args.device)
+    except ValueError as error:
+        parser.error(str(error))
 
     import megatron_dsv3  # noqa: F401
     from megatron_dsv3.inference import InferenceEngine, Request, SamplingParams

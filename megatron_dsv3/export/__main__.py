@@ -22,7 +22,7 @@ import sys
 from typing import List, Optional
 
 from megatron_dsv3.checkpoint.__main__ import parse_size
-from megatron_dsv3.cli import positive_int
+from megatron_dsv3.cli import check_device, positive_int
 from megatron_dsv3.export.formats import FORMATS, OPTIONAL_MODULES
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "and SGLang load); trtllm: refused with the reason (see docs/deploy.md)")
     p.add_argument("--calib", type=positive_int, default=64, help="calibration sequences (>= 1)")
     p.add_argument("--calib-data", help="Megatron indexed dataset prefix for calibration")
-    p.add_argument("--calib-seq-length", type=positive_int, default=512,
-                   help="tokens per calibration sequence (>= 1)")
+    p.add_argument("--calib-seq-length", type=positive_int, default=None,
+                   help="tokens per calibration sequence, 1 to the model's "
+                        "max_position_embeddings (default: 512 or that, whichever is smaller)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="calibration micro-batch")
     p.add_argument("--group-size", type=positive_int,
                    help="weight group along the input dimension: " + "; ".join(
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        check_device("--device", args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if args.list_formats:
         try:
             return list_formats(args.device)

@@ -64,13 +64,15 @@ def load_model(path: str, dtype: torch.dtype = DEFAULT_DTYPE, hf_config: Optiona
 
 
 def export(checkpoint: str, out: str, quant: str, *, calib: int = 64,
-           calib_data: Optional[str] = None, calib_seq_length: int = 512, batch_size: int = 4,
+           calib_data: Optional[str] = None, calib_seq_length: Optional[int] = None,
+           batch_size: int = 4,
            group_size: Optional[int] = None, also_quantize: Sequence[str] = (),
            device: Optional[str] = None, dtype: torch.dtype = DEFAULT_DTYPE,
            hf_config: Optional[str] = None, overwrite: bool = False,
            max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> Dict[str, Any]:
     """Quantise the model of `checkpoint` in format `quant` (formats.FORMATS) calibrated on `calib`
-    sequences and write it to `out` as an HF checkpoint. Returns a report (times, sizes, peak
+    sequences of `calib_seq_length` tokens (default: 512 or the model's max_position_embeddings,
+    whichever is smaller) and write it to `out` as an HF checkpoint. Returns a report (times, sizes, peak
     memory). Everything that can be refused is refused before the model is loaded or calibrated."""
     from megatron_dsv3.export.hf_writer import export_hf
     from megatron_dsv3.export.quantize import (calibration_batches, check_group_size,
@@ -94,6 +96,12 @@ def export(checkpoint: str, out: str, quant: str, *, calib: int = 64,
     start = time.monotonic()
     model, base_config, kind = load_model(checkpoint, dtype, hf_config)
     group_size = check_group_size(model, fmt, group_size, also_quantize)
+    longest = model.config.max_position_embeddings
+    if calib_seq_length is None:
+        calib_seq_length = min(512, longest)
+    elif calib_seq_length > longest:
+        raise ValueError(f"--calib-seq-length {calib_seq_length} is invalid for this model: "
+                         f"allowed values are 1 to its max_position_embeddings={longest}")
     batches = calibration_batches(model.config, calib_data, calib, calib_seq_length, batch_size,
                                   skip_bytes=getattr(model, "trained_corpus_bytes", 8 << 20))
     model = model.to(target)

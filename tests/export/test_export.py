@@ -324,6 +324,19 @@ def test_bad_inputs_are_refused_with_field_and_allowed_values(trained_hf, tmp_pa
         export(trained_hf[0], str(tmp_path / "g"), "int4-awq", group_size=16, progress=False)
     with pytest.raises(ValueError, match=r"--group-size applies to \['int4-awq', 'nvfp4'\]"):
         export(trained_hf[0], str(tmp_path / "g"), "fp8", group_size=32, progress=False)
+    with pytest.raises(ValueError, match=r"--calib-seq-length 100000 is invalid for this model: "
+                       r"allowed values are 1 to its max_position_embeddings=\d+"):
+        export(trained_hf[0], str(tmp_path / "s"), "fp8", calib=1, calib_seq_length=100000,
+               progress=False)
+    for device, message in (("tpu", "--device 'tpu' is invalid: allowed are cpu, cuda, cuda:N"),
+                            ("cuda", "--device cuda is invalid here: CUDA is not available")):
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        for extra in ([], ["--list-formats"]):
+            with pytest.raises(SystemExit):
+                main(["--checkpoint", trained_hf[0], "--quant", "fp8", "--out",
+                      str(tmp_path / "d"), "--device", device] + extra)
+            assert message in capsys.readouterr().err
     (tmp_path / "junk").mkdir()
     assert main(["--checkpoint", str(tmp_path / "junk"), "--quant", "fp8", "--out",
                  str(tmp_path / "y")]) == 1
