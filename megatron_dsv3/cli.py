@@ -115,3 +115,22 @@ def check_device(flag: str, value: Optional[str]):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{flag} {value} is invalid here: CUDA is not available (allowed: cpu)")
     return device
+
+
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def check_plot_path(flag: str, path: str) -> str:
+    """`path` for a plot file, or ValueError naming `flag`: a file name ending in one of
+    PLOT_FORMATS, in a directory that exists, not itself a directory."""
+    import os
+
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if not path or os.path.isdir(path) or ext not in PLOT_FORMATS:
+        raise ValueError(f"{flag} {path!r} is invalid: allowed are file names ending in "
+                         f"{', '.join('.' + f for f in PLOT_FORMATS)}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: the directory {parent} does not exist (allowed: a file "
+                         "in an existing directory)")
+    return path

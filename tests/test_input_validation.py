@@ -246,6 +246,10 @@ SIM = "--schedule zb1p --pp 2 --microbatches 4 "
     (SIM + "--W 3 --B 2", "--W"),    # B - W < 0: a zero-bubble backward would end before it starts
     (SIM + "--FB -2.5", "--FB"),
     (SIM + "--F inf", "--F"),
+    (SIM + "--chunks 2", "--chunks"),           # zb1p's chunks are fixed: it was ignored
+    (SIM + "--plot x.txt", "--plot"),           # no such image format
+    (SIM + "--plot /nonexistent/x.png", "--plot"),
+    (SIM + "--plot /tmp", "--plot"),            # a directory: it wrote /tmp.png
 ])
 def test_simulate_refuses_bad_values_naming_the_flag(argv, flag, capsys):
     from megatron_dsv3.pipeline.simulate import main
@@ -260,6 +264,15 @@ def test_simulate_accepts_edge_times(capsys):
     main((SIM + "--W 2 --B 2 --json").split())
     out = capsys.readouterr().out
     assert "total" in out and '"bubble"' in out
+
+
+def test_simulate_plot_is_written_where_asked_and_said(tmp_path, capsys):
+    from megatron_dsv3.pipeline.simulate import main
+
+    path = tmp_path / "timeline.svg"
+    main((SIM + f"--plot {path}").split())
+    assert path.stat().st_size > 0
+    assert f"wrote {path}" in capsys.readouterr().err
 
 
 # --- python -m megatron_dsv3.checkpoint convert -------------------------------------------------

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-from megatron_dsv3.cli import non_negative_float, positive_float, positive_int
+from megatron_dsv3.cli import check_plot_path, non_negative_float, positive_float, positive_int
 from megatron_dsv3.pipeline.schedules import SCHEDULES, Op, build, layout, neighbours
 
 
@@ -179,8 +179,8 @@ def main(argv=None):
                    help="pipeline ranks (devices), integer >= 1")
     p.add_argument("--microbatches", type=positive_int, required=True,
                    help="micro-batches per step, integer >= 1 (schedules add their own rules)")
-    p.add_argument("--chunks", type=positive_int, default=2,
-                   help="model chunks per rank (interleaved), integer >= 1")
+    p.add_argument("--chunks", type=positive_int, default=None,
+                   help="model chunks per rank, integer >= 1 (interleaved only; default 2)")
     p.add_argument("--F", type=positive_float, default=1.0,
                    help="forward chunk time, > 0 (default 1)")
     p.add_argument("--B", type=positive_float, default=2.0,
@@ -190,17 +190,28 @@ def main(argv=None):
     p.add_argument("--FB", type=positive_float, default=2.5,
                    help="overlapped forward+backward pair time, > 0 (default 2.5)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--plot", default=None)
+    p.add_argument("--plot", default=None, help="write the timeline to this image file "
+                   "(.png, .pdf, .svg, .jpg)")
     a = p.parse_args(argv)
+    if a.chunks is not None and a.schedule != "interleaved":
+        p.error(f"--chunks applies to --schedule interleaved only (allowed: leave it out with "
+                f"--schedule {a.schedule}, whose chunks per rank are fixed)")
+    try:
+        if a.plot is not None:
+            check_plot_path("--plot", a.plot)
+    except ValueError as e:
+        p.error(str(e))
     if a.W > a.B:  # a zero-bubble backward without W takes B - W: it would run backwards in time
         p.error(f"argument --W: {a.W:g} is invalid: allowed values are numbers in [0, --B] = "
                 f"[0, {a.B:g}] (W is the weight-gradient part of the backward B)")
     try:
-        res = simulate(a.schedule, a.pp, a.microbatches, Times(a.F, a.B, a.W, a.FB), a.chunks)
+        res = simulate(a.schedule, a.pp, a.microbatches, Times(a.F, a.B, a.W, a.FB),
+                       2 if a.chunks is None else a.chunks)
     except ValueError as e:
         p.error(str(e))
     if a.plot:
         plot(res, a.plot)
+        print(f"wrote {a.plot}", file=sys.stderr)
     if a.json:
         print(json.dumps(res))
         return
