@@ -6,6 +6,15 @@ on deepseek-v3-tiny with random weights; outputs must be identical.
 Then, at DeepSeek-V3's per-head attention shapes, decoding with W_UK/W_UV absorbed against
 expanding the cached latents into per-head keys and values every step, at 128-2048 positions.
 """
+import argparse
+_parser = argparse.ArgumentParser(description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+_which = _parser.add_mutually_exclusive_group()
+_which.add_argument("--only-absorption", action="store_true",
+                    help="only the absorbed-vs-expanded comparison at DeepSeek-V3's shapes")
+_which.add_argument("--no-absorption", action="store_true",
+                    help="only the cached-vs-rerun decoding on deepseek-v3-tiny")
+ARGS = _parser.parse_args()
 import torch, megatron_dsv3, time
 from megatron_dsv3.world import init_single_process
 init_single_process()
@@ -27,7 +36,7 @@ def best(f, k=3):
         t = time.perf_counter(); r = f(); ts.append(time.perf_counter() - t)
     return min(ts), r
 import sys
-for b, P, N in (() if "--only-absorption" in sys.argv else
+for b, P, N in (() if ARGS.only_absorption else
                 ((1, 32, 64), (8, 32, 64), (1, 160, 64), (8, 160, 64))):
     prompts = [torch.randint(1, 255, (P,)).tolist() for _ in range(b)]
     te, res = best(lambda: InferenceEngine(m, block_size=16, max_batch_size=b).generate([Request(p, N) for p in prompts]))
@@ -38,7 +47,7 @@ for b, P, N in (() if "--only-absorption" in sys.argv else
 # DeepSeek-V3's attention shapes per head (kv_lora_rank 512, nope 128, rope 64, v 128) with 16
 # heads at hidden 1024, 2 layers (1 dense, 1 MoE); batch 4; the same latent cache read through
 # the absorbed formula or expanded into per-head keys and values every step.
-if "--no-absorption" not in sys.argv:
+if not ARGS.no_absorption:
     v3_attn = dict(hidden_size=1024, num_attention_heads=16, q_lora_rank=384, kv_lora_rank=512,
                    qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128, num_layers=2,
                    moe_layer_freq=[0, 1], ffn_hidden_size=1024, moe_ffn_hidden_size=256,

@@ -251,13 +251,21 @@ def bench_pd():
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["ep", "ep-link", "eplb", "pd"]
+    import argparse
+
+    parts = {"ep": bench_ep, "ep-link": lambda: bench_ep(0.005),
+             "ep2-link": lambda: bench_ep(0.005, world=2),
+             "ep2-wide": lambda: bench_ep(0.005, world=2, wide=True), "eplb": bench_eplb,
+             "pd": bench_pd}
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*", choices=list(parts), metavar="PART",
+                        help=f"benchmarks to run, of {', '.join(parts)} (default: ep ep-link eplb "
+                             "pd)")
+    which = parser.parse_args().parts or ["ep", "ep-link", "eplb", "pd"]
     results = {}
     for name in which:
-        results[name] = {"ep": bench_ep, "ep-link": lambda: bench_ep(0.005),
-                         "ep2-link": lambda: bench_ep(0.005, world=2),
-                         "ep2-wide": lambda: bench_ep(0.005, world=2, wide=True), "eplb": bench_eplb,
-                         "pd": bench_pd}[name]()
+        results[name] = parts[name]()
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "inference_serving.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)

@@ -4,6 +4,9 @@ reports acceptance rate and tokens per main-model forward; outputs must be ident
 
     python bench/inference_speculative.py       # ~1 min on 2 cores
 """
+import argparse
+argparse.ArgumentParser(description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 import torch, megatron_dsv3, time, statistics
 from megatron_dsv3.world import init_single_process
 init_single_process()
