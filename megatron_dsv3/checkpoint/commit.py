@@ -324,6 +324,23 @@ def recover_directory(path: str, clean: bool = True) -> None:
                 shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
 
 
+def check_replaceable(path: str) -> None:
+    """ValueError unless an existing `path` is something --overwrite may replace: an empty
+    directory or one we wrote (it holds our MANIFEST_FILE). A file, or a directory of anything
+    else (a typo in --output naming a source tree or a home directory), is never deleted."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise ValueError(f"the output {path} exists and is not a directory: --overwrite replaces "
+                         "checkpoint directories only (allowed: a new path, or a directory "
+                         "written by megatron-dsv3)")
+    if os.listdir(path) and not os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+        raise ValueError(f"the output {path} holds files but no {MANIFEST_FILE}: it was not "
+                         "written by megatron-dsv3, and --overwrite replaces only such "
+                         "directories (allowed: a new path, an empty directory, or one of ours); "
+                         "remove it yourself if it should go")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str, overwrite: bool = True,
                      covers: Optional[Callable[[str], bool]] = None,
@@ -339,6 +356,7 @@ def atomic_directory(path: str, overwrite: bool = True,
     recover_directory(path)
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    check_replaceable(path)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     tag = uuid.uuid4().hex[:8]

@@ -111,6 +111,34 @@ def test_failed_write_leaves_the_last_good_directory_untouched(tmp_path):
             pass
 
 
+def test_overwrite_replaces_only_empty_directories_and_ours(tmp_path, capsys):
+    """A typo in --output must not delete a source tree or a file: --overwrite replaces an empty
+    directory or one we wrote (it holds our manifest), and refuses anything else untouched."""
+    from megatron_dsv3.checkpoint.__main__ import main as convert
+
+    from hf_checkpoints import make_hf_checkpoint
+
+    source = tmp_path / "hf"
+    make_hf_checkpoint(str(source))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for target, message in ((notes, "holds files but no checkpoint_manifest.json"),
+                            (a_file, "exists and is not a directory")):
+        code = convert(["convert", "--to", "dist", "--input", str(source), "--output", str(target),
+                        "--overwrite", "--quiet"])
+        assert code == 1 and message in capsys.readouterr().err
+    assert (notes / "notes.txt").read_text() == "mine" and a_file.read_text() == "mine"
+    out = tmp_path / "dist"
+    (tmp_path / "dist").mkdir()  # empty: replaced
+    for _ in range(2):  # then ours: replaced again
+        assert convert(["convert", "--to", "dist", "--input", str(source), "--output", str(out),
+                        "--overwrite", "--quiet"]) == 0
+    assert (out / ".metadata").is_file()
+
+
 def test_loaders_put_back_a_directory_an_interrupted_fallback_commit_renamed_aside(
         tmp_path, monkeypatch):
     """On a filesystem without the directory exchange, a commit over an existing checkpoint
@@ -124,6 +152,7 @@ def test_loaders_put_back_a_directory_an_interrupted_fallback_commit_renamed_asi
 
     path = tmp_path / "hf"
     make_hf_checkpoint(str(path))
+    commit.write_manifest(str(path))  # (one of ours: --overwrite replaces only those)
     before = sorted(os.listdir(path))
     monkeypatch.setattr(commit, "exchange_directories", lambda a, b: False)
     real = commit.fault_point
