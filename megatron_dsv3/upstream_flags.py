@@ -50,7 +50,9 @@ RULES: List[Rule] = [
          "(never below float32)"),
     Rule("--moe-router-load-balancing-type", "moe_router_load_balancing_type", "honoured",
          "aux_loss, seq_aux_loss, none, or a list of them (with a list of "
-         "--moe-aux-loss-coeff), with Megatron's formulas; refused: global_aux_loss with a "
+         "--moe-aux-loss-coeff), with Megatron's formulas, except that with padding "
+         "seq_aux_loss counts each sequence's own valid tokens (DeepSeek-V3's formula; Megatron "
+         "divides every sequence by the micro-batch's mean count); refused: global_aux_loss with a "
          "coefficient > 0 (use seq_aux_loss or aux_loss), sinkhorn and quantile_balancing (use "
          "--moe-router-enable-expert-bias, DeepSeek-V3's aux-loss-free balancing)"),
     Rule("--moe-aux-loss-coeff", "moe_aux_loss_coeff", "honoured",
@@ -110,7 +112,21 @@ RULES: List[Rule] = [
     Rule("--window-size", "window_size", "refused",
          "set: our MLA attends over the whole causal context (DeepSeek-V3 has no sliding "
          "window); remove it"),
+    Rule("--fp4-format", "fp4", "refused",
+         "set: no FP4 GEMMs here; use --dsv3-fp8-recipe (DeepSeek-V3's FP8)"),
+    Rule("--no-fp8-wgrad", "fp8_wgrad", "refused",
+         "set with FP8 on: DeepSeek-V3's recipe runs the weight-gradient GEMMs in FP8 too; "
+         "remove it", dest="fp8_wgrad"),
+    Rule("--first-last-layers-bf16", "first_last_layers_bf16", "refused",
+         "set with FP8 on: our recipe quantises every decoder layer, as DeepSeek-V3 does; "
+         "remove it"),
 ]
+
+FP8_ATTENTION_FIELDS = ("fp8_dot_product_attention", "fp8_multi_head_attention",
+                        "activation_func_fp8_input_store")
+"""TransformerConfig fields (no Megatron-LM flag) that would put attention or activations in
+FP8: refused, DeepSeek-V3 keeps the attention core and the activations it stores in high
+precision."""
 
 
 def router_dtype(config: Any) -> torch.dtype:
@@ -176,10 +192,32 @@ def check_upstream_flags(config: Any) -> None:
                 "(DualPipe(V) schedules the backward passes itself)")
     _check_layers(config)
     _check_recompute(config)
+    _check_fp8_options(config)
     if not getattr(config, "num_moe_experts", None):
         return
     _check_router(config)
     _check_dispatch(config)
+
+
+def _check_fp8_options(config: Any) -> None:
+    """Megatron's FP4 and FP8 variations our FP8 layers would not honour."""
+    fp4 = getattr(config, "fp4", None)
+    if fp4:
+        _refuse("fp4", fp4, "no FP4 GEMMs here; use dsv3_fp8_recipe (--dsv3-fp8-recipe, "
+                            "DeepSeek-V3's FP8) (allowed value: None)")
+    for field in FP8_ATTENTION_FIELDS:
+        if _is_set(config, field):
+            _refuse(field, True, "DeepSeek-V3 keeps the attention core and stored activations in "
+                                 "high precision (allowed value: False)", flag="a config field")
+    if not (getattr(config, "dsv3_fp8_recipe", None) or getattr(config, "fp8", None)):
+        return  # (without FP8 Megatron ignores the two below as well)
+    if getattr(config, "fp8_wgrad", True) is False:
+        _refuse("fp8_wgrad", False, "DeepSeek-V3's recipe runs the weight-gradient GEMMs in FP8 "
+                                    "too; remove it (allowed value: True)")
+    if _is_set(config, "first_last_layers_bf16"):
+        _refuse("first_last_layers_bf16", True, "our FP8 recipe quantises every decoder layer, "
+                                                "as DeepSeek-V3 does; remove it (allowed value: "
+                                                "False)")
 
 
 def _check_layers(config: Any) -> None:

@@ -164,6 +164,14 @@ REFUSED = [
      "apply_residual_connection_post_layernorm", "pre-norm"),
     (dict(moe_input_jitter_eps=0.0), "moe_input_jitter_eps", "> 0"),
     (dict(moe_z_loss_coeff=-1.0), "moe_z_loss_coeff", ">= 0"),
+    (dict(fp4="nvfp4"), "fp4", "--dsv3-fp8-recipe"),
+    (dict(dsv3_fp8_recipe="deepseek", fp8_wgrad=False), "fp8_wgrad", "in FP8 too"),
+    (dict(dsv3_fp8_recipe="deepseek", first_last_layers_bf16=True,
+          num_layers_at_start_in_bf16=1), "first_last_layers_bf16", "every decoder layer"),
+    (dict(fp8_dot_product_attention=True), "fp8_dot_product_attention", "high precision"),
+    (dict(fp8_multi_head_attention=True), "fp8_multi_head_attention", "high precision"),
+    (dict(activation_func_fp8_input_store=True), "activation_func_fp8_input_store",
+     "high precision"),
 ]
 
 
@@ -176,9 +184,18 @@ def test_refused_when_the_config_is_built(overrides, field, alternative):
     assert message.startswith(field) or f" {field}" in message, message
     assert alternative in message, message
     if field not in ("moe_input_jitter_eps", "moe_z_loss_coeff",  # invalid values, not refusals
-                     "softmax_type", "apply_residual_connection_post_layernorm"):  # (no flag)
+                     "softmax_type", "apply_residual_connection_post_layernorm",  # (no flag)
+                     *upstream_flags.FP8_ATTENTION_FIELDS):
         rule = next(r for r in upstream_flags.RULES if r.field == field)
         assert rule.flag in message, message
+
+
+def test_fp8_variations_are_accepted_without_fp8_and_the_payload_switch_is_a_bool():
+    """Megatron ignores --no-fp8-wgrad and --first-last-layers-bf16 without FP8; so do we."""
+    get_config("deepseek-v3-tiny", fp8_wgrad=False, first_last_layers_bf16=True)
+    with pytest.raises(ValueError, match=r"dsv3_dispatch_fp8='yes' is invalid: allowed values "
+                                         r"are True, False"):
+        get_config("deepseek-v3-tiny", dsv3_dispatch_fp8="yes")
 
 
 def test_refused_on_megatron_lm_config_too():

@@ -209,6 +209,10 @@ def validate_config(config: Any) -> None:
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks <= 0:
         raise ValueError(f"dsv3_dispatch_chunks={chunks!r} is invalid: allowed values are "
                          "positive integers")
+    payload = getattr(config, "dsv3_dispatch_fp8", False)
+    if not isinstance(payload, bool):
+        raise ValueError(f"dsv3_dispatch_fp8={payload!r} is invalid: allowed values are True, "
+                         "False")
     if getattr(config, "rope_type", "yarn") not in ("rope", "yarn"):
         raise ValueError(f"rope_type={config.rope_type!r} is invalid: allowed values are 'rope', 'yarn'")
     validate_rope(config)
