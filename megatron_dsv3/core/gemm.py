@@ -111,6 +111,19 @@ class WeightGradStore:
     def clear(cls) -> None:
         cls._pending, cls._units = [], []
 
+    @classmethod
+    def check_drained(cls, where: str) -> None:
+        """RuntimeError unless every deferred weight gradient has run: queued work left at the
+        end of a step would never reach its parameters (their gradients would stay the
+        placeholders). The queue is cleared either way."""
+        left = len(cls._pending) + sum(len(u) for u in cls._units)
+        if left:
+            units = len(cls._units) + bool(cls._pending)
+            cls.clear()
+            raise RuntimeError(f"{where}: {left} deferred weight-gradient GEMMs in {units} "
+                               "unit(s) were never run (WeightGradStore.flush/pop): their "
+                               "gradients would be lost")
+
 
 def accumulate_grad(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
     """Add a weight gradient computed outside autograd's backward, the way autograd would have:

@@ -385,6 +385,7 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
             step = runner.run_ordered(ops)
         else:
             step = runner.run(ops, 2 if recv_lookahead is None else recv_lookahead)
+    WeightGradStore.check_drained(f"{schedule} step on pipeline rank {rank}")
     if stats is not None:
         stats.update(step)
     if not forward_only:

@@ -33,6 +33,30 @@ def test_deferred_weight_gradients_equal_immediate_ones():
     assert WeightGradStore.size() == 0
 
 
+def test_deferred_weight_gradients_left_unrun_are_an_error_not_a_silent_loss():
+    """A step that ends with queued wgrad work (flushed or not) would leave its parameters
+    without those gradients: check_drained names it (the executor calls it after every step)."""
+    import pytest
+
+    x = torch.randn(6, 4)
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    for flush in (True, False):
+        WeightGradStore.clear()
+        with WeightGradStore.deferring():
+            linear(x, w).backward(torch.randn(6, 3))
+        if flush:
+            WeightGradStore.flush()
+        with pytest.raises(RuntimeError, match="test step: 1 deferred weight-gradient GEMMs in 1 "
+                                               "unit.* never run"):
+            WeightGradStore.check_drained("test step")
+        WeightGradStore.check_drained("after the error the queue is empty")
+    with WeightGradStore.deferring():
+        linear(x, w).backward(torch.randn(6, 3))
+    WeightGradStore.flush()
+    WeightGradStore.pop()
+    WeightGradStore.check_drained("drained")
+
+
 def test_keyed_init_gives_every_shard_its_slice_of_the_same_tensor():
     full = torch.empty(8, 6)
     init_normal_(full, std=0.02, seed=7, key="layers.3.q")
