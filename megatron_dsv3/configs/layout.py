@@ -214,13 +214,27 @@ def rank_layer_counts(num_layers: int, pp: int, first: Optional[int] = None,
     middle = num_layers - (first or 0) - (last or 0)
     given = " and ".join(names.show(k, v) for k, v in (("first", first), ("last", last))
                          if v is not None)
-    if middle < 0 or bool(middle) != bool(middle_ranks) or (middle_ranks and middle % middle_ranks):
+    def fits(rest: int) -> bool:  # `rest` layers left for the middle ranks
+        return rest == 0 if not middle_ranks else rest > 0 and rest % middle_ranks == 0
+
+    if not fits(middle):
+        if (first is None) != (last is None):  # one value given: list that flag's allowed values
+            key, other = ("first", last) if first is not None else ("last", first)
+            allowed = [v for v in range(1, num_layers + 1)
+                       if fits(num_layers - v - (other or 0))]
+            if not allowed:
+                shown = "none"
+            elif len(allowed) > 8:
+                shown = f"{', '.join(map(str, allowed[:6]))}, ..., {allowed[-1]}"
+            else:
+                shown = ", ".join(map(str, allowed))
+            raise LayoutError(
+                f"{given} is invalid with {names.show('pp', pp)} and num_layers={num_layers}: the "
+                f"other {middle_ranks} pipeline rank(s) must get the remaining layers in equal "
+                f"shares of at least 1; allowed {getattr(names, key)} values are {shown}")
         if middle_ranks:
-            fits = [k * middle_ranks for k in range(1, num_layers // middle_ranks + 1)
-                    if k * middle_ranks < num_layers]
-            need = (f"the remaining layers must divide evenly over the {middle_ranks} other "
-                    f"ranks: allowed are values leaving {fits[:8]}{'...' if len(fits) > 8 else ''}"
-                    f" layers to them")
+            need = (f"what they leave must divide evenly over the {middle_ranks} middle ranks, "
+                    "at least 1 layer each")
         else:
             need = f"with {names.pp} {pp} the two values must add up to num_layers={num_layers}"
         raise LayoutError(f"{given} leave {middle} of num_layers={num_layers} layers for "

@@ -274,3 +274,18 @@ def test_megatron_lm_accepts_the_slurm_split_and_our_chunks_place_it():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1] == "ok"
+
+
+def test_one_uneven_split_value_is_refused_with_that_flags_allowed_values():
+    """Only the first stage's count given: the message lists the values of that flag that leave
+    the other ranks equal shares (closed form: 61 - v divisible by pp - 1, at least 1 each)."""
+    for pp, first in ((2, 100), (4, 2)):
+        with pytest.raises(LayoutError) as err:
+            layout.stage_layer_counts(61, "1f1b", pp, first, None, names=layout.FLAGS)
+        allowed = [v for v in range(1, 61) if (61 - v) % (pp - 1) == 0]
+        shown = (", ".join(map(str, allowed)) if len(allowed) <= 8 else
+                 f"{', '.join(map(str, allowed[:6]))}, ..., {allowed[-1]}")
+        assert (f"--decoder-first-pipeline-num-layers {first} is invalid with --pp {pp} and "
+                f"num_layers=61" in str(err.value))
+        assert str(err.value).endswith(f"allowed --decoder-first-pipeline-num-layers values are "
+                                       f"{shown}"), str(err.value)
