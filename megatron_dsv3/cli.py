@@ -134,3 +134,11 @@ def check_plot_path(flag: str, path: str) -> str:
         raise ValueError(f"{flag} {path}: the directory {parent} does not exist (allowed: a file "
                          "in an existing directory)")
     return path
+
+
+def path_text(value: str) -> str:
+    """argparse type of a path flag: any non-empty string (an empty one names no file, and
+    os.path treats it as the current directory)."""
+    if not value:
+        raise argparse.ArgumentTypeError("'' is invalid: allowed are non-empty paths")
+    return value

@@ -22,7 +22,7 @@ import time
 from typing import List, Optional
 
 from megatron_dsv3.cli import (check_device, int_range, non_negative_float, non_negative_int,
-                               positive_int, probability, seed_int)
+                               path_text, positive_int, probability, seed_int)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 DEFAULT_DTYPE = "bf16"  # = megatron_dsv3.checkpoint.hf_config.DEFAULT_DTYPE (not imported: torch)
@@ -49,7 +49,7 @@ def check_token_ids(ids: List[int], vocab_size: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_dsv3.generate",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint", type=path_text, required=True,
                    help="HF checkpoint directory, trainer checkpoint (run dir or checkpoint/) or "
                    "distributed checkpoint written by `convert --to dist`")
     p.add_argument("--prompt", action="append", dest="prompts", default=[],

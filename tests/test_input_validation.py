@@ -294,6 +294,37 @@ def test_convert_refuses_zero_and_negative_sizes_naming_the_flag(argv, flag, cap
             flag)
 
 
+@pytest.mark.parametrize("module,argv,flag", [
+    ("checkpoint", ["convert", "--to", "dist", "--input", "", "--output", "o"], "--input"),
+    ("checkpoint", ["convert", "--to", "dist", "--input", "i", "--output", ""], "--output"),
+    ("checkpoint", ["convert", "--to", "hf", "--input", "i", "--output", "o", "--hf-config", ""],
+     "--hf-config"),
+    ("export", ["--checkpoint", "", "--quant", "fp8", "--out", "o"], "--checkpoint"),
+    ("export", ["--checkpoint", "c", "--quant", "fp8", "--out", ""], "--out"),
+    ("export", ["--checkpoint", "c", "--quant", "fp8", "--out", "o", "--calib-data", ""],
+     "--calib-data"),
+    ("generate", ["--checkpoint", "", "--prompt", "x"], "--checkpoint"),
+])
+def test_empty_paths_are_refused_naming_the_flag(module, argv, flag, capsys):
+    """An empty path was read as the current directory: '--input ""' reported that the output
+    lies inside the input."""
+    import importlib
+
+    main = importlib.import_module({"checkpoint": "megatron_dsv3.checkpoint.__main__",
+                                    "export": "megatron_dsv3.export.__main__",
+                                    "generate": "megatron_dsv3.generate"}[module]).main
+    err = refused(capsys, lambda: main(argv), f"argument {flag}: '' is invalid")
+    assert "non-empty paths" in err
+
+
+def test_export_names_its_own_output_flag(tmp_path):
+    from megatron_dsv3.export.api import export
+
+    (tmp_path / "c").mkdir()
+    with pytest.raises(ValueError, match=r"lies inside the input .*: choose a --out outside it"):
+        export(str(tmp_path / "c"), str(tmp_path / "c" / "o"), "fp8", progress=False)
+
+
 def test_convert_unset_sizes_stay_none():
     from megatron_dsv3.checkpoint.__main__ import build_parser, parse_size
 

@@ -21,7 +21,7 @@ import re
 import sys
 from typing import List, Optional
 
-from megatron_dsv3.cli import positive_int
+from megatron_dsv3.cli import path_text, positive_int
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="HF checkpoint <-> Megatron distributed checkpoint")
     c.add_argument("--to", required=True, choices=["dist", "hf"],
                    help="dist: HF -> Megatron distributed checkpoint; hf: the way back")
-    c.add_argument("--input", required=True, help="source checkpoint directory")
-    c.add_argument("--output", required=True, help="destination directory (written atomically)")
+    c.add_argument("--input", type=path_text, required=True, help="source checkpoint directory")
+    c.add_argument("--output", type=path_text, required=True,
+                   help="destination directory (written atomically)")
     c.add_argument("--tp", type=positive_int,
                    help="--to dist: tensor-parallel size of the target layout (>= 1; default 1)")
     c.add_argument("--pp", type=positive_int,
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--to dist: model chunks per rank under --schedule interleaved")
     c.add_argument("--dtype", choices=sorted(DTYPES), help="--to dist: parameter dtype "
                    "(default bf16; the router stays fp32)")
-    c.add_argument("--hf-config", help="--to hf: config.json (or HF directory) of the model; "
+    c.add_argument("--hf-config", type=path_text,
+                   help="--to hf: config.json (or HF directory) of the model; "
                    "default: the one stored by the HF -> dist conversion")
     c.add_argument("--no-fp8", action="store_true", help="--to hf: keep the checkpoint's dtype "
                    "instead of DeepSeek's FP8 128x128 blocks")

@@ -238,19 +238,19 @@ def verify_manifest(directory: str, checksum: Optional[List[str]] = None,
 
 
 # -- guarding inputs ------------------------------------------------------------------------------
-def check_output_outside_input(input_path: str, output_path: str) -> None:
+def check_output_outside_input(input_path: str, output_path: str, flag: str = "--output") -> None:
     """ValueError unless `output_path` is neither `input_path`, nor inside it, nor a parent of it
-    (writing there, --overwrite above all, would destroy the source)."""
+    (writing there, --overwrite above all, would destroy the source); `flag` names the output."""
     src = os.path.realpath(input_path)
     out = os.path.realpath(output_path)
     if out == src:
-        raise ValueError(f"the output {output_path} is the input itself: choose another --output")
+        raise ValueError(f"the output {output_path} is the input itself: choose another {flag}")
     if out.startswith(src + os.sep):
-        raise ValueError(f"the output {output_path} lies inside the input {input_path}: choose an "
-                         "--output outside it")
+        raise ValueError(f"the output {output_path} lies inside the input {input_path}: choose a "
+                         f"{flag} outside it")
     if src.startswith(out + os.sep):
         raise ValueError(f"the output {output_path} contains the input {input_path} (replacing it "
-                         "would delete the source): choose another --output")
+                         f"would delete the source): choose another {flag}")
 
 
 # -- one user-named directory ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ import sys
 from typing import List, Optional
 
 from megatron_dsv3.checkpoint.__main__ import parse_size
-from megatron_dsv3.cli import check_device, positive_int
+from megatron_dsv3.cli import check_device, path_text, positive_int
 from megatron_dsv3.export.formats import FORMATS, OPTIONAL_MODULES
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -31,18 +31,20 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_dsv3.export",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="HF, distributed or trainer checkpoint (required)")
+    p.add_argument("--checkpoint", type=path_text,
+                   help="HF, distributed or trainer checkpoint (required)")
     p.add_argument("--quant", choices=sorted(FORMATS),
                    help="(required) " + "; ".join(f"{f.name}: {f.description}"
                                                   for f in FORMATS.values()))
-    p.add_argument("--out", help="output directory, written atomically (required)")
+    p.add_argument("--out", type=path_text, help="output directory, written atomically (required)")
     p.add_argument("--list-formats", action="store_true",
                    help="print each format and whether modelopt runs it on --device, then exit")
     p.add_argument("--format", default="hf", choices=["hf", "trtllm"],
                    help="hf: HF safetensors + config (what TensorRT-LLM's PyTorch backend, vLLM "
                    "and SGLang load); trtllm: refused with the reason (see docs/deploy.md)")
     p.add_argument("--calib", type=positive_int, default=64, help="calibration sequences (>= 1)")
-    p.add_argument("--calib-data", help="Megatron indexed dataset prefix for calibration")
+    p.add_argument("--calib-data", type=path_text,
+                   help="Megatron indexed dataset prefix for calibration")
     p.add_argument("--calib-seq-length", type=positive_int, default=None,
                    help="tokens per calibration sequence, 1 to the model's "
                         "max_position_embeddings (default: 512 or that, whichever is smaller)")
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                    help="parameter dtype of the model and of unquantised tensors")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--hf-config", help="config.json for a distributed checkpoint without one")
+    p.add_argument("--hf-config", type=path_text,
+                   help="config.json for a distributed checkpoint without one")
     p.add_argument("--max-shard-size", type=parse_size, default=5 * 10**9,
                    help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -89,7 +89,7 @@ def export(checkpoint: str, out: str, quant: str, *, calib: int = 64,
                          "of its packed tensors is not built yet (it could not be verified without "
                          "a GPU); formats we write: "
                          f"{sorted(n for n, f in FORMATS.items() if f.writable)}")
-    check_output_outside_input(checkpoint, out)
+    check_output_outside_input(checkpoint, out, "--out")
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"--out {out} exists; pass --overwrite to replace it (only once the new "
                          "checkpoint is complete)")
