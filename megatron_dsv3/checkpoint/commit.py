@@ -425,6 +425,21 @@ class CheckpointStore:
         state = self.read_tracker()
         return None if state is None else state.get("step")
 
+    def untracked_complete(self) -> List[str]:
+        """Step directories holding a manifest (complete checkpoints) when there is no tracker
+        (a kill between the first save's rename and its tracker, or a copied-in checkpoint),
+        oldest first; [] when a tracker exists."""
+        if not os.path.isdir(self.root) or self.read_tracker() is not None:
+            return []
+        names = [n for n in os.listdir(self.root) if STEP_DIR.match(n)
+                 and os.path.isfile(os.path.join(self.root, n, MANIFEST_FILE))]
+
+        def order(name: str):
+            step, _, again = name[len("step_"):].partition(".r")
+            return int(step), int(again or 0)
+
+        return sorted(names, key=order)
+
     # -- recovery -------------------------------------------------------------------------------
     def recover(self, protect: Iterable[str] = ()) -> List[str]:
         """Remove what interrupted saves left (partial directories, temporary trackers,

@@ -502,18 +502,27 @@ class Trainer:
         """Refuse to write over an existing run without --resume or --overwrite; resolve a bare
         --resume to save_dir's latest checkpoint; clear what interrupted saves left behind."""
         a = self.args  # (--resume with --overwrite: refused by validate_train_args)
+        untracked = self.store.untracked_complete() if a.save_dir else []
         if a.resume == "auto":
             latest = self.store.latest() if a.save_dir else None
+            if latest is None and untracked:
+                # complete (manifested) but never published: the first save was cut between its
+                # rename and its tracker, or the checkpoint was copied in
+                latest = os.path.join(self.store.root, untracked[-1])
+                self.log(f"--resume: no tracker in {self.store.root}; resuming from the newest "
+                         f"complete checkpoint there, {untracked[-1]}")
             if latest is None:
                 raise ValueError(f"--resume: save_dir {a.save_dir!r} holds no published "
-                                 "checkpoint (checkpoints/latest.json); pass a checkpoint path, "
-                                 "or leave out --resume to start fresh")
+                                 "checkpoint (checkpoints/latest.json) and no complete step "
+                                 "directory; pass a checkpoint path, or leave out --resume to "
+                                 "start fresh")
             a.resume = latest
         if not a.save_dir:
             return
         metrics = self.metrics_path
         used = [what for what, present in (
             (f"checkpoint step {self.store.latest_step()}", self.store.latest() is not None),
+            (f"complete checkpoint(s) {', '.join(untracked)} without a tracker", bool(untracked)),
             ("an old-layout checkpoint/", os.path.isdir(os.path.join(a.save_dir, "checkpoint"))),
             (METRICS_FILE, os.path.isfile(metrics) and os.path.getsize(metrics) > 0)) if present]
         if used and not (a.resume or a.overwrite):

@@ -97,6 +97,25 @@ def test_a_resume_at_or_beyond_steps_trains_and_saves_nothing(run):
     assert sorted(os.listdir(ckpts)) == before
 
 
+def test_complete_checkpoints_without_a_tracker_are_a_run_and_resumable(run):
+    """A kill between the first save's rename and its tracker (or a copied-in checkpoint) leaves
+    complete step directories and no tracker: a new run there is refused naming them (it used to
+    start fresh and the next start deleted them), and --resume takes the newest."""
+    tmp, _ = run
+    ckpts = tmp / "run" / "checkpoints"
+    os.remove(ckpts / "latest.json")
+    with pytest.raises(ValueError, match=r"already holds a run \(complete checkpoint\(s\) "
+                                         r"step_000001, step_000002 without a tracker"):
+        Trainer(_args(tmp, steps=3))
+    assert sorted(os.listdir(ckpts)) == ["step_000001", "step_000002"]
+    logged = []
+    history = Trainer(_args(tmp, steps=3, resume="auto"), log=logged.append).train()
+    assert [r["step"] for r in history] == [3]
+    assert any("resuming from the newest complete checkpoint there, step_000002" in line
+               for line in logged), logged
+    assert CheckpointStore(str(ckpts)).latest_step() == 3
+
+
 def test_resume_refuses_a_different_architecture_naming_each_field(run):
     tmp, _ = run
     change = {"moe_router_topk": 1, "moe_router_num_groups": 1, "moe_router_group_topk": 1}
