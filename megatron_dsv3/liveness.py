@@ -247,6 +247,13 @@ class Monitor:
         low = min(count.values())
         behind = [r for r in live if count[r] == low]
         if all(now - self.progress_at[r] > self._allow(r) for r in behind):
+            # Behind together (e.g. all in start-up's barrier): a rank whose heartbeat stopped
+            # while the others' go on is the one that holds them (frozen before its allowance
+            # for a silent heartbeat ran out, as its last beat came after its last progress).
+            newest = max(self.beat_at[r] for r in live)
+            silent = [r for r in behind if newest - self.beat_at[r] > self.allowance("train")]
+            if silent and len(silent) < len(live):
+                return Verdict("frozen", silent, self.describe(now, silent, frozen=True))
             return Verdict("stuck", behind, self.describe(now, behind))
         return None
 

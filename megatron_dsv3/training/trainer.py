@@ -134,11 +134,7 @@ class NonFiniteError(RuntimeError):
 
 class Trainer:
     def __init__(self, args: TrainArgs, log=print):
-        from megatron_dsv3.configs import get_config
-        from megatron_dsv3.model import build_model
-        from megatron_dsv3.training.data import build_indexed_corpus, build_train_dataset
         from megatron_dsv3.training.validation import validate_launch, validate_train_args
-        from megatron_dsv3.training.zero import ZeroOneOptimizer
 
         validate_train_args(args)
         validate_launch(args)
@@ -154,6 +150,25 @@ class Trainer:
 
             initialize_dispatch_groups()
         self.log = log if self.rank == 0 else (lambda *_: None)
+        from megatron_dsv3.liveness import make_watchdog
+
+        # Watched from here on: a rank stalled in start-up (recovery, the barriers, building the
+        # corpus, a resume's load) ends the job naming it, instead of leaving the others in a
+        # collective until its timeout ("startup" has the slow allowance).
+        self.watchdog = make_watchdog(args.watchdog_timeout, args.watchdog_save_timeout).start()
+        try:
+            self._start_up(args)
+        except BaseException:
+            self.watchdog.close()
+            raise
+
+    def _start_up(self, args: TrainArgs) -> None:
+        """Run directory, model, optimizer, data and resume (under the watchdog)."""
+        from megatron_dsv3.configs import get_config
+        from megatron_dsv3.model import build_model
+        from megatron_dsv3.training.data import build_indexed_corpus, build_train_dataset
+        from megatron_dsv3.training.zero import ZeroOneOptimizer
+
         self._resumed_from: Optional[str] = None  # the checkpoint directory load() read
         self._reset_checkpoints = bool(args.overwrite)  # the first save forgets the old run's
         self.skipped_steps = 0
@@ -221,9 +236,6 @@ class Trainer:
                  f"expert-parallel {args.ep}"
                  f"{', ZeRO-1' if args.zero1 else ''}{', FP8' if args.fp8 else ''}"
                  f"{', BF16' if args.bf16 else ''}; AdamW ({kind})")
-        from megatron_dsv3.liveness import make_watchdog
-
-        self.watchdog = make_watchdog(args.watchdog_timeout, args.watchdog_save_timeout)
 
     # -- data --------------------------------------------------------------------------------
     def micro_batch(self, step: int, j: int) -> Dict[str, torch.Tensor]:
@@ -541,6 +553,7 @@ class Trainer:
             if removed:
                 self.log(f"cleared {len(removed)} leftover(s) of interrupted saves in "
                          f"{self.store.root}: {', '.join(removed)}")
+        _maybe_inject_fault(self.rank, "start")  # (a rank stalled in start-up, for tests)
         dist.barrier()
 
     def architecture(self) -> Dict:
@@ -670,9 +683,10 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-def _maybe_inject_fault(rank: int, step: int) -> None:
+def _maybe_inject_fault(rank: int, step) -> None:
     """Fault injection for recovery tests: MEGATRON_DSV3_KILL_RANK_AT="rank:step" makes that rank
-    die abruptly after that step, as a crashed node would."""
+    die abruptly after that step, as a crashed node would ("rank:start": in start-up, before
+    the run directory's barrier)."""
     spec = os.environ.get("MEGATRON_DSV3_KILL_RANK_AT")
     if spec and spec == f"{rank}:{step}":
         print(f"[fault injection] rank {rank} dies after step {step}", flush=True)

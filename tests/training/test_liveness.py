@@ -255,7 +255,11 @@ def _tagged_pids(tag):
 
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGSTOP and /proc")
-def test_stopped_rank_ends_the_job_within_the_watchdog_timeout(tmp_path):
+@pytest.mark.parametrize("when", ["2", "start"], ids=["after-step-2", "in-start-up"])
+def test_stopped_rank_ends_the_job_within_the_watchdog_timeout(tmp_path, when):
+    """A rank stopped after a step (allowance: the timeout) or in start-up, where the others
+    wait in a barrier (allowance: 3 x the timeout; before, nothing watched start-up and they
+    waited for the collective timeout, 20 minutes by default)."""
     tag = f"MEGATRON_DSV3_LIVENESS_TEST={uuid.uuid4().hex}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(29300 + os.getpid() % 300),
@@ -263,7 +267,7 @@ def test_stopped_rank_ends_the_job_within_the_watchdog_timeout(tmp_path):
            "--micro-batch-size", "2", "--seq-length", "16", "--corpus-bytes", str(1 << 19),
            "--cache-dir", str(tmp_path / "cache"), "--save-dir", str(tmp_path / "run"),
            "--log-interval", "1", "--warmup-steps", "1", "--watchdog-timeout", "8"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MEGATRON_DSV3_STOP_RANK_AT="1:2",
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEGATRON_DSV3_STOP_RANK_AT=f"1:{when}",
                **dict([tag.split("=")]))
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -272,9 +276,11 @@ def test_stopped_rank_ends_the_job_within_the_watchdog_timeout(tmp_path):
         out, _ = proc.communicate(timeout=150)  # torch's default would be 30 min
         seconds = time.time() - start
         assert proc.returncode != 0, out[-3000:]
-        assert "rank 1 stops (SIGSTOP) after step 2" in out, out[-3000:]
+        assert f"rank 1 stops (SIGSTOP) after step {when}" in out, out[-3000:]
         report = [line for line in out.splitlines() if line.startswith("[watchdog] rank 1 made")]
-        assert report and "last seen at step 2, phase train" in report[0], out[-3000:]
+        seen = "step 2, phase train" if when == "2" else "step 0, phase startup"
+        assert report and f"last seen at {seen}; its heartbeat stopped too" in report[0], \
+            out[-3000:]
         assert "Ending the job (watchdog of rank 0, timeout 8 s)" in report[0]
         assert f"exitcode  : {EXIT_CODE}" in out  # torchrun's report: rank 0's watchdog
         time.sleep(0.5)
