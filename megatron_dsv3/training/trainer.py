@@ -550,6 +550,12 @@ class Trainer:
                 with contextlib.suppress(ValueError, OSError):  # load() names the problem
                     protect.append(resolve_checkpoint(a.resume))
             removed = self.store.recover(protect=protect)
+            # (a kill while the metrics were rewritten on resume leaves their temporary copy)
+            for name in sorted(os.listdir(a.save_dir)) if os.path.isdir(a.save_dir) else []:
+                if name.startswith(f".{METRICS_FILE}.tmp-"):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(a.save_dir, name))
+                    removed.append(name)
             if removed:
                 self.log(f"cleared {len(removed)} leftover(s) of interrupted saves in "
                          f"{self.store.root}: {', '.join(removed)}")

@@ -97,6 +97,14 @@ def test_a_resume_at_or_beyond_steps_trains_and_saves_nothing(run):
     assert sorted(os.listdir(ckpts)) == before
 
 
+def test_a_metrics_rewrite_cut_by_a_kill_leaves_no_temporary_copy(run):
+    tmp, _ = run
+    leftover = tmp / "run" / ".metrics.jsonl.tmp-0123abcd"
+    leftover.write_text('{"step": 1}\n')
+    Trainer(_args(tmp, steps=3, resume="auto")).train()
+    assert not leftover.exists()
+
+
 def test_complete_checkpoints_without_a_tracker_are_a_run_and_resumable(run):
     """A kill between the first save's rename and its tracker (or a copied-in checkpoint) leaves
     complete step directories and no tracker: a new run there is refused naming them (it used to
