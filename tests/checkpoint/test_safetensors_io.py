@@ -137,6 +137,11 @@ def test_overwrite_replaces_only_empty_directories_and_ours(tmp_path, capsys):
         assert convert(["convert", "--to", "dist", "--input", str(source), "--output", str(out),
                         "--overwrite", "--quiet"]) == 0
     assert (out / ".metadata").is_file()
+    # a trainer's published step directory (named by its tracker) holds a manifest too
+    (tmp_path / "latest.json").write_text('{"latest": "dist", "step": 1, "kept": ["dist"]}')
+    assert convert(["convert", "--to", "dist", "--input", str(source), "--output", str(out),
+                    "--overwrite", "--quiet"]) == 1
+    assert "is a published checkpoint of a training run" in capsys.readouterr().err
 
 
 def test_loaders_put_back_a_directory_an_interrupted_fallback_commit_renamed_aside(
