@@ -108,6 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import megatron_dsv3  # noqa: F401  (quiets megatron-core's import notices)
     from megatron_dsv3.checkpoint.convert import dist_to_hf, hf_to_dist
+    from megatron_dsv3.configs import layout
 
     try:
         if args.to == "dist":
@@ -117,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                        allow_unused=args.allow_unused, overwrite=args.overwrite,
                        progress=not args.quiet, schedule=args.schedule or "1f1b",
                        first=args.first, last=args.last, vpp=args.vpp,
-                       megatron_release=args.megatron_release)
+                       megatron_release=args.megatron_release, layout_names=layout.FLAGS)
         else:
             dist_to_hf(args.input, args.output, hf_config=args.hf_config, fp8=not args.no_fp8,
                        allow_unused=args.allow_unused, overwrite=args.overwrite,

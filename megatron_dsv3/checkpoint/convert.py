@@ -35,6 +35,7 @@ from megatron_dsv3.checkpoint.commit import (
     atomic_directory,
     check_output_outside_input,
     open_published,
+    resolve_checkpoint,
 )
 from megatron_dsv3.checkpoint.quantized import open_hf_reader
 from megatron_dsv3.configs import layout as layout_rules
@@ -69,7 +70,7 @@ MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
 
 def check_layout(config, tp: int, pp: int, ep: int, *, schedule: str = "1f1b",
                  first: Optional[int] = None, last: Optional[int] = None,
-                 vpp: Optional[int] = None) -> None:
+                 vpp: Optional[int] = None, names=None) -> None:
     """LayoutError (a ValueError) naming the field and its allowed values unless the layout can
     hold the model: the rules of megatron_dsv3.configs.layout, the planner's and the trainer's.
 
@@ -77,9 +78,10 @@ def check_layout(config, tp: int, pp: int, ep: int, *, schedule: str = "1f1b",
     numbers, so any pipeline layout loads it); they are checked so that the conversion refuses
     what the training run would refuse: `schedule` (Megatron's '1f1b' by default, or
     'interleaved' with `vpp`, 'dualpipe', 'dualpipev') and the uneven split `first` / `last`
-    (Megatron's num_layers_in_first/last_pipeline_stage)."""
+    (Megatron's num_layers_in_first/last_pipeline_stage). `names`: how messages name them
+    (default the config fields; the command line passes its flags, layout_rules.FLAGS)."""
     layout_rules.check_layout(config, tp=tp, pp=pp, ep=ep, schedule=schedule, first=first,
-                              last=last, vpp=vpp, names=layout_rules.FIELDS)
+                              last=last, vpp=vpp, names=names or layout_rules.FIELDS)
 
 
 # -- HF -> dist ---------------------------------------------------------------------------------
@@ -132,13 +134,15 @@ def hf_to_dist(hf_path: str, out_path: str, *, tp: int = 1, pp: int = 1, ep: int
                dtype: torch.dtype = torch.bfloat16, allow_unused: bool = False,
                overwrite: bool = False, progress: bool = True, schedule: str = "1f1b",
                first: Optional[int] = None, last: Optional[int] = None,
-               vpp: Optional[int] = None, megatron_release: bool = False) -> None:
+               vpp: Optional[int] = None, megatron_release: bool = False,
+               layout_names=None) -> None:
     """Convert the HF checkpoint at `hf_path` into a Megatron distributed checkpoint at `out_path`
     laid out for a TP x PP x EP run, parameters in `dtype` (the router stays float32). The
     layout (`schedule`, uneven split `first`/`last`, `vpp`) is checked by `check_layout`.
     `megatron_release`: in Megatron-LM's directory layout (`out_path/release` and a tracker
     saying "release"), which Megatron-LM's --load / --pretrained-checkpoint read as starting
-    weights; without a tracker Megatron-LM would start from random weights with a warning."""
+    weights; without a tracker Megatron-LM would start from random weights with a warning.
+    `layout_names`: how layout errors name the sizes (default the config fields)."""
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
@@ -154,7 +158,8 @@ def hf_to_dist(hf_path: str, out_path: str, *, tp: int = 1, pp: int = 1, ep: int
     # without MTP, with a warning, and its stored config then says so)
     config = config_from_hf(hf_path, dtype=dtype)
     hf = dict(hf, num_nextn_predict_layers=config.mtp_num_layers or 0)
-    check_layout(config, tp, pp, ep, schedule=schedule, first=first, last=last, vpp=vpp)
+    check_layout(config, tp, pp, ep, schedule=schedule, first=first, last=last, vpp=vpp,
+                 names=layout_names)
     maps = model_maps(config, rope_interleave=hf.get("rope_interleave", True))
     reader = open_hf_reader(hf_path, hf)
     check_hf_checkpoint(reader, maps, config, allow_unused)
@@ -298,6 +303,15 @@ def dist_to_hf(dist_path: str, out_path: str, *, hf_config: Optional[Any] = None
     """
     check_output_outside_input(dist_path, out_path)
     dist_path = dist_checkpoint_dir(open_published(dist_path))
+    if not os.path.isfile(os.path.join(dist_path, ".metadata")):
+        trainer = None
+        with contextlib.suppress(ValueError):  # (nothing of our trainer's there either)
+            trainer = resolve_checkpoint(dist_path)
+        if trainer is not None:
+            raise ValueError(f"{dist_path} holds our trainer's checkpoint ({trainer}), not a "
+                             "distributed checkpoint: convert --to hf reads distributed "
+                             "checkpoints (.metadata); python -m megatron_dsv3.generate and "
+                             "python -m megatron_dsv3.export read trainer checkpoints directly")
     if hf_config is None:
         stored = os.path.join(dist_path, HF_CONFIG_FILE)
         if not os.path.isfile(stored):

@@ -169,11 +169,16 @@ def test_command_line_reports_bad_input_without_a_traceback(hf_dir, tmp_path, ca
     out = str(tmp_path / "dist")
     assert main(["convert", "--to", "dist", "--input", hf_dir, "--output", out, "--ep", "3",
                  "--quiet"]) == 1
-    assert "error: expert_model_parallel_size=3 does not divide" in capsys.readouterr().err
+    assert "error: --ep 3 does not divide" in capsys.readouterr().err  # (the flag as typed)
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["convert", "--to", "hf", "--input", str(empty), "--output", out]) == 1
     assert f"{empty} has no hf_config.json" in capsys.readouterr().err
+    trainer = tmp_path / "run" / "checkpoints" / "step_000001"  # our trainer's layout
+    trainer.mkdir(parents=True)
+    (trainer / "rank0.pt").write_bytes(b"")
+    assert main(["convert", "--to", "hf", "--input", str(trainer), "--output", out]) == 1
+    assert "holds our trainer's checkpoint" in capsys.readouterr().err
     assert not os.path.exists(out)
 
 
