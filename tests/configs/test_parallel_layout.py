@@ -218,7 +218,7 @@ def test_converter_cli_accepts_the_slurm_layout_and_refuses_what_megatron_refuse
                              + ["--output", str(tmp_path / "refused")], capture_output=True,
                              text=True, timeout=300)
     assert refused.returncode == 1
-    assert "pipeline_model_parallel_size=16 does not divide num_layers=61" in refused.stderr
+    assert "--pp 16 does not divide num_layers=61" in refused.stderr  # (the flag as typed)
     assert not os.path.exists(tmp_path / "refused")
 
 
