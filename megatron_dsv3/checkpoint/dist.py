@@ -40,10 +40,17 @@ def save(models: List, path: str, overwrite: bool = True) -> None:
 
     from megatron_dsv3.checkpoint.commit import atomic_directory
 
-    writer = dist.get_rank() == 0
-    with atomic_directory(path, overwrite) if writer else contextlib.nullcontext() as tmp:
-        box = [tmp]
-        dist.broadcast_object_list(box, src=0)
+    publish = contextlib.ExitStack()
+    box = [None, None]  # (the directory every rank writes into, rank 0's refusal of `path`)
+    if dist.get_rank() == 0:
+        try:
+            box[0] = publish.enter_context(atomic_directory(path, overwrite))
+        except ValueError as refusal:  # (e.g. --overwrite may not replace what `path` holds)
+            box[1] = str(refusal)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:  # every rank raises it, none waits in a collective for rank 0
+        raise ValueError(box[1])
+    with publish:
         with cuda_on_cpu(filesystem_async, state_dict_saver):
             dist_checkpointing.save(sharded_state_dict(models), box[0])
         dist.barrier()  # every rank's files are in place before rank 0 publishes

@@ -152,15 +152,17 @@ class Trainer:
         self.log = log if self.rank == 0 else (lambda *_: None)
         from megatron_dsv3.liveness import make_watchdog
 
-        # Watched from here on: a rank stalled in start-up (recovery, the barriers, building the
-        # corpus, a resume's load) ends the job naming it, instead of leaving the others in a
-        # collective until its timeout ("startup" has the slow allowance).
-        self.watchdog = make_watchdog(args.watchdog_timeout, args.watchdog_save_timeout).start()
+        # Start-up is watched by a watchdog of its own: a rank stalled in recovery, the barriers,
+        # building the corpus or a resume's load ends the job naming it, instead of leaving the
+        # others in a collective until its timeout ("startup" has the slow allowance). It ends
+        # with start-up; train() watches with another, whose first step gets the same allowance
+        # (so nothing is left running by a Trainer that is built but not trained).
+        startup = make_watchdog(args.watchdog_timeout, args.watchdog_save_timeout).start()
         try:
             self._start_up(args)
-        except BaseException:
-            self.watchdog.close()
-            raise
+        finally:
+            startup.close()
+        self.watchdog = make_watchdog(args.watchdog_timeout, args.watchdog_save_timeout)
 
     def _start_up(self, args: TrainArgs) -> None:
         """Run directory, model, optimizer, data and resume (under the watchdog)."""

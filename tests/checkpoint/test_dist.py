@@ -149,3 +149,23 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, single_rank_w
     assert run_distributed(_single, 1, args=(ckpt, "save"), megatron_parallel={}) == [True]
     assert run_distributed(_load_other_architecture, 1, args=(ckpt,),
                            megatron_parallel={}) == [True]
+
+
+def _save_refused(rank, world, path):
+    import pytest
+
+    from megatron_dsv3.checkpoint import dist
+
+    with pytest.raises(ValueError, match="holds files but no checkpoint_manifest.json"):
+        dist.save([], path)  # (rank 1 met a collective timeout instead)
+    return True
+
+
+def test_a_refused_save_is_refused_on_every_rank_at_once(tmp_path, single_rank_world):
+    """Rank 0 decides whether `path` may be replaced; every rank raises its refusal (the others
+    used to wait in a collective for rank 0 until the timeout)."""
+    path = tmp_path / "megatron_lm"
+    path.mkdir()
+    (path / "latest_checkpointed_iteration.txt").write_text("release")
+    assert run_distributed(_save_refused, 2, args=(str(path),), megatron_parallel={}) == [True] * 2
+    assert sorted(os.listdir(path)) == ["latest_checkpointed_iteration.txt"]
