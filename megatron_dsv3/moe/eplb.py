@@ -28,6 +28,7 @@ is unchanged; only where the work happens moves.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -46,6 +47,26 @@ class Placement:
     slots: List[List[int]]
     num_logical: int
     num_nodes: int
+
+    def __post_init__(self):
+        # checked when made, so that apply_placement never half re-lays a model
+        sizes = sorted({len(r) for r in self.slots})
+        if not self.slots or sizes[0] < 1 or len(sizes) > 1:
+            raise ValueError(f"Placement.slots has ranks of {sizes} slots: allowed are one or more "
+                             "ranks with the same number (>= 1) of slots each")
+        ids = [e for r in self.slots for e in r]
+        bad = sorted({e for e in ids if not (isinstance(e, int) and 0 <= e < self.num_logical)},
+                     key=repr)
+        if bad:
+            raise ValueError(f"Placement.slots names experts {bad[:8]}: allowed are integers in "
+                             f"[0, num_logical={self.num_logical})")
+        missing = sorted(set(range(self.num_logical)) - set(ids))
+        if missing:
+            raise ValueError(f"Placement.slots places no replica of experts {missing[:8]}: every "
+                             "logical expert needs at least one slot")
+        if self.num_nodes < 1 or len(self.slots) % self.num_nodes:
+            raise ValueError(f"Placement.num_nodes={self.num_nodes} is invalid: allowed are "
+                             f"divisors of the {len(self.slots)} ranks")
 
     @property
     def num_ranks(self) -> int:
@@ -122,7 +143,15 @@ def check_placement_args(num_experts: int, num_groups: int, num_nodes: int, num_
 def plan_placement(loads: Sequence[float], *, num_groups: int, num_nodes: int, num_ranks: int,
                    num_redundant: int) -> Placement:
     """The hierarchical placement of one layer (module docstring) from its expert loads [E]."""
-    loads = [float(x) for x in loads]
+    loads = torch.as_tensor(loads, dtype=torch.float64)
+    if loads.dim() != 1:
+        raise ValueError(f"loads of shape {list(loads.shape)} are invalid: allowed is one load "
+                         "per expert of this layer, shape [num_experts]")
+    loads = loads.tolist()
+    if not loads or not all(math.isfinite(x) and x >= 0 for x in loads):
+        shown = [x for x in loads if not (math.isfinite(x) and x >= 0)][:4]
+        raise ValueError(f"loads {shown if loads else '[]'} are invalid: allowed are one finite "
+                         "load >= 0 per expert (token counts)")
     E = len(loads)
     check_placement_args(E, num_groups, num_nodes, num_ranks, num_redundant)
     per_group, P = E // num_groups, E + num_redundant

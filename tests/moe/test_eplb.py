@@ -95,6 +95,32 @@ def test_bad_arguments_name_the_field():
         plan_placement([1.0] * 16, num_groups=3, num_nodes=1, num_ranks=4, num_redundant=0)
     with pytest.raises(ValueError, match="num_ranks=3"):
         plan_placement([1.0] * 16, num_groups=4, num_nodes=2, num_ranks=3, num_redundant=0)
+    # loads: one finite count >= 0 per expert (a negative or NaN one bent the greedy packing)
+    kw = dict(num_groups=1, num_nodes=1, num_ranks=2, num_redundant=2)
+    for loads, shown in (([-5, 1, 1, 1], r"\[-5.0\]"), ([float("nan"), 1, 1, 1], r"\[nan\]"),
+                         ([], r"\[\]")):
+        with pytest.raises(ValueError, match=rf"loads {shown} are invalid: allowed are one "
+                                             "finite load >= 0"):
+            plan_placement(loads, **kw)
+    with pytest.raises(ValueError, match=r"loads of shape \[2, 2\] are invalid"):
+        plan_placement([[1, 1], [1, 1]], **kw)
+
+
+def test_a_hand_made_placement_is_checked_before_it_can_touch_a_model():
+    """apply_placement re-lays weights layer by layer: a ragged placement, one that leaves an
+    expert out or names one out of range used to fail after the weights were replaced."""
+    from megatron_dsv3.moe.eplb import Placement
+
+    with pytest.raises(ValueError, match=r"ranks of \[1, 3\] slots"):
+        Placement([[0], [1, 2, 3]], 4, 1)
+    with pytest.raises(ValueError, match=r"places no replica of experts \[2\]"):
+        Placement([[0, 1], [3, 3]], 4, 1)
+    with pytest.raises(ValueError, match=r"names experts \[7\]: allowed are integers in \[0, "
+                                         r"num_logical=4\)"):
+        Placement([[0, 1], [2, 7]], 4, 1)
+    with pytest.raises(ValueError, match="num_nodes=3 is invalid"):
+        Placement([[0, 1], [2, 3]], 4, 3)
+    assert Placement([[0, 1], [2, 3]], 4, 2).slots_per_rank == 2
 
 
 def test_applied_placement_leaves_outputs_unchanged(single_rank_world):
