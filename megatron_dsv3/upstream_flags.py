@@ -29,6 +29,11 @@ def recompute_modules(config: Any) -> List[str]:
     return ["core_attn"] if modules is None else list(modules)
 
 
+def fp8_on(config: Any) -> bool:
+    """Whether an FP8 recipe drives the GEMMs: ours (dsv3_fp8_recipe) or Megatron's (fp8)."""
+    return bool(getattr(config, "dsv3_fp8_recipe", None) or getattr(config, "fp8", None))
+
+
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
 """moe_router_load_balancing_type values our router honours."""
 
@@ -209,7 +214,7 @@ def _check_fp8_options(config: Any) -> None:
         if _is_set(config, field):
             _refuse(field, True, "DeepSeek-V3 keeps the attention core and stored activations in "
                                  "high precision (allowed value: False)", flag="a config field")
-    if not (getattr(config, "dsv3_fp8_recipe", None) or getattr(config, "fp8", None)):
+    if not fp8_on(config):
         return  # (without FP8 Megatron ignores the two below as well)
     if getattr(config, "fp8_wgrad", True) is False:
         _refuse("fp8_wgrad", False, "DeepSeek-V3's recipe runs the weight-gradient GEMMs in FP8 "

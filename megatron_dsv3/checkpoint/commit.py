@@ -340,16 +340,14 @@ def check_replaceable(path: str) -> None:
                          "directories (allowed: a new path, an empty directory, or one of ours); "
                          "remove it yourself if it should go")
     parent, name = os.path.split(os.path.abspath(path))
-    tracker = os.path.join(parent, TRACKER_FILE)
-    published = []
-    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
-        with open(tracker) as f:
-            state = json.load(f)
-        published = [state.get("latest")] + list(state.get("kept", []))
-    if name in published:
+    store = CheckpointStore(parent)
+    state = None
+    with contextlib.suppress(ValueError):  # (an unreadable tracker names nothing)
+        state = store.read_tracker()
+    if state is not None and name in [state["latest"], *state["kept"]]:
         raise ValueError(f"the output {path} is a published checkpoint of a training run (named "
-                         f"by {tracker}): replacing it would take the run's resume point away; "
-                         "write to another path")
+                         f"by {store.tracker}): replacing it would take the run's resume point "
+                         "away; write to another path")
 
 
 @contextlib.contextmanager

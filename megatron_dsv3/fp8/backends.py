@@ -31,6 +31,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from megatron_dsv3.upstream_flags import fp8_on
+
 # dsv3_gemm_backend's values (configs.config.GEMM_BACKENDS, which validates the field; the
 # configs do not import fp8, and this module stays free of megatron-core so that
 # bench/gpu_check.py can report the choice without it: tests/fp8/test_backends.py keeps the two
@@ -186,8 +188,7 @@ _LOGGED = set()
 
 def resolve(config, caps: Optional[Capabilities] = None) -> BackendChoice:
     """The backend for `config.dsv3_gemm_backend` here; each distinct decision is logged once."""
-    fp8 = bool(getattr(config, "dsv3_fp8_recipe", None) or getattr(config, "fp8", None))
-    choice = choose_backend(getattr(config, "dsv3_gemm_backend", None), caps, fp8)
+    choice = choose_backend(getattr(config, "dsv3_gemm_backend", None), caps, fp8_on(config))
     key = (choice.name, choice.requested, choice.reason)
     if key not in _LOGGED:
         _LOGGED.add(key)

@@ -148,10 +148,10 @@ def plan_placement(loads: Sequence[float], *, num_groups: int, num_nodes: int, n
         raise ValueError(f"loads of shape {list(loads.shape)} are invalid: allowed is one load "
                          "per expert of this layer, shape [num_experts]")
     loads = loads.tolist()
-    if not loads or not all(math.isfinite(x) and x >= 0 for x in loads):
-        shown = [x for x in loads if not (math.isfinite(x) and x >= 0)][:4]
-        raise ValueError(f"loads {shown if loads else '[]'} are invalid: allowed are one finite "
-                         "load >= 0 per expert (token counts)")
+    bad = [x for x in loads if not (math.isfinite(x) and x >= 0)]
+    if bad or not loads:
+        raise ValueError(f"loads {bad[:4]} are invalid: allowed are one finite load >= 0 per "
+                         "expert (token counts)")
     E = len(loads)
     check_placement_args(E, num_groups, num_nodes, num_ranks, num_redundant)
     per_group, P = E // num_groups, E + num_redundant

@@ -45,10 +45,10 @@ def expert_replica_id(expt_dp_group) -> tuple:
     return (0, 0, group.rank() if group is not None else 0)
 
 
-
 PLACED_NO_CHECKPOINT = (
     "these experts were re-laid with redundant replicas (megatron_dsv3.moe.eplb.apply_placement), "
     "which is for serving: checkpoint the model before applying a placement")
+
 
 class GroupedExperts(MegatronModule):
     """`gemm`: the GEMM strategy factory, config -> Gemm, of fc1 and fc2 (the spec's param, from

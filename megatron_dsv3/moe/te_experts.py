@@ -31,6 +31,7 @@ from megatron_dsv3.core.init import param_device
 from megatron_dsv3.core.mlp import swiglu
 from megatron_dsv3.core.recompute import recompute_region
 from megatron_dsv3.moe.experts import expert_replica_id, init_expert_weights
+from megatron_dsv3.upstream_flags import fp8_on
 
 STACKED = ("fc1_weight", "fc2_weight")
 # TE's FP8 block-scaling grouped GEMM takes per-GEMM row counts that are multiples of 16
@@ -75,8 +76,7 @@ class TEGroupedExperts(MegatronModule):
             init_expert_weights(config, self.expert_weights("fc1"), self.expert_weights("fc2"),
                                 key, local_expert_offset)
         # an FP8 recipe of ours or Megatron's drives TE's GEMMs: row counts padded for them
-        self.align = FP8_ALIGN if (getattr(config, "dsv3_fp8_recipe", None)
-                                   or getattr(config, "fp8", None)) else 1
+        self.align = FP8_ALIGN if fp8_on(config) else 1
         self._register_state_dict_hook(_stack_expert_weights)
         self._register_load_state_dict_pre_hook(_split_expert_weights, with_module=True)
 
