@@ -39,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import signal
 import uuid
 import zlib
@@ -251,6 +252,22 @@ def check_output_outside_input(input_path: str, output_path: str, flag: str = "-
     if src.startswith(out + os.sep):
         raise ValueError(f"the output {output_path} contains the input {input_path} (replacing it "
                          f"would delete the source): choose another {flag}")
+
+
+def check_output_writable(output_path: str, flag: str = "--output") -> None:
+    """ValueError naming `flag` unless a directory can be created beside `output_path` (where
+    atomic_directory writes before publishing): tried for real in the nearest existing parent,
+    as permissions alone do not tell (root, read-only or virtual file systems)."""
+    parent = os.path.dirname(os.path.abspath(output_path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {output_path}: {parent} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=parent))
+    except OSError as error:
+        raise ValueError(f"{flag} {output_path}: cannot write in {parent} "
+                         f"({error.strerror or error})") from error
 
 
 # -- one user-named directory ---------------------------------------------------------------------

@@ -308,9 +308,13 @@ def config_to_hf(config, base: Optional[Dict[str, Any]] = None, *, fp8: bool = F
     """config.json for our config. `base` (the checkpoint's original config.json) keeps the fields
     that are not architecture (token ids, generation defaults, ...); architecture fields are ours.
     RoPE is written in both spellings (transformers 5 and DeepSeek's own code read different ones).
+    The base's `auto_map` is dropped: it names remote-code files (DeepSeek's modeling_deepseek.py)
+    that are not written next to the result, and the architecture written is transformers' own
+    DeepseekV3ForCausalLM (with trust_remote_code a reader would fail to find those files).
     """
     out = {k: v for k, v in (base or {}).items()
-           if k not in ("quantization_config", "rope_scaling", "rope_parameters", "torch_dtype")}
+           if k not in ("quantization_config", "rope_scaling", "rope_parameters", "torch_dtype",
+                        "auto_map")}
     freq = config.moe_layer_freq
     pattern = list(freq) if isinstance(freq, (list, tuple)) else None
     if pattern is None or pattern != sorted(pattern):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import tempfile
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -78,7 +77,7 @@ def export(checkpoint: str, out: str, quant: str, *, calib: int = 64,
     from megatron_dsv3.export.quantize import (calibration_batches, check_group_size,
                                                check_group_size_offered, check_runs_here,
                                                quantize)
-    from megatron_dsv3.checkpoint.commit import check_output_outside_input
+    from megatron_dsv3.checkpoint.commit import check_output_outside_input, check_output_writable
 
     fmt = get_format(quant)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -93,6 +92,13 @@ def export(checkpoint: str, out: str, quant: str, *, calib: int = 64,
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"--out {out} exists; pass --overwrite to replace it (only once the new "
                          "checkpoint is complete)")
+    check_output_writable(out, "--out")
+    kind = checkpoint_kind(checkpoint)
+    if hf_config is not None and kind != "dist":
+        what = {"hf": "an HF checkpoint", "trainer": "our trainer's checkpoint"}[kind]
+        raise ValueError(f"--hf-config applies to a distributed checkpoint (which has no "
+                         f"config.json); --checkpoint {checkpoint} is {what} and carries its own "
+                         "config: drop --hf-config")
     start = time.monotonic()
     model, base_config, kind = load_model(checkpoint, dtype, hf_config)
     group_size = check_group_size(model, fmt, group_size, also_quantize)
@@ -109,12 +115,11 @@ def export(checkpoint: str, out: str, quant: str, *, calib: int = 64,
     quantize(model, fmt, batches, group_size=group_size, quantize=also_quantize,
              progress=progress)
     calibrated = time.monotonic()
+    extra = [os.path.join(checkpoint, name) for name in TOKENIZER_FILES
+             if kind == "hf" and os.path.isfile(os.path.join(checkpoint, name))]
     export_hf(model.cpu(), out, fmt, base_config=base_config, group_size=group_size,
-              max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress)
-    if kind == "hf":
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(checkpoint, name)):
-                shutil.copy2(os.path.join(checkpoint, name), os.path.join(out, name))
+              max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress,
+              extra_files=extra)
     written = time.monotonic()
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
                if f.endswith(".safetensors"))

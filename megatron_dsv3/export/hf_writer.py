@@ -28,14 +28,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import warnings
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from megatron_dsv3.checkpoint.commit import atomic_directory
 from megatron_dsv3.checkpoint.errors import writing
-from megatron_dsv3.checkpoint.hf_config import config_to_hf
+from megatron_dsv3.checkpoint.hf_config import config_to_hf, scale_format
 from megatron_dsv3.checkpoint.hf_model import is_weight_file
 from megatron_dsv3.checkpoint.mapping import mirror_names, model_maps
 from megatron_dsv3.checkpoint.progress import Progress
@@ -130,8 +131,9 @@ def _resolve(modules: Dict[str, torch.nn.Module], key: str):
 
 
 def _fmt_tensors(fmt: Format, name: str, piece: torch.Tensor, amax: torch.Tensor,
-                 q: _Quantised) -> Iterator[Tuple[str, torch.Tensor]]:
-    """The HF tensors of one quantised weight piece `name` ([out, in]) in `fmt`'s layout."""
+                 q: _Quantised, pow2_scales: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The HF tensors of one quantised weight piece `name` ([out, in]) in `fmt`'s layout;
+    `pow2_scales`: deepseek-fp8 block scales rounded up to powers of 2 (scale_fmt ue8m0)."""
     from modelopt.torch.export.quant_utils import to_quantized_weight
 
     base = name[: -len("weight")]
@@ -148,7 +150,7 @@ def _fmt_tensors(fmt: Format, name: str, piece: torch.Tensor, amax: torch.Tensor
                 "transformers 5.24's FP8 dequantisation spreads such rows evenly over the scale "
                 "blocks and reads them wrongly (0.65 relative logit error measured on "
                 "deepseek-v3-tiny, FFN 160)", stacklevel=2)
-        qw, scale = quant.quantize_128x128(w)
+        qw, scale = quant.quantize_128x128(w, pow2_scales=pow2_scales)
         yield name, qw
         yield name + SCALE_SUFFIX, scale
         return
@@ -225,9 +227,10 @@ def check_block_calibration(model) -> None:
                                      "export takes modelopt's stock max calibration only")
 
 
-def hf_tensors(model, fmt: Format, rope_interleave: bool = True
+def hf_tensors(model, fmt: Format, rope_interleave: bool = True, pow2_scales: bool = False
                ) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Every tensor of the HF checkpoint, in writing order (quantised ones in `fmt`)."""
+    """Every tensor of the HF checkpoint, in writing order (quantised ones in `fmt`; deepseek-fp8
+    block scales powers of 2 with `pow2_scales`)."""
     config = model.config
     modules = dict(model.named_modules())
     copies: Dict[str, List[str]] = {}
@@ -245,7 +248,7 @@ def hf_tensors(model, fmt: Format, rope_interleave: bool = True
             continue
         amax = q.amax_like(tensor.float())
         for (name, piece), (_, amax_piece) in zip(m.split(tensor), m.split(amax)):
-            for n, t in _fmt_tensors(fmt, name, piece, amax_piece, q):
+            for n, t in _fmt_tensors(fmt, name, piece, amax_piece, q, pow2_scales):
                 yield n, t
                 # the MTP layers' copies of a quantised head (--also-quantize head)
                 for copy in copies.get(name, ()):
@@ -306,6 +309,17 @@ def high_precision_linears(model, rope_interleave: bool = True, wildcards: bool 
             kept.setdefault(layer, []).extend(n for n in names if n not in kept.get(layer, []))
         else:
             quantised_layers.add(layer)
+    # each MTP layer's copy of the head (shared_head.head) is stored as the head is
+    head_kept = "lm_head" in kept.get("", [])
+    for copy, original in mirror_names(config):
+        if original != "lm_head.weight":
+            continue
+        module_name = copy[: -len(".weight")]
+        layer = ".".join(module_name.split(".")[:3])
+        if head_kept:
+            kept.setdefault(layer, []).append(module_name)
+        else:
+            quantised_layers.add(layer)
     out = []
     for layer, names in kept.items():
         mtp = layer and int(layer.split(".")[2]) >= config.num_layers
@@ -344,10 +358,12 @@ def hf_config_of(model, fmt: Format, base_config, excluded: List[str], group_siz
 
 def export_hf(model, path: str, fmt: Format, *, base_config=None, group_size=None,
               max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
-              progress: bool = False) -> None:
+              progress: bool = False, extra_files: Sequence[str] = ()) -> None:
     """Write the quantised `model` as an HF checkpoint at `path` (atomically: a failure leaves
-    any previous checkpoint there untouched)."""
+    any previous checkpoint there untouched). `extra_files` (e.g. the source's tokenizer files)
+    are copied in before the checkpoint is published, so they are there whenever it is."""
     rope_interleave = (base_config or {}).get("rope_interleave", True)
+    pow2_scales = scale_format(base_config) == "ue8m0"  # (config_to_hf writes the same scale_fmt)
     if fmt.layout == "deepseek-fp8":
         check_block_calibration(model)
     plan = hf_plan(model, fmt, rope_interleave)
@@ -359,7 +375,7 @@ def export_hf(model, path: str, fmt: Format, *, base_config=None, group_size=Non
     with atomic_directory(path, overwrite, covers=is_weight_file) as tmp:
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes)
         try:
-            for name, tensor in hf_tensors(model, fmt, rope_interleave):
+            for name, tensor in hf_tensors(model, fmt, rope_interleave, pow2_scales):
                 writer.write(name, tensor.contiguous())
                 bar.update(tensor.numel() * tensor.element_size())
             writer.finish()
@@ -370,4 +386,7 @@ def export_hf(model, path: str, fmt: Format, *, base_config=None, group_size=Non
             if content is not None:
                 with writing(os.path.join(tmp, file)) as target, open(target, "w") as f:
                     json.dump(content, f, indent=2)
+        for source in extra_files:
+            with writing(os.path.join(tmp, os.path.basename(source))) as target:
+                shutil.copy2(source, target)
     bar.close()

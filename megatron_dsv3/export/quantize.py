@@ -39,11 +39,10 @@ def _mtq():
 
 @contextlib.contextmanager
 def _quiet(enabled: bool = True):
-    """modelopt prints a line per step (inserted quantisers, calibration phases) on stdout."""
-    if not enabled:
-        yield
-        return
-    with contextlib.redirect_stdout(io.StringIO()):
+    """modelopt prints a line per step (inserted quantisers, calibration phases) on stdout: kept
+    off stdout always (the command line's JSON report is what stdout holds), shown on stderr
+    unless `enabled`."""
+    with contextlib.redirect_stdout(io.StringIO() if enabled else sys.stderr):
         yield
 
 
@@ -59,6 +58,10 @@ def mtq_config(fmt: Format, group_size: Optional[int] = None,
     drop = {OPTIONAL_MODULES[q] for q in quantize}
     cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") not in drop
                         or e.get("enable", True)]
+    if fmt.layout == "deepseek-fp8" and "mtp" in quantize:
+        # DeepSeek's FP8 release keeps each MTP layer's eh_proj in BF16 (checkpoint.mapping's
+        # fp8=False), as save_hf(fp8=True) writes it
+        cfg["quant_cfg"].append({"quantizer_name": "*eh_proj*", "enable": False})
     if group_size is not None:
         check_group_size_offered(fmt, group_size)
         for entry in cfg["quant_cfg"]:
@@ -203,7 +206,12 @@ def calibration_batches(config, data: Optional[str], num_sequences: int, seq_len
                          "models (vocabulary 256) have a default calibration text")
     from megatron_dsv3.corpus import heldout_batches
 
-    return heldout_batches(num_sequences, seq_length, batch_size, train_bytes=skip_bytes)
+    try:
+        return heldout_batches(num_sequences, seq_length, batch_size, train_bytes=skip_bytes)
+    except ValueError as error:  # (not enough held-out text: name the flags that ask for it)
+        raise ValueError(f"--calib {num_sequences} x --calib-seq-length {seq_length} is more than "
+                         f"the default calibration text holds ({error}): lower them, or pass "
+                         "--calib-data") from error
 
 
 # -- quantisation -------------------------------------------------------------------------------
@@ -244,7 +252,38 @@ def quantize(model, fmt: Format, batches, *, group_size: Optional[int] = None,
     if hasattr(model, "pop_mtp_losses"):
         model.pop_mtp_losses()
     check_calibrated(model)
+    if fmt.layout == "modelopt":  # (deepseek-fp8: 128x128 blocks, each with its own scale)
+        fuse_shared_inputs(model)
     return model
+
+
+def shared_input_linears(model) -> List[List[torch.nn.Module]]:
+    """The quantised linears that read the same input and that serving engines fuse into one
+    GEMM: MLA's query and KV down-projections (HF q_a_proj / q_proj and kv_a_proj_with_mqa),
+    per attention layer, MTP's included. (Gate and up are one fused weight already.)"""
+    groups = []
+    for module in model.modules():
+        kv = getattr(module, "linear_kv_down_proj", None)
+        q = getattr(module, "linear_q_down_proj", None)
+        q = getattr(module, "linear_q_proj", None) if q is None else q
+        pair = [m for m in (q, kv) if m is not None and getattr(
+            getattr(m, "weight_quantizer", None), "is_enabled", False)]
+        if len(pair) == 2:
+            groups.append(pair)
+    return groups
+
+
+def fuse_shared_inputs(model) -> None:
+    """Give linears an engine fuses (shared_input_linears) the scales one fused GEMM can hold, as
+    modelopt's own HF exporter does (its preprocess_linear_fusion): AWQ's pre_quant_scale
+    averaged over the group, each weight rescaled by old / new scale and its weight scales
+    re-calibrated; per-tensor input and weight amax the group's largest. Per-channel and block
+    scales are left as they are (each output row or block keeps its own)."""
+    from modelopt.torch.export.quant_utils import preprocess_linear_fusion
+
+    for group in shared_input_linears(model):
+        with torch.no_grad():
+            preprocess_linear_fusion(group)
 
 
 def weight_quantizers(module) -> Iterable:

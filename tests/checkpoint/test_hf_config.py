@@ -153,6 +153,11 @@ def test_config_to_hf_round_trips_and_keeps_non_architecture_fields():
     no_yarn = config_to_hf(config_from_hf(dict(DEEPSEEK_V3, rope_scaling=None)))
     assert no_yarn["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
     assert "quantization_config" not in config_to_hf(ours, base=DEEPSEEK_V3, fp8=False)
+    # DeepSeek's release names its remote code (modeling_deepseek.py), which is not written next
+    # to ours: with trust_remote_code a reader would look for it and fail
+    remote = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+              "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+    assert "auto_map" not in config_to_hf(ours, base=dict(DEEPSEEK_V3, auto_map=remote))
 
 
 def test_config_to_hf_refuses_layer_patterns_hf_cannot_express():

@@ -208,7 +208,8 @@ def test_fp8_block_export_is_save_hf_fp8_layout_except_the_mtp_layer(trained_hf,
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
     kept = config["quantization_config"]["modules_to_not_convert"]
     assert {"lm_head", "model.layers.1.mlp.gate", f"model.layers.{L}.self_attn.q_b_proj",
-            f"model.layers.{L}.mlp.experts.5.down_proj"} <= set(kept)
+            f"model.layers.{L}.mlp.experts.5.down_proj", f"model.layers.{L}.shared_head.head",
+            f"model.layers.{L}.eh_proj"} <= set(kept)
     assert not any("*" in k for k in kept)  # transformers matches names, not patterns
 
 
@@ -229,6 +230,45 @@ def test_high_precision_modules_keep_their_dtype(trained_hf, exports):
             hf_quant = json.load(open(os.path.join(out, "hf_quant_config.json")))["quantization"]
             assert "model.layers.1.mlp.gate" in hf_quant["exclude_modules"]
             assert "lm_head" in hf_quant["exclude_modules"]
+
+
+def test_awq_linears_reading_one_input_share_its_pre_quant_scale(trained_hf, exports):
+    """Serving engines fuse q_a_proj and kv_a_proj_with_mqa (same input) into one GEMM, which holds
+    one pre_quant_scale: the export gives them the average of the two AWQ found, each weight
+    rescaled by old / new (modelopt's own exporter does the same). The loss bound above holds
+    for the result; here the scales are one and are the mean of the unfused ones."""
+    from megatron_dsv3.export import quantize as q
+    from megatron_dsv3.export.formats import get_format
+    from megatron_dsv3.inference.loading import load_hf_checkpoint
+
+    reader = HFReader(exports["int4-awq"][0])
+    for i in range(4):  # (layer 3 is the MTP layer: unquantised, no scale)
+        names = [f"model.layers.{i}.self_attn.{m}.pre_quant_scale"
+                 for m in ("q_a_proj", "kv_a_proj_with_mqa")]
+        if i == 3:
+            assert not any(reader.has(n) for n in names)
+            continue
+        a, b = (reader._slice(n, None) for n in names)
+        assert torch.equal(a, b), i
+    # the fusion itself, against the unfused scales and weights of the same calibration
+    model = load_hf_checkpoint(trained_hf[0], torch.bfloat16)
+    batches = q.calibration_batches(model.config, None, 4, 32, 4)
+    unfused = q.fuse_shared_inputs
+    try:
+        q.fuse_shared_inputs = lambda m: None
+        q.quantize(model, get_format("int4-awq"), batches, group_size=32, progress=False)
+    finally:
+        q.fuse_shared_inputs = unfused
+    pair = q.shared_input_linears(model)[0]
+    before = [(m.input_quantizer.pre_quant_scale.clone(), m.weight.clone()) for m in pair]
+    assert not torch.equal(before[0][0], before[1][0])
+    q.fuse_shared_inputs(model)
+    mean = (before[0][0] + before[1][0]) / 2  # (in the scales' dtype, BF16 here)
+    for m, (scale, weight) in zip(pair, before):
+        assert torch.equal(m.input_quantizer.pre_quant_scale, mean)
+        # x * s_old @ W.T == x * s_new @ (W * s_old / s_new).T: the layer computes the same
+        assert torch.equal(m.weight, (weight.float() * scale.float() / mean.float()
+                                      ).to(weight.dtype))
 
 
 def test_int4_layout_round_trips_through_modelopts_packer():
@@ -260,15 +300,58 @@ def test_rotate_half_sources_are_exported_as_rotate_half(trained_hf, tmp_path_fa
     assert (exported - source_rows).abs().max() < 0.02 * source_rows.abs().max()
 
 
+def _unquantised_modules(out):
+    """The module names (or patterns) an export's config says are left unquantised."""
+    q = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    return q.get("modules_to_not_convert") or q.get("exclude_modules") or q["ignore"]
+
+
+def _listed(name, patterns):
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _check_unquantised_list(out, L):
+    """Every linear of the export is either stored quantised (it has a scale) or listed as
+    unquantised, never both: a reader decides by the list."""
+    reader, listed = HFReader(out), _unquantised_modules(out)
+    checked = 0
+    for name in reader.names():
+        if not name.endswith(".weight") or reader.dtype(name) == torch.float32 or "norm" in name \
+                or "embed_tokens" in name:
+            continue
+        module = name[: -len(".weight")]
+        quantised = any(reader.has(module + s) for s in (".weight_scale", ".weight_scale_inv"))
+        assert quantised != _listed(module, listed), (module, quantised)
+        checked += 1
+    assert checked > 50
+    return reader
+
+
 @pytest.mark.parametrize("quant", ["int8-wo", "fp8-block"])
 def test_export_report_and_also_quantize_mtp_and_head(trained_hf, tmp_path_factory, quant):
     from megatron_dsv3.inference.loading import load_hf_checkpoint
 
-    if quant == "fp8-block":  # the MTP layer's FP8 copy of the head has scales: it reads back
+    L = 3
+    if quant == "fp8-block":
+        # the MTP layer's FP8 copy of the head has scales: it reads back
         out, _ = _export(trained_hf, tmp_path_factory, quant, also_quantize=("mtp", "head"))
         assert load_hf_checkpoint(out, torch.bfloat16).config.mtp_num_layers == 1
+        _check_unquantised_list(out, L)
+        # the MTP layer alone: quantised as DeepSeek's release and save_hf(fp8=True) write it
+        # (eh_proj and the copy of the head in BF16, listed as such)
+        out, _ = _export(trained_hf, tmp_path_factory, quant, also_quantize=("mtp",))
+        reader = _check_unquantised_list(out, L)
+        assert reader.dtype(f"model.layers.{L}.eh_proj.weight") == torch.bfloat16
+        assert reader.dtype(f"model.layers.{L}.shared_head.head.weight") == torch.bfloat16
+        assert reader.dtype(f"model.layers.{L}.self_attn.q_b_proj.weight") == torch.float8_e4m3fn
+        assert {f"model.layers.{L}.eh_proj", f"model.layers.{L}.shared_head.head"} <= set(
+            _unquantised_modules(out))
         return
     out, report = _export(trained_hf, tmp_path_factory, "int8-wo", also_quantize=("mtp", "head"))
+    # the head quantised: the MTP layer is not listed whole (its copy of the head is quantised)
+    _check_unquantised_list(out, L)
     assert report["format"] == "int8-wo" and report["checkpoint_kind"] == "hf"
     assert report["safetensors_bytes"] > 0 and report["peak_rss_mib"] > 0
     reader = HFReader(out)
@@ -297,6 +380,72 @@ def test_each_weight_is_quantised_once(trained_hf, tmp_path_factory, monkeypatch
     reader = HFReader(out)
     written = [n for n in reader.names() if reader.dtype(n) == torch.int8]
     assert len(written) > 0 and len(calls) == len(written)
+
+
+def test_ue8m0_source_is_exported_with_power_of_2_block_scales(trained_hf, tmp_path):
+    """A source whose quantization_config says scale_fmt ue8m0 (DeepSeek-V3.1's release) keeps it,
+    so every exported block scale must be a power of 2 (a reader of ue8m0 keeps the exponent
+    only), and the weights read back within one E4M3 step of the source."""
+    from megatron_dsv3.checkpoint.hf import save_hf
+    from megatron_dsv3.checkpoint.hf_config import FP8_QUANTIZATION_CONFIG
+    from megatron_dsv3.export.api import export
+    from megatron_dsv3.inference.loading import load_hf_checkpoint
+
+    source = str(tmp_path / "ue8m0")
+    save_hf(load_hf_checkpoint(trained_hf[0], torch.bfloat16), source, fp8=True, base_config={
+        "quantization_config": dict(FP8_QUANTIZATION_CONFIG, scale_fmt="ue8m0")})
+    out = str(tmp_path / "out")
+    export(source, out, "fp8-block", calib=2, calib_seq_length=16, progress=False)
+    assert json.load(open(os.path.join(out, "config.json")))["quantization_config"][
+        "scale_fmt"] == "ue8m0"
+    reader, scales = HFReader(out), 0
+    for name in reader.names():
+        if name.endswith("_scale_inv"):
+            s = reader._slice(name, None).float()
+            assert torch.equal(torch.exp2(torch.log2(s).round()), s), name
+            scales += 1
+    assert scales > 50
+    name = "model.layers.0.self_attn.q_b_proj.weight"
+    got, want = reader_of(out).read(name).float(), reader_of(source).read(name).float()
+    assert ((got - want).abs() <= 0.125 * want.abs() + want.abs().max() * 2**-8).all()
+
+
+def test_command_line_report_is_json_and_tokenizer_is_published_with_the_weights(
+        trained_hf, tmp_path, capsys, monkeypatch):
+    """stdout holds the JSON report alone (modelopt's own lines go to stderr); the source's
+    tokenizer files are in the export, copied before it is published (a failure while copying
+    them leaves no export behind); the source's auto_map (remote code we do not copy) is gone."""
+    import shutil
+
+    from megatron_dsv3.export import hf_writer
+    from megatron_dsv3.export.__main__ import main
+
+    source = str(tmp_path / "src")
+    shutil.copytree(trained_hf[0], source)
+    with open(os.path.join(source, "tokenizer.json"), "w") as f:
+        f.write('{"version": "1.0"}')
+    config = json.load(open(os.path.join(source, "config.json")))
+    config["auto_map"] = {"AutoConfig": "configuration_deepseek.DeepseekV3Config"}
+    json.dump(config, open(os.path.join(source, "config.json"), "w"))
+    out = str(tmp_path / "out")
+    args = ["--checkpoint", source, "--quant", "int8-wo", "--out", out, "--calib", "2",
+            "--calib-seq-length", "16"]
+    capsys.readouterr()
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["format"] == "int8-wo"
+    assert "calibrate:" in captured.err  # (progress, not --quiet)
+    assert open(os.path.join(out, "tokenizer.json")).read() == '{"version": "1.0"}'
+    assert "auto_map" not in json.load(open(os.path.join(out, "config.json")))
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_writer.shutil, "copy2", fail)
+    again = str(tmp_path / "again")
+    assert main(args[:5] + [again] + args[6:] + ["--quiet"]) == 1
+    assert "no space left on device while writing" in capsys.readouterr().err
+    assert not os.path.exists(again)
 
 
 def test_bad_inputs_are_refused_with_field_and_allowed_values(trained_hf, tmp_path, capsys):
@@ -337,6 +486,20 @@ def test_bad_inputs_are_refused_with_field_and_allowed_values(trained_hf, tmp_pa
                 main(["--checkpoint", trained_hf[0], "--quant", "fp8", "--out",
                       str(tmp_path / "d"), "--device", device] + extra)
             assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--hf-config applies to a distributed checkpoint .*is "
+                       r"an HF checkpoint .*drop --hf-config"):
+        export(trained_hf[0], str(tmp_path / "h"), "fp8", hf_config=str(tmp_path / "none.json"),
+               progress=False)
+    with pytest.raises(ValueError, match=r"--calib 100000 x --calib-seq-length 64 is more than the "
+                       r"default calibration text holds .*--calib-data"):
+        export(trained_hf[0], str(tmp_path / "c"), "fp8", calib=100000, calib_seq_length=SEQ,
+               progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"--out .*file/x: .*file is a file, not a directory"):
+        export(trained_hf[0], str(tmp_path / "file" / "x"), "fp8", progress=False)
+    if os.path.isdir("/proc/self"):  # (root may write anywhere but there)
+        with pytest.raises(ValueError, match=r"--out /proc/x: cannot write in /proc"):
+            export(trained_hf[0], "/proc/x", "fp8", progress=False)
     (tmp_path / "junk").mkdir()
     assert main(["--checkpoint", str(tmp_path / "junk"), "--quant", "fp8", "--out",
                  str(tmp_path / "y")]) == 1
