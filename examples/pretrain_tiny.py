@@ -16,22 +16,40 @@ from megatron_dsv3.training.trainer import TrainArgs, Trainer
 from megatron_dsv3.training.validation import RULES, validate_launch, validate_train_args
 
 
+class _Parser(argparse.ArgumentParser):
+    """A refused flag is one `error:` line (exit status 2), not the whole usage above it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+HELP = {
+    "preset": "model preset (allowed: {presets})",
+    "resume": "continue the run in --save-dir from CHECKPOINT (bare --resume: its latest)",
+    "overwrite": "start over in a used --save-dir (its checkpoints are kept until replaced)",
+}
+
+
 def parse_args(argv=None) -> TrainArgs:
+    from megatron_dsv3.configs.presets import PRESETS
+
     defaults = TrainArgs()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     for field in dataclasses.fields(TrainArgs):
         if field.name == "config_overrides":
             continue
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
+        text = HELP.get(field.name, "").format(presets=", ".join(sorted(PRESETS))) or None
         if field.name == "resume":  # bare --resume: the latest checkpoint of --save-dir
-            p.add_argument(flag, nargs="?", const="auto", default=None, metavar="CHECKPOINT")
+            p.add_argument(flag, nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                           help=text)
         elif isinstance(default, bool):
-            p.add_argument(flag, action="store_true", default=default)
+            p.add_argument(flag, action="store_true", default=default, help=text)
         else:
             rule = RULES.get(field.name)
             p.add_argument(flag, type=type(default) if default is not None else str,
-                           default=default, help=f"allowed: {rule.describe()}" if rule else None)
+                           default=default, help=f"allowed: {rule.describe()}" if rule else text)
     args = TrainArgs(**vars(p.parse_args(argv)))
     try:  # every range and cross-flag rule, before any process group or model exists
         validate_train_args(args)

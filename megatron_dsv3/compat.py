@@ -93,9 +93,6 @@ check_supported(MCORE_VERSION)
 # (and GPTModel hands padding_mask to _postprocess and the MTP block; before, to the decoder only).
 MTP_LAYER_RETURNS_PADDING_MASK = MCORE_VERSION >= Version("0.18")
 
-# From 0.19 the GPT builder calls a callable `--spec` attribute as spec(config[, vp_stage=...]).
-SPEC_MAY_BE_CALLABLE = MCORE_VERSION >= Version("0.19")
-
 
 @functools.lru_cache(maxsize=None)
 def te_importable() -> bool:

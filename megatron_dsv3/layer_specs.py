@@ -270,7 +270,16 @@ def get_mtp_block_spec(config, layer_spec: Optional[ModuleSpec] = None,
                           b.column)
 
 
-layer_spec = get_layer_spec()
+def _megatron_lm_impl() -> Optional[bool]:
+    """False when Megatron-LM's parsed arguments say `--transformer-impl local` (route a imports
+    this module from `--spec` after parsing them), else None (the automatic choice)."""
+    from megatron_dsv3.upstream_flags import megatron_lm_args
+
+    args = megatron_lm_args()
+    return False if getattr(args, "transformer_impl", None) == "local" else None
+
+
+layer_spec = get_layer_spec(use_te=_megatron_lm_impl())
 
 
 def __getattr__(name):

@@ -95,8 +95,11 @@ class DeepSeekV3Model(GPTModel):
         seed, std = init_seed_of(self.config), self.config.init_method_std
         rank = group_rank(self.pg_collection.tp) if self.pg_collection.tp is not None else 0
         full = (self.vocab_size, self.config.hidden_size)
+        # Megatron's embedding std (--embedding-init-method-std; its config defaults it to
+        # init_method_std)
+        embedding_std = getattr(self.config, "embedding_init_method_std", None) or std
         if hasattr(self, "embedding"):
-            init_normal_(self.embedding.word_embeddings.weight, std=std, seed=seed,
+            init_normal_(self.embedding.word_embeddings.weight, std=embedding_std, seed=seed,
                          key="embedding", full_shape=full, dim=0, rank=rank)
         if self.post_process and self.output_layer.weight is not None:
             init_normal_(self.output_layer.weight, std=std, seed=seed, key="output_layer",

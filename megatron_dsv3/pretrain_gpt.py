@@ -525,8 +525,23 @@ def _megatron_lm_on_path() -> None:
         sys.path.insert(0, path)
 
 
+def dsv3_help() -> str:
+    """Our flags' help: Megatron-LM's --help is printed by a parse inside pretrain() that does
+    not know them (its fault-tolerance setup parses without our extra_args_provider)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_dsv3.pretrain_gpt", add_help=False,
+        usage="%(prog)s <Megatron-LM pretrain_gpt.py arguments> [megatron-dsv3 arguments]",
+        description="Megatron-LM's pretrain() with megatron-dsv3's model provider. Megatron-LM's "
+                    "own arguments follow (from its parser, when Megatron-LM is importable).")
+    add_dsv3_args(parser)
+    return parser.format_help()
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    helping = bool({"-h", "--help"} & set(argv))
+    if helping:
+        print(dsv3_help())
     world = os.environ.get("WORLD_SIZE")
     ours = parse_dsv3_args(argv, int(world) if world else None)  # our errors before Megatron's
     _megatron_lm_on_path()
@@ -535,6 +550,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         import pretrain_gpt as mlm  # Megatron-LM's script: forward_step, datasets
     except ImportError as e:
+        if helping:
+            print("(Megatron-LM's own arguments: set MEGATRON_LM_PATH to a Megatron-LM "
+                  "checkout, or run its pretrain_gpt.py --help)")
+            return
         raise SystemExit("megatron_dsv3.pretrain_gpt needs Megatron-LM's pretrain_gpt.py and "
                          "megatron.training importable: set MEGATRON_LM_PATH to a Megatron-LM "
                          f"checkout or put it on PYTHONPATH ({e})")

@@ -21,6 +21,7 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_dsv3 import compat
 from megatron_dsv3.configs import is_moe_layer, validate_config
 from megatron_dsv3.core.recompute import checkpointed, recompute_region
+from megatron_dsv3.upstream_flags import check_spec_route_args
 
 
 @dataclass
@@ -49,6 +50,7 @@ class DeepSeekV3TransformerLayer(TransformerLayer):
                  hidden_dropout: Optional[float] = None, pg_collection=None,
                  vp_stage: Optional[int] = None, global_number: Optional[int] = None, **_unused):
         validate_config(config)
+        check_spec_route_args()  # (Megatron-LM's GPTModel around us: its embedding and head)
         # TransformerLayer.__init__ builds Megatron's own MLP/MoE; we build ours instead and keep
         # the attributes Megatron's block, MTP and checkpointing read.
         GraphableMegatronModule.__init__(self, config=config, vp_stage=vp_stage)

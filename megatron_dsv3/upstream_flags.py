@@ -117,6 +117,30 @@ RULES: List[Rule] = [
     Rule("--window-size", "window_size", "refused",
          "set: our MLA attends over the whole causal context (DeepSeek-V3 has no sliding "
          "window); remove it"),
+    Rule("--softmax-type", "softmax_type", "refused",
+         "anything but vanilla (off-by-one, learnable): our attention core is the plain softmax; "
+         "remove it"),
+    Rule("--apply-residual-connection-post-layernorm", "apply_residual_connection_post_layernorm",
+         "refused", "set: our layers add the residual before the norm (pre-norm, DeepSeek-V3); "
+                    "remove it"),
+    Rule("--rotary-percent", "rotary_percent", "refused",
+         "anything but 1.0: MLA applies RoPE to the whole decoupled RoPE part of each head "
+         "(DeepSeek-V3); size that part with --qk-pos-emb-head-dim"),
+    Rule("--embedding-init-method-std", "embedding_init_method_std", "honoured",
+         "the embedding's initial standard deviation (default: --init-method-std's)"),
+    Rule("--moe-apply-probs-on-input", "moe_apply_probs_on_input", "refused",
+         "set: DeepSeek-V3 weights each routed expert's output by its gate value, not its "
+         "input; remove it"),
+    Rule("--moe-latent-size", "moe_latent_size", "refused",
+         "set: DeepSeek-V3's routed experts read the hidden state itself (no latent "
+         "projection around them); remove it"),
+    Rule("--position-embedding-type", "position_embedding_type", "refused",
+         "learned_absolute (Megatron-LM's default), mrope, relative: MLA applies its own RoPE, "
+         "and a learned position table would be a second position encoding DeepSeek-V3 does not "
+         "have; pass --position-embedding-type rope (or none)"),
+    Rule("--untie-embeddings-and-output-weights", "untie_embeddings_and_output_weights", "refused",
+         "absent (Megatron-LM ties the output head to the embedding by default): DeepSeek-V3's "
+         "head has its own weights; pass --untie-embeddings-and-output-weights"),
     Rule("--fp4-format", "fp4", "refused",
          "set: no FP4 GEMMs here; use --dsv3-fp8-recipe (DeepSeek-V3's FP8)"),
     Rule("--no-fp8-wgrad", "fp8_wgrad", "refused",
@@ -248,17 +272,70 @@ def _check_layers(config: Any) -> None:
     softmax = getattr(config, "softmax_type", "vanilla")
     if softmax != "vanilla":
         _refuse("softmax_type", softmax, "our attention core is the plain softmax; allowed "
-                                         "value: 'vanilla'", flag="a config field")
+                                         "value: 'vanilla' (remove --softmax-type)")
     if getattr(config, "apply_residual_connection_post_layernorm", False):
         _refuse("apply_residual_connection_post_layernorm", True,
                 "our layers add the residual before the norm (pre-norm, DeepSeek-V3); allowed "
-                "value: False", flag="a config field")
+                "value: False (remove the flag)")
+    rotary_percent = getattr(config, "rotary_percent", 1.0)
+    if rotary_percent != 1.0:
+        _refuse("rotary_percent", rotary_percent,
+                "MLA applies RoPE to the whole decoupled RoPE part of each head (DeepSeek-V3); "
+                "allowed value: 1.0 (size that part with --qk-pos-emb-head-dim)")
+    if _is_set(config, "moe_apply_probs_on_input"):
+        _refuse("moe_apply_probs_on_input", True,
+                "DeepSeek-V3 weights each routed expert's output by its gate value, not its "
+                "input; allowed value: False (remove the flag)")
+    if getattr(config, "moe_latent_size", None) is not None:
+        _refuse("moe_latent_size", config.moe_latent_size,
+                "DeepSeek-V3's routed experts read the hidden state itself (no latent "
+                "projection around them); allowed value: None (remove the flag)")
     act = getattr(config, "activation_func", F.silu)
     if act is not F.silu:
         _refuse("activation_func", getattr(act, "__name__", repr(act)),
                 "our MLPs and experts are always SwiGLU (DeepSeek-V3); allowed value: "
                 "torch.nn.functional.silu with gated_linear_unit=True (pass --swiglu; not "
                 "--squared-relu or --quick-geglu)", flag="--swiglu")
+
+
+MEGATRON_LM_ARGS = ("position_embedding_type", "untie_embeddings_and_output_weights")
+"""RULES on Megatron-LM arguments that are not TransformerConfig fields: GPTModel reads them
+(route a, `pretrain_gpt.py --spec`); check_megatron_lm_args checks them."""
+
+
+def check_megatron_lm_args(args: Any) -> None:
+    """Megatron-LM's arguments that its GPTModel applies around our layers (embedding and head),
+    so they are not config fields: the ones DeepSeek-V3 cannot have are refused, on both routes
+    (our model ignores them; GPTModel would build them)."""
+    kind = getattr(args, "position_embedding_type", "rope")
+    if kind not in ("rope", "none"):
+        _refuse("position_embedding_type", kind,
+                "MLA applies its own RoPE, and Megatron's GPTModel would add a second position "
+                "encoding DeepSeek-V3 does not have; allowed values: 'rope', 'none' (pass "
+                "--position-embedding-type rope)")
+    if not getattr(args, "untie_embeddings_and_output_weights", True):
+        _refuse("untie_embeddings_and_output_weights", False,
+                "DeepSeek-V3's output head has its own weights, and Megatron's GPTModel ties it "
+                "to the embedding without the flag; allowed value: True (pass "
+                "--untie-embeddings-and-output-weights)")
+
+
+def megatron_lm_args() -> Optional[Any]:
+    """Megatron-LM's parsed arguments when this process runs its training code (None
+    otherwise; megatron.training is never imported here)."""
+    import sys
+
+    global_vars = sys.modules.get("megatron.training.global_vars")
+    return getattr(global_vars, "_GLOBAL_ARGS", None) if global_vars is not None else None
+
+
+def check_spec_route_args() -> None:
+    """check_megatron_lm_args for a model Megatron-LM builds from `--spec megatron_dsv3...`
+    (its GPTModel around our layers); called when our layers are built."""
+    args = megatron_lm_args()
+    spec = getattr(args, "spec", None) or ()
+    if spec and str(spec[0]).startswith("megatron_dsv3"):
+        check_megatron_lm_args(args)
 
 
 def _check_recompute(config: Any) -> None:

@@ -162,6 +162,8 @@ REFUSED = [
     (dict(softmax_type="off-by-one"), "softmax_type", "'vanilla'"),
     (dict(apply_residual_connection_post_layernorm=True),
      "apply_residual_connection_post_layernorm", "pre-norm"),
+    (dict(rotary_percent=0.5), "rotary_percent", "--qk-pos-emb-head-dim"),
+    (dict(moe_latent_size=16), "moe_latent_size", "remove the flag"),
     (dict(moe_input_jitter_eps=0.0), "moe_input_jitter_eps", "> 0"),
     (dict(moe_z_loss_coeff=-1.0), "moe_z_loss_coeff", ">= 0"),
     (dict(fp4="nvfp4"), "fp4", "--dsv3-fp8-recipe"),
@@ -184,8 +186,7 @@ def test_refused_when_the_config_is_built(overrides, field, alternative):
     assert message.startswith(field) or f" {field}" in message, message
     assert alternative in message, message
     if field not in ("moe_input_jitter_eps", "moe_z_loss_coeff",  # invalid values, not refusals
-                     "softmax_type", "apply_residual_connection_post_layernorm",  # (no flag)
-                     *upstream_flags.FP8_ATTENTION_FIELDS):
+                     *upstream_flags.FP8_ATTENTION_FIELDS):  # (no Megatron-LM flag)
         rule = next(r for r in upstream_flags.RULES if r.field == field)
         assert rule.flag in message, message
 
@@ -218,6 +219,101 @@ def test_refused_on_megatron_lm_config_too():
     cfg.context_parallel_size = 2
     with pytest.raises(ValueError, match="context_parallel_size=2.*--context-parallel-size"):
         validate_config(cfg)
+
+
+def test_refused_after_megatrons_own_checks():
+    """Fields Megatron's own config check ties to other settings (moe_apply_probs_on_input needs
+    top-1 there): set after construction, our check still refuses them by flag."""
+    cfg = get_config("deepseek-v3-tiny")
+    cfg.moe_apply_probs_on_input = True
+    with pytest.raises(ValueError, match=r"moe_apply_probs_on_input=True "
+                                         r"\(--moe-apply-probs-on-input\).*gate value"):
+        validate_config(cfg)
+
+
+def test_plain_transformer_config_is_refused_naming_multi_latent_attention():
+    """Megatron-LM without --multi-latent-attention builds a TransformerConfig without MLA's
+    fields: the error says so, not 'kv_lora_rank=None is invalid'."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4)
+    with pytest.raises(ValueError, match=r"multi_latent_attention=False.*pass "
+                                         r"--multi-latent-attention"):
+        validate_config(cfg)
+
+
+class _Args:  # Megatron-LM's parsed arguments, as far as these checks read them
+    def __init__(self, **kw):
+        self.spec = ["megatron_dsv3.layer_specs", "layer_spec"]
+        self.position_embedding_type = "rope"
+        self.untie_embeddings_and_output_weights = True
+        self.transformer_impl = "local"
+        self.__dict__.update(kw)
+
+
+@pytest.fixture
+def megatron_lm_args(monkeypatch):
+    """Install fake Megatron-LM global arguments (megatron.training.global_vars._GLOBAL_ARGS),
+    as Megatron-LM's training code holds them once it has parsed its command line."""
+    import sys
+    import types
+
+    module = types.ModuleType("megatron.training.global_vars")
+    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", module)
+
+    def install(**kw):
+        module._GLOBAL_ARGS = _Args(**kw)
+        return module._GLOBAL_ARGS
+    return install
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(position_embedding_type="learned_absolute"),
+     r"position_embedding_type='learned_absolute' \(--position-embedding-type\).*allowed values: "
+     r"'rope', 'none'"),
+    (dict(untie_embeddings_and_output_weights=False),
+     r"untie_embeddings_and_output_weights=False \(--untie-embeddings-and-output-weights\).*"
+     r"pass --untie-embeddings-and-output-weights"),
+])
+def test_spec_route_refuses_what_gptmodel_would_build_around_our_layers(
+        megatron_lm_args, kw, message, single_rank_world):
+    """Route a (pretrain_gpt.py --spec megatron_dsv3...): Megatron's GPTModel builds the embedding
+    and head from its own arguments; a learned position table or a tied head is refused when our
+    layers are built. Without --spec naming us (route b builds its own model) nothing is
+    checked."""
+    from megatron_dsv3.layer_specs import get_layer_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    config = get_config("deepseek-v3-tiny")
+    megatron_lm_args(**kw)
+    with pytest.raises(ValueError, match=message):
+        build_module(get_layer_spec(config), config=config, layer_number=1)
+    megatron_lm_args(spec=None, **kw)
+    upstream_flags.check_spec_route_args()  # (route b: our model, nothing around it)
+    megatron_lm_args()
+    build_module(get_layer_spec(config), config=config, layer_number=1)
+
+
+def test_spec_route_takes_transformer_impl_from_megatron_lm_args(megatron_lm_args):
+    """`layer_spec` is resolved when --spec imports the module, after Megatron-LM parsed its
+    arguments: --transformer-impl local gives our portable modules even where TE would be
+    picked automatically."""
+    from megatron_dsv3 import layer_specs
+
+    megatron_lm_args(transformer_impl="local")
+    assert layer_specs._megatron_lm_impl() is False
+    megatron_lm_args(transformer_impl="transformer_engine")
+    assert layer_specs._megatron_lm_impl() is None  # (the automatic choice: TE where it runs)
+
+
+def test_embedding_init_method_std_is_honoured(single_rank_world):
+    from megatron_dsv3.model import build_model
+
+    model = build_model(get_config("deepseek-v3-tiny", embedding_init_method_std=0.5,
+                                   init_method_std=0.02))
+    embedding = model.embedding.word_embeddings.weight.float().std().item()
+    head = model.output_layer.weight.float().std().item()
+    assert abs(embedding - 0.5) < 0.02 and abs(head - 0.02) < 0.002, (embedding, head)
 
 
 def test_accepted_values():

@@ -157,6 +157,11 @@ def validate_fp8(config: Any) -> None:
 def validate_config(config: Any) -> None:
     """Raise ValueError naming the field and its allowed values for any configuration our
     modules cannot build. Works on any Megatron TransformerConfig (ours or Megatron-LM's)."""
+    if not getattr(config, "multi_latent_attention", False) and not hasattr(config, "kv_lora_rank"):
+        raise ValueError("multi_latent_attention=False: our layers are MLA (DeepSeek-V3), and "
+                         "Megatron-LM builds a plain TransformerConfig, without the MLA fields "
+                         "(--kv-lora-rank, --q-lora-rank, ...), unless told otherwise: pass "
+                         "--multi-latent-attention (allowed value: True)")
     for field in ("num_layers", "hidden_size", "num_attention_heads", "kv_lora_rank",
                   "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
         _positive(config, field)

@@ -65,6 +65,8 @@ class Names:
 FLAGS = Names("--tp", "--pp", "--ep", "--schedule", "--decoder-first-pipeline-num-layers",
               "--decoder-last-pipeline-num-layers", "--virtual-pipeline-model-parallel-size",
               "--mtp", " ")
+TRAINER_FLAGS = dataclasses.replace(FLAGS, tp="")
+"""The example trainer's flags (examples/pretrain_tiny.py): no tensor parallelism, no --tp."""
 MEGATRON_FLAGS = Names("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
                        "--expert-model-parallel-size", "--pipeline-schedule",
                        "--decoder-first-pipeline-num-layers",
@@ -100,7 +102,8 @@ def check_world_size(world: int, tp: int = 1, pp: int = 1, ep: int = 1, *,
     """World = TP x PP x DP, and EP inside DP x TP (Megatron's rule: the expert groups of a
     pipeline stage are carved out of its data x tensor parallel ranks). Returns DP."""
     check_sizes(tp, pp, ep, names=names)
-    sizes = f"{names.show('tp', tp)} x {names.show('pp', pp)}"
+    # (a caller without tensor parallelism, e.g. the example trainer, names no TP flag)
+    sizes = " x ".join(([names.show("tp", tp)] if names.tp else []) + [names.show("pp", pp)])
     if world % (tp * pp):
         allowed = [p for p in divisors(world) if world % (tp * p) == 0]
         hint = (f"allowed {names.pp} values with {names.show('tp', tp)}: {allowed}" if allowed

@@ -1,4 +1,4 @@
-"""Simulate a schedule from the same data the executor runs, and draw it.
+r"""Simulate a schedule from the same data the executor runs, and draw it.
 
     python -m megatron_dsv3.pipeline.simulate --schedule dualpipev --pp 4 --microbatches 16 \
         --F 1 --B 2 --W 1 --FB 2.5 [--json] [--plot out.png]
@@ -173,7 +173,8 @@ def plot(result: Dict, path: str) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m megatron_dsv3.pipeline.simulate",
+                                description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--schedule", required=True, choices=SCHEDULES)
     p.add_argument("--pp", type=positive_int, required=True,
                    help="pipeline ranks (devices), integer >= 1")

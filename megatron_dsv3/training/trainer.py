@@ -30,6 +30,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
+from megatron_dsv3.fp8 import backends
 from megatron_dsv3.moe.balancing import routers_of, update_expert_biases
 from megatron_dsv3.world import init_distributed
 
@@ -237,7 +238,8 @@ class Trainer:
                  f"pipeline {args.pp}{' (DualPipeV)' if args.pp > 1 else ''}, "
                  f"expert-parallel {args.ep}"
                  f"{', ZeRO-1' if args.zero1 else ''}{', FP8' if args.fp8 else ''}"
-                 f"{', BF16' if args.bf16 else ''}; AdamW ({kind})")
+                 f"{', BF16' if args.bf16 else ''}; AdamW ({kind}); "
+                 f"{backends.resolve(self.config).message()}")
 
     # -- data --------------------------------------------------------------------------------
     def micro_batch(self, step: int, j: int) -> Dict[str, torch.Tensor]:

@@ -51,7 +51,9 @@ RULES: Dict[str, NumberRange] = {
     "trace_step": non_negative_int.with_note("0 = off"),
     "watchdog_timeout": non_negative_float.with_note("seconds, 0 = off"),
     "watchdog_save_timeout": non_negative_float.with_note("seconds, 0 = 3 x --watchdog-timeout"),
-    "collective_timeout_minutes": non_negative_float.with_note("0 = torch's default"),
+    "collective_timeout_minutes": non_negative_float.with_note(
+        "0 = torch's default; with the watchdog on, more than its save allowance (3 x "
+        "--watchdog-timeout unless --watchdog-save-timeout) in minutes"),
 }
 
 
@@ -65,7 +67,7 @@ def validate_launch(args, env: Optional[Mapping[str, str]] = None) -> None:
     and the file system decide: WORLD_SIZE against --pp x --ep, --ranks-per-node against the
     expert-parallel groups (consecutive blocks of --ep ranks, Megatron's default order), and
     --save-dir / --cache-dir being directories where they exist."""
-    from megatron_dsv3.configs.layout import check_world_size
+    from megatron_dsv3.configs.layout import TRAINER_FLAGS, check_world_size
     from megatron_dsv3.dispatch.topology import node_layout
 
     env = os.environ if env is None else env
@@ -74,7 +76,7 @@ def validate_launch(args, env: Optional[Mapping[str, str]] = None) -> None:
             raise ValueError(f"{flag} {path} is a file: allowed are a directory or a path to "
                              "create one at")
     world = int(env.get("WORLD_SIZE", "1"))
-    check_world_size(world, pp=args.pp, ep=args.ep)
+    check_world_size(world, pp=args.pp, ep=args.ep, names=TRAINER_FLAGS)
     rpn = args.ranks_per_node
     if rpn and args.ep > 1:
         def fits(n: int) -> bool:
