@@ -125,7 +125,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         requests = [Request(p, args.max_new_tokens, sampling[i], stop_ids, args.stop)
                     for i, p in enumerate(prompts)]
         decode = None if tok is None else tok.decode
-        engine = InferenceEngine(model, block_size=args.block_size,
+        # every request runs at once: room for all of them at their full length (the engine's
+        # default holds max_batch_size requests of up to 4096 positions each)
+        num_blocks = sum(-(-(len(r.prompt) + r.max_new_tokens) // args.block_size)
+                         for r in requests)
+        engine = InferenceEngine(model, block_size=args.block_size, num_blocks=num_blocks,
                                  max_batch_size=len(requests), decode=decode)
         start = time.perf_counter()
         if args.stream:

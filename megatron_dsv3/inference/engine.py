@@ -318,6 +318,9 @@ class InferenceEngine:
         this engine (prompt, lengths, arrival, cache size, stop strings, speculative needs)."""
         vocab = self.config.vocab_size
         for i, r in enumerate(requests):
+            if isinstance(r.prompt, torch.Tensor) or not isinstance(r.prompt, Sequence):
+                raise ValueError(f"request {i}: prompt is a {type(r.prompt).__name__}: allowed "
+                                 "is a list of token ids (integers)")
             if not r.prompt:
                 raise ValueError(f"request {i} has an empty prompt: allowed are >= 1 tokens")
             bad = next((j for j, t in enumerate(r.prompt) if not (
@@ -341,7 +344,22 @@ class InferenceEngine:
                                  f"max_position_embeddings={self.config.max_position_embeddings}")
             if self.blocks_needed(r) > self.cache.num_blocks:
                 raise ValueError(f"request {i} needs {self.blocks_needed(r)} cache blocks; the "
-                                 f"cache has {self.cache.num_blocks} (raise num_blocks)")
+                                 f"cache has {self.cache.num_blocks} of {self.cache.block_size} "
+                                 "tokens (raise the engine's num_blocks)")
+            if not isinstance(r.sampling, SamplingParams):
+                raise ValueError(f"request {i}: sampling={r.sampling!r} is invalid: allowed is a "
+                                 "SamplingParams")
+            if isinstance(r.stop_strings, str) or not isinstance(r.stop_strings, Sequence) or \
+                    not all(isinstance(s, str) and s for s in r.stop_strings):
+                raise ValueError(f"request {i}: stop_strings={r.stop_strings!r} is invalid: "
+                                 "allowed is a list of non-empty strings (a bare string would be "
+                                 "read as its characters)")
+            if isinstance(r.stop_token_ids, (str, torch.Tensor)) or not isinstance(
+                    r.stop_token_ids, Sequence) or not all(
+                    isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0
+                    for t in r.stop_token_ids):
+                raise ValueError(f"request {i}: stop_token_ids={r.stop_token_ids!r} is invalid: "
+                                 "allowed is a list of token ids (integers >= 0)")
             if r.stop_strings and self.decode is None:
                 raise ValueError(f"request {i} has stop_strings but the engine has no decode "
                                  "function to turn tokens into text")

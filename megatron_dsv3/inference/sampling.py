@@ -59,6 +59,10 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     their maximum first: the same softmax, and no overflow to inf - then NaN - for a very small
     temperature)."""
     logits = logits.float()
+    if torch.tensor(params.temperature, dtype=torch.float32) == 0:
+        # a temperature below float32's smallest value (~1e-45) divides by 0 there: its limit,
+        # the most likely token(s), all the mass (ties share it)
+        return torch.where(logits == logits.max(), 0.0, float("-inf"))
     logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]

@@ -205,6 +205,20 @@ def test_requests_that_cannot_run_are_refused(model):
         engine.generate([Request([1] * 250, 10)])
     with pytest.raises(ValueError, match="decode"):
         engine.generate([Request([1], 2, stop_strings=["x"])])
+    # malformed requests are refused naming the field, before any token (a bare string was read
+    # as its characters, an empty stop string ended every request after one token, an int
+    # stop_token_ids failed mid-stream)
+    engine.decode = lambda ids: "".join(chr(97 + i % 26) for i in ids)
+    for request, field in ((Request([1], 2, stop_strings="cs"), "stop_strings='cs'"),
+                           (Request([1], 2, stop_strings=[""]), r"stop_strings=\[''\]"),
+                           (Request([1], 2, stop_strings=[None]), r"stop_strings=\[None\]"),
+                           (Request([1], 2, stop_token_ids=5), "stop_token_ids=5"),
+                           (Request([1], 2, stop_token_ids=[-1]), r"stop_token_ids=\[-1\]"),
+                           (Request([1], 2, sampling=None), "sampling=None"),
+                           (Request(torch.tensor([1, 2]), 2), "prompt is a Tensor")):
+        with pytest.raises(ValueError, match=f"request 0: {field}.*allowed"):
+            engine.generate([request])
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
 
 
 def test_one_token_requests_and_an_abandoned_stream_return_their_blocks(model):

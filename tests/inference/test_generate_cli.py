@@ -154,6 +154,19 @@ def test_cli_on_an_hf_checkpoint_without_a_tokenizer_takes_and_prints_token_ids(
     assert "--prompt needs a tokenizer" in err and "--prompt-ids" in err
 
 
+def test_cli_sizes_its_cache_for_one_long_prompt(tmp_path, capsys):
+    """The engine's default cache holds max_batch_size requests of up to 4096 positions; the CLI
+    runs all its requests at once and sizes the cache for them, so one prompt longer than that
+    (the model allows it) runs instead of asking for a num_blocks the CLI has no flag for."""
+    path = str(tmp_path / "hf")
+    make_hf_checkpoint(path, vocab_size=64, max_position_embeddings=8192)
+    prompt = ",".join(str(i % 64) for i in range(4200))
+    assert main(["--checkpoint", path, "--prompt-ids", prompt, "--max-new-tokens", "2",
+                 "--device", "cpu", "--dtype", "fp32", "--block-size", "64"]) == 0, \
+        capsys.readouterr().err
+    assert "=== request 0 (2 tokens, length) ===" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--prompt-ids", "1,,2"], "1,,2 is invalid: allowed values are comma-separated integers"),
     (["--prompt-ids", "1,-2"], "-2 is invalid: allowed values are integers >= 0"),

@@ -75,3 +75,13 @@ def test_a_very_small_temperature_samples_the_maximum_instead_of_failing():
     params = SamplingParams(temperature=1e-39, seed=0)
     draws = {sample_next(logits, params, torch.Generator().manual_seed(s)) for s in range(20)}
     assert draws == {1}
+    # below float32's smallest value (~1e-45) the temperature itself is 0 in float32 (0 / 0 at
+    # the maximum): the limit again, ties sharing the mass
+    for temperature in (1e-46, 1e-300, 5e-324):
+        params = SamplingParams(temperature=temperature, seed=0)
+        draws = {sample_next(logits, params, torch.Generator().manual_seed(s)) for s in range(20)}
+        assert draws == {1}, temperature
+    tied = torch.tensor([3.0, 0.0, 3.0])
+    params = SamplingParams(temperature=1e-300, seed=0)
+    draws = {sample_next(tied, params, torch.Generator().manual_seed(s)) for s in range(40)}
+    assert draws == {0, 2}
