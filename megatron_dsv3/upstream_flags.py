@@ -137,7 +137,7 @@ RULES: List[Rule] = [
     Rule("--position-embedding-type", "position_embedding_type", "refused",
          "learned_absolute (Megatron-LM's default), mrope, relative: MLA applies its own RoPE, "
          "and a learned position table would be a second position encoding DeepSeek-V3 does not "
-         "have; pass --position-embedding-type rope (or none)"),
+         "have; pass --position-embedding-type rope (yarn and none are accepted too)"),
     Rule("--untie-embeddings-and-output-weights", "untie_embeddings_and_output_weights", "refused",
          "absent (Megatron-LM ties the output head to the embedding by default): DeepSeek-V3's "
          "head has its own weights; pass --untie-embeddings-and-output-weights"),
@@ -298,9 +298,9 @@ def _check_layers(config: Any) -> None:
                 "--squared-relu or --quick-geglu)", flag="--swiglu")
 
 
-MEGATRON_LM_ARGS = ("position_embedding_type", "untie_embeddings_and_output_weights")
-"""RULES on Megatron-LM arguments that are not TransformerConfig fields: GPTModel reads them
-(route a, `pretrain_gpt.py --spec`); check_megatron_lm_args checks them."""
+POSITION_EMBEDDING_TYPES = ("rope", "yarn", "none")
+"""--position-embedding-type values that add nothing to the embedding (GPTModel's rotary table for
+rope / yarn is handed to our layers, which apply MLA's own RoPE and do not read it)."""
 
 
 def check_megatron_lm_args(args: Any) -> None:
@@ -308,10 +308,11 @@ def check_megatron_lm_args(args: Any) -> None:
     so they are not config fields: the ones DeepSeek-V3 cannot have are refused, on both routes
     (our model ignores them; GPTModel would build them)."""
     kind = getattr(args, "position_embedding_type", "rope")
-    if kind not in ("rope", "none"):
+    if kind not in POSITION_EMBEDDING_TYPES:
         _refuse("position_embedding_type", kind,
                 "MLA applies its own RoPE, and Megatron's GPTModel would add a second position "
-                "encoding DeepSeek-V3 does not have; allowed values: 'rope', 'none' (pass "
+                "encoding DeepSeek-V3 does not have; allowed values: "
+                f"{', '.join(repr(k) for k in POSITION_EMBEDDING_TYPES)} (pass "
                 "--position-embedding-type rope)")
     if not getattr(args, "untie_embeddings_and_output_weights", True):
         _refuse("untie_embeddings_and_output_weights", False,

@@ -270,7 +270,7 @@ def megatron_lm_args(monkeypatch):
 @pytest.mark.parametrize("kw,message", [
     (dict(position_embedding_type="learned_absolute"),
      r"position_embedding_type='learned_absolute' \(--position-embedding-type\).*allowed values: "
-     r"'rope', 'none'"),
+     r"'rope', 'yarn', 'none'"),
     (dict(untie_embeddings_and_output_weights=False),
      r"untie_embeddings_and_output_weights=False \(--untie-embeddings-and-output-weights\).*"
      r"pass --untie-embeddings-and-output-weights"),
@@ -306,6 +306,30 @@ def test_spec_route_takes_transformer_impl_from_megatron_lm_args(megatron_lm_arg
     assert layer_specs._megatron_lm_impl() is None  # (the automatic choice: TE where it runs)
 
 
+def test_spec_route_layer_spec_is_built_with_the_parsed_transformer_impl(megatron_lm_args,
+                                                                          monkeypatch):
+    """The module attribute `--spec` reads: imported after Megatron-LM parsed
+    `--transformer-impl local`, on a machine where TE would be picked automatically, its
+    modules are ours (which classes TE's would be is not imported: TE is not installed here)."""
+    import importlib
+    import sys
+
+    from megatron_dsv3 import compat
+    from megatron_dsv3.core.linear import ColumnParallelLinear
+
+    import megatron_dsv3
+
+    chosen = []
+    monkeypatch.setattr(compat, "use_transformer_engine", lambda: chosen.append(1) or True)
+    megatron_lm_args(transformer_impl="local")
+    # a fresh import, as `--spec` does it; the module the package holds is put back afterwards
+    monkeypatch.setattr(megatron_dsv3, "layer_specs", sys.modules["megatron_dsv3.layer_specs"])
+    monkeypatch.delitem(sys.modules, "megatron_dsv3.layer_specs")
+    fresh = importlib.import_module("megatron_dsv3.layer_specs")
+    attention = fresh.layer_spec.submodules.self_attention.submodules
+    assert attention.linear_q_up_proj.module is ColumnParallelLinear and not chosen
+
+
 def test_embedding_init_method_std_is_honoured(single_rank_world):
     from megatron_dsv3.model import build_model
 
@@ -314,6 +338,10 @@ def test_embedding_init_method_std_is_honoured(single_rank_world):
     embedding = model.embedding.word_embeddings.weight.float().std().item()
     head = model.output_layer.weight.float().std().item()
     assert abs(embedding - 0.5) < 0.02 and abs(head - 0.02) < 0.002, (embedding, head)
+    for bad in (float("inf"), float("nan"), -0.1):
+        with pytest.raises(ValueError, match=r"embedding_init_method_std=.* is invalid: allowed "
+                                             r"values are finite numbers >= 0 or None"):
+            get_config("deepseek-v3-tiny", embedding_init_method_std=bad)
 
 
 def test_accepted_values():

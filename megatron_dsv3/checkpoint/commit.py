@@ -259,10 +259,11 @@ def check_output_writable(output_path: str, flag: str = "--output") -> None:
     atomic_directory writes before publishing): tried for real in the nearest existing parent,
     as permissions alone do not tell (root, read-only or virtual file systems)."""
     parent = os.path.dirname(os.path.abspath(output_path))
-    while not os.path.exists(parent):
+    while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise ValueError(f"{flag} {output_path}: {parent} is a file, not a directory")
+        what = "a dangling symbolic link" if os.path.islink(parent) else "a file"
+        raise ValueError(f"{flag} {output_path}: {parent} is {what}, not a directory")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=parent))
     except OSError as error:

@@ -179,6 +179,7 @@ def validate_config(config: Any) -> None:
     _number(config, "layernorm_epsilon", 0, low_open=True)
     _number(config, "dsv3_latent_norm_epsilon", 0, low_open=True, optional=True)
     _number(config, "init_method_std", 0)
+    _number(config, "embedding_init_method_std", 0, optional=True)
     for field in ("hidden_dropout", "attention_dropout"):
         _number(config, field, 0, high=1, high_open=True)
     _number(config, "mtp_loss_scaling_factor", 0,

@@ -106,6 +106,9 @@ def check_world_size(world: int, tp: int = 1, pp: int = 1, ep: int = 1, *,
     sizes = " x ".join(([names.show("tp", tp)] if names.tp else []) + [names.show("pp", pp)])
     if world % (tp * pp):
         allowed = [p for p in divisors(world) if world % (tp * p) == 0]
+        if not names.tp:  # (no tensor parallelism to name: tp is 1)
+            raise LayoutError(f"{sizes} does not fit world size {world} ({source}): {names.pp} "
+                              f"must divide it; allowed {names.pp} values: {divisors(world)}")
         hint = (f"allowed {names.pp} values with {names.show('tp', tp)}: {allowed}" if allowed
                 else f"allowed {names.tp} values: {divisors(world)}")
         raise LayoutError(f"{sizes} does not fit world size {world} ({source}): TP x PP = "

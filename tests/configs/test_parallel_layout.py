@@ -174,6 +174,12 @@ def test_trainer_refuses_a_world_that_does_not_fit_before_any_process_group(tmp_
     with pytest.raises(LayoutError, match=r"--pp 2 x --ep 4 does not fit world size 6"):
         Trainer(TrainArgs(pp=2, ep=4, micro_batches=4, steps=1, save_dir=str(tmp_path / "run")))
     assert dist.is_initialized() == initialized
+    # the example trainer has no --tp: its messages name none (not "--tp 1", nor a blank one)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(LayoutError) as err:
+        Trainer(TrainArgs(pp=2, micro_batches=4, steps=1, save_dir=str(tmp_path / "run")))
+    assert str(err.value) == ("--pp 2 does not fit world size 3 (WORLD_SIZE): --pp must divide "
+                              "it; allowed --pp values: [1, 3]")
 
 
 def test_pretrain_entry_checks_our_schedules_split_and_the_world_with_megatrons_flags(capsys):

@@ -497,6 +497,10 @@ def test_bad_inputs_are_refused_with_field_and_allowed_values(trained_hf, tmp_pa
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"--out .*file/x: .*file is a file, not a directory"):
         export(trained_hf[0], str(tmp_path / "file" / "x"), "fp8", progress=False)
+    os.symlink(str(tmp_path / "gone"), str(tmp_path / "dangling"))
+    with pytest.raises(ValueError, match=r"--out .*dangling/x: .*dangling is a dangling symbolic "
+                                         r"link, not a directory"):
+        export(trained_hf[0], str(tmp_path / "dangling" / "x"), "fp8", progress=False)
     if os.path.isdir("/proc/self"):  # (root may write anywhere but there)
         with pytest.raises(ValueError, match=r"--out /proc/x: cannot write in /proc"):
             export(trained_hf[0], "/proc/x", "fp8", progress=False)
