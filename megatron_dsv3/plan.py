@@ -178,7 +178,9 @@ def count_parameters(config, progress: bool = False) -> Dict:
     frac = (config.moe_router_topk / config.num_moe_experts) if config.num_moe_experts else 1.0
     out["total_main"] = main
     out["total_mtp"] = out["mtp_dense"] + out["mtp_experts"]
-    out["activated_main"] = round(main - routed_all + routed_all * frac)
+    # activated per token: every weight a token's forward multiplies by; the embedding is a
+    # lookup of one row (DeepSeek-V3's 37B counts it out)
+    out["activated_main"] = round(main - out["embedding"] - routed_all + routed_all * frac)
     out["activated_mtp"] = round(out["mtp_dense"] + out["mtp_experts"] * frac)
     return out
 
@@ -312,25 +314,29 @@ def plan(args) -> Dict:
     per_rank = []
     for r, chunks in table.items():
         dense = exp = 0
+        high_precision = 0  # dense parameters the FP8 recipe keeps in BF16 (embedding, head)
         for layer_list in chunks:
             for g in layer_list:
                 dense += counts["layers"][g]["dense"]
                 exp += counts["layers"][g]["experts"]
         if hold["embedding"] == r:
-            dense += counts["embedding"]
+            high_precision += counts["embedding"]
         if hold["output_head"] == r:
-            dense += counts["output_head"] + counts["final_norm"]
+            high_precision += counts["output_head"] + counts["final_norm"]
         if lay.schedule == "dualpipe" and r in (0, lay.pp - 1):
             # each direction has its own first and last stage: rank P-1 also holds direction 1's
             # embedding, rank 0 direction 1's final norm and head
-            dense += counts["output_head"] + counts["final_norm"] if r == 0 else counts["embedding"]
+            high_precision += (counts["output_head"] + counts["final_norm"] if r == 0
+                               else counts["embedding"])
         if args.mtp and hold["mtp"] == r:
             dense += counts["mtp_dense"]
             exp += counts["mtp_experts"]
-            if lay.schedule == "dualpipev":
-                # the MTP chunk's own copy of the embedding (megatron_dsv3.pretrain_gpt unties it
-                # from the first stage's for Megatron's DDP; their gradients are summed)
-                dense += counts["embedding"]
+            if lay.schedule == "dualpipev" or hold["embedding"] != r:
+                # the MTP layer reads the embedding: its stage holds a copy (Megatron builds one
+                # on an MTP stage that is not the first; under DualPipeV megatron_dsv3.pretrain_gpt
+                # unties rank 0's for Megatron's DDP; the copies' gradients are summed)
+                high_precision += counts["embedding"]
+        dense += high_precision
         dense_gpu = dense / lay.tp  # norms/router replicated: ~small_frac, ignored in the split
         exp_gpu = exp / lay.ep
         params_gpu = dense_gpu + exp_gpu
@@ -340,7 +346,9 @@ def plan(args) -> Dict:
         shard_e = lay.expert_dp if args.zero1 else 1
         mem = {
             "weights_bf16": 2 * params_gpu,
-            "weights_fp8_copy": (1 * params_gpu if args.fp8 else 0),
+            # FP8 copies of the GEMM weights (the recipe keeps embedding, head, norms and router
+            # in BF16; norms and router, ~0.01% of a layer, are counted in)
+            "weights_fp8_copy": ((params_gpu - high_precision / lay.tp) if args.fp8 else 0),
             "grads_fp32": 4 * params_gpu,
             "optimizer": opt_per_param * (dense_gpu / shard_d + exp_gpu / shard_e),
         }
@@ -373,10 +381,20 @@ def plan(args) -> Dict:
     sim = simulate(sim_name, lay.pp, micro_batches, Times(), lay.vpp or 2)
     moe_layers = sum(1 for g in range(1, config.num_layers + 1)
                      if counts["layers"][g]["experts"]) + (args.mtp or 0)
+    from megatron_dsv3.dispatch.fp8_payload import Fp8Payload
+    from megatron_dsv3.dispatch.topology import node_limit
+
     ep_nodes = max(1, lay.ep // lay.gpus_per_node)
-    copies = min(config.moe_router_group_topk or ep_nodes, ep_nodes) if ep_nodes > 1 else 0
-    dispatch_b = 1 if args.dispatch_fp8 else 2
-    a2a_token_layer = copies * config.hidden_size * (dispatch_b + 2)  # dispatch + BF16 combine
+    # a token reaches at most node_limit nodes, its own possibly among them: at most that many
+    # other nodes, and never more than there are (validate() checked the groups align)
+    copies = min(node_limit(ep_nodes, config.moe_router_num_groups, config.moe_router_group_topk),
+                 ep_nodes - 1)
+    h = config.hidden_size
+    dispatch_row = Fp8Payload(h).row_bytes if args.dispatch_fp8 else 2 * h  # (FP8: + scales)
+    # forward: dispatch + BF16 combine; backward: the combine's gradient dispatched and the
+    # dispatch's gradient combined, both BF16
+    a2a_forward = copies * (dispatch_row + 2 * h)
+    a2a_token_layer = a2a_forward + copies * (2 * h + 2 * h)
     result.update({
         "parameters": {"total_main": counts["total_main"], "mtp": counts["total_mtp"],
                        "activated_main": counts["activated_main"],
@@ -396,6 +414,7 @@ def plan(args) -> Dict:
                    "fraction": sim["bubble"] / sim["total"]},
         "expert_all_to_all": {
             "inter_node_copies_per_token_max": copies,
+            "forward_bytes_per_token_per_moe_layer": a2a_forward,
             "bytes_per_token_per_moe_layer": a2a_token_layer,
             "inter_node_bytes_per_micro_batch_per_moe_layer": a2a_token_layer * tokens,
             "inter_node_bytes_per_micro_batch_all_layers": a2a_token_layer * tokens * moe_layers},
@@ -433,7 +452,7 @@ def render(result: Dict) -> str:
     P = result["parameters"]
     lines.append(f"parameters (built on meta): main {_fmt_b(P['total_main'])}, MTP "
                  f"{_fmt_b(P['mtp'])}; activated per token {_fmt_b(P['activated_main'])} "
-                 f"(+{_fmt_b(P['activated_mtp'])} MTP)")
+                 f"(+{_fmt_b(P['activated_mtp'])} MTP; the embedding lookup not counted)")
     lines.append(f"micro-batches per step {result['micro_batches']}, tokens per micro-batch "
                  f"{result['tokens_per_micro_batch']}, recompute {result['recompute_modules']}")
     A = result["activation_bytes_per_token"]
@@ -452,7 +471,7 @@ def render(result: Dict) -> str:
                  f"({100 * B['fraction']:.1f}%)")
     X = result["expert_all_to_all"]
     lines.append(f"expert all-to-all: <= {X['inter_node_copies_per_token_max']} inter-node copies "
-                 f"per token; a micro-batch sends "
+                 f"per token; a micro-batch sends (forward + backward) "
                  f"{X['inter_node_bytes_per_micro_batch_per_moe_layer'] / GiB:.3f} GiB inter-node "
                  f"per MoE layer from each GPU of the layer's stage, "
                  f"{X['inter_node_bytes_per_micro_batch_all_layers'] / GiB:.2f} GiB through all "

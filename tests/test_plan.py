@@ -30,14 +30,19 @@ def test_671b_totals_agree_with_the_model_built_on_meta(single_rank_world):
     assert P["total_main"] == main and P["mtp"] == mtp
     assert abs(P["total_main"] - 671e9) / 671e9 < 0.005
     assert abs(P["mtp"] - 11.6e9) / 11.6e9 < 0.02
-    assert 36.7e9 <= P["activated_main"] <= 37.6e9
+    # activated per token: every weight but the embedding table (a token reads one row of it)
+    # and the routed experts it is not sent to; DeepSeek-V3 reports 37B
+    routed_main = sum(p.numel() for n, p in model.named_parameters()
+                      if ".experts." in n and not n.startswith("mtp."))
+    embedding = model.embedding.word_embeddings.weight.numel()
+    assert P["activated_main"] == round(main - embedding - routed_main + routed_main * 8 / 256)
+    assert 36.5e9 <= P["activated_main"] <= 37.0e9
     # every parameter lands on exactly one pipeline rank (EP shards experts 64 ways), and rank 0
     # holds a second embedding for its MTP chunk (pretrain_gpt unties it for Megatron's DDP)
     per_rank = result["per_rank"]
     assert len(per_rank) == 16
     routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     rebuilt = sum(r["dense_params_per_gpu"] + r["expert_params_per_gpu"] * 64 for r in per_rank)
-    embedding = model.embedding.word_embeddings.weight.numel()
     assert abs(rebuilt - (main + mtp + embedding)) <= 16  # rounding per rank
     assert sum(r["expert_params_per_gpu"] for r in per_rank) * 64 == pytest.approx(routed, abs=64)
     L = result["layout"]
@@ -61,6 +66,10 @@ def test_671b_totals_agree_with_the_model_built_on_meta(single_rank_world):
     ("--nodes 256 --pp 16 --ep 64 --schedule zigzag", ["--schedule 'zigzag'", "dualpipev"]),
     ("--nodes 256 --pp 16 --ep 64 --schedule dualpipev --global-batch-size 1024",
      ["micro-batches", "DualPipeV needs micro-batches >= 2 x ranks = 32"]),
+    # 16 nodes for 8 routing groups: a token's 4 groups could land on 8 nodes (the dispatcher
+    # refuses it too)
+    ("--nodes 512 --gpus-per-node 4 --pp 16 --ep 64",
+     ["--ep 64 spans 16 nodes", "moe_router_num_groups=8", "one of [16, 32]"]),
 ])
 def test_bad_layouts_are_refused_naming_the_flag(argv, words, capsys):
     code = planner.main(("--placement-only --preset deepseek-v3 " + argv).split())
@@ -108,7 +117,10 @@ def test_tiny_memory_matches_a_closed_form_recomputation(single_rank_world):
     dp, ep, edp = 4, 4, 1  # world 8 / PP 2; expert DP = DP * TP / EP
     per_gpu = rank0_dense + rank0_exp / ep
     expected = {
-        "weights_bf16": 2 * per_gpu, "weights_fp8_copy": per_gpu, "grads_fp32": 4 * per_gpu,
+        # the FP8 copy: GEMM weights only (not the two embeddings, the head, the final norm)
+        "weights_bf16": 2 * per_gpu, "grads_fp32": 4 * per_gpu,
+        "weights_fp8_copy": per_gpu - 2 * params["embedding.word_embeddings.weight"]
+        - params["output_layer.weight"] - params["decoder.final_layernorm.weight"],
         "optimizer": (4 + 2 + 2) * (rank0_dense / dp + rank0_exp / ep / edp),
     }
     # activations, no recompute: rank 0 chunk 0 (layer 1, dense) holds 4 micro-batches at its peak
@@ -126,6 +138,41 @@ def test_tiny_memory_matches_a_closed_form_recomputation(single_rank_world):
     for k, v in expected.items():
         assert r0["memory_gib"][k] == pytest.approx(round(v / planner.GiB, 2), abs=0.011), k
     assert result["activation_bytes_per_token"]["dense_layer"] == dense_tok
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_all_to_all_bytes_are_a_hand_count(fp8, single_rank_world):
+    """Proxy-like routing (4 groups, M = 2) over EP 16 = 2 nodes: a token reaches at most the
+    other node once (not M = 2 copies). Per copy: forward dispatch (BF16 rows, or E4M3 rows with
+    one float32 scale per 128 values) and BF16 combine; backward one BF16 dispatch and combine."""
+    result = run(("--preset deepseek-v3 --num-layers 8 --first-k-dense 1 --num-experts 64 "
+                  "--moe-router-num-groups 4 --moe-router-group-topk 2 --nodes 8 "
+                  "--gpus-per-node 8 --pp 4 --ep 16 --schedule dualpipev --json"
+                  + (" --fp8 --dispatch-fp8" if fp8 else "")).split())
+    X, h = result["expert_all_to_all"], 7168
+    assert X["inter_node_copies_per_token_max"] == 1
+    dispatch = h + 4 * (h // 128) if fp8 else 2 * h
+    assert X["forward_bytes_per_token_per_moe_layer"] == dispatch + 2 * h
+    assert X["bytes_per_token_per_moe_layer"] == dispatch + 2 * h + 4 * h
+
+
+def test_1f1b_mtp_stage_holds_its_own_embedding(single_rank_world):
+    """Megatron's MTP stage (the last, not the first) builds its own embedding, which the MTP
+    layer reads: the planner counts it there, as the model built for that stage holds it."""
+    from megatron_dsv3.model import DeepSeekV3Model
+    from megatron_dsv3.model_chunks import chunk_block_spec
+
+    result = run("--preset deepseek-v3-tiny --num-layers 4 --nodes 1 --gpus-per-node 2 --pp 2 "
+                 "--schedule 1f1b --mtp 1 --json".split())
+    config = get_config("deepseek-v3-tiny", num_layers=4, perform_initialization=False)
+    for rank in range(2):
+        layers = result["placement"][str(rank)][0]
+        model = DeepSeekV3Model(config, pre_process=rank == 0, post_process=rank == 1,
+                                mtp_process=rank == 1,
+                                transformer_layer_spec=chunk_block_spec(config, layers))
+        assert hasattr(model, "embedding")  # (rank 1: the MTP layer's copy)
+        built = sum(p.numel() for p in model.parameters())
+        assert result["per_rank"][rank]["params_per_gpu"] == built, rank
 
 
 @pytest.mark.parametrize("schedule,pp", [("dualpipev", 2), ("dualpipe", 2), ("dualpipe", 4)])

@@ -24,12 +24,16 @@ EXPECTED = {
 }
 
 
-def dry_run(name, tmp_path, **env_extra):
+def dry_run(name, tmp_path, refused=False, **env_extra):
+    """stdout of the file's DRY_RUN=1 run (its stderr where `refused`, which it must be)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(DRY_RUN="1", PYTHON=sys.executable, RUN_DIR=str(tmp_path / "run"),
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), **env_extra)
     out = subprocess.run(["bash", str(SLURM / name)], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120)
+    if refused:
+        assert out.returncode != 0, out.stdout[-3000:]
+        return out.stderr
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -164,10 +168,17 @@ def test_extra_args_from_the_environment_are_split_into_words(tmp_path):
 
 
 def test_dry_run_takes_the_node_list_and_port_from_the_environment(tmp_path):
-    out = dry_run("smoke_2node.sbatch", tmp_path, SLURM_JOB_NUM_NODES="4", MASTER_PORT="29123")
+    # (4 nodes: DP 16, so the file's global batch of 32 is 2 micro-batches, too few for
+    # DualPipeV over 2 ranks: the dry run refuses it, as the job would at start)
+    env = dict(SLURM_JOB_NUM_NODES="4", MASTER_PORT="29123")
+    err = dry_run("smoke_2node.sbatch", tmp_path, refused=True, **env)
+    assert "DualPipeV needs micro-batches >= 2 x ranks = 4; got 2" in err, err
+    out = dry_run("smoke_2node.sbatch", tmp_path, EXTRA_ARGS="--global-batch-size 64", **env)
     cmds = node_commands(out)
     assert sorted(cmds) == [0, 1, 2, 3]
     assert all(flag(a, "--master-port") == "29123" for _, a in cmds.values())
+    assert all(a[len(a) - 1 - a[::-1].index("--global-batch-size") + 1] == "64"
+               for _, a in cmds.values())  # (the last one counts)
     assert re.search(r"world_size=32 tp=1 pp=2 ep=8 dp=16", out)
 
 

@@ -175,9 +175,17 @@ dsv3_main() {
         done
         echo "summary: job=$JOB_NAME nodes=$NNODES gpus_per_node=$GPUS_PER_NODE world_size=$WORLD_SIZE tp=$TP pp=$PP ep=$EP dp=$DP schedule=$SCHEDULE master=$MASTER_ADDR:$MASTER_PORT $RESUME"
         echo "env: CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS NCCL_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME NCCL_IB_HCA=$NCCL_IB_HCA TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING"
+        # the batch flags of TRAIN_ARGS and EXTRA_ARGS too (the last one counts, as for
+        # Megatron): the planner checks the schedule's micro-batch count
+        local i batch=() all=("${TRAIN_ARGS[@]}" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
+        for ((i = 0; i < ${#all[@]}; i++)); do
+            case "${all[$i]}" in
+                --micro-batch-size|--global-batch-size) batch+=("${all[$i]}" "${all[$((i + 1))]}") ;;
+            esac
+        done
         "$PYTHON" -m megatron_dsv3.plan --nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" \
             --tp "$TP" --pp "$PP" --ep "$EP" --schedule "$SCHEDULE" --mtp "$MTP" \
-            "${PLAN_ARGS[@]}" --placement-only
+            "${PLAN_ARGS[@]}" ${batch[@]+"${batch[@]}"} --placement-only
         return
     fi
     mkdir -p "$RUN_DIR"

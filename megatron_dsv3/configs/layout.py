@@ -151,7 +151,16 @@ def check_expert_nodes(ep: int, gpus_per_node: int, config, *, names: Names = FL
         raise LayoutError(f"{names.show('ep', ep)} must be a multiple or a divisor of "
                           f"--gpus-per-node {gpus_per_node} so that expert groups align with nodes")
     ep_nodes = max(1, ep // gpus_per_node)
+    groups = getattr(config, "moe_router_num_groups", None) or 1
     m = getattr(config, "moe_router_group_topk", None)
+    if getattr(config, "num_moe_experts", None) and ep_nodes > 1 and groups % ep_nodes:
+        # (the node-aware dispatcher's rule: each node holds whole routing groups, so a token's
+        # M groups reach at most M nodes)
+        fits = [gpus_per_node * n for n in divisors(groups) if n > 1 and n >= (m or 1)]
+        raise LayoutError(f"{names.show('ep', ep)} spans {ep_nodes} nodes, which "
+                          f"moe_router_num_groups={groups} does not divide: node-limited routing "
+                          f"needs each node to hold whole groups; allowed are {names.ep} <= "
+                          f"{gpus_per_node} (inside one node) or one of {fits}")
     if getattr(config, "num_moe_experts", None) and ep_nodes > 1 and m and ep_nodes < m:
         raise LayoutError(f"{names.show('ep', ep)} spans {ep_nodes} nodes, fewer than the node "
                           f"limit M = moe_router_group_topk = {m}: allowed are {names.ep} >= "
