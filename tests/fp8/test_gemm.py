@@ -71,13 +71,18 @@ def test_emulated_gemms_equal_blockwise_matmul_with_promotion_every_128():
     torch.testing.assert_close(gemm.wgrad(dy, x), wgrad, rtol=1e-5, atol=1e-8)
 
 
-def test_tiny_gradients_keep_their_precision():
-    """Gradients of 1e-7 are far below the activation amax floor of 1e-4."""
-    dy = torch.randn(8, 256) * 1e-7
+@pytest.mark.parametrize("magnitude", [1e-7, 1e-10])
+def test_tiny_gradients_keep_their_precision(magnitude):
+    """Gradients far below the activation amax floor of 1e-4 keep E4M3's relative precision in
+    dgrad and wgrad (the gradients' own floor is 1e-30): with the activation floor a 1e-10
+    gradient would keep about 5% of its value."""
+    dy = torch.randn(8, 256) * magnitude
     w = torch.randn(256, 128)
-    exact = dy.double() @ w.double()
-    got = Fp8BlockwiseGemm().dgrad(dy, w).double()
-    assert ((got - exact).norm() / exact.norm()) < 0.06
+    x = torch.randn(8, 128)
+    gemm = Fp8BlockwiseGemm()
+    for got, exact in ((gemm.dgrad(dy, w), dy.double() @ w.double()),
+                       (gemm.wgrad(dy, x), dy.double().t() @ x.double())):
+        assert ((got.double() - exact).norm() / exact.norm()) < 0.06
 
 
 def test_bf16_inputs_give_bf16_outputs_of_the_same_quantised_product():

@@ -89,6 +89,34 @@ def test_zero_tile_gets_a_finite_scale_and_exact_zeros():
     assert torch.isfinite(sw).all() and (dequantize_128x128(qw, sw) == 0).all()
 
 
+def test_constants_are_deepseeks_with_literal_references():
+    """The references above take E4M3_MAX and AMAX_FLOOR from the module; here they are
+    literals: E4M3's largest finite value, DeepSeek's activation amax floor, a tile of amax A
+    scaled by A / 448 with its largest element coded as 448 exactly, a zero tile by 1e-4 / 448."""
+    assert E4M3_MAX == torch.finfo(torch.float8_e4m3fn).max == 448.0
+    assert AMAX_FLOOR == 1e-4
+    x = torch.zeros(2, 128)
+    x[0, :] = torch.linspace(-1.0, 1.0, 128) * 3.5
+    x[0, 5] = -7.0
+    q, s = quantize_1x128(x)
+    assert s[0, 0].item() == pytest.approx(7.0 / 448.0, rel=1e-7)
+    assert q[0, 5].float().item() == -448.0
+    assert s[1, 0].item() == pytest.approx(1e-4 / 448.0, rel=1e-7)
+
+
+@pytest.mark.parametrize("k", [-20, -5, 0, 3])
+def test_pow2_scale_of_an_exact_power_of_two_is_that_power(k):
+    """amax = 448 * 2^k exactly: the scale is 2^k (not 2^(k+1)), the largest code 448."""
+    x = torch.full((1, 128), 448.0 * 2.0 ** k * 0.25)
+    x[0, 3] = 448.0 * 2.0 ** k
+    q, s = quantize_1x128(x, pow2_scales=True)
+    assert s.item() == 2.0 ** k
+    assert q[0, 3].float().item() == 448.0
+    w = torch.full((128, 128), 448.0 * 2.0 ** k)
+    _, sw = quantize_128x128(w, pow2_scales=True)
+    assert sw.item() == 2.0 ** k
+
+
 @pytest.mark.parametrize("k", [-20, -13, -5, 0, 3])
 def test_pow2_scale_just_above_a_power_of_two_rounds_up_without_saturating(k):
     """amax = 448 * 2^k * (1 + 2^-23): a float32 log2 rounds log2(scale) down to k, and a

@@ -37,6 +37,41 @@ def test_mtp_loss_is_the_cross_entropy_of_token_t_plus_2(single_rank_world):
     torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_mtp_gradient_is_lambda_over_depth_times_the_depths_loss(single_rank_world):
+    """Two depths, lambda = 0.3: the last depth's eh_proj (read by no other loss) gets exactly
+    (0.3 / 2) x the gradient of that depth's cross-entropy, computed by hand from the modules
+    (depth k reads Emb(t+k) and depth k-1's output; its target is token t+k+1)."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    torch.manual_seed(0)
+    config = get_config("deepseek-v3-tiny", mtp_num_layers=2, mtp_loss_scaling_factor=0.3,
+                        moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None)
+    model = build_model(config)
+    model.train()
+    b, s = 2, 16
+    ids = torch.randint(1, 255, (b, s))
+    labels = torch.roll(ids, -1, dims=1)
+    pos = torch.arange(s).expand(b, s)
+    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    model(ids, pos, None, labels=labels).mean().backward()  # (the main loss reaches no MTP layer)
+    got = model.mtp.layers[1].eh_proj.weight.grad.clone()
+    model.pop_mtp_losses()
+    h = model.decoder(model.embedding(input_ids=ids, position_ids=pos), attention_mask=None)
+    ids_k, pos_k, target, mask = ids, pos, labels, torch.ones(b, s)
+    for layer in model.mtp.layers:
+        ids_k, pos_k, target, mask = (roll_left(t) for t in (ids_k, pos_k, target, mask))
+        e = model.embedding(input_ids=ids_k, position_ids=pos_k)
+        x, _ = layer.eh_proj(torch.cat([layer.enorm(e), layer.hnorm(h)], -1))
+        h, _ = layer.transformer_layer(x)
+        logits, _ = model.output_layer(layer.final_layernorm(h))
+        ce = F.cross_entropy(logits.transpose(0, 1).reshape(-1, logits.shape[-1]),
+                             target.reshape(-1), reduction="none").view(b, s)
+        loss = (ce * mask).sum() / mask.sum()
+    expected = (0.3 / 2) * torch.autograd.grad(loss, model.mtp.layers[1].eh_proj.weight)[0]
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
 def _sequences(n, s, gen):
     """Even positions follow a_{i+1} = 5 a_i + 1 (mod 32); odd positions are random noise
     (symbols 32..63): token t+1 says nothing about t+2, token t determines it."""

@@ -57,3 +57,31 @@ def test_zero1_matches_single_rank_adamw_and_shards_state():
         for got, want in zip(params, ref):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert sum(state_sizes) <= total // 2 + 2  # each rank keeps about half of the moments
+
+
+def _reduced_gradients(rank, world):
+    import torch.distributed as dist
+
+    from megatron_dsv3.training.zero import ZeroOneOptimizer
+
+    m = _model()
+    group = dist.new_group(list(range(world)))
+    # experts sharded over expert parallelism with no expert-data-parallel peers (group None)
+    opt = ZeroOneOptimizer(m.parameters(), torch.optim.SGD, dp_group=group, expert_dp_group=None,
+                           lr=0.1)
+    for p in m.parameters():
+        p.grad = torch.full_like(p, float(rank + 1))
+    opt.reduce_gradients()
+    return {d.name: d.master.grad[:sum(d.numels) if d.shard_group is None else None].clone()
+            for d in opt.domains}
+
+
+def test_both_domains_are_divided_by_the_data_parallel_size():
+    """Dense gradients: the mean over the data-parallel ranks ((1 + 2) / 2). Expert gradients
+    already sum every data-parallel rank's tokens (the dispatch brought them), so with no
+    expert-data-parallel peers they are divided by the data-parallel size too (rank r: (r+1)/2),
+    not by the expert-data-parallel size (1)."""
+    for rank, grads in enumerate(run_distributed(_reduced_gradients, 2)):
+        dense = grads["dense"]
+        assert set(dense[dense != 0].tolist()) == {1.5}
+        assert set(grads["expert"].tolist()) == {(rank + 1) / 2}
