@@ -93,6 +93,12 @@ def test_the_scan_sees_the_packages_and_their_imports():
     ([P + "upstream_flags"], []),
     ([P + "workspace"], []),
     ([P + "cli"], []),
+    ([P + "liveness"], []),
+    ([P + "tokenizer"], []),
+    ([P + "world"], [P + "liveness"]),
+    ([P + "corpus"], [P + "tokenizer"]),
+    # the layer: MLA and MoE come in through its spec, never by import
+    ([P + "transformer_layer"], [P + "compat", P + "configs", P + "core"]),
     # building blocks: no FP8, no model modules; the binding hands them their GEMM
     ([P + "core"], [P + "compat", P + "configs"]),
     # fp8 knows no model module: its quantisers, the Gemm interface it implements, configs
@@ -122,7 +128,8 @@ def test_moe_and_dispatch_do_not_import_each_other_both_ways():
 
 
 @pytest.mark.parametrize("package", ["attention", "moe", "mtp", "core", "configs", "fp8",
-                                     "dispatch", "pipeline"])
+                                     "dispatch", "pipeline", "transformer_layer", "world",
+                                     "liveness"])
 def test_only_the_binding_chooses_plugins(package):
     """layer_specs binds modules into Megatron; nothing below it imports it (or the model)."""
     bound = [e for e in _edges([P + package])

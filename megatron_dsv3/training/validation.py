@@ -18,6 +18,8 @@ import dataclasses
 import os
 from typing import Dict, Mapping, Optional
 
+import torch
+
 from megatron_dsv3.cli import (
     NumberRange,
     non_negative_float,
@@ -128,15 +130,17 @@ def validate_train_args(args) -> None:
         raise ValueError(f"--dispatch-fp8 applies to the expert-parallel dispatch: allowed with "
                          f"--ep >= 2 only (--ep {args.ep} sends no tokens)")
     allowance = slow_allowance(args.watchdog_timeout, args.watchdog_save_timeout)
-    if args.watchdog_timeout and args.collective_timeout_minutes \
-            and args.collective_timeout_minutes * 60 <= allowance:
+    # 0 = torch's default: 30 min on gloo, but 10 min on NCCL (megatron_dsv3.world picks NCCL
+    # where CUDA is available)
+    effective = args.collective_timeout_minutes or (10.0 if torch.cuda.is_available() else 30.0)
+    if args.watchdog_timeout and effective * 60 <= allowance:
         raise ValueError(
             f"--collective-timeout-minutes {args.collective_timeout_minutes} is invalid: a slow "
             f"save or first step, which the watchdog allows {allowance:.0f} s "
             "(--watchdog-save-timeout, 0 = 3 x --watchdog-timeout), would end the job as a "
             "collective timeout naming no rank (the others wait for the slowest writer in a "
             f"collective); allowed values are minutes > {allowance / 60:g}, or 0 (torch's "
-            "default)")
+            "default: 30 min on gloo; on NCCL 10 min, refused below the allowance too)")
     if args.pp > 1 and args.micro_batches < 2 * args.pp:
         raise ValueError(f"--micro-batches {args.micro_batches} is too few for DualPipeV over "
                          f"--pp {args.pp} ranks: allowed values are integers >= {2 * args.pp}")

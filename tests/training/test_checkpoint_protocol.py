@@ -149,6 +149,20 @@ def test_resume_refuses_other_data_or_optimizer_settings_unless_overridden(run, 
     assert trainer.step == 2
 
 
+def test_resume_refuses_another_layout_even_overridden_and_logs_a_new_length(run):
+    """--zero1 (like --pp and --ep: the optimizer shards' layout) is refused whatever
+    --override-saved-args says; a new --steps is taken and logged."""
+    tmp, _ = run
+    for override in (False, True):
+        with pytest.raises(ValueError, match=r"was written with --zero1 False; this run has "
+                                             r"--zero1 True \(resume with the same layout\)"):
+            Trainer(_args(tmp, steps=3, resume="auto", zero1=True, override_saved_args=override))
+    lines = []
+    trainer = Trainer(_args(tmp, steps=5, resume="auto"), log=lines.append)
+    assert trainer.step == 2
+    assert any("--steps 2 -> 5" in line and "follow the new length" in line for line in lines)
+
+
 def test_loading_names_a_truncated_or_corrupted_file(run):
     tmp, _ = run
     latest = CheckpointStore(str(tmp / "run" / "checkpoints")).latest()
