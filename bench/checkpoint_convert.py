@@ -36,6 +36,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from megatron_dsv3.checkpoint.commit import check_output_writable  # noqa: E402
+from megatron_dsv3.cli import check_plot_path, path_text, positive_float  # noqa: E402
+
 
 def hf_config(experts: int) -> dict:
     """A DeepSeek-V3 layout scaled down to a few GB: 6 layers (1 dense), MLA with query
@@ -174,12 +177,22 @@ def plot(samples, size, path):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--gb", type=float, default=2.2, help="target FP8 checkpoint size")
-    parser.add_argument("--workdir", default="/tmp")
+    parser.add_argument("--gb", type=positive_float, default=2.2,
+                        help="target FP8 checkpoint size, GB > 0")
+    parser.add_argument("--workdir", type=path_text, default="/tmp")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "img", "checkpoint_convert_rss.png"))
+    parser.add_argument("--plot", type=path_text, default=None,
+                        help="RSS-over-time plot (e.g. docs/img/checkpoint_convert_rss.png)")
     args = parser.parse_args()
+    try:
+        if args.plot:
+            check_plot_path("--plot", args.plot)
+        if not os.path.isdir(args.workdir):
+            raise ValueError(f"--workdir {args.workdir}: allowed is an existing directory")
+        check_output_writable(os.path.join(args.workdir, "x"), "--workdir")
+    except ValueError as error:
+        parser.error(str(error))
 
     experts = 16
     while plan_size(hf_config(experts))[0] < args.gb * 1e9:

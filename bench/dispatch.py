@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_dsv3.cli import positive_int  # noqa: E402
+from megatron_dsv3.cli import check_plot_path, positive_int  # noqa: E402
 from megatron_dsv3.testing.distributed import run_distributed  # noqa: E402
 
 STAGES = ("dispatch_inter", "dispatch_intra", "experts", "combine_intra", "combine_inter")
@@ -83,6 +83,11 @@ def main():
     p.add_argument("--plot", default=None)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    if a.plot:
+        try:
+            check_plot_path("--plot", a.plot)
+        except ValueError as error:
+            p.error(str(error))
     report = {"hidden": a.hidden, "tokens_per_rank": a.tokens, "ranks": 8, "experts": 256,
               "topk": 8, "groups": 8}
     for nodes, rpn in ((4, 2), (8, 1)):

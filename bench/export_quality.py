@@ -35,19 +35,32 @@ def safetensors_bytes(path: str) -> int:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run directory of examples/pretrain_tiny.py")
-    p.add_argument("--calib", type=int, default=64)
-    p.add_argument("--seq-length", type=int, default=128)
-    p.add_argument("--heldout-seqs", type=int, default=128)
-    p.add_argument("--group-size", type=int, default=32, help="int4-awq group (tiny: 32)")
-    p.add_argument("--formats", nargs="+", default=CPU_FORMATS)
-    p.add_argument("--out", default=None, help="keep the exports here (default: a temp dir)")
+    from megatron_dsv3.checkpoint.commit import check_output_writable
+    from megatron_dsv3.cli import int_range, path_text, positive_int
+    from megatron_dsv3.inference.loading import trainer_checkpoint_file
+
+    p.add_argument("--run", type=path_text, required=True,
+                   help="run directory of examples/pretrain_tiny.py")
+    p.add_argument("--calib", type=positive_int, default=64)
+    p.add_argument("--seq-length", type=int_range(2), default=128)
+    p.add_argument("--heldout-seqs", type=positive_int, default=128)
+    p.add_argument("--group-size", type=positive_int, default=32, help="int4-awq group (tiny: 32)")
+    p.add_argument("--formats", nargs="+", choices=CPU_FORMATS, default=CPU_FORMATS)
+    p.add_argument("--out", type=path_text, default=None,
+                   help="keep the exports here (default: a temp dir)")
     a = p.parse_args()
+    if not os.path.isdir(a.run) or trainer_checkpoint_file(a.run) is None:
+        p.error(f"--run {a.run}: no trainer checkpoint there (allowed: a run directory of "
+                "examples/pretrain_tiny.py, or one of its checkpoints)")
+    if a.out:
+        try:
+            check_output_writable(os.path.join(a.out, "x"), "--out")
+        except ValueError as error:
+            p.error(str(error))
 
     import megatron_dsv3  # noqa: F401
     from megatron_dsv3.checkpoint.hf import save_hf
-    from megatron_dsv3.inference.loading import (load_hf_checkpoint, load_trainer_checkpoint,
-                                                 trainer_checkpoint_file)
+    from megatron_dsv3.inference.loading import load_hf_checkpoint, load_trainer_checkpoint
     from megatron_dsv3.corpus import heldout_batches, heldout_loss
     from megatron_dsv3.world import init_single_process
 
@@ -68,6 +81,7 @@ def main():
              "bytes": safetensors_bytes(bf16_dir)}]
     print(f"bf16: held-out loss {base:.5f}, {rows[0]['bytes'] / 2**20:.2f} MiB", flush=True)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    failed = []
     for fmt in a.formats:
         out = os.path.join(work, fmt)
         cmd = [sys.executable, "-m", "megatron_dsv3.export", "--checkpoint", a.run, "--quant",
@@ -79,6 +93,7 @@ def main():
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
             print(f"{fmt}: failed\n{done.stderr}", flush=True)
+            failed.append(fmt)
             continue
         report = json.loads(done.stdout)
         loss = heldout_loss(load_hf_checkpoint(out, torch.bfloat16), held)
@@ -98,6 +113,8 @@ def main():
         print(f"| {r['format']} | {r['loss']:.4f} | {r['delta_pct']:+.3f}% | "
               f"{r['bytes'] / 2**20:.2f} | {r['bytes'] / rows[0]['bytes']:.2f}x | {t} | "
               f"{r.get('peak_rss_mib', '-')} |")
+    if failed:
+        raise SystemExit(f"export failed for {', '.join(failed)} (their errors are above)")
 
 
 if __name__ == "__main__":

@@ -346,8 +346,14 @@ def merge(paths):
     (arm, seed) may come twice), summarised over the seeds whose three arms all finished."""
     result, runs, settings = {}, [], None
     for path in paths:
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--merge: {path} is not a --json-out file of this script "
+                             f"({error})") from None
+        if not isinstance(saved, dict):
+            raise SystemExit(f"--merge: {path} is not a --json-out file of this script")
         if "weights" in saved:
             result["weights"] = saved["weights"]
         file_runs = saved["seeds"]["runs"] if "seeds" in saved else saved.get("seed_runs", [])
@@ -370,7 +376,8 @@ def merge(paths):
 
 
 def main():
-    from megatron_dsv3.cli import positive_int, seed_int
+    from megatron_dsv3.checkpoint.commit import check_output_writable
+    from megatron_dsv3.cli import check_plot_path, positive_int, seed_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=("all", "weights", "seeds"), default="all")
@@ -403,6 +410,19 @@ def main():
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="no runs: merge the parts of earlier --json-out files, plot and report")
     a = p.parse_args()
+    try:  # output paths before hours of runs
+        if a.plot:
+            check_plot_path("--plot", a.plot)
+        if a.json_out:
+            if not os.path.isdir(os.path.dirname(os.path.abspath(a.json_out))):
+                raise ValueError(f"--json-out {a.json_out}: its directory does not exist "
+                                 "(allowed: a file in an existing directory)")
+            check_output_writable(a.json_out, "--json-out")
+    except ValueError as error:
+        p.error(str(error))
+    if a.part != "weights" and not a.merge and a.seeds < 2:
+        p.error(f"--seeds {a.seeds} is invalid: allowed values are integers >= 2 (a 95% interval "
+                "needs two seeds per arm)")
     if a.merge:
         result = merge(a.merge)
         if a.plot:

@@ -15,7 +15,7 @@ import tempfile
 
 import megatron_dsv3  # noqa: F401
 from fp8_runs import run  # bench/fp8_runs.py: shared with bench/fp8_fidelity.py
-from megatron_dsv3.cli import positive_int, seed_int
+from megatron_dsv3.cli import check_plot_path, positive_int, seed_int
 from megatron_dsv3.training.trainer import TrainArgs
 
 
@@ -32,6 +32,13 @@ def main():
                    help="instead of FP8, a second BF16 run with one weight nudged by one BF16 "
                         "step: how far two runs differing by a rounding drift apart")
     a = p.parse_args()
+    if a.last > a.steps:
+        p.error(f"--last {a.last} is invalid: allowed values are 1 to --steps {a.steps}")
+    if a.plot:
+        try:
+            check_plot_path("--plot", a.plot)
+        except ValueError as error:
+            p.error(str(error))
     cache = os.path.join(tempfile.gettempdir(), "dsv3_bench_cache")
     bf16 = [r["lm_loss"] for r in run(a.steps, False, cache, a.bf16_moments, a.seed)]
     if a.noise_floor:

@@ -862,6 +862,17 @@ def main():
     p.add_argument("--sections", default=None,
                    help="comma-separated subset of: " + ", ".join(n for n, _, _ in SECTIONS))
     a = p.parse_args()
+    if not (a.budget > 0 and a.budget != float("inf")):
+        p.error(f"--budget {a.budget} is invalid: allowed values are seconds > 0")
+    if a.device is not None:
+        try:
+            torch.device(a.device)
+        except RuntimeError:
+            p.error(f"--device {a.device!r} is invalid: allowed are cpu, cuda, cuda:N")
+    try:
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as error:
+        p.error(f"--out {a.out}: cannot create it ({error.strerror or error})")
     if a.dry_run:
         a.device, a.small = "cpu", True
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")

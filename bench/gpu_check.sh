@@ -15,9 +15,12 @@
 # section, so a killed run still leaves what it measured.
 set -u
 cd "$(dirname "$0")/.."
-OUT="${OUT:-/tmp/gpu_check_out}"
-mkdir -p "$OUT"
 PY="$(command -v python3 || command -v python)"  # python3: the device image's interpreter with torch
+for arg in "$@"; do  # --help: the options, nothing set up or written
+  if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then exec "$PY" bench/gpu_check.py --help; fi
+done
+OUT="${OUT:-/tmp/gpu_check_out}"
+mkdir -p "$OUT" || { echo "[gpu_check] cannot create OUT=$OUT" >&2; exit 2; }
 SITE="$(mktemp -d)"  # outside $OUT: nothing of it travels back
 trap 'rm -rf "$SITE"' EXIT
 echo "[gpu_check] $(date -u +%H:%M:%S) python: $PY; out: $OUT"

@@ -19,10 +19,17 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--iters", type=int, default=40)
-    parser.add_argument("--mtp-num-layers", type=int, default=1)
+    from megatron_dsv3.cli import int_range, non_negative_int
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int_range(6, note="the median leaves out iterations "
+                                                          "1-5"), default=40)
+    parser.add_argument("--mtp-num-layers", type=non_negative_int, default=1)
     opts = parser.parse_args()
+    if not os.environ.get("MEGATRON_LM_PATH"):
+        parser.error("MEGATRON_LM_PATH is not set: allowed is the path of a Megatron-LM checkout "
+                     "(its pretrain_gpt.py and megatron.training)")
     import test_megatron_lm_loop as loop
 
     base = [a if a != str(loop.ITERS) else str(opts.iters) for a in loop.PP]

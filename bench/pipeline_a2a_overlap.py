@@ -75,9 +75,9 @@ class MoEStage(torch.nn.Module):
 
     def forward(self, x=None):
         h = self.input if self.input is not None else x
-        h = SleepFn.apply(h, self.w1, self.f / 2, self.b / 2, self.w / 2, self.busy)  # attention
+        h = SleepFn.apply(h, self.w1, self.f / 2, self.b / 2, self.w / 2, self.busy, None)  # attention
         h = DilatedAllToAll.apply(h, self.lanes, self.link)  # dispatch
-        h = SleepFn.apply(h, self.w2, self.f / 2, self.b / 2, self.w / 2, self.busy)  # experts
+        h = SleepFn.apply(h, self.w2, self.f / 2, self.b / 2, self.w / 2, self.busy, None)  # experts
         return DilatedAllToAll.apply(h, self.lanes, self.link)  # combine
 
 
@@ -139,6 +139,8 @@ def main():
     p.add_argument("--A", type=non_negative_float, default=0.02,
                    help="link time of one all-to-all (1F1B stage)")
     a = p.parse_args()
+    if a.W > a.B:
+        p.error(f"--W {a.W} is invalid: allowed values are 0 <= W <= --B {a.B} (W is part of B)")
     rows = []
     for P in a.pp:
         N = 4 * P

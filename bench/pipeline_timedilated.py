@@ -227,7 +227,7 @@ def main():
     p.add_argument("--B", type=positive_float, default=0.08)
     p.add_argument("--W", type=non_negative_float, default=0.04)
     p.add_argument("--microbatches", type=positive_int, nargs="+", default=None,
-                   help="micro-batch counts (default: 4P)")
+                   help="micro-batch counts (with --dualpipe-ref; default: 4P)")
     p.add_argument("--dualpipe-ref", metavar="DIR", default=None,
                    help="a checkout of github.com/deepseek-ai/DualPipe: compare our DualPipeV and "
                         "DualPipe with DeepSeek's reference (each chunk sleeps F/B/W)")
@@ -240,8 +240,15 @@ def main():
                    help="runs per configuration (the table reports the median)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    if a.W > a.B:
+        p.error(f"--W {a.W} is invalid: allowed values are 0 <= W <= --B {a.B} (W is part of B)")
     if a.dualpipe_ref is not None:
         return _compare_with_reference(a)
+    ignored = [f for f, d in (("--microbatches", None), ("--recv-lookahead", 2),
+                              ("--p2p-order", "tagged"), ("--repeat", 1))
+               if getattr(a, f[2:].replace("-", "_")) != d]
+    if ignored:  # (the comparison without a reference runs 4P micro-batches once, as it did)
+        p.error(f"{', '.join(ignored)} apply to the comparison with --dualpipe-ref only")
     from megatron_dsv3.pipeline.simulate import Times, expected_bubble
 
     rows = []

@@ -69,7 +69,7 @@ def _gpu_check_module():
 
 def test_sections_do_not_start_once_the_time_budget_is_spent(tmp_path, monkeypatch):
     gc = _gpu_check_module()
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--dry-run", "--budget", "-1", "--out",
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--dry-run", "--budget", "1e-9", "--out",
                                       str(tmp_path), "--sections", "quantisers"])
     gc.main()
     res = json.loads((tmp_path / "results.json").read_text())

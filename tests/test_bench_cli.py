@@ -1,0 +1,46 @@
+"""The benchmark scripts run and refuse bad input by flag (their measurements are recorded in
+docs/benchmarks.md, not asserted here): the smallest run of the all-to-all overlap benchmark, and
+refusals that used to be tracebacks, silently ignored flags or wrong numbers."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*argv, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, str(ROOT / "bench" / argv[0]), *argv[1:]], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_all_to_all_overlap_benchmark_runs():
+    """It called the time-dilated chunk with an argument list that had changed (every run
+    failed)."""
+    out = bench("pipeline_a2a_overlap.py", "--pp", "2", "--F", "0.002", "--B", "0.004", "--W",
+                "0.002", "--A", "0.001")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for schedule in ("megatron_1f1b", "ours_dualpipev_sequential", "ours_dualpipev_overlapped"):
+        assert f"| 2 | 8 | {schedule} |" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["pipeline_timedilated.py", "--pp", "2", "--B", "0.002", "--W", "0.01"],
+     "--W 0.01 is invalid: allowed values are 0 <= W <= --B 0.002"),
+    (["pipeline_timedilated.py", "--pp", "2", "--repeat", "3"],
+     "--repeat apply to the comparison with --dualpipe-ref only"),
+    (["fp8_vs_bf16.py", "--steps", "2", "--last", "5"],
+     "--last 5 is invalid: allowed values are 1 to --steps 2"),
+    (["export_quality.py", "--run", "/nonexistent"], "--run /nonexistent: no trainer checkpoint"),
+    (["checkpoint_convert.py", "--gb", "-5"], "-5 is invalid: allowed values are numbers > 0"),
+    (["gpu_check.py", "--budget", "0"], "--budget 0.0 is invalid"),
+    (["fp8_fidelity.py", "--part", "seeds", "--seeds", "1"], "--seeds 1 is invalid"),
+])
+def test_bench_scripts_refuse_bad_input_by_flag(argv, message):
+    out = bench(*argv, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
