@@ -105,6 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import megatron_dsv3  # noqa: F401
     from megatron_dsv3.inference import InferenceEngine, Request, SamplingParams
+    from megatron_dsv3.inference.engine import request_blocks
     from megatron_dsv3.inference.loading import load_for_generation
     from megatron_dsv3.world import init_single_process
 
@@ -127,8 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         decode = None if tok is None else tok.decode
         # every request runs at once: room for all of them at their full length (the engine's
         # default holds max_batch_size requests of up to 4096 positions each)
-        num_blocks = sum(-(-(len(r.prompt) + r.max_new_tokens) // args.block_size)
-                         for r in requests)
+        num_blocks = sum(request_blocks(r, args.block_size) for r in requests)
         engine = InferenceEngine(model, block_size=args.block_size, num_blocks=num_blocks,
                                  max_batch_size=len(requests), decode=decode)
         start = time.perf_counter()

@@ -104,6 +104,10 @@ def flush_active(wait: float = 5.0) -> bool:
 
 
 # -- collective timeouts ------------------------------------------------------------------------
+TORCH_DEFAULT_TIMEOUT_MINUTES = {"gloo": 30.0, "nccl": 10.0}
+"""torch's process-group timeout when none is given (a timeout of 0 here), by backend."""
+
+
 def collective_timeout(minutes: float) -> Optional[datetime.timedelta]:
     """`minutes` as a timedelta for init_process_group/new_group; None (torch's default) for 0."""
     if minutes < 0:

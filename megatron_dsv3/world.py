@@ -16,6 +16,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 
+def default_backend() -> str:
+    """The torch.distributed backend of a torchrun world: NCCL where CUDA is available."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, timeout_minutes: float = 10.0):
     """torch.distributed from torchrun's environment (a one-rank gloo world without it) and
     Megatron's parallel_state with the given sizes, if not set up yet. Collectives time out after
@@ -29,7 +34,7 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, timeout_minutes: flo
         if world == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = default_backend()
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, rank=int(os.environ.get("RANK", "0")), world_size=world,

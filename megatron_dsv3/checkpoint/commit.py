@@ -39,8 +39,8 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import signal
+import tempfile
 import uuid
 import zlib
 from typing import Callable, Dict, Iterable, Iterator, List, Optional

@@ -28,6 +28,11 @@ class CacheFull(RuntimeError):
     """No free block is left for a request's next position."""
 
 
+def blocks_for(num_positions: int, block_size: int) -> int:
+    """Blocks of `block_size` positions that hold `num_positions` positions."""
+    return -(-num_positions // block_size)
+
+
 class LatentCache:
     def __init__(self, num_layers: int, kv_lora_rank: int, rope_dim: int, num_blocks: int,
                  block_size: int, dtype: torch.dtype = torch.float32, device=None):
@@ -66,7 +71,7 @@ class LatentCache:
         return len(self.free)
 
     def blocks_for(self, num_positions: int) -> int:
-        return -(-num_positions // self.block_size)
+        return blocks_for(num_positions, self.block_size)
 
     def capacity(self, request: Hashable) -> int:
         """Positions the request's blocks hold."""

@@ -39,7 +39,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_dsv3.cli import non_negative_float, positive_int
-from megatron_dsv3.inference.cache import LatentCache
+from megatron_dsv3.inference.cache import LatentCache, blocks_for
 from megatron_dsv3.inference.decoder import Chunk, LatentDecoder
 from megatron_dsv3.inference.parallel import (PeerStoppedError, expert_parallel_group_of,
                                               lockstep_for)
@@ -78,6 +78,14 @@ class Request:
     text is cut before it."""
     arrival: float = 0.0
     """Seconds after the stream starts at which the request arrives (admitted no earlier)."""
+
+
+def request_blocks(request: Request, block_size: int) -> int:
+    """Cache blocks of `block_size` positions a request holds from admission to its end: its
+    prompt, its new tokens but the last (never fed back) and the speculative draft position, i.e.
+    positions [0, prompt + max_new_tokens): the last speculative step starts with
+    max_new_tokens - 1 tokens out, one of them pending, and writes it and the draft."""
+    return blocks_for(len(request.prompt) + request.max_new_tokens, block_size)
 
 
 @dataclass
@@ -377,11 +385,8 @@ class InferenceEngine:
         return RequestState(index, next(self._keys), request, self.device)
 
     def blocks_needed(self, request: Request) -> int:
-        """Cache blocks reserved for a request from admission to its end: its prompt, its new
-        tokens but the last (never fed back) and the speculative draft position, i.e. positions
-        [0, prompt + max_new_tokens): the last speculative step starts with max_new_tokens - 1
-        tokens out, one of them pending, and writes it and the draft."""
-        return self.cache.blocks_for(len(request.prompt) + request.max_new_tokens)
+        """Cache blocks reserved for a request from admission to its end (request_blocks)."""
+        return request_blocks(request, self.cache.block_size)
 
     def prefill(self, state: RequestState, speculative: bool = False) -> TokenEvent:
         """One forward over the prompt: its latents go into the cache (every decoder layer, and

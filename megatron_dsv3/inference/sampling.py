@@ -54,14 +54,18 @@ class SamplingParams:
         return self.temperature == 0
 
 
+FLOAT32_ZERO_BELOW = 2.0 ** -150
+"""Temperatures at or below it (half float32's smallest subnormal, 2^-149) round to 0 in float32."""
+
+
 def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits [V] / temperature with everything outside top-k and top-p set to -inf (shifted by
     their maximum first: the same softmax, and no overflow to inf - then NaN - for a very small
     temperature)."""
     logits = logits.float()
-    if torch.tensor(params.temperature, dtype=torch.float32) == 0:
-        # a temperature below float32's smallest value (~1e-45) divides by 0 there: its limit,
-        # the most likely token(s), all the mass (ties share it)
+    if params.temperature <= FLOAT32_ZERO_BELOW:
+        # a temperature float32 rounds to 0 divides by 0 there: its limit, the most likely
+        # token(s), all the mass (ties share it)
         return torch.where(logits == logits.max(), 0.0, float("-inf"))
     logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.numel():

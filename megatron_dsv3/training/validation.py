@@ -18,8 +18,6 @@ import dataclasses
 import os
 from typing import Dict, Mapping, Optional
 
-import torch
-
 from megatron_dsv3.cli import (
     NumberRange,
     non_negative_float,
@@ -100,7 +98,8 @@ def validate_launch(args, env: Optional[Mapping[str, str]] = None) -> None:
 def validate_train_args(args) -> None:
     """ValueError naming the flag and its allowed values for the first bad TrainArgs value."""
     from megatron_dsv3.configs import PRESETS, get_config, layout
-    from megatron_dsv3.liveness import slow_allowance
+    from megatron_dsv3.liveness import TORCH_DEFAULT_TIMEOUT_MINUTES, slow_allowance
+    from megatron_dsv3.world import default_backend
 
     # the layout rules' names: the trainer's flags (it has no --schedule: --pp > 1 is DualPipeV)
     names = dataclasses.replace(layout.FLAGS, schedule="schedule")
@@ -130,9 +129,8 @@ def validate_train_args(args) -> None:
         raise ValueError(f"--dispatch-fp8 applies to the expert-parallel dispatch: allowed with "
                          f"--ep >= 2 only (--ep {args.ep} sends no tokens)")
     allowance = slow_allowance(args.watchdog_timeout, args.watchdog_save_timeout)
-    # 0 = torch's default: 30 min on gloo, but 10 min on NCCL (megatron_dsv3.world picks NCCL
-    # where CUDA is available)
-    effective = args.collective_timeout_minutes or (10.0 if torch.cuda.is_available() else 30.0)
+    # 0 = torch's default for the backend the trainer will use (10 min on NCCL, 30 on gloo)
+    effective = args.collective_timeout_minutes or TORCH_DEFAULT_TIMEOUT_MINUTES[default_backend()]
     if args.watchdog_timeout and effective * 60 <= allowance:
         raise ValueError(
             f"--collective-timeout-minutes {args.collective_timeout_minutes} is invalid: a slow "
