@@ -10,6 +10,19 @@ dropout therefore pads v with zeros to the q/k head dim and drops the padded out
 the same result (the padded columns are 0 * probabilities), on the fused kernel. A mask that is
 exactly the causal mask (what Megatron-LM's data loader builds by default) is recognised and run
 as causal attention; any other mask (document boundaries, padding) is applied as given.
+
+Causal attention on CPU in float32/float64 over sequences of two or more query blocks
+(`SDPAttention.causal_block`, 128 rows) with a q/k head dim of 64 or more instead runs blocked
+(`_BlockedCausalAttention`): each block of query rows scores only the keys it may see, the
+probabilities are kept for backward, and v keeps its own head dim. torch's CPU flash kernel
+takes the whole sequence as one key block below 512 keys, so it computes (and in backward
+recomputes) every score above the diagonal and, for MLA, multiplies zero-padded v columns. At
+[4, 8, 512, 96 / v 64] the blocked form runs forward + backward in 25-27 ms against the kernel's
+45-49 on 2 cores, and a `medium` training step of bench/train_step_vs_hf.py is 9% faster; at head
+dim 48 the kernel's in-cache tiles make up for its extra work (docs/benchmarks.md). The blocked
+form keeps the probabilities, about b * heads * s^2 / 2 values, so it runs only while they fit
+in `SDPAttention.blocked_max_bytes` (64 MiB per call); longer sequences keep the flash kernel's
+memory.
 """
 
 from __future__ import annotations
@@ -21,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core.transformer.module import MegatronModule
+
+from megatron_dsv3 import workspace
 
 
 class _ToSequenceMajor(torch.autograd.Function):
@@ -43,6 +58,83 @@ class _ToSequenceMajor(torch.autograd.Function):
         return grad, None
 
 
+def _query_blocks(s: int, block: int):
+    """[(start, end)] of the query blocks of a causal sequence of length s."""
+    return [(start, min(start + block, s)) for start in range(0, s, block)]
+
+
+def blocked_probability_count(s: int, block: int) -> int:
+    """Probabilities the blocked causal path keeps per (batch, head): each query block's rows
+    times the keys up to its end."""
+    return sum((end - start) * end for start, end in _query_blocks(s, block))
+
+
+class _BlockedCausalAttention(torch.autograd.Function):
+    """Causal softmax(q k^T * scale) v by blocks of query rows, each against the keys up to its
+    own last row: q, k [b, n, s, d], v [b, n, s, dv] -> [s, b, n * dv] (the core's output
+    layout, written in place by the blocks' products).
+
+    Forward per block: scores = scale * q_blk k^T (one GEMM into a kept buffer), -inf above the
+    diagonal of the block's last square, softmax in place, out_blk = P v. Backward per block (the
+    last, widest one first, so that it writes dk and dv and the others accumulate): dP = g_blk
+    v^T, dS = softmax backward in place, dq_blk = dS k * scale, dk += dS^T q_blk * scale, dv +=
+    P^T g_blk. The probabilities and their gradients live in `workspace` memory."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, block: int):
+        b, n, s, d = q.shape
+        dv = v.shape[-1]
+        bh = b * n
+        q3, k3, v3 = q.reshape(bh, s, d), k.reshape(bh, s, d), v.reshape(bh, s, dv)
+        probs = workspace.empty((bh * blocked_probability_count(s, block),), q.dtype, q.device)
+        out = q.new_empty(s, b, n, dv)
+        out3 = out.permute(1, 2, 0, 3).reshape(bh, s, dv)  # a view: [b, n] merge
+        above = {}  # rows -> the strict upper triangle of a rows x rows square
+        offset = 0
+        for start, end in _query_blocks(s, block):
+            rows = end - start
+            p = probs[offset:offset + bh * rows * end].view(bh, rows, end)
+            offset += bh * rows * end
+            if rows not in above:
+                above[rows] = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)
+            torch.baddbmm(p, q3[:, start:end], k3[:, :end].transpose(1, 2), beta=0.0,
+                          alpha=scale, out=p)
+            p[:, :, start:].masked_fill_(above[rows], float("-inf"))
+            torch.ops.aten._softmax.out(p, -1, False, out=p)
+            torch.bmm(p, v3[:, :end], out=out3[:, start:end])
+        ctx.save_for_backward(q3, k3, v3, probs)
+        ctx.shape, ctx.scale, ctx.block = (b, n, s, d, dv), scale, block
+        return out.view(s, b, n * dv)
+
+    @staticmethod
+    def backward(ctx, g):
+        q3, k3, v3, probs = ctx.saved_tensors
+        b, n, s, d, dv = ctx.shape
+        bh, scale = b * n, ctx.scale
+        g3 = g.reshape(s, b, n, dv).permute(1, 2, 0, 3).reshape(bh, s, dv)
+        dq, dk, dvv = q3.new_empty(bh, s, d), q3.new_empty(bh, s, d), q3.new_empty(bh, s, dv)
+        blocks = _query_blocks(s, ctx.block)
+        offsets = [0]
+        for start, end in blocks:
+            offsets.append(offsets[-1] + bh * (end - start) * end)
+        scratch = workspace.empty((max(b1 - b0 for b0, b1 in zip(offsets, offsets[1:])),),
+                                  q3.dtype, q3.device)
+        for i in reversed(range(len(blocks))):
+            start, end = blocks[i]
+            rows = end - start
+            p = probs[offsets[i]:offsets[i + 1]].view(bh, rows, end)
+            g_blk, q_blk = g3[:, start:end], q3[:, start:end]
+            ds = scratch[:bh * rows * end].view(bh, rows, end)
+            torch.bmm(g_blk, v3[:, :end].transpose(1, 2), out=ds)
+            torch.ops.aten._softmax_backward_data.out(ds, p, -1, q3.dtype, grad_input=ds)
+            dq_blk = dq[:, start:end]
+            torch.baddbmm(dq_blk, ds, k3[:, :end], beta=0.0, alpha=scale, out=dq_blk)
+            beta = 0.0 if end == s else 1.0  # the widest block writes dk and dv first
+            dk[:, :end].baddbmm_(ds.transpose(1, 2), q_blk, beta=beta, alpha=scale)
+            dvv[:, :end].baddbmm_(p.transpose(1, 2), g_blk, beta=beta)
+        return dq.view(b, n, s, d), dk.view(b, n, s, d), dvv.view(b, n, s, dv), None, None
+
+
 class SDPAttention(MegatronModule):
     heads_major_inputs = True
     """q, k, v whose memory is laid out [b, heads, s, d] (viewed as [s, b, heads, d]) reach the
@@ -56,6 +148,16 @@ class SDPAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout
         self._causal_seen = None  # (weak reference to the mask, its version, answer)
+
+    causal_block = 128
+    """Query rows per block of the blocked causal path."""
+    blocked_max_bytes = 64 << 20
+    """The most probability memory one call of the blocked causal path keeps for backward."""
+    blocked_min_head_dim = 64
+    """The smallest q/k head dim that runs blocked: below it the flash kernel's tiles, which stay
+    in cache, make up for the work it does above the diagonal (a training step of `bench/
+    train_step_vs_hf.py --size small`, head dim 48: the same time either way; `medium`, head dim
+    96: 9% faster blocked)."""
 
     def _is_causal(self, mask: torch.Tensor, sq: int, sk: int) -> bool:
         """True if Megatron's mask [b or 1, 1, sq, sk] (True = not allowed) is the causal mask for
@@ -80,17 +182,38 @@ class SDPAttention(MegatronModule):
     def _causal(self, mask: Optional[torch.Tensor], sq: int, sk: int) -> bool:
         return mask is None or self._is_causal(mask, sq, sk)
 
+    def _blocked(self, device: torch.device, dtype: torch.dtype, batch_heads: Optional[int],
+                 s: int, qk_dim: int, causal: bool) -> bool:
+        """Whether causal attention over s positions runs blocked (`_BlockedCausalAttention`):
+        CPU, float32/float64, no dropout, at least two query blocks, a q/k head dim of at least
+        `blocked_min_head_dim`, and the kept probabilities within `blocked_max_bytes` (unknown
+        `batch_heads`: no)."""
+        dropout = self.dropout if self.training else 0.0
+        if not (causal and device.type == "cpu" and dropout == 0.0 and batch_heads is not None
+                and qk_dim >= self.blocked_min_head_dim
+                and dtype in (torch.float32, torch.float64) and s > self.causal_block):
+            return False
+        kept = batch_heads * blocked_probability_count(s, self.causal_block) * dtype.itemsize
+        return kept <= self.blocked_max_bytes
+
     def _pads_value(self, device: torch.device, qk_dim: int, v_dim: int, causal: bool) -> bool:
         """Whether v goes to the kernel zero-padded to the q/k head dim (CPU flash path)."""
         dropout = self.dropout if self.training else 0.0
         return device.type == "cpu" and dropout == 0.0 and v_dim < qk_dim and causal
 
     def value_head_dim(self, qk_dim: int, v_dim: int, device: torch.device,
-                       attention_mask: Optional[torch.Tensor], sq: int, sk: int) -> int:
+                       attention_mask: Optional[torch.Tensor], sq: int, sk: int,
+                       batch_heads: Optional[int] = None,
+                       dtype: Optional[torch.dtype] = None) -> int:
         """The head dim in which `forward` takes v: `qk_dim` where it would pad v with zeros for
         the flash kernel, else `v_dim`. A caller that builds v anyway (MLA assembles it from the
-        up-projection) writes it padded at once and passes `value_dim=v_dim` to `forward`."""
+        up-projection) writes it padded at once and passes `value_dim=v_dim` to `forward`.
+        `batch_heads` (batch x local heads) and `dtype` let it tell the blocked causal path,
+        which takes v unpadded."""
         causal = self._causal(attention_mask, sq, sk)
+        if sq == sk and dtype is not None \
+                and self._blocked(device, dtype, batch_heads, sq, qk_dim, causal):
+            return v_dim
         return qk_dim if self._pads_value(device, qk_dim, v_dim, causal) else v_dim
 
     def forward(self, query, key, value, attention_mask: Optional[torch.Tensor] = None,
@@ -109,6 +232,11 @@ class SDPAttention(MegatronModule):
         dropout = self.dropout if self.training else 0.0
         if attention_mask is not None and self._causal(attention_mask, q.shape[-2], k.shape[-2]):
             attention_mask = None
+        if attention_mask is None and q.shape[-2] == k.shape[-2] and self._blocked(
+                q.device, q.dtype, q.shape[0] * q.shape[1], q.shape[-2], q.shape[-1], True) \
+                and k.dtype == v.dtype == q.dtype:
+            scale = self.softmax_scale if self.softmax_scale is not None else q.shape[-1] ** -0.5
+            return _BlockedCausalAttention.apply(q, k, v[..., :dv], scale, self.causal_block)
         if attention_mask is None:
             if v.shape[-1] < q.shape[-1] and self._pads_value(q.device, q.shape[-1], dv, True):
                 v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))

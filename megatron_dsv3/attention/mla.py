@@ -181,7 +181,8 @@ class MLASelfAttention(MegatronModule):
         # v in the head dim the core wants it (zero-padded to q/k's for the CPU flash kernel)
         value_head_dim = getattr(self.core_attention, "value_head_dim", None)
         dv = self.dv if value_head_dim is None else value_head_dim(
-            self.dn + self.dr, self.dv, hidden_states.device, attention_mask, s, s)
+            self.dn + self.dr, self.dv, hidden_states.device, attention_mask, s, s,
+            batch_heads=b * self.num_heads, dtype=hidden_states.dtype)
         core_kwargs = {} if dv == self.dv else {"value_dim": self.dv}
 
         def assemble(*parts):

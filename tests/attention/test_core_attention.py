@@ -139,3 +139,96 @@ def test_a_new_mask_in_the_memory_of_a_causal_one_is_checked_again(qkv):
     out = attn(q, k, v, mask)
     torch.testing.assert_close(out.double(), _reference(q, k, v, 0.2, allowed[None, None]),
                                rtol=1e-5, atol=1e-5)
+
+
+def _blocked(softmax_scale=0.3, block=4):
+    """A core attention that runs causal attention blocked from 2 blocks of `block` rows on,
+    at any head dim (the defaults: 128 rows, head dim >= 64)."""
+    attn = SDPAttention(get_config("deepseek-v3-tiny"), softmax_scale=softmax_scale)
+    attn.causal_block, attn.blocked_min_head_dim = block, 1
+    return attn
+
+
+def _spy_sdpa(monkeypatch):
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append(v.shape[-1]) or sdpa(q, k, v, **kw))
+    return seen
+
+
+@pytest.mark.parametrize("s, dtype, heads_major", [
+    (12, torch.float32, False),  # three whole query blocks
+    (11, torch.float64, False),  # the last block short
+    (9, torch.float32, True),    # q, k, v laid out [b, heads, s, d] as MLA writes them
+])
+def test_blocked_causal_attention_matches_the_formula(s, dtype, heads_major, monkeypatch):
+    """Each query block scores only the keys up to its own last row; the output and the
+    gradients of q, k and v (dk and dv summed over the blocks) equal the float64 formula, v in
+    its own head dim, no kernel call."""
+    torch.manual_seed(0)
+    b, h, dqk, dv = 2, 3, 24, 16
+
+    def make(d):
+        if heads_major:
+            return torch.randn(b, h, s, d, dtype=dtype).permute(2, 0, 1, 3).requires_grad_()
+        return torch.randn(s, b, h, d, dtype=dtype, requires_grad=True)
+
+    q, k, v = make(dqk), make(dqk), make(dv)
+    attn = _blocked()
+    seen = _spy_sdpa(monkeypatch)
+    assert attn.value_head_dim(dqk, dv, q.device, None, s, s, batch_heads=b * h, dtype=dtype) == dv
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]
+    for mask in (None, causal):
+        out = attn(q, k, v, mask)
+        assert out.dtype == dtype and out.shape == (s, b, h * dv)
+        _assert_matches(out, _reference(q, k, v, 0.3, ~causal), (q, k, v))
+    assert seen == []
+    # a value padded by the caller (value_dim) runs blocked on its first dv columns
+    padded = F.pad(v, (0, dqk - dv))
+    _assert_matches(attn(q, k, padded, None, value_dim=dv),
+                    _reference(q, k, v, 0.3, ~causal), (q, k, v))
+    assert seen == []
+
+
+def test_blocked_causal_attention_keeps_the_kernel_where_it_does_not_apply(qkv, monkeypatch):
+    """One query block, a q/k head dim below the minimum, probabilities beyond the memory cap,
+    an unknown batch x heads, a document mask, bfloat16 or dropout: the flash kernel (or the
+    math path for the mask) with v padded as before, and the same formula."""
+    q, k, v = qkv
+    s, b, h, dqk = q.shape
+    dv = v.shape[-1]
+    seen = _spy_sdpa(monkeypatch)
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]
+    default = SDPAttention(get_config("deepseek-v3-tiny"), softmax_scale=0.3)
+    assert (default.causal_block, default.blocked_min_head_dim) == (128, 64)
+    one_block, narrow, capped = _blocked(block=s), _blocked(), _blocked()
+    narrow.blocked_min_head_dim = dqk + 1
+    capped.blocked_max_bytes = b * h * (4 * 4 + 4 * 8 + 4 * 12) * 4 - 1  # one byte short
+    for attn in (one_block, narrow, capped, default):
+        assert attn.value_head_dim(dqk, dv, q.device, None, s, s, batch_heads=b * h,
+                                   dtype=q.dtype) == dqk
+        seen.clear()
+        _assert_matches(attn(q, k, v, None), _reference(q, k, v, 0.3, ~causal), (q, k, v))
+        assert seen == [dqk]  # the kernel, v padded
+    blocked = _blocked()
+    capped.blocked_max_bytes += 1
+    assert capped.value_head_dim(dqk, dv, q.device, None, s, s, batch_heads=b * h,
+                                 dtype=q.dtype) == dv
+    assert blocked.value_head_dim(dqk, dv, q.device, None, s, s) == dqk  # batch x heads unknown
+    assert blocked.value_head_dim(dqk, dv, q.device, None, s, s, batch_heads=b * h,
+                                  dtype=torch.bfloat16) == dqk
+    two_docs = causal.clone()
+    two_docs[..., s // 2:, : s // 2] = True
+    seen.clear()
+    out = blocked(q, k, v, two_docs)
+    torch.testing.assert_close(out.double(), _reference(q, k, v, 0.3, ~two_docs),
+                               rtol=1e-5, atol=1e-5)
+    assert seen == [dv]
+    blocked.dropout = 0.1
+    blocked.train()
+    assert blocked.value_head_dim(dqk, dv, q.device, None, s, s, batch_heads=b * h,
+                                  dtype=q.dtype) == dv  # dropout: math path, no padding
+    blocked.eval()
+    assert blocked.value_head_dim(dqk, dv, q.device, None, s, s, batch_heads=b * h,
+                                  dtype=q.dtype) == dv  # no dropout in eval: blocked

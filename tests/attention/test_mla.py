@@ -196,9 +196,35 @@ def test_value_written_padded_for_the_core_equals_the_plain_path(single_rank_wor
     out, grads = run()
     assert widths == [mla.dn + mla.dr] and pads == []  # padded by MLA, not by the core
     monkeypatch.setattr(type(mla.core_attention), "value_head_dim",
-                        lambda self, dqk, dv, *a: dv)
+                        lambda self, dqk, dv, *a, **kw: dv)
     plain_out, plain_grads = run()
     assert widths[1] == mla.dn + mla.dr and len(pads) == 1  # now the core pads
     torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
     for a, b in zip(grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_mla_through_the_blocked_causal_core_matches_the_reference(single_rank_world, monkeypatch):
+    """With the core running causal attention blocked (here blocks of 4 rows over 10 positions)
+    MLA hands v over in its own head dim and gives the per-head float64 reference, gradients
+    included (against the flash path's)."""
+    from megatron_dsv3.attention import core
+
+    config = get_config("deepseek-v3-tiny")
+    torch.manual_seed(0)
+    mla = build_mla(config)
+    x = torch.randn(10, 2, config.hidden_size, requires_grad=True)
+    g = torch.randn(10, 2, config.hidden_size)
+    flash_out, _ = mla(x)
+    flash_grads = torch.autograd.grad(flash_out, [x, *mla.parameters()], g)
+    values = []
+    apply = core._BlockedCausalAttention.apply
+    monkeypatch.setattr(core._BlockedCausalAttention, "apply",
+                        lambda q, k, v, *a: values.append(v.shape[-1]) or apply(q, k, v, *a))
+    mla.core_attention.causal_block, mla.core_attention.blocked_min_head_dim = 4, 1
+    out, _ = mla(x)
+    assert values == [mla.dv]
+    torch.testing.assert_close(out.double(), naive_mla(mla, x.detach()), rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(out, [x, *mla.parameters()], g)
+    for got, want in zip(grads, flash_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
