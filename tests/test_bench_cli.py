@@ -28,6 +28,13 @@ def test_all_to_all_overlap_benchmark_runs():
         assert f"| 2 | 8 | {schedule} |" in out.stdout, out.stdout
 
 
+def test_causal_attention_benchmark_runs():
+    out = bench("causal_attention.py", "--shape", "1,2,16,8,4", "--blocks", "4", "--reps", "1",
+                "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert '"shape": [1, 2, 16, 8, 4]' in out.stdout and "blocked_4_ms" in out.stdout
+
+
 @pytest.mark.parametrize("argv,message", [
     (["pipeline_timedilated.py", "--pp", "2", "--B", "0.002", "--W", "0.01"],
      "--W 0.01 is invalid: allowed values are 0 <= W <= --B 0.002"),
@@ -39,6 +46,8 @@ def test_all_to_all_overlap_benchmark_runs():
     (["checkpoint_convert.py", "--gb", "-5"], "-5 is invalid: allowed values are numbers > 0"),
     (["gpu_check.py", "--budget", "0"], "--budget 0.0 is invalid"),
     (["fp8_fidelity.py", "--part", "seeds", "--seeds", "1"], "--seeds 1 is invalid"),
+    (["causal_attention.py", "--blocks", "256"], "--blocks [256] is invalid for s=256"),
+    (["causal_attention.py", "--shape", "4,8,64,16,32"], "allowed are positive sizes with dv <= d"),
 ])
 def test_bench_scripts_refuse_bad_input_by_flag(argv, message):
     out = bench(*argv, timeout=120)
