@@ -30,6 +30,32 @@ def test_selective_recompute_gives_identical_gradients(single_rank_world):
         assert torch.equal(grads[name], base[name]), name
 
 
+def test_recompute_around_the_blocked_causal_core_gives_identical_gradients(single_rank_world,
+                                                                           monkeypatch):
+    """The blocked causal attention keeps views of q, k and v, whose memory the 'mla_up_proj'
+    region frees after forward and refills before the core's backward; with 'core_attn' the core
+    itself runs again. Gradients bit-identical to the same blocked path without recomputation."""
+    from megatron_dsv3.attention import core
+
+    monkeypatch.setattr(core.SDPAttention, "causal_block", 8)
+    monkeypatch.setattr(core.SDPAttention, "blocked_min_head_dim", 1)
+    calls = []
+    apply = core._BlockedCausalAttention.apply
+    monkeypatch.setattr(core._BlockedCausalAttention, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+    ids = torch.randint(0, 256, (2, 24))
+    pos = torch.arange(24).expand(2, 24)
+    base_loss, base = _grads(get_config("deepseek-v3-tiny"), ids, pos)
+    for modules in (["mla_up_proj"], ["mla_up_proj", "core_attn"]):
+        cfg = get_config("deepseek-v3-tiny", recompute_granularity="selective",
+                         recompute_modules=modules)
+        loss, grads = _grads(cfg, ids, pos)
+        assert torch.equal(loss, base_loss)
+        for name in base:
+            assert torch.equal(grads[name], base[name]), (modules, name)
+    assert len(calls) >= 3 * 4  # every layer's attention (3 layers + MTP), each run blocked
+
+
 def test_recomputed_outputs_are_released_after_forward(single_rank_world, monkeypatch):
     released = []
     original = recompute.DiscardedOutput.release
