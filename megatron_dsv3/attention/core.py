@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from megatron.core.transformer.module import MegatronModule
 
@@ -107,6 +108,7 @@ class _BlockedCausalAttention(torch.autograd.Function):
         return out.view(s, b, n * dv)
 
     @staticmethod
+    @once_differentiable  # (in-place passes over its own buffers)
     def backward(ctx, g):
         q3, k3, v3, probs = ctx.saved_tensors
         b, n, s, d, dv = ctx.shape
