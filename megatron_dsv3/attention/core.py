@@ -15,12 +15,12 @@ Causal attention on CPU in float32/float64 over sequences of two or more query b
 (`SDPAttention.causal_block`, 128 rows) with a q/k head dim of 64 or more instead runs blocked
 (`_BlockedCausalAttention`): each block of query rows scores only the keys it may see, the
 probabilities are kept for backward, and v keeps its own head dim. torch's CPU flash kernel
-takes the whole sequence as one key block below 512 keys, so it computes (and in backward
+takes the whole sequence as one key block up to 512 keys, so it computes (and in backward
 recomputes) every score above the diagonal and, for MLA, multiplies zero-padded v columns. At
 [4, 8, 512, 96 / v 64] the blocked form runs forward + backward in 25-27 ms against the kernel's
 45-49 on 2 cores, and a `medium` training step of bench/train_step_vs_hf.py is 9% faster; at head
 dim 48 the kernel's in-cache tiles make up for its extra work (docs/benchmarks.md). The blocked
-form keeps the probabilities, about b * heads * s^2 / 2 values, so it runs only while they fit
+form keeps the probabilities, b * heads * s * (s + 128) / 2 values, so it runs only while they fit
 in `SDPAttention.blocked_max_bytes` (64 MiB per call); longer sequences keep the flash kernel's
 memory.
 """
@@ -32,7 +32,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from megatron.core.transformer.module import MegatronModule
 
@@ -82,12 +81,15 @@ class _BlockedCausalAttention(torch.autograd.Function):
     P^T g_blk. The probabilities and their gradients live in `workspace` memory."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, block: int):
+    def forward(ctx, q, k, v, scale: float, block: int, pooled: bool = True):
         b, n, s, d = q.shape
         dv = v.shape[-1]
         bh = b * n
         q3, k3, v3 = q.reshape(bh, s, d), k.reshape(bh, s, d), v.reshape(bh, s, dv)
-        probs = workspace.empty((bh * blocked_probability_count(s, block),), q.dtype, q.device)
+        count = bh * blocked_probability_count(s, block)
+        # `pooled`: the caller keeps them for a backward (pooled memory is kept by size: an
+        # evaluation over many lengths would leave one pooled buffer per length)
+        probs = workspace.empty((count,), q.dtype, q.device) if pooled else q.new_empty(count)
         out = q.new_empty(s, b, n, dv)
         out3 = out.permute(1, 2, 0, 3).reshape(bh, s, dv)  # a view: [b, n] merge
         above = {}  # rows -> the strict upper triangle of a rows x rows square
@@ -108,8 +110,10 @@ class _BlockedCausalAttention(torch.autograd.Function):
         return out.view(s, b, n * dv)
 
     @staticmethod
-    @once_differentiable  # (in-place passes over its own buffers)
     def backward(ctx, g):
+        if torch.is_grad_enabled():  # create_graph: no second derivative (as the flash kernel)
+            raise RuntimeError("the blocked causal attention has no second derivative "
+                               "(create_graph=True): its backward is not differentiable")
         q3, k3, v3, probs = ctx.saved_tensors
         b, n, s, d, dv = ctx.shape
         bh, scale = b * n, ctx.scale
@@ -134,7 +138,7 @@ class _BlockedCausalAttention(torch.autograd.Function):
             beta = 0.0 if end == s else 1.0  # the widest block writes dk and dv first
             dk[:, :end].baddbmm_(ds.transpose(1, 2), q_blk, beta=beta, alpha=scale)
             dvv[:, :end].baddbmm_(p.transpose(1, 2), g_blk, beta=beta)
-        return dq.view(b, n, s, d), dk.view(b, n, s, d), dvv.view(b, n, s, dv), None, None
+        return dq.view(b, n, s, d), dk.view(b, n, s, d), dvv.view(b, n, s, dv), None, None, None
 
 
 class SDPAttention(MegatronModule):
@@ -207,11 +211,12 @@ class SDPAttention(MegatronModule):
                        attention_mask: Optional[torch.Tensor], sq: int, sk: int,
                        batch_heads: Optional[int] = None,
                        dtype: Optional[torch.dtype] = None) -> int:
-        """The head dim in which `forward` takes v: `qk_dim` where it would pad v with zeros for
-        the flash kernel, else `v_dim`. A caller that builds v anyway (MLA assembles it from the
-        up-projection) writes it padded at once and passes `value_dim=v_dim` to `forward`.
+        """The head dim in which `forward` takes v best: `qk_dim` where it would pad v with zeros
+        for the flash kernel, else `v_dim`. A caller that builds v anyway (MLA assembles it from
+        the up-projection) writes it padded at once and passes `value_dim=v_dim` to `forward`.
         `batch_heads` (batch x local heads) and `dtype` let it tell the blocked causal path,
-        which takes v unpadded."""
+        which takes v unpadded; without them it answers as for the kernel (`forward` then runs
+        blocked on the first `value_dim` columns: the same result, a padding spent)."""
         causal = self._causal(attention_mask, sq, sk)
         if sq == sk and dtype is not None \
                 and self._blocked(device, dtype, batch_heads, sq, qk_dim, causal):
@@ -234,11 +239,14 @@ class SDPAttention(MegatronModule):
         dropout = self.dropout if self.training else 0.0
         if attention_mask is not None and self._causal(attention_mask, q.shape[-2], k.shape[-2]):
             attention_mask = None
-        if attention_mask is None and q.shape[-2] == k.shape[-2] and self._blocked(
-                q.device, q.dtype, q.shape[0] * q.shape[1], q.shape[-2], q.shape[-1], True) \
-                and k.dtype == v.dtype == q.dtype:
+        same_heads = k.shape[:2] == v.shape[:2] == q.shape[:2]  # (no broadcast k/v heads)
+        if attention_mask is None and q.shape[-2] == k.shape[-2] and same_heads \
+                and k.dtype == v.dtype == q.dtype and self._blocked(
+                    q.device, q.dtype, q.shape[0] * q.shape[1], q.shape[-2], q.shape[-1], True):
             scale = self.softmax_scale if self.softmax_scale is not None else q.shape[-1] ** -0.5
-            return _BlockedCausalAttention.apply(q, k, v[..., :dv], scale, self.causal_block)
+            backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            return _BlockedCausalAttention.apply(q, k, v[..., :dv], scale, self.causal_block,
+                                                 backward)
         if attention_mask is None:
             if v.shape[-1] < q.shape[-1] and self._pads_value(q.device, q.shape[-1], dv, True):
                 v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))

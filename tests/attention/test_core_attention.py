@@ -232,3 +232,67 @@ def test_blocked_causal_attention_keeps_the_kernel_where_it_does_not_apply(qkv, 
     blocked.eval()
     assert blocked.value_head_dim(dqk, dv, q.device, None, s, s, batch_heads=b * h,
                                   dtype=q.dtype) == dv  # no dropout in eval: blocked
+
+
+def test_blocked_causal_attention_at_its_real_sizes_from_two_blocks_on(monkeypatch):
+    """The default block of 128 rows at head dim 64: s = 128 keeps the kernel, s = 129 (a second
+    block of one row) runs blocked, and so does s = 256 with probabilities large enough for the
+    pooled memory (4.5 MiB), there on a second call too, whose storage held the first call's
+    values; the float64 formula each time. Without gradients nothing is pooled."""
+    from megatron_dsv3 import workspace
+
+    b, h, dqk, dv = 1, 24, 64, 32
+    attn = SDPAttention(get_config("deepseek-v3-tiny"), softmax_scale=0.125)
+    seen = _spy_sdpa(monkeypatch)
+    for s, kernel in ((128, True), (129, False), (256, False), (256, False)):
+        torch.manual_seed(s)
+        q, k = (torch.randn(s, b, h, dqk, requires_grad=True) for _ in range(2))
+        v = torch.randn(s, b, h, dv, requires_grad=True)
+        seen.clear()
+        reused = workspace.POOL.reused
+        out = attn(q, k, v, None)
+        assert seen == ([dqk] if kernel else [])
+        causal = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]
+        _assert_matches(out, _reference(q, k, v, 0.125, ~causal), (q, k, v))
+    assert workspace.POOL.reused > reused  # the last call's buffers came from the pool
+    pooled = workspace.POOL.pooled_bytes
+    with torch.no_grad():  # nothing kept for a backward: nothing pooled for this new length
+        attn(q[:200], k[:200], v[:200], None)
+    assert workspace.POOL.pooled_bytes == pooled
+
+
+def test_blocked_causal_attention_refuses_a_second_derivative():
+    """create_graph through it raises (as the flash kernel's backward does) instead of leaving
+    out the attention's second-order term."""
+    attn = _blocked()
+    q = torch.randn(12, 1, 2, 8, dtype=torch.float64, requires_grad=True)
+    out = attn(q, q, q, None)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad((out * torch.randn_like(out)).sum(), q, create_graph=True)
+
+
+def test_dropout_and_broadcast_heads_do_not_run_blocked(monkeypatch):
+    """Attention dropout in training is applied (the math path, two calls differ); k and v with
+    one head broadcast over q's heads reach torch's kernel, whose result they give."""
+    torch.manual_seed(0)
+    s, b, h, d = 12, 2, 3, 8
+    q, k, v = (torch.randn(s, b, h, d) for _ in range(3))
+    attn = _blocked()
+    attn.dropout = 0.5
+    attn.train()
+    calls = []
+    from megatron_dsv3.attention import core
+
+    apply = core._BlockedCausalAttention.apply
+    monkeypatch.setattr(core._BlockedCausalAttention, "apply",
+                        lambda *a: calls.append(1) or apply(*a))
+    assert not torch.equal(attn(q, k, v, None), attn(q, k, v, None)) and calls == []
+    attn.eval()
+    attn(q, k, v, None)
+    assert calls == [1]  # the same module without dropout runs blocked
+    one = (k[:, :, :1], v[:, :, :1])
+    out = attn(q, *one, None)
+    want = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, *one)),
+                                          is_causal=True, scale=0.3)
+    torch.testing.assert_close(out, want.permute(2, 0, 1, 3).reshape(s, b, h * d))
+    assert calls == [1]
