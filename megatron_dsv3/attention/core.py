@@ -59,14 +59,22 @@ class _ToSequenceMajor(torch.autograd.Function):
 
 
 def _query_blocks(s: int, block: int):
-    """[(start, end)] of the query blocks of a causal sequence of length s."""
-    return [(start, min(start + block, s)) for start in range(0, s, block)]
+    """[(start, end, offset)] of the query blocks of a causal sequence of length s: rows start..end
+    score keys 0..end, and their probabilities follow those of the blocks before, `offset` values
+    in (per batch and head)."""
+    blocks, offset = [], 0
+    for start in range(0, s, block):
+        end = min(start + block, s)
+        blocks.append((start, end, offset))
+        offset += (end - start) * end
+    return blocks
 
 
 def blocked_probability_count(s: int, block: int) -> int:
     """Probabilities the blocked causal path keeps per (batch, head): each query block's rows
     times the keys up to its end."""
-    return sum((end - start) * end for start, end in _query_blocks(s, block))
+    start, end, offset = _query_blocks(s, block)[-1]
+    return offset + (end - start) * end
 
 
 class _BlockedCausalAttention(torch.autograd.Function):
@@ -93,11 +101,9 @@ class _BlockedCausalAttention(torch.autograd.Function):
         out = q.new_empty(s, b, n, dv)
         out3 = out.permute(1, 2, 0, 3).reshape(bh, s, dv)  # a view: [b, n] merge
         above = {}  # rows -> the strict upper triangle of a rows x rows square
-        offset = 0
-        for start, end in _query_blocks(s, block):
+        for start, end, offset in _query_blocks(s, block):
             rows = end - start
-            p = probs[offset:offset + bh * rows * end].view(bh, rows, end)
-            offset += bh * rows * end
+            p = probs[bh * offset:bh * (offset + rows * end)].view(bh, rows, end)
             if rows not in above:
                 above[rows] = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)
             torch.baddbmm(p, q3[:, start:end], k3[:, :end].transpose(1, 2), beta=0.0,
@@ -120,15 +126,11 @@ class _BlockedCausalAttention(torch.autograd.Function):
         g3 = g.reshape(s, b, n, dv).permute(1, 2, 0, 3).reshape(bh, s, dv)
         dq, dk, dvv = q3.new_empty(bh, s, d), q3.new_empty(bh, s, d), q3.new_empty(bh, s, dv)
         blocks = _query_blocks(s, ctx.block)
-        offsets = [0]
-        for start, end in blocks:
-            offsets.append(offsets[-1] + bh * (end - start) * end)
-        scratch = workspace.empty((max(b1 - b0 for b0, b1 in zip(offsets, offsets[1:])),),
+        scratch = workspace.empty((bh * max((end - start) * end for start, end, _ in blocks),),
                                   q3.dtype, q3.device)
-        for i in reversed(range(len(blocks))):
-            start, end = blocks[i]
+        for start, end, offset in reversed(blocks):
             rows = end - start
-            p = probs[offsets[i]:offsets[i + 1]].view(bh, rows, end)
+            p = probs[bh * offset:bh * (offset + rows * end)].view(bh, rows, end)
             g_blk, q_blk = g3[:, start:end], q3[:, start:end]
             ds = scratch[:bh * rows * end].view(bh, rows, end)
             torch.bmm(g_blk, v3[:, :end].transpose(1, 2), out=ds)
@@ -188,15 +190,19 @@ class SDPAttention(MegatronModule):
     def _causal(self, mask: Optional[torch.Tensor], sq: int, sk: int) -> bool:
         return mask is None or self._is_causal(mask, sq, sk)
 
-    def _blocked(self, device: torch.device, dtype: torch.dtype, batch_heads: Optional[int],
-                 s: int, qk_dim: int, causal: bool) -> bool:
+    @property
+    def _dropout_p(self) -> float:
+        """The attention dropout in effect (none outside training)."""
+        return self.dropout if self.training else 0.0
+
+    def _blocked(self, device: torch.device, dtype: Optional[torch.dtype],
+                 batch_heads: Optional[int], s: int, qk_dim: int, causal: bool) -> bool:
         """Whether causal attention over s positions runs blocked (`_BlockedCausalAttention`):
         CPU, float32/float64, no dropout, at least two query blocks, a q/k head dim of at least
         `blocked_min_head_dim`, and the kept probabilities within `blocked_max_bytes` (unknown
-        `batch_heads`: no)."""
-        dropout = self.dropout if self.training else 0.0
-        if not (causal and device.type == "cpu" and dropout == 0.0 and batch_heads is not None
-                and qk_dim >= self.blocked_min_head_dim
+        `batch_heads` or `dtype`: no)."""
+        if not (causal and device.type == "cpu" and self._dropout_p == 0.0
+                and batch_heads is not None and qk_dim >= self.blocked_min_head_dim
                 and dtype in (torch.float32, torch.float64) and s > self.causal_block):
             return False
         kept = batch_heads * blocked_probability_count(s, self.causal_block) * dtype.itemsize
@@ -204,8 +210,7 @@ class SDPAttention(MegatronModule):
 
     def _pads_value(self, device: torch.device, qk_dim: int, v_dim: int, causal: bool) -> bool:
         """Whether v goes to the kernel zero-padded to the q/k head dim (CPU flash path)."""
-        dropout = self.dropout if self.training else 0.0
-        return device.type == "cpu" and dropout == 0.0 and v_dim < qk_dim and causal
+        return device.type == "cpu" and self._dropout_p == 0.0 and v_dim < qk_dim and causal
 
     def value_head_dim(self, qk_dim: int, v_dim: int, device: torch.device,
                        attention_mask: Optional[torch.Tensor], sq: int, sk: int,
@@ -218,8 +223,7 @@ class SDPAttention(MegatronModule):
         which takes v unpadded; without them it answers as for the kernel (`forward` then runs
         blocked on the first `value_dim` columns: the same result, a padding spent)."""
         causal = self._causal(attention_mask, sq, sk)
-        if sq == sk and dtype is not None \
-                and self._blocked(device, dtype, batch_heads, sq, qk_dim, causal):
+        if sq == sk and self._blocked(device, dtype, batch_heads, sq, qk_dim, causal):
             return v_dim
         return qk_dim if self._pads_value(device, qk_dim, v_dim, causal) else v_dim
 
@@ -236,7 +240,7 @@ class SDPAttention(MegatronModule):
         if not 0 < dv <= v.shape[-1]:
             raise ValueError(f"value_dim={value_dim}: allowed values are 1..{v.shape[-1]} (the "
                              "head dim of the value tensor) or None")
-        dropout = self.dropout if self.training else 0.0
+        dropout = self._dropout_p
         if attention_mask is not None and self._causal(attention_mask, q.shape[-2], k.shape[-2]):
             attention_mask = None
         same_heads = k.shape[:2] == v.shape[:2] == q.shape[:2]  # (no broadcast k/v heads)
