@@ -7,8 +7,10 @@ Sizes (`SIZES`): tiny = deepseek-v3-tiny, batch 8 x 128; small = hidden 256, 4 l
 dense), 16 experts top-4, batch 4 x 256; medium = hidden 512, 4 layers, 32 experts top-8,
 batch 4 x 512. Both models take AdamW steps on the same batches (forward + backward + optimizer),
 float32; the same AdamW kernel on both sides (`--optimizer`, default torch's fused one, as HF's
-Trainer and our trainer use). Ours computes the LM loss, the MTP loss unless --no-mtp (HF's model has no MTP in
-training: --no-mtp is the equal-work comparison) and the sequence-wise aux loss. Steps alternate
+Trainer and our trainer use). Ours computes the LM loss, the MTP loss unless --no-mtp and the
+sequence-wise aux loss unless --no-aux-loss; HF's model computes neither in training, so
+`--no-mtp --no-aux-loss` is the equal-work comparison (DeepSeek-V3's aux loss, coefficient
+1e-4, costs ours ~2% of a `small` step). Steps alternate
 ours, HF, ours, HF, ... so both see the same machine state; the reported time per step is each
 side's median. The ratio is HF time / our time (higher is better for us).
 """
@@ -90,6 +92,9 @@ def main():
                    help="torch threads (0 = torch default)")
     p.add_argument("--no-mtp", action="store_true",
                    help="build ours without MTP (HF's training forward has none)")
+    p.add_argument("--no-aux-loss", action="store_true",
+                   help="build ours without the sequence-wise balancing loss (HF's training "
+                        "forward has none; the expert-bias balancing stays on both sides)")
     p.add_argument("--optimizer", choices=("fused", "foreach"), default="fused",
                    help="torch AdamW kernel, the same on both sides (default fused: what HF's "
                         "Trainer uses on torch >= 2.8 and our trainer uses on CPU and CUDA)")
@@ -108,7 +113,8 @@ def main():
     a.batch, a.seq = a.batch or batch, a.seq or seq
     init_single_process()
     config = get_config("deepseek-v3-tiny", **overrides,
-                        **({"mtp_num_layers": None} if a.no_mtp else {}))
+                        **({"mtp_num_layers": None} if a.no_mtp else {}),
+                        **({"moe_aux_loss_coeff": 0.0} if a.no_aux_loss else {}))
     torch.manual_seed(0)
     ours = build_model(config)
     hf = DeepseekV3ForCausalLM(hf_config_from(config))
@@ -134,7 +140,7 @@ def main():
     hf.train(), ours.train()
     t_ours, t_hf = time_interleaved(step_ours, step_hf, a.steps)
     n = a.batch * a.seq
-    result = {"size": a.size, "mtp": not a.no_mtp, "optimizer": a.optimizer, "batch": a.batch, "seq": a.seq, "steps": a.steps, "threads": torch.get_num_threads(),
+    result = {"size": a.size, "mtp": not a.no_mtp, "aux_loss": not a.no_aux_loss, "optimizer": a.optimizer, "batch": a.batch, "seq": a.seq, "steps": a.steps, "threads": torch.get_num_threads(),
               "params_ours": sum(p.numel() for p in ours.parameters()),
               "params_hf": sum(p.numel() for p in hf.parameters()),
               "tokens_per_s_ours": n / t_ours, "tokens_per_s_hf": n / t_hf,
