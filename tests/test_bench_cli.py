@@ -2,6 +2,7 @@
 docs/benchmarks.md, not asserted here): the smallest run of the all-to-all overlap benchmark, and
 refusals that used to be tracebacks, silently ignored flags or wrong numbers."""
 
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,16 @@ def test_bench_scripts_refuse_bad_input_by_flag(argv, message):
     out = bench(*argv, timeout=120)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_train_step_against_hf_runs_with_equal_work_flags():
+    """The smallest run of the comparison with HF transformers, MTP and the aux loss off (HF's
+    training forward has neither): both sides take a step, and the settings are reported."""
+    pytest.importorskip("transformers")
+    out = bench("train_step_vs_hf.py", "--size", "tiny", "--batch", "1", "--seq", "16",
+                "--steps", "1", "--no-mtp", "--no-aux-loss", "--threads", "1", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["mtp"] is False and result["aux_loss"] is False
+    assert result["params_ours"] == result["params_hf"]
+    assert result["tokens_per_s_ours"] > 0 and result["tokens_per_s_hf"] > 0
