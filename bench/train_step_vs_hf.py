@@ -10,7 +10,7 @@ float32; the same AdamW kernel on both sides (`--optimizer`, default torch's fus
 Trainer and our trainer use). Ours computes the LM loss, the MTP loss unless --no-mtp and the
 sequence-wise aux loss unless --no-aux-loss; HF's model computes neither in training, so
 `--no-mtp --no-aux-loss` is the equal-work comparison (DeepSeek-V3's aux loss, coefficient
-1e-4, costs ours ~2% of a `small` step). Steps alternate
+1e-4, costs ours 1-2% of a `small` step). Steps alternate
 ours, HF, ours, HF, ... so both see the same machine state; the reported time per step is each
 side's median. The ratio is HF time / our time (higher is better for us).
 """
