@@ -140,7 +140,9 @@ def main():
     hf.train(), ours.train()
     t_ours, t_hf = time_interleaved(step_ours, step_hf, a.steps)
     n = a.batch * a.seq
-    result = {"size": a.size, "mtp": not a.no_mtp, "aux_loss": not a.no_aux_loss, "optimizer": a.optimizer, "batch": a.batch, "seq": a.seq, "steps": a.steps, "threads": torch.get_num_threads(),
+    result = {"size": a.size, "mtp": not a.no_mtp, "aux_loss": not a.no_aux_loss,
+              "optimizer": a.optimizer, "batch": a.batch, "seq": a.seq, "steps": a.steps,
+              "threads": torch.get_num_threads(),
               "params_ours": sum(p.numel() for p in ours.parameters()),
               "params_hf": sum(p.numel() for p in hf.parameters()),
               "tokens_per_s_ours": n / t_ours, "tokens_per_s_hf": n / t_hf,
