@@ -1,7 +1,8 @@
 """Training-step throughput: megatron-dsv3 vs HF transformers' DeepseekV3ForCausalLM of the same
 configuration, on CPU, measured in one run with interleaved A/B timing.
 
-    python bench/train_step_vs_hf.py --size tiny|small|medium [--steps 20] [--no-mtp] [--json]
+    python bench/train_step_vs_hf.py --size tiny|small|medium [--steps 20] [--no-mtp]
+        [--no-aux-loss] [--json]
 
 Sizes (`SIZES`): tiny = deepseek-v3-tiny, batch 8 x 128; small = hidden 256, 4 layers (first
 dense), 16 experts top-4, batch 4 x 256; medium = hidden 512, 4 layers, 32 experts top-8,
@@ -140,7 +141,10 @@ def main():
     hf.train(), ours.train()
     t_ours, t_hf = time_interleaved(step_ours, step_hf, a.steps)
     n = a.batch * a.seq
-    result = {"size": a.size, "mtp": not a.no_mtp, "aux_loss": not a.no_aux_loss,
+    # (read from the model built, not the flags: what ours computed)
+    aux_loss = any(coeff > 0 and kind != "none" for m in ours.modules()
+                   for kind, coeff in getattr(m, "aux_loss_coeffs", {}).items())
+    result = {"size": a.size, "mtp": bool(config.mtp_num_layers), "aux_loss": aux_loss,
               "optimizer": a.optimizer, "batch": a.batch, "seq": a.seq, "steps": a.steps,
               "threads": torch.get_num_threads(),
               "params_ours": sum(p.numel() for p in ours.parameters()),
