@@ -12,16 +12,16 @@ exactly the causal mask (what Megatron-LM's data loader builds by default) is re
 as causal attention; any other mask (document boundaries, padding) is applied as given.
 
 Causal attention on CPU in float32/float64 over sequences of two or more query blocks
-(`SDPAttention.causal_block`, 128 rows) with a q/k head dim of 64 or more instead runs blocked
-(`_BlockedCausalAttention`): each block of query rows scores only the keys it may see, the
-probabilities are kept for backward, and v keeps its own head dim. torch's CPU flash kernel
-takes the whole sequence as one key block up to 512 keys, so it computes (and in backward
-recomputes) every score above the diagonal and, for MLA, multiplies zero-padded v columns. At
-[4, 8, 512, 96 / v 64] the blocked form runs forward + backward in 25-27 ms against the kernel's
-45-49 on 2 cores, and a `medium` training step of bench/train_step_vs_hf.py is 9% faster; at head
-dim 48 the kernel's in-cache tiles make up for its extra work (docs/benchmarks.md). The blocked
-form keeps the probabilities, b * heads * s * (s + 128) / 2 values, so it runs only while they fit
-in `SDPAttention.blocked_max_bytes` (64 MiB per call); longer sequences keep the flash kernel's
+(`SDPAttention.causal_block`, 64 rows) instead runs blocked (`_BlockedCausalAttention`): each
+block of query rows scores only the keys it may see, the probabilities are kept for backward, and
+v keeps its own head dim. torch's CPU flash kernel takes the whole sequence as one key block up
+to 512 keys, so it computes (and in backward recomputes) every score above the diagonal and, for
+MLA, multiplies zero-padded v columns. Every batched GEMM of the blocked form writes a contiguous
+destination (torch's CPU batched GEMM runs a strided destination one matrix at a time). On 2
+cores, forward + backward: [4, 8, 256, 48 / v 32] 6.1 ms against the kernel's 13.3, [4, 8, 512,
+96 / v 64] 37 against 88 (docs/benchmarks.md). The blocked form keeps the probabilities,
+b * heads * s * (s + 64) / 2 values, so it runs only while they fit in
+`SDPAttention.blocked_max_bytes` (64 MiB per call); longer sequences keep the flash kernel's
 memory.
 """
 
@@ -98,8 +98,9 @@ class _BlockedCausalAttention(torch.autograd.Function):
         # `pooled`: the caller keeps them for a backward (pooled memory is kept by size: an
         # evaluation over many lengths would leave one pooled buffer per length)
         probs = workspace.empty((count,), q.dtype, q.device) if pooled else q.new_empty(count)
-        out = q.new_empty(s, b, n, dv)
-        out3 = out.permute(1, 2, 0, 3).reshape(bh, s, dv)  # a view: [b, n] merge
+        # each block's output rows go to a contiguous [bh, rows, dv] piece (block-major memory):
+        # torch's CPU batched GEMM writes into a strided destination one matrix at a time
+        outs = q.new_empty(bh * s * dv)
         above = {}  # rows -> the strict upper triangle of a rows x rows square
         for start, end, offset in _query_blocks(s, block):
             rows = end - start
@@ -110,7 +111,11 @@ class _BlockedCausalAttention(torch.autograd.Function):
                           alpha=scale, out=p)
             p[:, :, start:].masked_fill_(above[rows], float("-inf"))
             torch.ops.aten._softmax.out(p, -1, False, out=p)
-            torch.bmm(p, v3[:, :end], out=out3[:, start:end])
+            torch.bmm(p, v3[:, :end], out=outs[bh * start * dv:bh * end * dv].view(bh, rows, dv))
+        out = q.new_empty(s, b, n, dv)
+        for start, end, _ in _query_blocks(s, block):
+            out[start:end].copy_(outs[bh * start * dv:bh * end * dv].view(
+                b, n, end - start, dv).permute(2, 0, 1, 3))
         ctx.save_for_backward(q3, k3, v3, probs)
         ctx.shape, ctx.scale, ctx.block = (b, n, s, d, dv), scale, block
         return out.view(s, b, n * dv)
@@ -124,10 +129,13 @@ class _BlockedCausalAttention(torch.autograd.Function):
         b, n, s, d, dv = ctx.shape
         bh, scale = b * n, ctx.scale
         g3 = g.reshape(s, b, n, dv).permute(1, 2, 0, 3).reshape(bh, s, dv)
-        dq, dk, dvv = q3.new_empty(bh, s, d), q3.new_empty(bh, s, d), q3.new_empty(bh, s, dv)
+        dqs, dk, dvv = q3.new_empty(bh * s * d), q3.new_empty(bh, s, d), q3.new_empty(bh, s, dv)
         blocks = _query_blocks(s, ctx.block)
-        scratch = workspace.empty((bh * max((end - start) * end for start, end, _ in blocks),),
-                                  q3.dtype, q3.device)
+        widest = max((end - start) * end for start, end, _ in blocks)
+        scratch = workspace.empty((bh * widest,), q3.dtype, q3.device)
+        # the narrower blocks' dk and dv terms: made contiguous, then added (a batched GEMM into
+        # the strided dk[:, :end] would run one matrix at a time)
+        terms = q3.new_empty(bh * blocks[-1][0] * max(d, dv)) if len(blocks) > 1 else None
         for start, end, offset in reversed(blocks):
             rows = end - start
             p = probs[bh * offset:bh * (offset + rows * end)].view(bh, rows, end)
@@ -135,11 +143,21 @@ class _BlockedCausalAttention(torch.autograd.Function):
             ds = scratch[:bh * rows * end].view(bh, rows, end)
             torch.bmm(g_blk, v3[:, :end].transpose(1, 2), out=ds)
             torch.ops.aten._softmax_backward_data.out(ds, p, -1, q3.dtype, grad_input=ds)
-            dq_blk = dq[:, start:end]
+            dq_blk = dqs[bh * start * d:bh * end * d].view(bh, rows, d)
             torch.baddbmm(dq_blk, ds, k3[:, :end], beta=0.0, alpha=scale, out=dq_blk)
-            beta = 0.0 if end == s else 1.0  # the widest block writes dk and dv first
-            dk[:, :end].baddbmm_(ds.transpose(1, 2), q_blk, beta=beta, alpha=scale)
-            dvv[:, :end].baddbmm_(p.transpose(1, 2), g_blk, beta=beta)
+            if end == s:  # the widest block writes dk and dv first
+                torch.baddbmm(dk, ds.transpose(1, 2), q_blk, beta=0.0, alpha=scale, out=dk)
+                torch.bmm(p.transpose(1, 2), g_blk, out=dvv)
+                continue
+            term = terms[:bh * end * d].view(bh, end, d)
+            torch.bmm(ds.transpose(1, 2), q_blk, out=term)
+            dk[:, :end].add_(term, alpha=scale)
+            term = terms[:bh * end * dv].view(bh, end, dv)
+            torch.bmm(p.transpose(1, 2), g_blk, out=term)
+            dvv[:, :end].add_(term)
+        dq = q3.new_empty(bh, s, d)
+        for start, end, _ in blocks:
+            dq[:, start:end].copy_(dqs[bh * start * d:bh * end * d].view(bh, end - start, d))
         return dq.view(b, n, s, d), dk.view(b, n, s, d), dvv.view(b, n, s, dv), None, None, None
 
 
@@ -157,15 +175,16 @@ class SDPAttention(MegatronModule):
         self.dropout = config.attention_dropout
         self._causal_seen = None  # (weak reference to the mask, its version, answer)
 
-    causal_block = 128
-    """Query rows per block of the blocked causal path."""
+    causal_block = 64
+    """Query rows per block of the blocked causal path (64 measured fastest on 2 cores at head
+    dims 16-192, sequences 256-1024: docs/benchmarks.md)."""
     blocked_max_bytes = 64 << 20
     """The most probability memory one call of the blocked causal path keeps for backward."""
-    blocked_min_head_dim = 64
-    """The smallest q/k head dim that runs blocked: below it the flash kernel's tiles, which stay
-    in cache, make up for the work it does above the diagonal (a training step of `bench/
-    train_step_vs_hf.py --size small`, head dim 48: the same time either way; `medium`, head dim
-    96: 9% faster blocked)."""
+    blocked_min_head_dim = 1
+    """The smallest q/k head dim that runs blocked. The blocked form beat torch's CPU flash
+    kernel at every head dim measured (16 to 192; `python bench/causal_attention.py`), in
+    training steps too (`small`, head dim 48: 12% faster); a CPU whose flash kernel wins at
+    small head dims can raise it."""
 
     def _is_causal(self, mask: torch.Tensor, sq: int, sk: int) -> bool:
         """True if Megatron's mask [b or 1, 1, sq, sk] (True = not allowed) is the causal mask for

@@ -22,36 +22,59 @@ from megatron.core.tensor_parallel import mappings
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from megatron_dsv3.attention.rope import YarnRotary, apply_rotary
+from megatron_dsv3.attention.rope import YarnRotary, apply_rotary, rotate_into
 from megatron_dsv3.configs import latent_norm_epsilon
 from megatron_dsv3.core.gemm import DEFAULT_GEMM, shared_input_linear
 from megatron_dsv3.core.linear import KeyedInit, ReplicatedLinear, group_size, tp_group_or_default
 from megatron_dsv3.core.recompute import checkpointed, recompute_region
 
 
-class _ZeroPadded(torch.autograd.Function):
-    """v [s, b, n, dv] -> [s, b, n, d] with zeros in the columns dv: (memory laid out
-    [b, n, s, d] with `heads_major`): one write of v where the core attention would otherwise
-    copy it contiguous and then pad it (a second allocation, a zero-fill and a copy).
-    Backward hands on the gradient's first dv columns."""
+class _AssembleQKV(torch.autograd.Function):
+    """MLA's q, k, v for the core attention in one step. In: q [s, b, n, dn + dr] and kv
+    [s, b, n, dn + dv] from the up-projections, k_rope [s, b, dr] from the down-projection, RoPE
+    not yet applied to q's last dr columns nor to k_rope. Out: q, k [s, b, n, dn + dr] (RoPE
+    applied, k's rope part shared by every head) and v [s, b, n, dv_out] (zero-padded beyond dv
+    where the core wants it wider), each written once into fresh memory laid out [b, n, s, ...]
+    with `heads_major` (the portable core's kernel layout), else [s, b, n, ...]. Backward writes
+    each input's gradient once (k_rope's: the heads' sum, rotated back). It replaces the autograd
+    graph of splits, RoPE, concatenations and permutations, whose backward made a zero-filled
+    gradient per split and a copy per view."""
 
     @staticmethod
-    def forward(ctx, v, d: int, heads_major: bool):
-        s, b, n, dv = v.shape
-        ctx.dv = dv
-        if heads_major:
-            out = v.new_empty(b, n, s, d)
-            out[..., :dv].copy_(v.permute(1, 2, 0, 3))
-            out[..., dv:].zero_()
-            return out.permute(2, 0, 1, 3)
-        out = v.new_empty(s, b, n, d)
-        out[..., :dv].copy_(v)
-        out[..., dv:].zero_()
-        return out
+    def forward(ctx, q, kv, k_rope, cos, sin, dn: int, dv_out: int, heads_major: bool):
+        s, b, n, dqk = q.shape
+        dr, dv = dqk - dn, kv.shape[-1] - dn
+
+        def fresh(d):
+            if heads_major:
+                return q.new_empty(b, n, s, d).permute(2, 0, 1, 3)
+            return q.new_empty(s, b, n, d)
+
+        q_out, k_out, v_out = fresh(dqk), fresh(dqk), fresh(dv_out)
+        q_out[..., :dn].copy_(q[..., :dn])
+        rotate_into(q_out[..., dn:], q[..., dn:], cos, sin)
+        k_out[..., :dn].copy_(kv[..., :dn])
+        rotate_into(k_out[..., dn:], k_rope[:, :, None, :].expand(s, b, n, dr), cos, sin)
+        v_out[..., :dv].copy_(kv[..., dn:])
+        v_out[..., dv:].zero_()
+        ctx.save_for_backward(cos, sin)
+        ctx.dims = (dn, dv)
+        return q_out, k_out, v_out
 
     @staticmethod
-    def backward(ctx, g):
-        return g[..., :ctx.dv], None, None
+    def backward(ctx, g_q, g_k, g_v):
+        cos, sin = ctx.saved_tensors
+        dn, dv = ctx.dims
+        s, b, n, dqk = g_q.shape
+        d_q = g_q.new_empty(s, b, n, dqk)
+        d_q[..., :dn].copy_(g_q[..., :dn])
+        rotate_into(d_q[..., dn:], g_q[..., dn:], cos, sin, inverse=True)
+        d_kv = g_k.new_empty(s, b, n, dn + dv)
+        d_kv[..., :dn].copy_(g_k[..., :dn])
+        d_kv[..., dn:].copy_(g_v[..., :dv])
+        k_sum = g_k[..., dn:].sum(2, keepdim=True)  # [s, b, 1, dr]
+        d_k_rope = rotate_into(torch.empty_like(k_sum), k_sum, cos, sin, inverse=True)
+        return d_q, d_kv, d_k_rope[:, :, 0], None, None, None, None, None
 
 
 @dataclass
@@ -138,11 +161,14 @@ class MLASelfAttention(MegatronModule):
             c_q, _ = self.linear_q_down_proj(x)
         return self.q_layernorm(c_q)
 
-    def _query(self, c_q):
+    def _query_heads(self, c_q):
+        """q [s, b, n, dn + dr], RoPE not applied."""
         proj = self.linear_q_proj if self.q_lora_rank is None else self.linear_q_up_proj
         q, _ = proj(c_q)
-        q = q.view(*q.shape[:2], self.num_heads, self.dn + self.dr)
-        return q.split([self.dn, self.dr], dim=-1)
+        return q.view(*q.shape[:2], self.num_heads, self.dn + self.dr)
+
+    def _query(self, c_q):
+        return self._query_heads(c_q).split([self.dn, self.dr], dim=-1)
 
     def _kv_latent(self, x, kv=None):
         """(normalised c_kv [s, b, kv_lora_rank], k_rope before RoPE [s, b, dr]); `kv`: the
@@ -185,24 +211,11 @@ class MLASelfAttention(MegatronModule):
             batch_heads=b * self.num_heads, dtype=hidden_states.dtype)
         core_kwargs = {} if dv == self.dv else {"value_dim": self.dv}
 
-        def assemble(*parts):
-            """[s, b, n, d] from parts concatenated on d; with `heads_major` the memory is laid
-            out [b, n, s, d] (the core's kernel layout), the view still [s, b, n, d]."""
-            if not heads_major:
-                return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0].contiguous()
-            out = torch.cat([p.permute(1, 2, 0, 3) for p in parts], dim=-1)
-            if len(parts) == 1:
-                out = out.contiguous()
-            return out.permute(2, 0, 1, 3)
-
         def up_project(c_q, c_kv, k_rope):
-            q_nope, q_rope = self._query(c_q)
+            q = self._query_heads(c_q)
             kv, _ = self.linear_kv_up_proj(c_kv)
-            k_nope, v = kv.view(s, b, self.num_heads, self.dn + self.dv).split([self.dn, self.dv], -1)
-            q = assemble(q_nope, apply_rotary(q_rope, cos, sin))
-            k_rope = apply_rotary(k_rope[:, :, None, :], cos, sin)
-            k = assemble(k_nope, k_rope.expand(-1, -1, self.num_heads, -1))
-            return q, k, (assemble(v) if dv == self.dv else _ZeroPadded.apply(v, dv, heads_major))
+            kv = kv.view(s, b, self.num_heads, self.dn + self.dv)
+            return _AssembleQKV.apply(q, kv, k_rope, cos, sin, self.dn, dv, heads_major)
 
         run, release = recompute_region(self.config, "mla_up_proj", up_project)
         q, k, v = run(c_q, c_kv, k_rope)

@@ -88,3 +88,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
     out = torch.view_as_real(pairs * torch.complex(cos.float(), sin.float())).flatten(-2)
     return out.to(dtype)
+
+
+def rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                inverse: bool = False) -> torch.Tensor:
+    """out[...] = apply_rotary(x, cos, sin) written through out's strides (x may be a strided or
+    expanded view); `inverse`: the rotation by the opposite angle, RoPE's backward. float32 x and
+    out whose pairs lie adjacent in memory take one complex product straight into out (apply_rotary's
+    product, up to the last bit where torch's vectorised and scalar complex loops round apart);
+    anything else goes through apply_rotary and a copy."""
+    sin = -sin if inverse else sin
+    if x.dtype is torch.float32 and out.dtype is torch.float32 and _pairs_adjacent(out) \
+            and _pairs_adjacent(x):
+        rotation = torch.complex(cos.float(), sin.float())
+        torch.mul(torch.view_as_complex(x.unflatten(-1, (-1, 2))), rotation,
+                  out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+    else:
+        out.copy_(apply_rotary(x, cos, sin))
+    return out
+
+
+def _pairs_adjacent(t: torch.Tensor) -> bool:
+    """Whether t's last dim can be viewed as complex pairs in place."""
+    return t.stride(-1) == 1 and t.shape[-1] % 2 == 0 and t.storage_offset() % 2 == 0 \
+        and all(st % 2 == 0 for st in t.stride()[:-1])

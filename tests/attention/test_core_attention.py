@@ -143,7 +143,7 @@ def test_a_new_mask_in_the_memory_of_a_causal_one_is_checked_again(qkv):
 
 def _blocked(softmax_scale=0.3, block=4):
     """A core attention that runs causal attention blocked from 2 blocks of `block` rows on,
-    at any head dim (the defaults: 128 rows, head dim >= 64)."""
+    at any head dim (the defaults: 64 rows, any head dim)."""
     attn = SDPAttention(get_config("deepseek-v3-tiny"), softmax_scale=softmax_scale)
     attn.causal_block, attn.blocked_min_head_dim = block, 1
     return attn
@@ -201,7 +201,7 @@ def test_blocked_causal_attention_keeps_the_kernel_where_it_does_not_apply(qkv, 
     seen = _spy_sdpa(monkeypatch)
     causal = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]
     default = SDPAttention(get_config("deepseek-v3-tiny"), softmax_scale=0.3)
-    assert (default.causal_block, default.blocked_min_head_dim) == (128, 64)
+    assert (default.causal_block, default.blocked_min_head_dim) == (64, 1)
     one_block, narrow, capped = _blocked(block=s), _blocked(), _blocked()
     narrow.blocked_min_head_dim = dqk + 1
     capped.blocked_max_bytes = b * h * (4 * 4 + 4 * 8 + 4 * 12) * 4 - 1  # one byte short
@@ -235,16 +235,16 @@ def test_blocked_causal_attention_keeps_the_kernel_where_it_does_not_apply(qkv, 
 
 
 def test_blocked_causal_attention_at_its_real_sizes_from_two_blocks_on(monkeypatch):
-    """The default block of 128 rows at head dim 64: s = 128 keeps the kernel, s = 129 (a second
+    """The default block of 64 rows at head dim 64: s = 64 keeps the kernel, s = 65 (a second
     block of one row) runs blocked, and so does s = 256 with probabilities large enough for the
-    pooled memory (4.5 MiB), there on a second call too, whose storage held the first call's
+    pooled memory (5 MiB), there on a second call too, whose storage held the first call's
     values; the float64 formula each time. Without gradients nothing is pooled."""
     from megatron_dsv3 import workspace
 
-    b, h, dqk, dv = 1, 24, 64, 32
+    b, h, dqk, dv = 1, 32, 64, 32
     attn = SDPAttention(get_config("deepseek-v3-tiny"), softmax_scale=0.125)
     seen = _spy_sdpa(monkeypatch)
-    for s, kernel in ((128, True), (129, False), (256, False), (256, False)):
+    for s, kernel in ((64, True), (65, False), (256, False), (256, False)):
         torch.manual_seed(s)
         q, k = (torch.randn(s, b, h, dqk, requires_grad=True) for _ in range(2))
         v = torch.randn(s, b, h, dv, requires_grad=True)

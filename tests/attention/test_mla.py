@@ -228,3 +228,46 @@ def test_mla_through_the_blocked_causal_core_matches_the_reference(single_rank_w
     grads = torch.autograd.grad(out, [x, *mla.parameters()], g)
     for got, want in zip(grads, flash_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, heads_major, dv_out, per_sequence", [
+    (torch.float32, True, 6, False),    # the portable core's layout, v in its own head dim
+    (torch.float32, True, 10, True),    # v zero-padded to the q/k dim, positions per sequence
+    (torch.float32, False, 6, False),   # [s, b, n, d] memory (e.g. Transformer Engine's core)
+    (torch.float64, True, 6, False),    # through apply_rotary (no complex fast path)
+    (torch.bfloat16, False, 10, True),
+])
+def test_qkv_assembly_equals_the_autograd_of_its_formula(dtype, heads_major, dv_out, per_sequence):
+    """_AssembleQKV (one write per output, one per input gradient) against the plain formula
+    through autograd: split, RoPE on q's last dr columns and on the shared k_rope, concatenation,
+    k_rope expanded over the heads, v padded with zeros. Values (to the last bit, but for RoPE's
+    complex product, whose vectorised and scalar loops round apart by an ulp) and every input's
+    gradient, memory layout included."""
+    import torch.nn.functional as F
+
+    from megatron_dsv3.attention.mla import _AssembleQKV
+    from megatron_dsv3.attention.rope import apply_rotary
+
+    torch.manual_seed(0)
+    s, b, n, dn, dr, dv = 7, 2, 3, 4, 6, 6
+    q = torch.randn(s, b, n, dn + dr, dtype=dtype, requires_grad=True)
+    kv = torch.randn(s, b, n, dn + dv, dtype=dtype, requires_grad=True)
+    k_rope = torch.randn(s, b, dr, dtype=dtype, requires_grad=True)
+    angle = torch.randn(s, b if per_sequence else 1, 1, dr // 2)
+    cos, sin = angle.cos() * 1.3, angle.sin() * 1.3
+
+    got = _AssembleQKV.apply(q, kv, k_rope, cos, sin, dn, dv_out, heads_major)
+    k_rot = apply_rotary(k_rope[:, :, None, :], cos, sin).expand(s, b, n, dr)
+    want = (torch.cat([q[..., :dn], apply_rotary(q[..., dn:], cos, sin)], -1),
+            torch.cat([kv[..., :dn], k_rot], -1), F.pad(kv[..., dn:], (0, dv_out - dv)))
+    grads = [torch.randn_like(w) for w in want]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == dtype
+        assert g.permute(1, 2, 0, 3).is_contiguous() if heads_major else g.is_contiguous()
+        torch.testing.assert_close(g[..., :dn], w[..., :dn], rtol=0, atol=0)
+        torch.testing.assert_close(g, w, rtol=3e-7 if dtype is torch.float32 else 0, atol=0)
+    got_grads = torch.autograd.grad(got, (q, kv, k_rope), grads)
+    want_grads = torch.autograd.grad(want, (q, kv, k_rope), grads)
+    tol = dict(rtol=1.6e-2, atol=1e-2) if dtype is torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, **tol)
