@@ -36,6 +36,20 @@ def test_causal_attention_benchmark_runs():
     assert '"shape": [1, 2, 16, 8, 4]' in out.stdout and "blocked_4_ms" in out.stdout
 
 
+def test_cpu_gemm_benchmark_runs():
+    """Both kernels timed at a tiny shape, both within float32 rounding of the float64 product."""
+    from megatron_dsv3.core import gemm
+
+    if gemm.ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear kernel")
+    out = bench("cpu_gemm.py", "--shape", "8,16,4", "--reps", "1", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout)["rows"]
+    assert [r["pass"] for r in rows] == ["fprop", "dgrad", "wgrad"]
+    for row in rows:
+        assert row["torch"]["max_rel_err"] < 1e-5 and row["onednn"]["max_rel_err"] < 1e-5
+
+
 @pytest.mark.parametrize("argv,message", [
     (["pipeline_timedilated.py", "--pp", "2", "--B", "0.002", "--W", "0.01"],
      "--W 0.01 is invalid: allowed values are 0 <= W <= --B 0.002"),

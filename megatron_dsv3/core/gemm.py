@@ -8,9 +8,46 @@ the pipeline schedules defer wgrad (zero-bubble), without either knowing about t
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, List, Optional
 
 import torch
+
+
+def _onednn_linear():
+    """torch's oneDNN linear kernel (`mkldnn::_linear_pointwise`), or None where this torch has
+    none or `MEGATRON_DSV3_CPU_GEMM=torch` asks for torch's default (MKL) GEMM."""
+    if os.environ.get("MEGATRON_DSV3_CPU_GEMM", "auto") == "torch":
+        return None
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+ONEDNN_LINEAR = _onednn_linear()
+ONEDNN_MIN_FLOPS = 1 << 24
+"""Smaller float32 CPU GEMMs keep torch's default: below ~16 MFLOP oneDNN's per-call set-up
+costs more than its faster kernel saves (2 cores: [256, 64] x [64, 256] as a weight gradient
+67 us against 59)."""
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b[N, K]^T -> [M, N] (a and b may be transposed views). float32 CPU GEMMs of at
+    least `ONEDNN_MIN_FLOPS` run on oneDNN's kernel: the same float32 products and float32
+    accumulation as torch's default (MKL) GEMM, in another order, and on CPUs where MKL takes its
+    slower code path much faster (AMD EPYC Zen 5, 2 cores: 372-418 GFLOP/s against 163-199 for
+    [1024, 256] x [256, 512] forward and input gradient, 258 against 174 as a weight gradient:
+    docs/benchmarks.md). `MEGATRON_DSV3_CPU_GEMM=torch` keeps torch's default everywhere. Not
+    differentiable through oneDNN: inputs that autograd tracks take torch's GEMM."""
+    if ONEDNN_LINEAR is not None and a.dtype is torch.float32 and b.dtype is torch.float32 \
+            and a.device.type == "cpu" and b.device.type == "cpu" \
+            and 2 * a.shape[0] * a.shape[1] * b.shape[0] >= ONEDNN_MIN_FLOPS \
+            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return ONEDNN_LINEAR(a, b, None, "none", [], "")
+    return a @ b.t()
 
 
 class Gemm:
@@ -19,13 +56,13 @@ class Gemm:
     name = "default"
 
     def fprop(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return x @ w.t()
+        return matmul_nt(x, w)
 
     def dgrad(self, dy: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return dy @ w
+        return matmul_nt(dy, w.t())
 
     def wgrad(self, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return dy.t() @ x
+        return matmul_nt(dy.t(), x.t())
 
     # -- grouped entry points (routed experts: rows sorted by group, w [G, N, K]) --------------
     # By default one GEMM per group through the methods above; a strategy overrides them to
@@ -192,20 +229,20 @@ class SharedInputLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x2d, stacked)
         ctx.shape, ctx.rows = shape, [w.shape[0] for w in weights]
         ctx.weights = weights
-        return (x2d @ stacked.t()).view(*shape[:-1], stacked.shape[0])
+        return matmul_nt(x2d, stacked).view(*shape[:-1], stacked.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2d, stacked = ctx.saved_tensors
         dy2d = dy.reshape(-1, dy.shape[-1])
-        dx = (dy2d @ stacked).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        dx = matmul_nt(dy2d, stacked.t()).view(ctx.shape) if ctx.needs_input_grad[0] else None
         weights, rows = ctx.weights, ctx.rows
         need = [ctx.needs_input_grad[1 + i] for i in range(len(weights))]
         if not any(need):
             return (dx,) + (None,) * len(weights)
 
         def weight_grads():
-            return torch.split(dy2d.t() @ x2d, rows, 0)
+            return torch.split(matmul_nt(dy2d.t(), x2d.t()), rows, 0)
 
         if WeightGradStore.is_deferring():
             def deferred():
