@@ -1,8 +1,9 @@
 """Grouped GEMM over tokens sorted by expert, with autograd.
 
 y[rows of group g] = x[rows of group g] @ w[g]^T for w [G, N, K] (each expert's weight stored like
-a linear layer's [out, in]). Uses torch._grouped_mm where it runs (CPU with 16-byte aligned rows;
-CUDA with BF16 on SM90+) for plain GEMMs, and the `Gemm`'s grouped entry points otherwise
+a linear layer's [out, in]). Plain GEMMs run as torch._grouped_mm (CUDA with BF16 on SM90+; on
+CPU with 16-byte aligned rows, torch's kernel or, for float32 and large results, the same loop
+of GEMMs in `_grouped_mm` with oneDNN's kernel and pooled memory), and the `Gemm`'s grouped entry points otherwise
 (`grouped_fprop` / `grouped_dgrad` / `grouped_wgrad`: by default a per-group loop of the linear
 layer's GEMMs, which a strategy may batch); that is how FP8 GEMMs and deferred weight gradients
 apply to experts.
@@ -15,7 +16,8 @@ from typing import List, Optional
 import torch
 
 from megatron_dsv3 import workspace
-from megatron_dsv3.core.gemm import DEFAULT_GEMM, Gemm, WeightGradStore
+from megatron_dsv3.core import gemm as gemm_module
+from megatron_dsv3.core.gemm import DEFAULT_GEMM, Gemm, WeightGradStore, matmul_nt
 
 
 def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -31,20 +33,40 @@ def _offsets(counts: List[int], device) -> torch.Tensor:
     return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
 
 
+ONEDNN_ROW_BUCKET = 64
+"""Row counts per group reach oneDNN rounded up to a multiple of this (see `_grouped_mm`)."""
+
+
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: List[int]) -> torch.Tensor:
     """torch._grouped_mm(a, b, offs) for a [M, K] x b [G, K, N] (rows of a grouped) or a [K, M] x
-    b [M, N] (a's columns and b's rows grouped; -> [G, K, N]). A result the workspace pool serves
-    (large, on CPU) goes into its memory: torch's CPU kernel is this same per-group loop of GEMMs,
-    but its fresh output costs a page fault per 4 KiB page."""
+    b [M, N] (a's columns and b's rows grouped; -> [G, K, N]). On CPU it runs as torch's CPU
+    kernel does, a per-group loop of GEMMs, with two changes. A result the workspace pool serves
+    (large) goes into its memory: a fresh output costs a page fault per 4 KiB page. And with
+    rows grouped, float32 groups take oneDNN's kernel (`matmul_nt`, much faster than torch's on
+    some CPUs: docs/benchmarks.md) over a window of rows rounded up to `ONEDNN_ROW_BUCKET`: the
+    group's rows and some of the next (or, at the end, the previous) group's, whose results are
+    dropped. oneDNN builds a kernel per shape, ~1 ms each time a new one appears, and routing
+    gives every group a new row count each step; with the rounding a few shapes recur. A
+    column-grouped product (a weight gradient) sums over the group's rows, so it cannot take
+    extra rows and keeps torch's GEMM."""
     grouped_rows = b.dim() == 3
     shape = (a.shape[0], b.shape[-1]) if grouped_rows else (len(counts), a.shape[0], b.shape[-1])
-    if not workspace.serves(shape, a.dtype, a.device):
+    pooled = workspace.serves(shape, a.dtype, a.device)
+    onednn = grouped_rows and a.device.type == "cpu" and a.dtype is torch.float32 \
+        and gemm_module.ONEDNN_LINEAR is not None
+    if not (pooled or onednn):
         return torch._grouped_mm(a, b, offs=_offsets(counts, a.device))
-    out = workspace.empty(shape, a.dtype, a.device)
-    start = 0
+    out = workspace.empty(shape, a.dtype, a.device) if pooled else a.new_empty(shape)
+    rows, start = a.shape[0], 0
     for g, n in enumerate(counts):
         if grouped_rows:
-            if n:
+            window = -(-n // ONEDNN_ROW_BUCKET) * ONEDNN_ROW_BUCKET
+            if onednn and n and window <= rows and \
+                    2 * window * a.shape[1] * b.shape[-1] >= gemm_module.ONEDNN_MIN_FLOPS:
+                first = min(start, rows - window)  # the window ends at a's last row at most
+                result = matmul_nt(a[first:first + window], b[g].t())
+                out[start:start + n].copy_(result[start - first:start - first + n])
+            elif n:
                 torch.mm(a[start:start + n], b[g], out=out[start:start + n])
         elif n:
             torch.mm(a[:, start:start + n], b[start:start + n], out=out[g])

@@ -46,3 +46,41 @@ def test_grouped_linear_gradcheck_float64():
 def test_bad_counts_are_rejected():
     with pytest.raises(ValueError, match="counts"):
         grouped_linear(torch.randn(5, 4), torch.randn(2, 3, 4), [2, 2])
+
+
+@pytest.mark.parametrize("counts", [
+    [5, 0, 9, 2, 7],   # windows of 8 rows: past the next group's rows, the last ones shifted back
+    [2, 0, 0, 0, 23],  # the last group's window shifted back by one row
+    [3, 1, 2],         # 6 rows in all: no window fits, torch's GEMM for every group
+])
+def test_onednn_row_windows_give_each_groups_own_rows(counts, monkeypatch):
+    """Rows grouped, float32, CPU: each group's GEMM runs on oneDNN over a window of rows
+    rounded up to ONEDNN_ROW_BUCKET (here 8; the FLOP floor lifted), which takes in rows of the
+    neighbouring groups; only the group's own rows are kept. Output and input gradient against
+    the float64 per-group products, weight gradient too (torch's GEMM: it sums over rows)."""
+    from megatron_dsv3.core import gemm, grouped_gemm
+
+    if gemm.ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear kernel")
+    calls = []
+    kernel = gemm.ONEDNN_LINEAR
+    monkeypatch.setattr(gemm, "ONEDNN_LINEAR", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    monkeypatch.setattr(gemm, "ONEDNN_MIN_FLOPS", 0)
+    monkeypatch.setattr(grouped_gemm, "ONEDNN_ROW_BUCKET", 8)
+    torch.manual_seed(0)
+    G, K, N = len(counts), 16, 12
+    x = torch.randn(sum(counts), K, requires_grad=True)
+    w = torch.randn(G, N, K, requires_grad=True)
+    dy = torch.randn(sum(counts), N)
+    y = grouped_linear(x, w, counts)
+    y.backward(dy)
+    windows = [-(-n // 8) * 8 for n in counts if n]
+    windows = [w_ for w_ in windows if w_ <= sum(counts)]  # else torch's GEMM
+    assert calls == windows * 2 and (calls or sum(counts) < 8)  # forward and input gradient
+    xd, wd, dyd = x.detach().double(), w.detach().double(), dy.double()
+    ref_y = torch.cat([r @ wd[g].t() for g, r in enumerate(torch.split(xd, counts))])
+    ref_dx = torch.cat([d @ wd[g] for g, d in enumerate(torch.split(dyd, counts))])
+    ref_dw = torch.stack([d.t() @ r for d, r in zip(torch.split(dyd, counts),
+                                                     torch.split(xd, counts))])
+    for got, want in ((y, ref_y), (x.grad, ref_dx), (w.grad, ref_dw)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
