@@ -94,9 +94,9 @@ def rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torc
                 inverse: bool = False) -> torch.Tensor:
     """out[...] = apply_rotary(x, cos, sin) written through out's strides (x may be a strided or
     expanded view); `inverse`: the rotation by the opposite angle, RoPE's backward. float32 x and
-    out whose pairs lie adjacent in memory take one complex product straight into out (apply_rotary's
-    product, up to the last bit where torch's vectorised and scalar complex loops round apart);
-    anything else goes through apply_rotary and a copy."""
+    out whose pairs lie adjacent in memory take one complex product straight into out
+    (apply_rotary's product, up to the last bit where torch's vectorised and scalar complex loops
+    round apart); anything else goes through apply_rotary and a copy."""
     sin = -sin if inverse else sin
     if x.dtype is torch.float32 and out.dtype is torch.float32 and _pairs_adjacent(out) \
             and _pairs_adjacent(x):

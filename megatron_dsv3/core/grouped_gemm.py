@@ -1,12 +1,12 @@
 """Grouped GEMM over tokens sorted by expert, with autograd.
 
 y[rows of group g] = x[rows of group g] @ w[g]^T for w [G, N, K] (each expert's weight stored like
-a linear layer's [out, in]). Plain GEMMs run as torch._grouped_mm (CUDA with BF16 on SM90+; on
-CPU with 16-byte aligned rows, torch's kernel or, for float32 and large results, the same loop
-of GEMMs in `_grouped_mm` with oneDNN's kernel and pooled memory), and the `Gemm`'s grouped entry points otherwise
-(`grouped_fprop` / `grouped_dgrad` / `grouped_wgrad`: by default a per-group loop of the linear
-layer's GEMMs, which a strategy may batch); that is how FP8 GEMMs and deferred weight gradients
-apply to experts.
+a linear layer's [out, in]). Plain GEMMs run as torch._grouped_mm (CUDA with BF16 on SM90+; CPU
+with 16-byte aligned rows: torch's kernel, or the same per-group loop of GEMMs in `_grouped_mm`
+for float32 or results large enough for pooled memory), and the `Gemm`'s grouped entry points
+otherwise (`grouped_fprop` / `grouped_dgrad` / `grouped_wgrad`: by default a per-group loop of
+the linear layer's GEMMs, which a strategy may batch); that is how FP8 GEMMs and deferred weight
+gradients apply to experts.
 """
 
 from __future__ import annotations

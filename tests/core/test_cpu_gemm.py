@@ -36,7 +36,8 @@ def test_the_three_passes_of_a_linear_layer_equal_the_float64_products(spy):
     finally:
         gemm.ONEDNN_MIN_FLOPS = old
     assert len(spy) == 3
-    xd, wd, dyd = x.detach().double().reshape(-1, 80), w.detach().double(), dy.double().reshape(-1, 72)
+    xd, wd = x.detach().double().reshape(-1, 80), w.detach().double()
+    dyd = dy.double().reshape(-1, 72)
     for got, want in ((y.reshape(-1, 72), xd @ wd.t()), (x.grad.reshape(-1, 80), dyd @ wd),
                       (w.grad, dyd.t() @ xd)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)

@@ -64,7 +64,8 @@ def test_onednn_row_windows_give_each_groups_own_rows(counts, monkeypatch):
         pytest.skip("this torch has no oneDNN linear kernel")
     calls = []
     kernel = gemm.ONEDNN_LINEAR
-    monkeypatch.setattr(gemm, "ONEDNN_LINEAR", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    monkeypatch.setattr(gemm, "ONEDNN_LINEAR",
+                        lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
     monkeypatch.setattr(gemm, "ONEDNN_MIN_FLOPS", 0)
     monkeypatch.setattr(grouped_gemm, "ONEDNN_ROW_BUCKET", 8)
     torch.manual_seed(0)
