@@ -80,7 +80,8 @@ def blocked_probability_count(s: int, block: int) -> int:
 class _BlockedCausalAttention(torch.autograd.Function):
     """Causal softmax(q k^T * scale) v by blocks of query rows, each against the keys up to its
     own last row: q, k [b, n, s, d], v [b, n, s, dv] -> [s, b, n * dv] (the core's output
-    layout, written in place by the blocks' products).
+    layout; each block's product goes to a contiguous piece first, then is copied there: torch's
+    CPU batched GEMM runs a strided destination one matrix at a time).
 
     Forward per block: scores = scale * q_blk k^T (one GEMM into a kept buffer), -inf above the
     diagonal of the block's last square, softmax in place, out_blk = P v. Backward per block (the

@@ -16,8 +16,13 @@ import torch
 
 def _onednn_linear():
     """torch's oneDNN linear kernel (`mkldnn::_linear_pointwise`), or None where this torch has
-    none or `MEGATRON_DSV3_CPU_GEMM=torch` asks for torch's default (MKL) GEMM."""
-    if os.environ.get("MEGATRON_DSV3_CPU_GEMM", "auto") == "torch":
+    none or `MEGATRON_DSV3_CPU_GEMM=torch` asks for torch's default (MKL) GEMM (read once, at
+    import)."""
+    choice = os.environ.get("MEGATRON_DSV3_CPU_GEMM", "auto")
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"MEGATRON_DSV3_CPU_GEMM={choice!r}: allowed values are 'auto' (oneDNN's "
+                         "kernel for large float32 CPU GEMMs where torch has it) and 'torch'")
+    if choice == "torch":
         return None
     try:
         if not torch.backends.mkldnn.is_available():
@@ -137,8 +142,12 @@ class WeightGradStore:
     def pop(cls) -> None:
         if not cls._units:
             raise RuntimeError("WeightGradStore.pop() with no deferred weight-gradient unit")
-        for fn in cls._units.pop(0):
-            fn()
+        # as inside autograd's backward: no graph recorded, and the GEMMs see untracked inputs
+        # (matmul_nt keeps torch's GEMM for tracked ones: a deferred gradient would otherwise
+        # differ from an immediate one in the last bits)
+        with torch.no_grad():
+            for fn in cls._units.pop(0):
+                fn()
 
     @classmethod
     def size(cls) -> int:

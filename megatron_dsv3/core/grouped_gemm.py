@@ -46,9 +46,10 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: List[int]) -> torch.Te
     some CPUs: docs/benchmarks.md) over a window of rows rounded up to `ONEDNN_ROW_BUCKET`: the
     group's rows and some of the next (or, at the end, the previous) group's, whose results are
     dropped. oneDNN builds a kernel per shape, ~1 ms each time a new one appears, and routing
-    gives every group a new row count each step; with the rounding a few shapes recur. A
-    column-grouped product (a weight gradient) sums over the group's rows, so it cannot take
-    extra rows and keeps torch's GEMM."""
+    gives every group a new row count each step; with the rounding a few shapes recur. Groups
+    of at most half a window, windows longer than `a`, and windows under `ONEDNN_MIN_FLOPS` keep
+    torch's GEMM; so does a column-grouped product (a weight gradient): it sums over the
+    group's rows, so it cannot take extra rows."""
     grouped_rows = b.dim() == 3
     shape = (a.shape[0], b.shape[-1]) if grouped_rows else (len(counts), a.shape[0], b.shape[-1])
     pooled = workspace.serves(shape, a.dtype, a.device)
@@ -61,7 +62,7 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: List[int]) -> torch.Te
     for g, n in enumerate(counts):
         if grouped_rows:
             window = -(-n // ONEDNN_ROW_BUCKET) * ONEDNN_ROW_BUCKET
-            if onednn and n and window <= rows and \
+            if onednn and 2 * n > window and window <= rows and \
                     2 * window * a.shape[1] * b.shape[-1] >= gemm_module.ONEDNN_MIN_FLOPS:
                 first = min(start, rows - window)  # the window ends at a's last row at most
                 result = matmul_nt(a[first:first + window], b[g].t())

@@ -50,6 +50,7 @@ def test_bad_counts_are_rejected():
 
 @pytest.mark.parametrize("counts", [
     [5, 0, 9, 2, 7],   # windows of 8 rows: past the next group's rows, the last ones shifted back
+                       # (the group of 2 rows: torch's GEMM, a window would be 4x its work)
     [2, 0, 0, 0, 23],  # the last group's window shifted back by one row
     [3, 1, 2],         # 6 rows in all: no window fits, torch's GEMM for every group
 ])
@@ -75,8 +76,9 @@ def test_onednn_row_windows_give_each_groups_own_rows(counts, monkeypatch):
     dy = torch.randn(sum(counts), N)
     y = grouped_linear(x, w, counts)
     y.backward(dy)
-    windows = [-(-n // 8) * 8 for n in counts if n]
-    windows = [w_ for w_ in windows if w_ <= sum(counts)]  # else torch's GEMM
+    windows = [(-(-n // 8) * 8, n) for n in counts if n]
+    # torch's GEMM for a window longer than all rows or twice a group's rows (the group of 2)
+    windows = [w_ for w_, n in windows if w_ <= sum(counts) and 2 * n > w_]
     assert calls == windows * 2 and (calls or sum(counts) < 8)  # forward and input gradient
     xd, wd, dyd = x.detach().double(), w.detach().double(), dy.double()
     ref_y = torch.cat([r @ wd[g].t() for g, r in enumerate(torch.split(xd, counts))])
