@@ -103,7 +103,8 @@ class _BlockedCausalAttention(torch.autograd.Function):
         # torch's CPU batched GEMM writes into a strided destination one matrix at a time
         outs = q.new_empty(bh * s * dv)
         above = {}  # rows -> the strict upper triangle of a rows x rows square
-        for start, end, offset in _query_blocks(s, block):
+        blocks = _query_blocks(s, block)
+        for start, end, offset in blocks:
             rows = end - start
             p = probs[bh * offset:bh * (offset + rows * end)].view(bh, rows, end)
             if rows not in above:
@@ -114,7 +115,7 @@ class _BlockedCausalAttention(torch.autograd.Function):
             torch.ops.aten._softmax.out(p, -1, False, out=p)
             torch.bmm(p, v3[:, :end], out=outs[bh * start * dv:bh * end * dv].view(bh, rows, dv))
         out = q.new_empty(s, b, n, dv)
-        for start, end, _ in _query_blocks(s, block):
+        for start, end, _ in blocks:
             out[start:end].copy_(outs[bh * start * dv:bh * end * dv].view(
                 b, n, end - start, dv).permute(2, 0, 1, 3))
         ctx.save_for_backward(q3, k3, v3, probs)
