@@ -52,6 +52,26 @@ from megatron_dsv3.pipeline.schedules import (COMPUTE, Layout, Op, build, check,
 
 P2P_ORDERS = ("tagged", "ordered")
 _BATCHED_GROUPS: List = []  # pipeline groups whose ranks have met once before batched transfers
+_PLANS: Dict[Tuple, Tuple[Op, ...]] = {}  # (schedule, P, N, order, forward_only, rank) -> ops
+
+
+def _rank_ops(schedule: str, ranks: int, rank: int, num_microbatches: int, order: str,
+              forward_only: bool) -> List[Op]:
+    """This rank's ops (`build`, or `ordered_plan` for the ordered transfer order), built once
+    per configuration: a step then starts its first op without rebuilding every rank's
+    schedule (~0.5-1 ms of host time per step)."""
+    key = (schedule, ranks, num_microbatches, order, forward_only, rank)
+    ops = _PLANS.get(key)
+    if ops is None:
+        if order == "ordered":
+            ops = ordered_plan(schedule, ranks, num_microbatches, forward_only)[rank]
+        elif forward_only:
+            per_direction = num_microbatches // 2 if schedule == "dualpipe" else num_microbatches
+            ops = [Op("F", c, m) for m in range(per_direction) for c in (0, 1)]
+        else:
+            ops = build(schedule, ranks, num_microbatches)[rank]
+        ops = _PLANS[key] = tuple(ops)
+    return list(ops)
 
 
 class _Runner:
@@ -94,6 +114,11 @@ class _Runner:
         self.ordered = False  # p2p_order="ordered": transfers in batches where the plan puts them
         self.outbox: Dict[Tuple[str, int, int], torch.Tensor] = {}  # outputs awaiting their SEND
         self.pending: List = []  # the ordered plan's transfers since the last compute op
+        from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
+        from megatron.core.utils import get_attr_wrapped_model
+
+        self.calc_loss = forward_step_calc_loss
+        self.set_input = [get_attr_wrapped_model(m, "set_input_tensor") for m in model]
 
     # -- point to point --------------------------------------------------------------------------
     def _tag(self, kind: str, from_stage: int, direction: int, mb: int) -> int:
@@ -179,21 +204,18 @@ class _Runner:
         return self.peers[chunk][1] is None
 
     def forward(self, chunk: int, mb: int) -> None:
-        from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
-        from megatron.core.utils import get_attr_wrapped_model
-
         x = self._recv("F", chunk, mb)
         if x is not None and not self.forward_only:
             x.requires_grad_()
         model = self.model[chunk]
-        get_attr_wrapped_model(model, "set_input_tensor")(x)  # through a DDP wrapper too
+        self.set_input[chunk](x)  # through a DDP wrapper too
         with torch.set_grad_enabled(not self.forward_only):
             output, loss_func = self.forward_step_func(self.data[chunk], model)
         last = self._is_last(chunk)
         # on every stage, as Megatron's schedules do: it also sets the MoE aux-loss and MTP loss
         # gradient scales (1 / micro-batches) that this chunk's backward will use
         store: List = []
-        output, tokens = forward_step_calc_loss(
+        output, tokens = self.calc_loss(
             model, output, loss_func, self.config, None, self.collect, self.n, store,
             cp_group_size=1, is_last_stage=last)
         if last:
@@ -219,16 +241,21 @@ class _Runner:
         grad = None if self._is_last(chunk) else self._recv("B", chunk, mb)
         if grad is None and self.config.grad_scale_func is not None:
             output = self.config.grad_scale_func(output)
+        if grad is None:  # the loss: a scalar (torch.autograd.backward's implicit gradient)
+            if output.numel() != 1:
+                raise RuntimeError(f"pipeline rank {self.rank}: the last stage's output of "
+                                   f"chunk {chunk} has shape {tuple(output.shape)}; its "
+                                   "backward starts from a scalar loss")
+            grad = torch.ones_like(output, memory_format=torch.preserve_format)
+        # autograd's engine directly, as Megatron's custom_backward: torch.autograd.backward
+        # would compare grad's shape with a deallocated output's 1-element placeholder (the
+        # engine checks it against the shape the graph recorded), and its Python checks cost
+        # host time on every backward
+        self.deallocated.discard((chunk, mb))
         with WeightGradStore.deferring(zb):
-            if (chunk, mb) in self.deallocated:
-                # (torch.autograd.backward would compare grad's shape with the 1-element output;
-                # the engine checks it against the shape the graph recorded)
-                self.deallocated.discard((chunk, mb))
-                Variable._execution_engine.run_backward(
-                    tensors=(output,), grad_tensors=(grad,), keep_graph=False, create_graph=False,
-                    inputs=(), allow_unreachable=True, accumulate_grad=True)
-            else:
-                torch.autograd.backward(output, grad_tensors=grad)
+            Variable._execution_engine.run_backward(
+                tensors=(output,), grad_tensors=(grad,), keep_graph=False, create_graph=False,
+                inputs=(), allow_unreachable=True, accumulate_grad=True)
         if zb:
             WeightGradStore.flush()
         if x is not None:
@@ -367,18 +394,13 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
                      overlap or sequential_forward_backward, trace)
     runner.n = num_microbatches  # losses are averaged over every micro-batch of the step
     order = _p2p_order(p2p_order, recv_lookahead, group, device)
-    if order == "ordered":
-        ops = ordered_plan(schedule, ranks, num_microbatches, forward_only)[rank]
-        if group not in _BATCHED_GROUPS:
-            # torch: the first collective on a group that batch_isend_irecv uses must involve
-            # every rank of it (NCCL creates the communicator then); the plan's first batches
-            # pair only neighbours, so every rank of the group meets here once first
-            dist.barrier(group=group)
-            _BATCHED_GROUPS.append(group)
-    elif forward_only:
-        ops = [Op("F", c, m) for m in range(per_direction) for c in (0, 1)]
-    else:
-        ops = build(schedule, ranks, num_microbatches)[rank]
+    ops = _rank_ops(schedule, ranks, rank, num_microbatches, order, forward_only)
+    if order == "ordered" and group not in _BATCHED_GROUPS:
+        # torch: the first collective on a group that batch_isend_irecv uses must involve
+        # every rank of it (NCCL creates the communicator then); the plan's first batches
+        # pair only neighbours, so every rank of the group meets here once first
+        dist.barrier(group=group)
+        _BATCHED_GROUPS.append(group)
     WeightGradStore.clear()
     with trace.recording() if trace is not None else contextlib.nullcontext():
         if order == "ordered":

@@ -177,3 +177,30 @@ def test_one_iterator_for_both_chunks_is_refused(single_rank_world):
     chunk the tokens of a micro-batch and the other the labels of the next."""
     assert run_distributed(_one_iterator, 1,
                            megatron_parallel={"pipeline_model_parallel_size": 1}) == [True]
+
+
+def _non_scalar_loss(rank, world):
+    from megatron_dsv3.model_chunks import build_model_chunks
+    from megatron_dsv3.pipeline import forward_backward_dualpipev
+
+    def per_token_step(data_iterator, model):
+        batch = next(data_iterator)
+        out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        # a per-token loss left unreduced: the last stage's output is not a scalar
+        return out, lambda per_token: (per_token.float(), torch.tensor(1), {})
+
+    chunks = build_model_chunks(_config(False, 2), "dualpipev", rank, world)
+    with pytest.raises(RuntimeError, match=r"output of chunk 1 has shape \(2, 16\); its "
+                                           r"backward starts from a scalar loss"):
+        forward_backward_dualpipev(forward_step_func=per_token_step,
+                                   data_iterator=[iter(_batches(2)), iter(_batches(2))],
+                                   model=chunks, num_microbatches=2, seq_length=S,
+                                   micro_batch_size=B)
+    return True
+
+
+def test_a_non_scalar_loss_is_refused_naming_its_shape(single_rank_world):
+    """The backward of the last stage starts from the loss (autograd's engine is called
+    directly, without torch.autograd.backward's implicit-gradient check)."""
+    assert run_distributed(_non_scalar_loss, 1,
+                           megatron_parallel={"pipeline_model_parallel_size": 1}) == [True]
