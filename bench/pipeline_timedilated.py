@@ -17,8 +17,9 @@ DualPipeV and DualPipe against DeepSeek's reference implementations in the same 
 chunk sleeps F/B/W (weight gradients deferred to each implementation's own WeightGradStore), N
 micro-batches as given. The reference is imported from DIR and adapted to CPU/gloo at run time
 (its p2p buffers are allocated on the CPU and its device check sees the CPU); nothing of it is
-copied here. Each configuration runs --repeat times; the table reports the median and the
-smallest bubble of each side.
+copied here. Each configuration runs --repeat times per side, the two sides' runs interleaved;
+the table reports the median and the smallest bubble of each side and the median ratio of the
+runs made side by side.
 """
 
 import argparse
@@ -285,18 +286,27 @@ def main():
                       f"{r['bubble_s']:.3f} | {r['formula_bubble_s']:.3f} |")
 
 
-def _measure(fn, P, args, megatron_parallel, repeat):
-    """Over `repeat` runs: (median iteration time, median bubble, smallest bubble), with the
-    worst rank's iteration time and iteration time minus own compute per run. Noise on 2 shared
-    cores only adds time, so the smallest bubble is the least disturbed estimate."""
+def _measure_pair(ours, ref, P, repeat):
+    """`repeat` runs of each side, interleaved (ours, reference, reference, ours, ...: the
+    machine's speed drifts by tens of percent over minutes on shared cores, and a block of
+    runs per side would hand the drift to one of them). Per run: the worst rank's iteration
+    time and iteration time minus own compute. -> per side (median iteration time, median
+    bubble, smallest bubble: noise only adds time, so the smallest is the least disturbed
+    estimate), and the median over runs of ours / reference of the runs made side by side."""
     import statistics
 
-    runs = []
-    for _ in range(repeat):
-        res = run_distributed(fn, P, args=args, megatron_parallel=megatron_parallel, timeout=600)
-        runs.append((max(t for t, _ in res), max(t - b for t, b in res)))
-    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs),
-            min(r[1] for r in runs))
+    runs = {"ours": [], "ref": []}
+    for i in range(repeat):
+        for side in (("ours", "ref") if i % 2 == 0 else ("ref", "ours")):
+            fn, args, parallel = {"ours": ours, "ref": ref}[side]
+            res = run_distributed(fn, P, args=args, megatron_parallel=parallel, timeout=600)
+            runs[side].append((max(t for t, _ in res), max(t - b for t, b in res)))
+
+    def summary(r):
+        return (statistics.median(x[0] for x in r), statistics.median(x[1] for x in r),
+                min(x[1] for x in r))
+    paired = statistics.median(o[1] / r[1] for o, r in zip(runs["ours"], runs["ref"]))
+    return summary(runs["ours"]), summary(runs["ref"]), paired
 
 
 def _compare_with_reference(a):
@@ -310,31 +320,34 @@ def _compare_with_reference(a):
             for sched in ("dualpipev", "dualpipe"):
                 row = {"pp": P, "microbatches": N, "schedule": sched,
                        "formula_bubble_s": expected_bubble(sched, P, times)}
-                ours = _measure(_run, P, (f"ours_{sched}", a.F, a.B, a.W, N, 1.0,
-                                          a.recv_lookahead, a.p2p_order),
-                                {"pipeline_model_parallel_size": P}, a.repeat)
-                ref = _measure(_run_reference, P, (f"ref_{sched}", a.F, a.B, a.W, N,
-                                                   os.path.abspath(a.dualpipe_ref)), None, a.repeat)
+                ours, ref, paired = _measure_pair(
+                    (_run, (f"ours_{sched}", a.F, a.B, a.W, N, 1.0, a.recv_lookahead,
+                            a.p2p_order), {"pipeline_model_parallel_size": P}),
+                    (_run_reference, (f"ref_{sched}", a.F, a.B, a.W, N,
+                                      os.path.abspath(a.dualpipe_ref)), None), P, a.repeat)
                 row.update({"ours_iteration_s": ours[0], "ours_bubble_s": ours[1],
                             "ours_min_bubble_s": ours[2],
                             "ref_iteration_s": ref[0], "ref_bubble_s": ref[1],
                             "ref_min_bubble_s": ref[2],
                             "bubble_ratio_ours_over_ref": ours[1] / ref[1],
-                            "min_bubble_ratio_ours_over_ref": ours[2] / ref[2]})
+                            "min_bubble_ratio_ours_over_ref": ours[2] / ref[2],
+                            "paired_bubble_ratio_median": paired})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if not a.json:
         print("| P | N | schedule | ours iteration (s) | reference iteration (s) | ours bubble (s) "
               "| reference bubble (s) | ours / reference bubble | smallest bubble ours / "
-              "reference (s) | ratio of smallest | formula bubble (s) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "reference (s) | ratio of smallest | median ratio of side-by-side runs | formula bubble "
+              "(s) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['pp']} | {r['microbatches']} | {r['schedule']} | "
                   f"{r['ours_iteration_s']:.3f} | {r['ref_iteration_s']:.3f} | "
                   f"{r['ours_bubble_s']:.3f} | {r['ref_bubble_s']:.3f} | "
                   f"**{r['bubble_ratio_ours_over_ref']:.2f}** | "
                   f"{r['ours_min_bubble_s']:.3f} / {r['ref_min_bubble_s']:.3f} | "
-                  f"**{r['min_bubble_ratio_ours_over_ref']:.2f}** | {r['formula_bubble_s']:.3f} |")
+                  f"**{r['min_bubble_ratio_ours_over_ref']:.2f}** | "
+                  f"**{r['paired_bubble_ratio_median']:.2f}** | {r['formula_bubble_s']:.3f} |")
 
 
 if __name__ == "__main__":
