@@ -337,8 +337,8 @@ def _compare_with_reference(a):
     if not a.json:
         print("| P | N | schedule | ours iteration (s) | reference iteration (s) | ours bubble (s) "
               "| reference bubble (s) | ours / reference bubble | smallest bubble ours / "
-              "reference (s) | ratio of smallest | median ratio of side-by-side runs | formula bubble "
-              "(s) |")
+              "reference (s) | ratio of smallest | median ratio of side-by-side runs | "
+              "formula bubble (s) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['pp']} | {r['microbatches']} | {r['schedule']} | "

@@ -1,7 +1,8 @@
 r"""Simulate a schedule from the same data the executor runs, and draw it.
 
     python -m megatron_dsv3.pipeline.simulate --schedule dualpipev --pp 4 --microbatches 16 \
-        --F 1 --B 2 --W 1 --FB 2.5 [--json] [--plot out.png]
+        --F 1 --B 2 --W 1 --FB 2.5 [--pairs sequential] [--overhead 0.03 --latency 0.01] \
+        [--json] [--plot out.png]
 
 Each rank executes its operation list in order; an operation starts when its rank is free and its
 inputs exist (the previous stage's forward of that micro-batch, the next stage's backward).
@@ -11,6 +12,12 @@ command line takes F, B, FB > 0 and 0 <= W <= B (so no operation runs backwards 
 per-rank timeline, total time, bubble (idle time of a rank: total time minus its busy time, as in
 DeepSeek's table), and peak in-flight activations (forwards whose backward has not run, in units
 of one chunk's activations for one micro-batch).
+
+`--pairs sequential` runs each F&B pair as the executor's default pair runner does (forward half,
+then backward half; F + B, each half's output sent when it ends) instead of one overlapped FB
+with both outputs at its end; `--overhead` adds host time to every forward pass, backward pass and
+W, `--latency` to every transfer between ranks (both count as bubble: a model of the
+time-dilated benchmark, bench/pipeline_timedilated.py).
 """
 
 from __future__ import annotations
@@ -40,7 +47,24 @@ class Times:
         return self.W if op.kind == "W" else self.FB
 
 
-def simulate(name: str, ranks: int, microbatches: int, times: Times, chunks: int = 2) -> Dict:
+PAIRS = ("overlapped", "sequential")
+
+
+def simulate(name: str, ranks: int, microbatches: int, times: Times, chunks: int = 2, *,
+             pairs: str = "overlapped", overhead: float = 0.0, latency: float = 0.0) -> Dict:
+    """`pairs`: how an F&B pair runs. "overlapped" (DeepSeek's accounting): one FB duration,
+    both outputs ready at its end. "sequential" (the executor's default pair runner,
+    `overlap.sequential_forward_backward`): the forward half (F) then the backward half (B),
+    each output ready when its half ends. `overhead`: host time added to every forward pass,
+    backward pass (a pair has one of each) and W; `latency`: added to every transfer between
+    two ranks. The bubble counts both (a rank's busy time is its compute only), as the
+    time-dilated benchmark measures it."""
+    if pairs not in PAIRS:
+        raise ValueError(f"pairs={pairs!r} is invalid: allowed values are "
+                         f"{', '.join(map(repr, PAIRS))}")
+    for field, value in (("overhead", overhead), ("latency", latency)):
+        if not value >= 0:
+            raise ValueError(f"{field}={value!r} is invalid: allowed values are numbers >= 0")
     ops = build(name, ranks, microbatches, chunks, times)
     lay = layout(name, ranks, chunks)
     done: Dict[Tuple[str, int, int], float] = {}  # (F|B, stage key, mb) -> finish time
@@ -51,17 +75,24 @@ def simulate(name: str, ranks: int, microbatches: int, times: Times, chunks: int
     def key(rank, chunk):
         return (lay.stage(rank, chunk), chunk if lay.name == "dualpipe" else 0)
 
+    def arrival(kind, peer, rank, mb):
+        end = done.get((kind, key(*peer), mb))
+        return None if end is None else end + (latency if peer[0] != rank else 0.0)
+
     def ready(rank, kind, chunk, mb):
         prev, nxt = neighbours(lay, rank, chunk)
         if kind == "F":
-            return 0.0 if prev is None else done.get(("F", key(*prev), mb))
+            return 0.0 if prev is None else arrival("F", prev, rank, mb)
         own = done.get(("F", key(rank, chunk), mb))
         if own is None:
             return None
         if nxt is None:
             return own
-        down = done.get(("B", key(*nxt), mb))
+        down = arrival("B", nxt, rank, mb)
         return None if down is None else max(own, down)
+
+    def duration(kind, zb):
+        return times.F if kind == "F" else (times.B - times.W if zb else times.B)
 
     remaining = sum(len(o) for o in ops)
     while remaining:
@@ -70,23 +101,31 @@ def simulate(name: str, ranks: int, microbatches: int, times: Times, chunks: int
             if pos[r] >= len(ops[r]):
                 continue
             op = ops[r][pos[r]]
+            halves = [("F", op.chunk, op.mb), ("B", op.chunk2, op.mb2)] if op.kind == "FB" \
+                else [(op.kind, op.chunk, op.mb)]
             if op.kind == "W":
                 start = clock[r]
+                end, compute = start + times.W + overhead, times.W
             else:
-                halves = [("F", op.chunk, op.mb), ("B", op.chunk2, op.mb2)] if op.kind == "FB" \
-                    else [(op.kind, op.chunk, op.mb)]
                 deps = [ready(r, k, c, m) for k, c, m in halves]
                 if any(d is None for d in deps):
                     continue
-                start = max([clock[r]] + deps)
-            end = start + times.of(op)
-            for k, c, m in ([("F", op.chunk, op.mb), ("B", op.chunk2, op.mb2)]
-                            if op.kind == "FB" else [(op.kind, op.chunk, op.mb)]):
-                if k in ("F", "B"):
-                    done[(k, key(r, c), m)] = end
+                if op.kind == "FB" and pairs == "sequential":
+                    start = end = max(clock[r], deps[0])
+                    compute = 0.0
+                    for (k, c, m), dep in zip(halves, deps):
+                        end = max(end, dep) + duration(k, False) + overhead
+                        compute += duration(k, False)
+                        done[(k, key(r, c), m)] = end
+                else:
+                    start = max([clock[r]] + deps)
+                    compute = times.of(op)
+                    end = start + compute + overhead * len(halves)
+                    for k, c, m in halves:
+                        done[(k, key(r, c), m)] = end
             timeline[r].append({"op": str(op), "kind": op.kind, "chunk": op.chunk, "mb": op.mb,
                                 "chunk2": op.chunk2, "mb2": op.mb2, "zb": op.zb,
-                                "start": start, "end": end})
+                                "start": start, "end": end, "compute": compute})
             clock[r] = end
             pos[r] += 1
             remaining -= 1
@@ -94,7 +133,7 @@ def simulate(name: str, ranks: int, microbatches: int, times: Times, chunks: int
         if not progressed:
             raise RuntimeError(f"schedule {name} deadlocks at positions {pos}")
     total = max(clock)
-    busy = [sum(e["end"] - e["start"] for e in t) for t in timeline]
+    busy = [sum(e["compute"] for e in t) for t in timeline]
     peak = []
     for t in timeline:
         live, best = 0, 0
@@ -106,7 +145,8 @@ def simulate(name: str, ranks: int, microbatches: int, times: Times, chunks: int
                 live -= 1
         peak.append(best)
     return {"schedule": name, "ranks": ranks, "microbatches": microbatches,
-            "times": vars(times), "total": total, "bubble_per_rank": [total - b for b in busy],
+            "times": vars(times), "pairs": pairs, "overhead": overhead, "latency": latency,
+            "total": total, "bubble_per_rank": [total - b for b in busy],
             "bubble": max(total - b for b in busy), "busy_per_rank": busy,
             "peak_activations_per_rank": peak, "peak_activations": max(peak),
             "timeline": timeline}
@@ -190,6 +230,13 @@ def main(argv=None):
                    help="weight-gradient part of B, in [0, B] (default 1; 0 = none deferred)")
     p.add_argument("--FB", type=positive_float, default=2.5,
                    help="overlapped forward+backward pair time, > 0 (default 2.5)")
+    p.add_argument("--pairs", choices=PAIRS, default="overlapped",
+                   help="F&B pairs: overlapped (one FB time, both outputs at its end; default) or "
+                        "sequential (F then B, each output when its half ends)")
+    p.add_argument("--overhead", type=non_negative_float, default=0.0,
+                   help="host time per forward pass, backward pass and W, >= 0 (default 0)")
+    p.add_argument("--latency", type=non_negative_float, default=0.0,
+                   help="time per transfer between two ranks, >= 0 (default 0)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, help="write the timeline to this image file "
                    "(.png, .pdf, .svg, .jpg)")
@@ -207,7 +254,8 @@ def main(argv=None):
                 f"[0, {a.B:g}] (W is the weight-gradient part of the backward B)")
     try:
         res = simulate(a.schedule, a.pp, a.microbatches, Times(a.F, a.B, a.W, a.FB),
-                       2 if a.chunks is None else a.chunks)
+                       2 if a.chunks is None else a.chunks, pairs=a.pairs,
+                       overhead=a.overhead, latency=a.latency)
     except ValueError as e:
         p.error(str(e))
     if a.plot:

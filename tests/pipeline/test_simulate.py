@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from megatron_dsv3.pipeline.schedules import build, layout, with_comm
+from megatron_dsv3.pipeline.schedules import build, layout, neighbours, with_comm
 from megatron_dsv3.pipeline.simulate import Times, expected_bubble, simulate
 
 # DeepSeek's closed forms are exact when a weight-gradient chunk costs as much as a forward
@@ -65,7 +65,86 @@ def test_comm_ops_pair_up_across_ranks():
     assert {(k, m, src, dst) for k, c, m, src, dst in sends} == set(recvs)
 
 
-def test_command_line_prints_json_and_plots(tmp_path):
+@pytest.mark.parametrize("P", [2, 4])
+def test_overhead_and_latency_in_1f1b_closed_forms(P):
+    """Every forward and backward pays `overhead` d: 1F1B takes (N + P - 1)(F + B + 2d); one
+    micro-batch is a chain of P forwards and P backwards with 2(P - 1) transfers of latency L."""
+    t, d, L = Times(1, 2, 1, 3), 0.1, 0.05
+    for N in (2, 4, 8):
+        res = simulate("1f1b", P, N, t, overhead=d)
+        assert res["total"] == pytest.approx((N + P - 1) * (t.F + t.B + 2 * d))
+        assert res["bubble"] == pytest.approx(res["total"] - N * (t.F + t.B))  # d is bubble
+    one = simulate("1f1b", P, 1, t, overhead=d, latency=L)
+    assert one["total"] == pytest.approx(P * (t.F + t.B + 2 * d) + 2 * (P - 1) * L)
+
+
+def _longest_paths(name, P, N, t, d, L):
+    """Independent of the simulator's event loop: every op's end time as the least fixed point
+    of end = max(previous op on its rank, its inputs' arrival) + duration, pairs run forward
+    half then backward half (each half's output ready when it ends). -> the bubble."""
+    ops, lay = build(name, P, N), layout(name, P)
+
+    def key(r, c):
+        return lay.stage(r, c), c if name == "dualpipe" else 0
+
+    half_end, op_end = {}, {}
+    for _ in range(sum(map(len, ops)) + 1):
+        changed = False
+        for r, rank_ops in enumerate(ops):
+            clock = 0.0
+            for i, op in enumerate(rank_ops):
+                if op.kind == "W":
+                    end = clock + t.W + d
+                else:
+                    end = clock
+                    halves = [("F", op.chunk, op.mb), ("B", op.chunk2, op.mb2)] \
+                        if op.kind == "FB" else [(op.kind, op.chunk, op.mb)]
+                    for kind, c, m in halves:
+                        prev, nxt = neighbours(lay, r, c)
+                        src = prev if kind == "F" else nxt
+                        inputs = [] if kind == "F" else [half_end.get(("F", key(r, c), m), 0.0)]
+                        if src is not None:
+                            inputs.append(half_end.get((kind, key(*src), m), 0.0)
+                                          + (L if src[0] != r else 0.0))
+                        dur = t.F if kind == "F" else (t.B - t.W if op.zb else t.B)
+                        end = max([end] + inputs) + dur + d
+                        if half_end.get((kind, key(r, c), m)) != end:
+                            half_end[(kind, key(r, c), m)], changed = end, True
+                op_end[(r, i)] = clock = end
+        if not changed:
+            break
+    total = max(op_end.values())
+    compute = [sum(t.W if o.kind == "W" else (t.F + t.B) if o.kind == "FB" else
+                   t.F if o.kind == "F" else (t.B - t.W if o.zb else t.B) for o in rank_ops)
+               for rank_ops in ops]
+    return max(total - c for c in compute)
+
+
+@pytest.mark.parametrize("name,P,N", [("dualpipe", 4, 16), ("dualpipe", 4, 32),
+                                      ("dualpipev", 4, 10), ("dualpipe", 6, 24)])
+def test_sequential_pairs_equal_an_independent_longest_path(name, P, N):
+    for t in (Times(1, 2, 1, 3), Times(2, 3, 1, 5), Times(1, 3, 1, 4)):
+        for d, L in ((0.0, 0.0), (0.03, 0.01), (0.04, 0.025)):
+            res = simulate(name, P, N, t, pairs="sequential", overhead=d, latency=L)
+            assert res["bubble"] == pytest.approx(_longest_paths(name, P, N, t, d, L)), \
+                (vars(t), d, L)
+            # each half's output leaves earlier than at the pair's end: never a later finish
+            over = simulate(name, P, N, t, pairs="overlapped", overhead=d, latency=L)
+            assert res["total"] <= over["total"] + 1e-9
+
+
+def test_simulator_refuses_bad_pair_modes_and_negative_costs():
+    t = Times()
+    with pytest.raises(ValueError, match="pairs='both' is invalid: allowed values are "
+                                         "'overlapped', 'sequential'"):
+        simulate("dualpipe", 4, 16, t, pairs="both")
+    with pytest.raises(ValueError, match="overhead=-0.1 is invalid: allowed values are numbers"):
+        simulate("dualpipe", 4, 16, t, overhead=-0.1)
+    with pytest.raises(ValueError, match="latency=nan is invalid"):
+        simulate("dualpipe", 4, 16, t, latency=float("nan"))
+
+
+def test_command_line_prints_json_and_plots(tmp_path, capsys):
     out = tmp_path / "v.png"
     proc = subprocess.run([sys.executable, "-m", "megatron_dsv3.pipeline.simulate", "--schedule",
                            "dualpipev", "--pp", "4", "--microbatches", "10", "--F", "1", "--B",
@@ -79,3 +158,12 @@ def test_command_line_prints_json_and_plots(tmp_path):
                           "dualpipe", "--pp", "3", "--microbatches", "12"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode != 0 and "even number of pipeline ranks" in bad.stderr
+    from megatron_dsv3.pipeline.simulate import main
+
+    main(["--schedule", "dualpipe", "--pp", "4", "--microbatches", "16", "--FB", "3", "--pairs",
+          "sequential", "--overhead", "0.03", "--latency", "0.01", "--json"])
+    seq = json.loads(capsys.readouterr().out)
+    assert (seq["pairs"], seq["overhead"], seq["latency"]) == ("sequential", 0.03, 0.01)
+    assert seq["bubble"] == pytest.approx(simulate("dualpipe", 4, 16, Times(1, 2, 1, 3),
+                                                   pairs="sequential", overhead=0.03,
+                                                   latency=0.01)["bubble"])
