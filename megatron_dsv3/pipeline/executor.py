@@ -223,6 +223,12 @@ class _Runner:
             if store:
                 self.losses[(chunk, mb)] = store[0]
         else:
+            if output.shape != self.shape:  # (autograd's engine would broadcast a gradient)
+                raise ValueError(
+                    f"pipeline rank {self.rank}: chunk {chunk}'s output has shape "
+                    f"{tuple(output.shape)}; the pipeline's transfers carry (seq_length, "
+                    f"micro_batch_size, hidden_size) = {tuple(self.shape)}: allowed is that shape "
+                    "(after adjust_tensor_shapes_fn, when one is given)")
             self._send("F", chunk, mb, output)
             if getattr(self.config, "deallocate_pipeline_outputs", False) \
                     and not self.forward_only and output._base is None:

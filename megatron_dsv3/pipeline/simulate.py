@@ -13,9 +13,10 @@ per-rank timeline, total time, bubble (idle time of a rank: total time minus its
 DeepSeek's table), and peak in-flight activations (forwards whose backward has not run, in units
 of one chunk's activations for one micro-batch).
 
-`--pairs sequential` runs each F&B pair as the executor's default pair runner does (forward half,
-then backward half; F + B, each half's output sent when it ends) instead of one overlapped FB
-with both outputs at its end; `--overhead` adds host time to every forward pass, backward pass and
+`--pairs sequential` runs each F&B pair as the executor's default pair runner does with the
+tagged transfer order, gloo's default (forward half, then backward half; F + B, each half's
+output sent when it ends), instead of one overlapped FB with both outputs at its end (the
+ordered transfer order, NCCL's default, also sends both after the pair); `--overhead` adds host time to every forward pass, backward pass and
 W, `--latency` to every transfer between ranks (both count as bubble: a model of the
 time-dilated benchmark, bench/pipeline_timedilated.py).
 """
@@ -54,8 +55,8 @@ def simulate(name: str, ranks: int, microbatches: int, times: Times, chunks: int
              pairs: str = "overlapped", overhead: float = 0.0, latency: float = 0.0) -> Dict:
     """`pairs`: how an F&B pair runs. "overlapped" (DeepSeek's accounting): one FB duration,
     both outputs ready at its end. "sequential" (the executor's default pair runner,
-    `overlap.sequential_forward_backward`): the forward half (F) then the backward half (B),
-    each output ready when its half ends. `overhead`: host time added to every forward pass,
+    `overlap.sequential_forward_backward`, with the tagged transfer order, gloo's default): the
+    forward half (F) then the backward half (B), each output ready when its half ends. `overhead`: host time added to every forward pass,
     backward pass (a pair has one of each) and W; `latency`: added to every transfer between
     two ranks. The bubble counts both (a rank's busy time is its compute only), as the
     time-dilated benchmark measures it."""
@@ -232,7 +233,8 @@ def main(argv=None):
                    help="overlapped forward+backward pair time, > 0 (default 2.5)")
     p.add_argument("--pairs", choices=PAIRS, default="overlapped",
                    help="F&B pairs: overlapped (one FB time, both outputs at its end; default) or "
-                        "sequential (F then B, each output when its half ends)")
+                        "sequential (F then B, each output when its half ends: the executor "
+                        "on gloo's tagged transfer order)")
     p.add_argument("--overhead", type=non_negative_float, default=0.0,
                    help="host time per forward pass, backward pass and W, >= 0 (default 0)")
     p.add_argument("--latency", type=non_negative_float, default=0.0,

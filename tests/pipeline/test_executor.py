@@ -34,12 +34,14 @@ def forward_step(data_iterator, model):
 
 
 def _pipelined(rank, world, schedule, mtp, forward_only, N, layers, p2p_order=None,
-               threaded=False, dealloc=False):
+               threaded=False, dealloc=False, grad_scale=None):
     from megatron_dsv3.model_chunks import build_model_chunks
     from megatron_dsv3.pipeline import executor, get_forward_backward_func
 
     config = _config(mtp, layers)
     config.deallocate_pipeline_outputs = dealloc
+    if grad_scale is not None:  # Megatron's loss scaler (mixed precision) scales the loss
+        config.grad_scale_func = lambda loss: loss * grad_scale
     freed = []
     if dealloc:  # the bytes each sent output keeps after its forward
         forward = executor._Runner.forward
@@ -203,4 +205,40 @@ def test_a_non_scalar_loss_is_refused_naming_its_shape(single_rank_world):
     """The backward of the last stage starts from the loss (autograd's engine is called
     directly, without torch.autograd.backward's implicit-gradient check)."""
     assert run_distributed(_non_scalar_loss, 1,
+                           megatron_parallel={"pipeline_model_parallel_size": 1}) == [True]
+
+
+def test_grad_scale_func_scales_every_gradient(single_rank_world):
+    """Megatron's grad_scale_func scales the last stage's loss before its backward (and the
+    MoE aux-loss and MTP scales with it): every gradient is the unscaled one times the scale,
+    the reported losses are unscaled."""
+    ref_losses, ref_grads = _reference(True, 2, 2)
+    [(losses, grads, *_)] = run_distributed(
+        _pipelined, 1, args=("dualpipev", True, False, 2, 2, None, False, False, 4.0),
+        megatron_parallel={"pipeline_model_parallel_size": 1})
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        want = 4.0 * ref_grads[name]
+        assert ((g - want).norm() / want.norm().clamp_min(1e-12)).item() < 1e-5, name
+
+
+def _wrong_seq_length(rank, world):
+    from megatron_dsv3.model_chunks import build_model_chunks
+    from megatron_dsv3.pipeline import forward_backward_dualpipev
+
+    chunks = build_model_chunks(_config(False, 2), "dualpipev", rank, world)
+    with pytest.raises(ValueError, match=r"chunk 0's output has shape \(16, 2, \d+\); the "
+                                         r"pipeline's transfers carry .* = \(17, 2, \d+\)"):
+        forward_backward_dualpipev(forward_step_func=forward_step,
+                                   data_iterator=[iter(_batches(2)), iter(_batches(2))],
+                                   model=chunks, num_microbatches=2, seq_length=S + 1,
+                                   micro_batch_size=B)
+    return True
+
+
+def test_an_output_of_another_shape_than_the_transfers_is_refused(single_rank_world):
+    """seq_length that is not the batches' one: the stage's output does not fit the transfer
+    buffers (on NCCL a size mismatch hangs or corrupts; here it is named at the first send)."""
+    assert run_distributed(_wrong_seq_length, 1,
                            megatron_parallel={"pipeline_model_parallel_size": 1}) == [True]

@@ -78,10 +78,12 @@ def test_overhead_and_latency_in_1f1b_closed_forms(P):
     assert one["total"] == pytest.approx(P * (t.F + t.B + 2 * d) + 2 * (P - 1) * L)
 
 
-def _longest_paths(name, P, N, t, d, L):
+def _longest_paths(name, P, N, t, d, L, pairs="sequential"):
     """Independent of the simulator's event loop: every op's end time as the least fixed point
-    of end = max(previous op on its rank, its inputs' arrival) + duration, pairs run forward
-    half then backward half (each half's output ready when it ends). -> the bubble."""
+    of end = max(previous op on its rank, its inputs' arrival) + duration; pairs run forward
+    half then backward half, each half's output ready when it ends ("sequential"), or take FB
+    plus both halves' overhead with both outputs ready at the end ("overlapped"). -> the
+    bubble."""
     ops, lay = build(name, P, N), layout(name, P)
 
     def key(r, c):
@@ -99,6 +101,7 @@ def _longest_paths(name, P, N, t, d, L):
                     end = clock
                     halves = [("F", op.chunk, op.mb), ("B", op.chunk2, op.mb2)] \
                         if op.kind == "FB" else [(op.kind, op.chunk, op.mb)]
+                    arrivals = []
                     for kind, c, m in halves:
                         prev, nxt = neighbours(lay, r, c)
                         src = prev if kind == "F" else nxt
@@ -106,15 +109,25 @@ def _longest_paths(name, P, N, t, d, L):
                         if src is not None:
                             inputs.append(half_end.get((kind, key(*src), m), 0.0)
                                           + (L if src[0] != r else 0.0))
-                        dur = t.F if kind == "F" else (t.B - t.W if op.zb else t.B)
-                        end = max([end] + inputs) + dur + d
-                        if half_end.get((kind, key(r, c), m)) != end:
-                            half_end[(kind, key(r, c), m)], changed = end, True
+                        arrivals.append(inputs)
+                    if op.kind == "FB" and pairs == "overlapped":
+                        end = max([end] + arrivals[0] + arrivals[1]) + t.FB + 2 * d
+                        ends = [end, end]
+                    else:
+                        ends = []
+                        for (kind, c, m), inputs in zip(halves, arrivals):
+                            dur = t.F if kind == "F" else (t.B - t.W if op.zb else t.B)
+                            end = max([end] + inputs) + dur + d
+                            ends.append(end)
+                    for (kind, c, m), half in zip(halves, ends):
+                        if half_end.get((kind, key(r, c), m)) != half:
+                            half_end[(kind, key(r, c), m)], changed = half, True
                 op_end[(r, i)] = clock = end
         if not changed:
             break
     total = max(op_end.values())
-    compute = [sum(t.W if o.kind == "W" else (t.F + t.B) if o.kind == "FB" else
+    pair = t.F + t.B if pairs == "sequential" else t.FB
+    compute = [sum(t.W if o.kind == "W" else pair if o.kind == "FB" else
                    t.F if o.kind == "F" else (t.B - t.W if o.zb else t.B) for o in rank_ops)
                for rank_ops in ops]
     return max(total - c for c in compute)
@@ -131,6 +144,8 @@ def test_sequential_pairs_equal_an_independent_longest_path(name, P, N):
             # each half's output leaves earlier than at the pair's end: never a later finish
             over = simulate(name, P, N, t, pairs="overlapped", overhead=d, latency=L)
             assert res["total"] <= over["total"] + 1e-9
+            assert over["bubble"] == pytest.approx(
+                _longest_paths(name, P, N, t, d, L, pairs="overlapped")), (vars(t), d, L)
 
 
 def test_simulator_refuses_bad_pair_modes_and_negative_costs():
