@@ -16,9 +16,9 @@ of one chunk's activations for one micro-batch).
 `--pairs sequential` runs each F&B pair as the executor's default pair runner does with the
 tagged transfer order, gloo's default (forward half, then backward half; F + B, each half's
 output sent when it ends), instead of one overlapped FB with both outputs at its end (the
-ordered transfer order, NCCL's default, also sends both after the pair); `--overhead` adds host time to every forward pass, backward pass and
-W, `--latency` to every transfer between ranks (both count as bubble: a model of the
-time-dilated benchmark, bench/pipeline_timedilated.py).
+ordered transfer order, NCCL's default, also sends both after the pair); `--overhead` adds host
+time to every forward pass, backward pass and W, `--latency` to every transfer between ranks
+(both count as bubble: a model of the time-dilated benchmark, bench/pipeline_timedilated.py).
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def simulate(name: str, ranks: int, microbatches: int, times: Times, chunks: int
     """`pairs`: how an F&B pair runs. "overlapped" (DeepSeek's accounting): one FB duration,
     both outputs ready at its end. "sequential" (the executor's default pair runner,
     `overlap.sequential_forward_backward`, with the tagged transfer order, gloo's default): the
-    forward half (F) then the backward half (B), each output ready when its half ends. `overhead`: host time added to every forward pass,
-    backward pass (a pair has one of each) and W; `latency`: added to every transfer between
-    two ranks. The bubble counts both (a rank's busy time is its compute only), as the
+    forward half (F) then the backward half (B), each output ready when its half ends.
+    `overhead`: host time added to every forward pass, backward pass (a pair has one of each)
+    and W; `latency`: added to every transfer between two ranks. The bubble counts both (a rank's busy time is its compute only), as the
     time-dilated benchmark measures it."""
     if pairs not in PAIRS:
         raise ValueError(f"pairs={pairs!r} is invalid: allowed values are "
