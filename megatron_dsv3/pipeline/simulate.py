@@ -58,8 +58,8 @@ def simulate(name: str, ranks: int, microbatches: int, times: Times, chunks: int
     `overlap.sequential_forward_backward`, with the tagged transfer order, gloo's default): the
     forward half (F) then the backward half (B), each output ready when its half ends.
     `overhead`: host time added to every forward pass, backward pass (a pair has one of each)
-    and W; `latency`: added to every transfer between two ranks. The bubble counts both (a rank's busy time is its compute only), as the
-    time-dilated benchmark measures it."""
+    and W; `latency`: added to every transfer between two ranks. The bubble counts both (a
+    rank's busy time is its compute only), as the time-dilated benchmark measures it."""
     if pairs not in PAIRS:
         raise ValueError(f"pairs={pairs!r} is invalid: allowed values are "
                          f"{', '.join(map(repr, PAIRS))}")
