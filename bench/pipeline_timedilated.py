@@ -19,7 +19,8 @@ micro-batches as given. The reference is imported from DIR and adapted to CPU/gl
 (its p2p buffers are allocated on the CPU and its device check sees the CPU); nothing of it is
 copied here. Each configuration runs --repeat times per side, the two sides' runs interleaved;
 the table reports the median and the smallest bubble of each side and the median ratio of the
-runs made side by side.
+runs made side by side, and a second table splits the median run's bubble (worst rank) into
+the harness oversleeping, our receive waits and the rest.
 """
 
 import argparse
@@ -38,6 +39,16 @@ from megatron_dsv3.testing.distributed import run_distributed  # noqa: E402
 S, MB, H = 4, 1, 16
 
 
+def _sleep(t, busy):
+    """Sleep t seconds of "compute": busy[0] counts the asked time; busy[1], where the list has
+    one, the time actually slept (an oversleep is the harness's, not the schedule's)."""
+    start = time.perf_counter()
+    time.sleep(t)
+    busy[0] += t
+    if len(busy) > 1:
+        busy[1] += time.perf_counter() - start
+
+
 class SleepFn(torch.autograd.Function):
     """Forward sleeps f; backward sleeps b - w for the input gradient and w for the weight
     gradient (deferred to the weight-gradient store `store` when it is deferring: ours, or
@@ -46,8 +57,7 @@ class SleepFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, f, b, w, busy, store):
-        time.sleep(f)
-        busy[0] += f
+        _sleep(f, busy)
         ctx.b, ctx.w, ctx.busy, ctx.first, ctx.store = b, w, busy, not x.requires_grad, store
         return x * 1.0 + weight * 0.0
 
@@ -58,20 +68,17 @@ class SleepFn(torch.autograd.Function):
         busy, b, w, store = ctx.busy, ctx.b, ctx.w, ctx.store
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if store.enabled if store is not None else WeightGradStore.is_deferring():
-            time.sleep(b - w)
-            busy[0] += b - w
+            _sleep(b - w, busy)
 
             def weight():
-                time.sleep(w)
-                busy[0] += w
+                _sleep(w, busy)
             (store or WeightGradStore).put(weight)
             return g, None, None, None, None, None, None
         if ctx.first:  # the first stage has no input gradient: one call does the whole backward
             t = b
         else:  # torch's zero-bubble split calls input and weight gradients separately
             t = (b - w if need_x else 0) + (w if need_w else 0)
-        time.sleep(t)
-        busy[0] += t
+        _sleep(t, busy)
         return ((g if need_x else None), (torch.zeros(1) if need_w else None),
                 None, None, None, None, None)
 
@@ -133,7 +140,7 @@ def _run_reference(rank, world, which, F, B, W, N, path):
     ref = _load_reference(path)
     from dualpipe.utils import WeightGradStore
 
-    busy = [0.0]
+    busy = [0.0, 0.0]
     ref.set_p2p_tensor_shapes([(S, MB, H)])
     ref.set_p2p_tensor_dtype(torch.float32)
     mods = (SleepStage(F, B, W, busy, store=WeightGradStore),
@@ -158,25 +165,31 @@ def _run_reference(rank, world, which, F, B, W, N, path):
     return _timed_iteration(step, busy)
 
 
-def _timed_iteration(step, busy):
+def _timed_iteration(step, busy, stats=None):
     """One untimed iteration (first-call imports and allocations), then the timed one: -> (its
-    wall time until every rank is done, this rank's compute time in it)."""
+    wall time until every rank is done, this rank's compute time in it, what else is known of
+    it: the time the harness actually slept, and for ours the time spent waiting on receives)."""
     import torch.distributed as dist
 
     step()
     dist.barrier()
-    busy[0] = 0.0
+    busy[:] = [0.0] * len(busy)
+    if stats is not None:
+        stats.clear()
     start = time.perf_counter()
     step()
     dist.barrier()
-    return time.perf_counter() - start, busy[0]
+    extra = {"slept_s": busy[1] if len(busy) > 1 else None,
+             "recv_wait_s": stats.get("recv_wait_s") if stats else None}
+    return time.perf_counter() - start, busy[0], extra
 
 
 def _run(rank, world, which, F, B, W, N, scale=0.5, recv_lookahead=2, p2p_order="tagged"):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    busy = [0.0]
+    busy = [0.0, 0.0]
+    stats = {}  # ours: the executor's time waiting on receives (its `stats=`)
     data = [torch.ones(S, MB, H) for _ in range(N)]
     if which == "megatron_1f1b":
         from megatron.core.pipeline_parallel.schedules import (
@@ -199,7 +212,7 @@ def _run(rank, world, which, F, B, W, N, scale=0.5, recv_lookahead=2, p2p_order=
         def step():
             fb(forward_step_func=_forward_step, data_iterator=[iter(data), iter(data)],
                model=chunks, num_microbatches=N, seq_length=S, micro_batch_size=MB,
-               p2p_order=p2p_order,
+               p2p_order=p2p_order, stats=stats,
                recv_lookahead=recv_lookahead if p2p_order == "tagged" else None)
     else:  # torch.distributed.pipelining's DualPipeV
         from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
@@ -218,7 +231,7 @@ def _run(rank, world, which, F, B, W, N, scale=0.5, recv_lookahead=2, p2p_order=
                 sched.step(x, target=torch.zeros(S * N, MB, H))
             else:
                 sched.step()
-    return _timed_iteration(step, busy)
+    return _timed_iteration(step, busy, stats)
 
 
 def main():
@@ -266,8 +279,8 @@ def main():
                 res = run_distributed(_run, P, args=(which, a.F, a.B, a.W, N),
                                       megatron_parallel={"pipeline_model_parallel_size": P},
                                       timeout=600)
-                total = max(t for t, _ in res)
-                bubble = max(t - b for t, b in res)
+                total = max(t for t, *_ in res)
+                bubble = max(t - b for t, b, *_ in res)
                 rows.append({"pp": P, "microbatches": N, "schedule": which, "iteration_s": total,
                              "bubble_s": bubble, "formula_bubble_s": formulas[which],
                              "ideal_s": N * (a.F + a.B)})
@@ -286,13 +299,26 @@ def main():
                       f"{r['bubble_s']:.3f} | {r['formula_bubble_s']:.3f} |")
 
 
+def _breakdown(res):
+    """The worst rank's bubble of one run, in ms, split into what is known of it: the harness
+    oversleeping, our executor's waiting on receives (None for the reference, whose waits are
+    not instrumented), and the rest (host time between and inside operations; for the reference
+    its waits as well)."""
+    t, b, extra = max(res, key=lambda r: r[0] - r[1])
+    out = {"bubble_ms": (t - b) * 1e3, "sleep_overshoot_ms": (extra["slept_s"] - b) * 1e3,
+           "recv_wait_ms": None if extra["recv_wait_s"] is None else extra["recv_wait_s"] * 1e3}
+    out["other_ms"] = out["bubble_ms"] - out["sleep_overshoot_ms"] - (out["recv_wait_ms"] or 0.0)
+    return out
+
+
 def _measure_pair(ours, ref, P, repeat):
     """`repeat` runs of each side, interleaved (ours, reference, reference, ours, ...: the
     machine's speed drifts by tens of percent over minutes on shared cores, and a block of
     runs per side would hand the drift to one of them). Per run: the worst rank's iteration
     time and iteration time minus own compute. -> per side (median iteration time, median
     bubble, smallest bubble: noise only adds time, so the smallest is the least disturbed
-    estimate), and the median over runs of ours / reference of the runs made side by side."""
+    estimate, the median run's `_breakdown`), and the median over runs of ours / reference of
+    the runs made side by side."""
     import statistics
 
     runs = {"ours": [], "ref": []}
@@ -300,11 +326,13 @@ def _measure_pair(ours, ref, P, repeat):
         for side in (("ours", "ref") if i % 2 == 0 else ("ref", "ours")):
             fn, args, parallel = {"ours": ours, "ref": ref}[side]
             res = run_distributed(fn, P, args=args, megatron_parallel=parallel, timeout=600)
-            runs[side].append((max(t for t, _ in res), max(t - b for t, b in res)))
+            runs[side].append((max(t for t, *_ in res), max(t - b for t, b, *_ in res),
+                               _breakdown(res)))
 
     def summary(r):
+        median_run = sorted(r, key=lambda x: x[1])[(len(r) - 1) // 2]
         return (statistics.median(x[0] for x in r), statistics.median(x[1] for x in r),
-                min(x[1] for x in r))
+                min(x[1] for x in r), median_run[2])
     paired = statistics.median(o[1] / r[1] for o, r in zip(runs["ours"], runs["ref"]))
     return summary(runs["ours"]), summary(runs["ref"]), paired
 
@@ -331,7 +359,8 @@ def _compare_with_reference(a):
                             "ref_min_bubble_s": ref[2],
                             "bubble_ratio_ours_over_ref": ours[1] / ref[1],
                             "min_bubble_ratio_ours_over_ref": ours[2] / ref[2],
-                            "paired_bubble_ratio_median": paired})
+                            "paired_bubble_ratio_median": paired,
+                            "ours_breakdown_ms": ours[3], "ref_breakdown_ms": ref[3]})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if not a.json:
@@ -348,6 +377,17 @@ def _compare_with_reference(a):
                   f"{r['ours_min_bubble_s']:.3f} / {r['ref_min_bubble_s']:.3f} | "
                   f"**{r['min_bubble_ratio_ours_over_ref']:.2f}** | "
                   f"**{r['paired_bubble_ratio_median']:.2f}** | {r['formula_bubble_s']:.3f} |")
+        print("\nThe median run's worst-rank bubble (ms) = the harness oversleeping + receive "
+              "waits (ours only) + the rest (host time; the reference's waits included):\n")
+        print("| P | N | schedule | side | bubble | sleep overshoot | receive waits | rest |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            for side in ("ours", "ref"):
+                d = r[f"{side}_breakdown_ms"]
+                waits = "-" if d["recv_wait_ms"] is None else f"{d['recv_wait_ms']:.1f}"
+                print(f"| {r['pp']} | {r['microbatches']} | {r['schedule']} | {side} | "
+                      f"{d['bubble_ms']:.1f} | {d['sleep_overshoot_ms']:.1f} | {waits} | "
+                      f"{d['other_ms']:.1f} |")
 
 
 if __name__ == "__main__":
