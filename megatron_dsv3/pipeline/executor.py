@@ -56,7 +56,7 @@ _PLANS: Dict[Tuple, Tuple[Op, ...]] = {}  # (schedule, P, N, order, forward_only
 
 
 def _rank_ops(schedule: str, ranks: int, rank: int, num_microbatches: int, order: str,
-              forward_only: bool) -> List[Op]:
+              forward_only: bool, per_direction: int) -> List[Op]:
     """This rank's ops (`build`, or `ordered_plan` for the ordered transfer order), built once
     per configuration: a step then starts its first op without rebuilding every rank's
     schedule (~0.5-1 ms of host time per step)."""
@@ -66,7 +66,6 @@ def _rank_ops(schedule: str, ranks: int, rank: int, num_microbatches: int, order
         if order == "ordered":
             ops = ordered_plan(schedule, ranks, num_microbatches, forward_only)[rank]
         elif forward_only:
-            per_direction = num_microbatches // 2 if schedule == "dualpipe" else num_microbatches
             ops = [Op("F", c, m) for m in range(per_direction) for c in (0, 1)]
         else:
             ops = build(schedule, ranks, num_microbatches)[rank]
@@ -400,7 +399,8 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
                      overlap or sequential_forward_backward, trace)
     runner.n = num_microbatches  # losses are averaged over every micro-batch of the step
     order = _p2p_order(p2p_order, recv_lookahead, group, device)
-    ops = _rank_ops(schedule, ranks, rank, num_microbatches, order, forward_only)
+    ops = _rank_ops(schedule, ranks, rank, num_microbatches, order, forward_only,
+                    per_direction)
     if order == "ordered" and group not in _BATCHED_GROUPS:
         # torch: the first collective on a group that batch_isend_irecv uses must involve
         # every rank of it (NCCL creates the communicator then); the plan's first batches
