@@ -19,11 +19,7 @@ StepTrace recording this step's operations and the transfers reported during it)
 measured bubble fraction) and `recv_lookahead=` (default 2: before each op, the receives of the
 next two ops are posted, so transfers land while this rank computes; 0 posts each receive just
 before the op that needs it). Sends are never waited for inside the step (only at its end);
-completed ones release their buffers as the step goes. With `send_thread=` (default: on for
-"tagged" transfers of CPU tensors) the sends are issued from a helper thread: gloo's `isend`
-writes to the socket and wakes the peer in the calling thread, ~0.25 ms after a compute on a
-small machine, which the compute thread then spends on its next operation instead (the role a
-communication stream plays on a GPU).
+completed ones release their buffers as the step goes.
 
 `p2p_order=` says how transfers are issued. "tagged" (the default on gloo): as above, each
 transfer on its own, matched by its tag. "ordered" (the default on every other backend, NCCL
@@ -39,7 +35,6 @@ it). "tagged" is refused on such backends, and `recv_lookahead` applies to "tagg
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -78,40 +73,6 @@ def _rank_ops(schedule: str, ranks: int, rank: int, num_microbatches: int, order
     return list(ops)
 
 
-class _SendThread:
-    """Issues a runner's point-to-point sends from a helper thread, in the order they are handed
-    over. An error there is raised by the next `put` and by `close`."""
-
-    def __init__(self, issue: Callable):
-        self.issue, self.error = issue, None
-        self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, name="dsv3-pipeline-sends", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is None:  # after an error the rest is dropped: the step fails
-                try:
-                    self.issue(*item)
-                except BaseException as e:  # raised in the compute thread
-                    self.error = e
-
-    def put(self, *item) -> None:
-        if self.error is not None:
-            raise RuntimeError("a pipeline send failed in the send thread") from self.error
-        self.queue.put(item)
-
-    def close(self, raise_error: bool = True) -> None:
-        """Issue what is queued, stop the thread; raise its error, if any (`raise_error`)."""
-        self.queue.put(None)
-        self.thread.join()
-        if raise_error and self.error is not None:
-            raise RuntimeError("a pipeline send failed in the send thread") from self.error
-
-
 class _Runner:
     def __init__(self, lay: Layout, rank: int, model: List, forward_step_func, data_iterator,
                  num_microbatches: int, tensor_shape, dtype, config, group, forward_only: bool,
@@ -135,7 +96,6 @@ class _Runner:
         self.outputs: Dict[Tuple[int, int], torch.Tensor] = {}
         self.local: Dict[Tuple[str, int, int], torch.Tensor] = {}  # same-rank hand-offs
         self.sends: List = []  # ([works], [tensors kept alive until the works are done])
-        self.sender: Optional[_SendThread] = None  # run(send_thread=True): sends issued there
         self._sends_lock = threading.Lock()
         self.losses: Dict[Tuple[int, int], object] = {}
         self.deallocated: set = set()  # (chunk, mb) whose sent output's values were freed
@@ -231,16 +191,11 @@ class _Runner:
         if self.ordered:  # sent where the plan's SEND op stands
             self.outbox[(kind, chunk, mb)] = t
             return
-        if self.sender is not None:
-            self.sender.put(t, self.global_rank[dst[0]], self._send_tag(kind, chunk, mb))
-        else:
-            self._isend(t, self.global_rank[dst[0]], self._send_tag(kind, chunk, mb))
-
-    def _isend(self, t: torch.Tensor, peer: int, tag: int) -> None:
-        work = dist.isend(t, dst=peer, group=self.group, tag=tag)
+        work = dist.isend(t, dst=self.global_rank[dst[0]], group=self.group,
+                          tag=self._send_tag(kind, chunk, mb))
         # completed sends release their buffers as the step goes (waited at the end otherwise);
-        # under a lock: F&B pairs in two threads, or the send thread, send from several threads
-        # (a check by one thread and a pop by another would drop an unfinished send)
+        # under a lock: F&B pairs in two threads send from both (a check by one thread and a pop
+        # by the other would drop an unfinished send)
         with self._sends_lock:
             self.sends.append(([work], [t]))
             while self.sends and self.sends[0][0][0].is_completed():
@@ -348,28 +303,16 @@ class _Runner:
             self.overlap(lambda: self._run_forward(op.chunk, op.mb, True),
                          lambda: self._run_backward(op.chunk2, op.mb2, False, True))
 
-    def run(self, ops: List[Op], recv_lookahead: int = 2,
-            send_thread: bool = False) -> Dict[str, float]:
+    def run(self, ops: List[Op], recv_lookahead: int = 2) -> Dict[str, float]:
         """Run `ops`; -> wall time, time spent waiting on other stages and their ratio.
 
         Before each op the receives of the next `recv_lookahead` ops are posted (each at most
         once), so an activation or gradient arrives while the rank is still computing; a buffer
-        then exists at most `recv_lookahead` ops early. `send_thread`: sends are issued from a
-        helper thread (`_SendThread`)."""
+        then exists at most `recv_lookahead` ops early."""
         start = time.perf_counter()
-        if send_thread:
-            self.sender = _SendThread(self._isend)
-        try:
-            for i, op in enumerate(ops):
-                self.prefetch(ops[i:i + 1 + recv_lookahead])
-                self._run_op(op)
-        except BaseException:
-            if self.sender is not None:  # the step's own error is the one raised
-                self.sender.close(raise_error=False)
-            raise
-        if self.sender is not None:
-            sender, self.sender = self.sender, None
-            sender.close()
+        for i, op in enumerate(ops):
+            self.prefetch(ops[i:i + 1 + recv_lookahead])
+            self._run_op(op)
         return self._finish(start)
 
     def _finish(self, start: float) -> Dict[str, float]:
@@ -438,8 +381,7 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
                       adjust_tensor_shapes_fn=None, p2p_communicator=None, pg_collection=None,
                       force_all_reduce=False, overlap: Optional[Callable] = None,
                       trace: Optional[StepTrace] = None, stats: Optional[Dict] = None,
-                      recv_lookahead: Optional[int] = None, p2p_order: Optional[str] = None,
-                      send_thread: Optional[bool] = None):
+                      recv_lookahead: Optional[int] = None, p2p_order: Optional[str] = None):
     from megatron.core import parallel_state
     from megatron.core.utils import get_model_config
 
@@ -452,9 +394,6 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
     if p2p_order not in (None,) + P2P_ORDERS:
         raise ValueError(f"p2p_order={p2p_order!r}: allowed values are None (by backend), "
                          f"{', '.join(map(repr, P2P_ORDERS))}")
-    if send_thread not in (None, True, False):
-        raise ValueError(f"send_thread={send_thread!r}: allowed values are None (on for "
-                         "p2p_order='tagged' with CPU tensors), True, False")
     group = getattr(pg_collection, "pp", None) or parallel_state.get_pipeline_model_parallel_group()
     ranks, rank = dist.get_world_size(group), dist.get_rank(group)
     check(schedule, ranks, num_microbatches)
@@ -490,8 +429,7 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
         if order == "ordered":
             step = runner.run_ordered(ops)
         else:
-            step = runner.run(ops, 2 if recv_lookahead is None else recv_lookahead,
-                              _send_thread(send_thread, device, order))
+            step = runner.run(ops, 2 if recv_lookahead is None else recv_lookahead)
     WeightGradStore.check_drained(f"{schedule} step on pipeline rank {rank}")
     if stats is not None:
         stats.update(step)
@@ -517,23 +455,6 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
     if timers is not None:
         timers("forward-backward").stop()
     return [runner.losses[k] for k in sorted(runner.losses)]
-
-
-def _send_thread(asked: Optional[bool], device: torch.device, order: str = "tagged") -> bool:
-    """Whether the tagged order's sends go through a helper thread: by default for CPU tensors
-    (there gloo's isend costs the calling thread a socket write and a wake-up of the peer); a
-    GPU tensor's send is ordered on its stream by the thread that queued its producer, so it
-    stays there."""
-    if asked and order != "tagged":
-        raise ValueError("send_thread=True applies to p2p_order='tagged' only: the ordered plan "
-                         "issues its transfers in batches where DeepSeek's DualPipe does")
-    if order != "tagged":
-        return False
-    if asked and device.type != "cpu":
-        raise ValueError(f"send_thread=True is refused for tensors on {device.type!r}: a send "
-                         "from another thread is not ordered after the kernels that produce its "
-                         "tensor. Allowed there: send_thread=None or False")
-    return device.type == "cpu" if asked is None else asked
 
 
 def _refuse_threaded_pairs(config, device: torch.device) -> None:

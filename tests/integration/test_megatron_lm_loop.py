@@ -169,8 +169,10 @@ def test_e_dualpipe_in_megatron_loop_equals_unpipelined(tmp_path):
     20 iterations on core_v0.16.1); the embedding (stage 0, rank 0's first copy) and the output
     head (rank 0's reverse copy is the last stage) hold the unpipelined model's gradients."""
     got_grads, want_grads = str(tmp_path / "dualpipe.pt"), str(tmp_path / "reference.pt")
+    # --timing-log-level 2: Megatron's per-micro-batch timers are real ones, started and
+    # stopped by the schedule (an unstarted one asserts)
     got = run_loop("dsv3", PP + ["--pipeline-model-parallel-size", "2",
-                                 "--pipeline-schedule", "dualpipe"], 2,
+                                 "--pipeline-schedule", "dualpipe", "--timing-log-level", "2"], 2,
                    env={"DSV3_DUMP_GRADS": got_grads})
     want = run_loop("dsv3", PP, 1, env={"DSV3_DUMP_GRADS": want_grads})
     for key in ("lm loss", "grad norm"):

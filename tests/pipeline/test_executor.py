@@ -36,7 +36,7 @@ def forward_step(data_iterator, model):
 
 
 def _pipelined(rank, world, schedule, mtp, forward_only, N, layers, p2p_order=None,
-               threaded=False, dealloc=False, grad_scale=None, send_thread=None):
+               threaded=False, dealloc=False, grad_scale=None):
     from megatron_dsv3.model_chunks import build_model_chunks
     from megatron_dsv3.pipeline import executor, get_forward_backward_func
 
@@ -67,7 +67,7 @@ def _pipelined(rank, world, schedule, mtp, forward_only, N, layers, p2p_order=No
     with ctx:
         losses = run(forward_step_func=forward_step, data_iterator=iters, model=chunks,
                      num_microbatches=N, seq_length=S, micro_batch_size=B,
-                     forward_only=forward_only, p2p_order=p2p_order, send_thread=send_thread)
+                     forward_only=forward_only, p2p_order=p2p_order)
     if dealloc:
         assert freed and max(freed) <= 4, freed  # every rank sends outputs; one element kept
     return [float(l["lm loss"]) for l in losses], grads_by_global_name(chunks), \
@@ -107,21 +107,13 @@ DEALLOC = [("dualpipev", 2, True, 4, 4, None, False, True),
            ("dualpipev", 4, True, 8, 8, None, True, True)]
 
 
-# send_thread: None is the default (on gloo with CPU tensors the sends go through the send
-# thread); False issues them from the compute thread
-INLINE_SENDS = [("dualpipe", 4, False, 8, 4, None, False, False, False)]
-
-
-@pytest.mark.parametrize("schedule,ranks,mtp,N,layers,p2p_order,threaded,dealloc,send_thread",
-                         [c + (False, None) for c in CASES] + [c + (None,) for c in DEALLOC]
-                         + INLINE_SENDS)
+@pytest.mark.parametrize("schedule,ranks,mtp,N,layers,p2p_order,threaded,dealloc",
+                         [c + (False,) for c in CASES] + DEALLOC)
 def test_pipelined_losses_and_gradients_equal_unpipelined(single_rank_world, schedule, ranks, mtp,
-                                                          N, layers, p2p_order, threaded, dealloc,
-                                                          send_thread):
+                                                          N, layers, p2p_order, threaded, dealloc):
     ref_losses, ref_grads = _reference(mtp, N, layers)
     results = run_distributed(_pipelined, ranks,
-                              args=(schedule, mtp, False, N, layers, p2p_order, threaded, dealloc,
-                                    None, send_thread),
+                              args=(schedule, mtp, False, N, layers, p2p_order, threaded, dealloc),
                               megatron_parallel={"pipeline_model_parallel_size": ranks})
     losses = [l for r in results for l in r[0]]
     assert sorted(losses) == pytest.approx(sorted(ref_losses), rel=1e-5)
@@ -294,45 +286,3 @@ def test_megatron_timers_and_finalize_arguments(single_rank_world):
     assert elapsed["forward-compute"] + elapsed["backward-compute"] <= elapsed["forward-backward"]
     assert elapsed["forward-backward"] <= wall
 
-
-def test_send_thread_settings_are_checked():
-    from megatron_dsv3.pipeline import forward_backward_dualpipev
-    from megatron_dsv3.pipeline.executor import _send_thread
-
-    with pytest.raises(ValueError, match="send_thread='yes': allowed values are None"):
-        forward_backward_dualpipev(forward_step_func=None, data_iterator=None,
-                                   model=[object(), object()], num_microbatches=4, seq_length=4,
-                                   micro_batch_size=1, send_thread="yes")
-    with pytest.raises(ValueError, match="send_thread=True is refused for tensors on 'cuda'"):
-        _send_thread(True, torch.device("cuda"))
-    assert _send_thread(None, torch.device("cpu")) and not _send_thread(None,
-                                                                        torch.device("cuda"))
-    assert not _send_thread(False, torch.device("cpu"))
-    with pytest.raises(ValueError, match="send_thread=True applies to p2p_order='tagged' only"):
-        _send_thread(True, torch.device("cpu"), "ordered")
-    assert not _send_thread(None, torch.device("cpu"), "ordered")
-
-
-def test_the_send_thread_issues_in_order_and_raises_its_error_in_the_compute_thread():
-    from megatron_dsv3.pipeline.executor import _SendThread
-
-    issued = []
-
-    def issue(tensor, peer, tag):
-        if tag == 3:
-            raise ConnectionError("peer gone")
-        issued.append((tensor, peer, tag))
-    sender = _SendThread(issue)
-    for tag in range(3):
-        sender.put("t", 1, tag)
-    sender.close()
-    assert issued == [("t", 1, 0), ("t", 1, 1), ("t", 1, 2)]
-    sender = _SendThread(issue)
-    sender.put("t", 1, 3)
-    sender.queue.put(None)  # (wait for the failing send, as close does, without raising)
-    sender.thread.join()
-    with pytest.raises(RuntimeError, match="send failed in the send thread") as err:
-        sender.put("t", 1, 4)  # the next send of the compute thread learns of it
-    assert isinstance(err.value.__cause__, ConnectionError)
-    with pytest.raises(RuntimeError, match="send failed"):  # and so does close
-        sender.close()
