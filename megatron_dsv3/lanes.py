@@ -41,17 +41,24 @@ def current_lane() -> int:
     return getattr(_LANE, "value", 0)
 
 
-@contextlib.contextmanager
-def on_lane(lane: int):
-    """Collectives this thread issues inside the block go on `lane` (0 or 1)."""
-    if lane not in range(LANES):
-        raise ValueError(f"lane {lane} is invalid: allowed values are 0..{LANES - 1}")
-    saved = current_lane()
-    _LANE.value = lane
-    try:
-        yield
-    finally:
-        _LANE.value = saved
+class on_lane:
+    """`with on_lane(lane):` collectives this thread issues inside the block go on `lane` (0 or
+    1). (A class, not a generator: the pipeline enters one per forward and backward pass.)"""
+
+    __slots__ = ("lane", "saved")
+
+    def __init__(self, lane: int):
+        if lane not in range(LANES):
+            raise ValueError(f"lane {lane} is invalid: allowed values are 0..{LANES - 1}")
+        self.lane = lane
+
+    def __enter__(self) -> None:
+        self.saved = getattr(_LANE, "value", 0)
+        _LANE.value = self.lane
+
+    def __exit__(self, *exc) -> bool:
+        _LANE.value = self.saved
+        return False
 
 
 def run_on_two_lanes(on_lane0: Callable[[], None], on_lane1: Callable[[], None],

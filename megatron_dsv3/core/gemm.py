@@ -7,7 +7,6 @@ the pipeline schedules defer wgrad (zero-bubble), without either knowing about t
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Callable, List, Optional
 
@@ -94,6 +93,23 @@ class Gemm:
 DEFAULT_GEMM = Gemm()
 
 
+class _Deferring:
+    """WeightGradStore.deferring's block (a class, not a generator: the pipeline enters one per
+    backward pass)."""
+
+    __slots__ = ("store", "enabled", "previous")
+
+    def __init__(self, store, enabled: bool):
+        self.store, self.enabled = store, enabled
+
+    def __enter__(self) -> None:
+        self.previous, self.store._enabled = self.store._enabled, self.enabled
+
+    def __exit__(self, *exc) -> bool:
+        self.store._enabled = self.previous
+        return False
+
+
 class WeightGradStore:
     """Deferred weight-gradient work (zero-bubble pipelining).
 
@@ -109,13 +125,9 @@ class WeightGradStore:
     _units: List[List[Callable[[], None]]] = []
 
     @classmethod
-    @contextlib.contextmanager
-    def deferring(cls, enabled: bool = True):
-        previous, cls._enabled = cls._enabled, enabled
-        try:
-            yield
-        finally:
-            cls._enabled = previous
+    def deferring(cls, enabled: bool = True) -> "_Deferring":
+        """`with WeightGradStore.deferring(enabled):` deferral on (or off) inside the block."""
+        return _Deferring(cls, enabled)
 
     @classmethod
     def is_deferring(cls) -> bool:

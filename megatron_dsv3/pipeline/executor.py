@@ -121,6 +121,9 @@ class _Runner:
         # Megatron's timers (Megatron-LM's loop sets config.timers): 'forward-compute' is started
         # here and stopped by forward_step_calc_loss, as in Megatron's forward_step
         self.timers = getattr(config, "timers", None)
+        self.scales_set = False  # forward_step_calc_loss has set this step's loss scales
+        # tagged transfers go through the process group's send / recv with group ranks
+        self.pg = group if group is not None else dist.group.WORLD
 
     # -- point to point --------------------------------------------------------------------------
     def _tag(self, kind: str, from_stage: int, direction: int, mb: int) -> int:
@@ -146,8 +149,11 @@ class _Runner:
         src = self.peers[chunk][0 if kind == "F" else 1]
         if src is None or src[0] == self.rank:
             return
-        peer, tag, buf = self._receive_into(kind, chunk, mb)
-        self.posted[key] = ([dist.irecv(buf, src=peer, group=self.group, tag=tag)], buf)
+        _, tag, buf = self._receive_into(kind, chunk, mb)
+        # the process group's own call with the group rank: torch.distributed.irecv's checks
+        # and rank translation cost host time on every transfer (they run cold after each
+        # compute on a small machine: ~0.1 ms for a send, measured in docs/benchmarks.md)
+        self.posted[key] = ([self.pg.recv([buf], src[0], tag)], buf)
 
     def prefetch(self, ops: List[Op]) -> None:
         """Post the receives of `ops` (the next ones in this rank's schedule)."""
@@ -191,8 +197,7 @@ class _Runner:
         if self.ordered:  # sent where the plan's SEND op stands
             self.outbox[(kind, chunk, mb)] = t
             return
-        work = dist.isend(t, dst=self.global_rank[dst[0]], group=self.group,
-                          tag=self._send_tag(kind, chunk, mb))
+        work = self.pg.send([t], dst[0], self._send_tag(kind, chunk, mb))  # (as in _post)
         # completed sends release their buffers as the step goes (waited at the end otherwise);
         # under a lock: F&B pairs in two threads send from both (a check by one thread and a pop
         # by the other would drop an unfinished send)
@@ -216,12 +221,19 @@ class _Runner:
         with torch.set_grad_enabled(not self.forward_only):
             output, loss_func = self.forward_step_func(self.data[chunk], model)
         last = self._is_last(chunk)
-        # on every stage, as Megatron's schedules do: it also sets the MoE aux-loss and MTP loss
-        # gradient scales (1 / micro-batches) that this chunk's backward will use
-        store: List = []
-        output, tokens = self.calc_loss(
-            model, output, loss_func, self.config, None, self.collect, self.n, store,
-            cp_group_size=1, is_last_stage=last)
+        if last or not self.scales_set:
+            # Megatron's: the loss on a last stage; on every stage it also stops the
+            # 'forward-compute' timer and sets the step's MoE aux-loss and MTP loss gradient
+            # scales (1 / micro-batches), which the backward passes use
+            store: List = []
+            output, tokens = self.calc_loss(
+                model, output, loss_func, self.config, None, self.collect, self.n, store,
+                cp_group_size=1, is_last_stage=last)
+            self.scales_set = True
+        elif self.timers is not None:
+            # the scales are the same for every micro-batch of the step: set by this step's
+            # first forward (a call per forward costs host time on every stage)
+            self.timers("forward-compute").stop()
         if last:
             self.num_tokens += torch.as_tensor(tokens, device=self.device)
             if store:
@@ -275,18 +287,21 @@ class _Runner:
         if x is not None:
             self._send("B", chunk, mb, x.grad)
 
-    def _timed(self, kind: str, chunk: int, mb: int, lane: int, pair: bool):
-        if self.trace is None:
-            return contextlib.nullcontext()
-        return self.trace.timing(kind, chunk, mb, lane, pair)
-
     def _run_forward(self, chunk: int, mb: int, pair: bool) -> None:
-        with on_lane(FORWARD_LANE), self._timed("F", chunk, mb, FORWARD_LANE, pair):
-            self.forward(chunk, mb)
+        with on_lane(FORWARD_LANE):
+            if self.trace is None:
+                self.forward(chunk, mb)
+            else:
+                with self.trace.timing("F", chunk, mb, FORWARD_LANE, pair):
+                    self.forward(chunk, mb)
 
     def _run_backward(self, chunk: int, mb: int, zb: bool, pair: bool) -> None:
-        with on_lane(BACKWARD_LANE), self._timed("B", chunk, mb, BACKWARD_LANE, pair):
-            self.backward(chunk, mb, zb)
+        with on_lane(BACKWARD_LANE):
+            if self.trace is None:
+                self.backward(chunk, mb, zb)
+            else:
+                with self.trace.timing("B", chunk, mb, BACKWARD_LANE, pair):
+                    self.backward(chunk, mb, zb)
 
     def _run_op(self, op: Op) -> None:
         if op.kind == "F":
