@@ -63,11 +63,27 @@ def test_cpu_gemm_benchmark_runs():
     (["fp8_fidelity.py", "--part", "seeds", "--seeds", "1"], "--seeds 1 is invalid"),
     (["causal_attention.py", "--blocks", "256"], "--blocks [256] is invalid for s=256"),
     (["causal_attention.py", "--shape", "4,8,64,16,32"], "allowed are positive sizes with dv <= d"),
+    (["pipeline_ab.py", "/nonexistent", "."], "tree_a='/nonexistent': no megatron_dsv3"),
+    (["pipeline_ab.py", ".", ".", "--pp", "4", "--microbatches", "6"],
+     "--schedule/--pp/--microbatches: "),
 ])
 def test_bench_scripts_refuse_bad_input_by_flag(argv, message):
     out = bench(*argv, timeout=120)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_pipeline_ab_runs_both_trees_interleaved():
+    """The smallest A/B (this tree against itself): one run per tree, each in fresh spawned
+    processes importing megatron_dsv3 from its tree, the paired difference reported."""
+    out = bench("pipeline_ab.py", str(ROOT), str(ROOT), "--pp", "2", "--microbatches", "4",
+                "--pairs", "1", "--F", "0.002", "--B", "0.004", "--W", "0.002", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert len(got["a_runs_ms"]) == len(got["b_runs_ms"]) == 1
+    assert got["paired_diff_median_ms"] == pytest.approx(got["b_runs_ms"][0] - got["a_runs_ms"][0])
+    # a bubble holds at least the warm-up (rank 1 waits one 2 ms forward); seconds would be a hang
+    assert all(2.0 < b < 1000.0 for b in got["a_runs_ms"] + got["b_runs_ms"])
 
 
 def test_train_step_against_hf_runs_with_equal_work_flags():
