@@ -64,6 +64,7 @@ def test_cpu_gemm_benchmark_runs():
     (["causal_attention.py", "--blocks", "256"], "--blocks [256] is invalid for s=256"),
     (["causal_attention.py", "--shape", "4,8,64,16,32"], "allowed are positive sizes with dv <= d"),
     (["pipeline_ab.py", "/nonexistent", "."], "tree_a='/nonexistent': no megatron_dsv3"),
+    (["cold_after_sleep.py", "--reps", "0"], "0 is invalid: allowed values are integers >= 1"),
     (["pipeline_ab.py", ".", ".", "--pp", "4", "--microbatches", "6"],
      "--schedule/--pp/--microbatches: "),
 ])
