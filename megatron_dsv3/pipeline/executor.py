@@ -53,6 +53,7 @@ from megatron_dsv3.pipeline.schedules import (COMPUTE, Layout, Op, build, check,
 P2P_ORDERS = ("tagged", "ordered")
 _BATCHED_GROUPS: List = []  # pipeline groups whose ranks have met once before batched transfers
 _PLANS: Dict[Tuple, Tuple[Op, ...]] = {}  # (schedule, P, N, order, forward_only, rank) -> ops
+_RECEIVES: Dict[Tuple, Tuple] = {}  # (that key, recv_lookahead) -> _Runner.receive_plan
 
 
 def _rank_ops(schedule: str, ranks: int, rank: int, num_microbatches: int, order: str,
@@ -155,16 +156,23 @@ class _Runner:
         # compute on a small machine: ~0.1 ms for a send, measured in docs/benchmarks.md)
         self.posted[key] = ([self.pg.recv([buf], src[0], tag)], buf)
 
-    def prefetch(self, ops: List[Op]) -> None:
-        """Post the receives of `ops` (the next ones in this rank's schedule)."""
-        for op in ops:
-            if op.kind == "F":
-                self._post("F", op.chunk, op.mb)
-            elif op.kind == "B":
-                self._post("B", op.chunk, op.mb)
-            elif op.kind == "FB":
-                self._post("F", op.chunk, op.mb)
-                self._post("B", op.chunk2, op.mb2)
+    def receive_plan(self, ops: List[Op], lookahead: int) -> Tuple[Tuple[Tuple[str, int, int],
+                                                                          ...], ...]:
+        """Per op of `ops`, the receives to post before it: those of the ops up to `lookahead`
+        ahead not posted before it (keys (kind, chunk, mb), from other ranks only)."""
+        seen, plan = set(), []
+        for i in range(len(ops)):
+            now = []
+            for op in ops[i:i + 1 + lookahead]:
+                needs = {"F": (("F", op.chunk, op.mb),), "B": (("B", op.chunk, op.mb),),
+                         "FB": (("F", op.chunk, op.mb), ("B", op.chunk2, op.mb2))}.get(op.kind, ())
+                for key in needs:
+                    src = self.peers[key[1]][0 if key[0] == "F" else 1]
+                    if key not in seen and src is not None and src[0] != self.rank:
+                        now.append(key)
+                    seen.add(key)
+            plan.append(tuple(now))
+        return tuple(plan)
 
     def _recv(self, kind: str, chunk: int, mb: int) -> Optional[torch.Tensor]:
         src = self.peers[chunk][0 if kind == "F" else 1]
@@ -176,7 +184,7 @@ class _Runner:
             if (kind, chunk, mb) not in self.posted:  # a plan error, never a wait for nothing
                 raise RuntimeError(f"pipeline rank {self.rank}: the ordered p2p plan did not "
                                    f"post the receive of {kind}{chunk}.{mb} before its op")
-        else:
+        elif (kind, chunk, mb) not in self.posted:  # (recv_lookahead covers it otherwise)
             self._post(kind, chunk, mb)
         works, buf = self.posted.pop((kind, chunk, mb))
         t0 = time.perf_counter()
@@ -318,15 +326,23 @@ class _Runner:
             self.overlap(lambda: self._run_forward(op.chunk, op.mb, True),
                          lambda: self._run_backward(op.chunk2, op.mb2, False, True))
 
-    def run(self, ops: List[Op], recv_lookahead: int = 2) -> Dict[str, float]:
+    def run(self, ops: List[Op], recv_lookahead: int = 2,
+            plan_key: Optional[Tuple] = None) -> Dict[str, float]:
         """Run `ops`; -> wall time, time spent waiting on other stages and their ratio.
 
         Before each op the receives of the next `recv_lookahead` ops are posted (each at most
         once), so an activation or gradient arrives while the rank is still computing; a buffer
-        then exists at most `recv_lookahead` ops early."""
+        then exists at most `recv_lookahead` ops early. Which receives each op posts is planned
+        once per `plan_key` (the configuration `ops` were built for; None: every call)."""
+        posts = _RECEIVES.get((plan_key, recv_lookahead)) if plan_key is not None else None
+        if posts is None:
+            posts = self.receive_plan(ops, recv_lookahead)
+            if plan_key is not None:
+                _RECEIVES[(plan_key, recv_lookahead)] = posts
         start = time.perf_counter()
-        for i, op in enumerate(ops):
-            self.prefetch(ops[i:i + 1 + recv_lookahead])
+        for op, keys in zip(ops, posts):
+            for kind, chunk, mb in keys:
+                self._post(kind, chunk, mb)
             self._run_op(op)
         return self._finish(start)
 
@@ -444,7 +460,8 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
         if order == "ordered":
             step = runner.run_ordered(ops)
         else:
-            step = runner.run(ops, 2 if recv_lookahead is None else recv_lookahead)
+            step = runner.run(ops, 2 if recv_lookahead is None else recv_lookahead,
+                              (schedule, ranks, num_microbatches, order, forward_only, rank))
     WeightGradStore.check_drained(f"{schedule} step on pipeline rank {rank}")
     if stats is not None:
         stats.update(step)

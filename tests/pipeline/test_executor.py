@@ -286,3 +286,30 @@ def test_megatron_timers_and_finalize_arguments(single_rank_world):
     assert elapsed["forward-compute"] + elapsed["backward-compute"] <= elapsed["forward-backward"]
     assert elapsed["forward-backward"] <= wall
 
+
+
+@pytest.mark.parametrize("schedule,ranks,N", [("dualpipe", 4, 8), ("dualpipev", 4, 8)])
+@pytest.mark.parametrize("lookahead", [0, 2, 5])
+def test_each_receive_is_posted_once_lookahead_ops_before_its_op(schedule, ranks, N, lookahead):
+    """The receive plan (built once per configuration) against the rule it implements: a
+    transfer from another rank is posted before the op `lookahead` places ahead of the first op
+    that reads it (before op 0 when that is earlier), once; same-rank hand-offs never."""
+    from types import SimpleNamespace
+
+    from megatron_dsv3.pipeline.executor import _Runner
+    from megatron_dsv3.pipeline.schedules import build, layout, neighbours
+
+    lay = layout(schedule, ranks)
+    for rank, ops in enumerate(build(schedule, ranks, N)):
+        peers = [neighbours(lay, rank, c) for c in range(2)]
+        plan = _Runner.receive_plan(SimpleNamespace(peers=peers, rank=rank), ops, lookahead)
+        want = {}
+        for j, op in enumerate(ops):
+            reads = {"F": [("F", op.chunk, op.mb)], "B": [("B", op.chunk, op.mb)],
+                     "FB": [("F", op.chunk, op.mb), ("B", op.chunk2, op.mb2)]}.get(op.kind, [])
+            for kind, chunk, mb in reads:
+                src = peers[chunk][0 if kind == "F" else 1]
+                if src is not None and src[0] != rank:
+                    want.setdefault((kind, chunk, mb), max(0, j - lookahead))
+        got = [(key, i) for i, keys in enumerate(plan) for key in keys]
+        assert len(plan) == len(ops) and sorted(got) == sorted(want.items()), (rank, got, want)
