@@ -119,8 +119,8 @@ class _Runner:
 
         self.calc_loss = forward_step_calc_loss
         self.set_input = [get_attr_wrapped_model(m, "set_input_tensor") for m in model]
-        # Megatron's timers (Megatron-LM's loop sets config.timers): 'forward-compute' is started
-        # here and stopped by forward_step_calc_loss, as in Megatron's forward_step
+        # Megatron's timers (Megatron-LM's loop sets config.timers): `forward` starts
+        # 'forward-compute', forward_step_calc_loss stops it, as in Megatron's forward_step
         self.timers = getattr(config, "timers", None)
         self.scales_set = False  # forward_step_calc_loss has set this step's loss scales
         # tagged transfers go through the process group's send / recv with group ranks
