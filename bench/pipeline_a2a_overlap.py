@@ -11,8 +11,9 @@ returns no earlier than A after the issue). DualPipeV stages hold half the layer
 compute and half the link time per transfer. Schedules: Megatron's 1F1B (its own code), ours
 with F&B pairs one after the other, and ours with the pairs in two threads (forward all-to-alls
 on lane 0, backward on lane 1; megatron_dsv3.lanes, megatron_dsv3.pipeline.overlap). Iteration
-time is the slowest rank's; compute is the sleeping time of the busiest rank; link time is what
-the all-to-alls of one rank would cost if none were hidden.
+time is the slowest rank's, of a second iteration (the first is untimed, as in
+pipeline_timedilated); compute is the sleeping time of the busiest rank; link time is what the
+all-to-alls of one rank would cost if none were hidden.
 """
 
 import argparse
@@ -27,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_dsv3.cli import non_negative_float, positive_float, positive_int  # noqa: E402
 from megatron_dsv3.testing.distributed import run_distributed  # noqa: E402
 
-from pipeline_timedilated import MB, S, SleepFn, _config, _forward_step  # noqa: E402
+from pipeline_timedilated import (MB, S, SleepFn, _config, _forward_step,  # noqa: E402
+                                   _timed_iteration)  # noqa: E402
 
 class DilatedAllToAll(torch.autograd.Function):
     """An equal-split all-to-all over the calling thread's lane of `lanes`, taking at least `link`
@@ -95,15 +97,12 @@ def _lanes():
 
 
 def _run(rank, world, which, F, B, W, A, N):
-    import torch.distributed as dist
-
     from megatron_dsv3.pipeline.overlap import threaded_forward_backward
 
     torch.set_num_threads(1)
     busy = [0.0]
     lanes = _lanes()
     data = [torch.ones(S, MB, 16) for _ in range(N)]
-    dist.barrier()
     if which == "megatron_1f1b":
         from megatron.core.pipeline_parallel.schedules import (
             forward_backward_pipelining_without_interleaving as fb)
@@ -111,22 +110,24 @@ def _run(rank, world, which, F, B, W, A, N):
         from megatron_dsv3.testing.megatron_cpu import megatron_schedules_on_cpu
 
         model = MoEStage(F, B, W, A, lanes, busy, _config())
-        with megatron_schedules_on_cpu():
-            start = time.perf_counter()
-            fb(forward_step_func=_forward_step, data_iterator=iter(data), model=[model],
-               num_microbatches=N, seq_length=S, micro_batch_size=MB)
+
+        def step():
+            with megatron_schedules_on_cpu():
+                fb(forward_step_func=_forward_step, data_iterator=iter(data), model=[model],
+                   num_microbatches=N, seq_length=S, micro_batch_size=MB)
     else:
         from megatron_dsv3.pipeline import forward_backward_dualpipev
 
         overlap = threaded_forward_backward if which == "ours_dualpipev_overlapped" else None
         chunks = [MoEStage(F / 2, B / 2, W / 2, A / 2, lanes, busy, _config()) for _ in range(2)]
-        start = time.perf_counter()
-        forward_backward_dualpipev(forward_step_func=_forward_step,
-                                   data_iterator=[iter(data), iter(data)], model=chunks,
-                                   num_microbatches=N, seq_length=S, micro_batch_size=MB,
-                                   overlap=overlap)
-    dist.barrier()
-    return time.perf_counter() - start, busy[0]
+
+        def step():
+            forward_backward_dualpipev(forward_step_func=_forward_step,
+                                       data_iterator=[iter(data), iter(data)], model=chunks,
+                                       num_microbatches=N, seq_length=S, micro_batch_size=MB,
+                                       overlap=overlap)
+    wall, compute, _ = _timed_iteration(step, busy)  # (an untimed iteration first)
+    return wall, compute
 
 
 def main():
