@@ -53,7 +53,7 @@ from megatron_dsv3.pipeline.schedules import (COMPUTE, Layout, Op, build, check,
 P2P_ORDERS = ("tagged", "ordered")
 _BATCHED_GROUPS: List = []  # pipeline groups whose ranks have met once before batched transfers
 _PLANS: Dict[Tuple, Tuple[Op, ...]] = {}  # (schedule, P, N, order, forward_only, rank) -> ops
-_RECEIVES: Dict[Tuple, Tuple] = {}  # (that key, recv_lookahead) -> _Runner.receive_plan
+_RECEIVES: Dict[Tuple, Tuple] = {}  # (schedule, P, N, forward_only, rank, lookahead) -> plan
 
 
 def _rank_ops(schedule: str, ranks: int, rank: int, num_microbatches: int, order: str,
@@ -72,6 +72,32 @@ def _rank_ops(schedule: str, ranks: int, rank: int, num_microbatches: int, order
             ops = build(schedule, ranks, num_microbatches)[rank]
         ops = _PLANS[key] = tuple(ops)
     return list(ops)
+
+
+def _source(peers, kind: str, chunk: int):
+    """The (rank, chunk) that sends what op (kind, chunk) receives (None: the first / last
+    stage's, which receives nothing)."""
+    return peers[chunk][0 if kind == "F" else 1]
+
+
+def receive_plan(ops: List[Op], peers, rank: int, lookahead: int
+                 ) -> Tuple[Tuple[Tuple[str, int, int], ...], ...]:
+    """Per op of `ops` (rank `rank`'s, its chunks' `peers` from schedules.neighbours), the
+    receives to post before it: those the ops up to `lookahead` ahead read and no earlier op
+    posted (keys (kind, chunk, mb); from other ranks only, same-rank hand-offs need none)."""
+    seen, plan = set(), []
+    for i in range(len(ops)):
+        now = []
+        for op in ops[i:i + 1 + lookahead]:
+            reads = {"F": (("F", op.chunk, op.mb),), "B": (("B", op.chunk, op.mb),),
+                     "FB": (("F", op.chunk, op.mb), ("B", op.chunk2, op.mb2))}.get(op.kind, ())
+            for key in reads:
+                src = _source(peers, key[0], key[1])
+                if key not in seen and src is not None and src[0] != rank:
+                    now.append(key)
+                seen.add(key)
+        plan.append(tuple(now))
+    return tuple(plan)
 
 
 class _Runner:
@@ -133,7 +159,7 @@ class _Runner:
     def _receive_into(self, kind: str, chunk: int, mb: int) -> Tuple[int, int, torch.Tensor]:
         """(source's global rank, tag, fresh buffer) of the transfer op (kind, chunk, mb)
         receives from another rank."""
-        src = self.peers[chunk][0 if kind == "F" else 1]
+        src = _source(self.peers, kind, chunk)
         tag = self._tag(kind, self.lay.stage(*src), self.directions[chunk], mb)
         return self.global_rank[src[0]], tag, torch.empty(self.shape, dtype=self.dtype,
                                                           device=self.device)
@@ -142,50 +168,25 @@ class _Runner:
         return self._tag(kind, self.stages[chunk], self.directions[chunk], mb)
 
     def _post(self, kind: str, chunk: int, mb: int) -> None:
-        """Post the receive that op (kind, chunk, mb) will need, if it comes from another rank
-        and is not posted yet: the transfer then lands while this rank still computes."""
-        key = (kind, chunk, mb)
-        if key in self.posted:
-            return
-        src = self.peers[chunk][0 if kind == "F" else 1]
-        if src is None or src[0] == self.rank:
-            return
+        """Post the receive op (kind, chunk, mb) needs from another rank (`receive_plan` says
+        which and when): the transfer then lands while this rank still computes."""
         _, tag, buf = self._receive_into(kind, chunk, mb)
         # the process group's own call with the group rank: torch.distributed.irecv's checks
         # and rank translation cost host time on every transfer (they run cold after each
         # compute on a small machine: ~0.1 ms for a send, measured in docs/benchmarks.md)
-        self.posted[key] = ([self.pg.recv([buf], src[0], tag)], buf)
-
-    def receive_plan(self, ops: List[Op], lookahead: int) -> Tuple[Tuple[Tuple[str, int, int],
-                                                                          ...], ...]:
-        """Per op of `ops`, the receives to post before it: those of the ops up to `lookahead`
-        ahead not posted before it (keys (kind, chunk, mb), from other ranks only)."""
-        seen, plan = set(), []
-        for i in range(len(ops)):
-            now = []
-            for op in ops[i:i + 1 + lookahead]:
-                needs = {"F": (("F", op.chunk, op.mb),), "B": (("B", op.chunk, op.mb),),
-                         "FB": (("F", op.chunk, op.mb), ("B", op.chunk2, op.mb2))}.get(op.kind, ())
-                for key in needs:
-                    src = self.peers[key[1]][0 if key[0] == "F" else 1]
-                    if key not in seen and src is not None and src[0] != self.rank:
-                        now.append(key)
-                    seen.add(key)
-            plan.append(tuple(now))
-        return tuple(plan)
+        work = self.pg.recv([buf], _source(self.peers, kind, chunk)[0], tag)
+        self.posted[(kind, chunk, mb)] = ([work], buf)
 
     def _recv(self, kind: str, chunk: int, mb: int) -> Optional[torch.Tensor]:
-        src = self.peers[chunk][0 if kind == "F" else 1]
+        src = _source(self.peers, kind, chunk)
         if src is None:
             return None
         if src[0] == self.rank:
             return self.local.pop((kind, self.lay.stage(*src), mb))
-        if self.ordered:
-            if (kind, chunk, mb) not in self.posted:  # a plan error, never a wait for nothing
-                raise RuntimeError(f"pipeline rank {self.rank}: the ordered p2p plan did not "
-                                   f"post the receive of {kind}{chunk}.{mb} before its op")
-        elif (kind, chunk, mb) not in self.posted:  # (recv_lookahead covers it otherwise)
-            self._post(kind, chunk, mb)
+        if (kind, chunk, mb) not in self.posted:  # a plan error, never a wait for nothing
+            plan = "ordered p2p plan" if self.ordered else "receive plan"
+            raise RuntimeError(f"pipeline rank {self.rank}: the {plan} did not post the "
+                               f"receive of {kind}{chunk}.{mb} before its op")
         works, buf = self.posted.pop((kind, chunk, mb))
         t0 = time.perf_counter()
         for work in works:
@@ -326,19 +327,9 @@ class _Runner:
             self.overlap(lambda: self._run_forward(op.chunk, op.mb, True),
                          lambda: self._run_backward(op.chunk2, op.mb2, False, True))
 
-    def run(self, ops: List[Op], recv_lookahead: int = 2,
-            plan_key: Optional[Tuple] = None) -> Dict[str, float]:
-        """Run `ops`; -> wall time, time spent waiting on other stages and their ratio.
-
-        Before each op the receives of the next `recv_lookahead` ops are posted (each at most
-        once), so an activation or gradient arrives while the rank is still computing; a buffer
-        then exists at most `recv_lookahead` ops early. Which receives each op posts is planned
-        once per `plan_key` (the configuration `ops` were built for; None: every call)."""
-        posts = _RECEIVES.get((plan_key, recv_lookahead)) if plan_key is not None else None
-        if posts is None:
-            posts = self.receive_plan(ops, recv_lookahead)
-            if plan_key is not None:
-                _RECEIVES[(plan_key, recv_lookahead)] = posts
+    def run(self, ops: List[Op], posts) -> Dict[str, float]:
+        """Run `ops`, posting the receives `posts[i]` (`receive_plan`) before op i; -> wall
+        time, time spent waiting on other stages and their ratio."""
         start = time.perf_counter()
         for op, keys in zip(ops, posts):
             for kind, chunk, mb in keys:
@@ -460,8 +451,15 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
         if order == "ordered":
             step = runner.run_ordered(ops)
         else:
-            step = runner.run(ops, 2 if recv_lookahead is None else recv_lookahead,
-                              (schedule, ranks, num_microbatches, order, forward_only, rank))
+            # before each op the receives of the next `lookahead` ops are posted (each once),
+            # so an activation or gradient arrives while the rank still computes; a buffer
+            # then exists at most `lookahead` ops early. Planned once per configuration.
+            lookahead = 2 if recv_lookahead is None else recv_lookahead
+            key = (schedule, ranks, num_microbatches, forward_only, rank, lookahead)
+            posts = _RECEIVES.get(key)
+            if posts is None:
+                posts = _RECEIVES[key] = receive_plan(ops, runner.peers, rank, lookahead)
+            step = runner.run(ops, posts)
     WeightGradStore.check_drained(f"{schedule} step on pipeline rank {rank}")
     if stats is not None:
         stats.update(step)

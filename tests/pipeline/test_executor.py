@@ -294,15 +294,13 @@ def test_each_receive_is_posted_once_lookahead_ops_before_its_op(schedule, ranks
     """The receive plan (built once per configuration) against the rule it implements: a
     transfer from another rank is posted before the op `lookahead` places ahead of the first op
     that reads it (before op 0 when that is earlier), once; same-rank hand-offs never."""
-    from types import SimpleNamespace
-
-    from megatron_dsv3.pipeline.executor import _Runner
+    from megatron_dsv3.pipeline.executor import receive_plan
     from megatron_dsv3.pipeline.schedules import build, layout, neighbours
 
     lay = layout(schedule, ranks)
     for rank, ops in enumerate(build(schedule, ranks, N)):
         peers = [neighbours(lay, rank, c) for c in range(2)]
-        plan = _Runner.receive_plan(SimpleNamespace(peers=peers, rank=rank), ops, lookahead)
+        plan = receive_plan(ops, peers, rank, lookahead)
         want = {}
         for j, op in enumerate(ops):
             reads = {"F": [("F", op.chunk, op.mb)], "B": [("B", op.chunk, op.mb)],
