@@ -29,7 +29,7 @@ from megatron_dsv3.cli import non_negative_float, positive_float, positive_int  
 from megatron_dsv3.testing.distributed import run_distributed  # noqa: E402
 
 from pipeline_timedilated import (MB, S, SleepFn, _config, _forward_step,  # noqa: E402
-                                   _timed_iteration)  # noqa: E402
+                                   _timed_iteration, refuse_w_above_b)  # noqa: E402
 
 class DilatedAllToAll(torch.autograd.Function):
     """An equal-split all-to-all over the calling thread's lane of `lanes`, taking at least `link`
@@ -140,8 +140,7 @@ def main():
     p.add_argument("--A", type=non_negative_float, default=0.02,
                    help="link time of one all-to-all (1F1B stage)")
     a = p.parse_args()
-    if a.W > a.B:
-        p.error(f"--W {a.W} is invalid: allowed values are 0 <= W <= --B {a.B} (W is part of B)")
+    refuse_w_above_b(p, a)
     rows = []
     for P in a.pp:
         N = 4 * P

@@ -24,27 +24,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _run(rank, world, root, schedule, N, F, B, W):
-    """One timed iteration of our `schedule` on this rank, from the tree at `root`."""
-    import torch
-
+    """This rank's bubble in one timed iteration of our `schedule` (the harness's own run, every
+    chunk sleeping F/B/W, as in its comparison with the reference), from the tree at `root`."""
     import megatron_dsv3
     if not os.path.abspath(megatron_dsv3.__file__).startswith(root + os.sep):
         raise RuntimeError(f"megatron_dsv3 came from {megatron_dsv3.__file__}, not {root}")
     sys.path.insert(1, HERE)
     import pipeline_timedilated as harness
-    from megatron_dsv3.pipeline import forward_backward_dualpipe, forward_backward_dualpipev
 
-    torch.set_num_threads(1)
-    busy = [0.0, 0.0]
-    data = [torch.ones(harness.S, harness.MB, harness.H) for _ in range(N)]
-    chunks = [harness.SleepStage(F, B, W, busy, harness._config()) for _ in range(2)]
-    fb = forward_backward_dualpipe if schedule == "dualpipe" else forward_backward_dualpipev
-
-    def step():
-        fb(forward_step_func=harness._forward_step, data_iterator=[iter(data), iter(data)],
-           model=chunks, num_microbatches=N, seq_length=harness.S,
-           micro_batch_size=harness.MB)
-    wall, compute, _ = harness._timed_iteration(step, busy)
+    wall, compute, _ = harness._run(rank, world, f"ours_{schedule}", F, B, W, N, 1.0)
     return wall - compute
 
 
@@ -83,8 +71,9 @@ def main():
             p.error(f"{flag}={tree!r}: no megatron_dsv3/__init__.py there (allowed: a checkout "
                     "of megatron-dsv3, e.g. a git worktree)")
         roots.append(root)
-    if a.W > a.B:
-        p.error(f"--W {a.W} is invalid: allowed values are 0 <= W <= --B {a.B} (W is part of B)")
+    from pipeline_timedilated import refuse_w_above_b
+
+    refuse_w_above_b(p, a)
     from megatron_dsv3.pipeline.schedules import check
 
     try:

@@ -234,6 +234,13 @@ def _run(rank, world, which, F, B, W, N, scale=0.5, recv_lookahead=2, p2p_order=
     return _timed_iteration(step, busy, stats)
 
 
+def refuse_w_above_b(parser, a):
+    """The weight gradient is part of the backward: --W above --B is a usage error."""
+    if a.W > a.B:
+        parser.error(f"--W {a.W} is invalid: allowed values are 0 <= W <= --B {a.B} "
+                     "(W is part of B)")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--pp", type=positive_int, nargs="+", default=[4, 8])
@@ -254,8 +261,7 @@ def main():
                    help="runs per configuration (the table reports the median)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    if a.W > a.B:
-        p.error(f"--W {a.W} is invalid: allowed values are 0 <= W <= --B {a.B} (W is part of B)")
+    refuse_w_above_b(p, a)
     if a.dualpipe_ref is not None:
         return _compare_with_reference(a)
     ignored = [f for f, d in (("--microbatches", None), ("--recv-lookahead", 2),
