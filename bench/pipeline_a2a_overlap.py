@@ -29,7 +29,8 @@ from megatron_dsv3.cli import non_negative_float, positive_float, positive_int  
 from megatron_dsv3.testing.distributed import run_distributed  # noqa: E402
 
 from pipeline_timedilated import (MB, S, SleepFn, _config, _forward_step,  # noqa: E402
-                                   _timed_iteration, refuse_w_above_b)  # noqa: E402
+                                   _timed_iteration, precise_sleeps,  # noqa: E402
+                                   refuse_w_above_b)  # noqa: E402
 
 class DilatedAllToAll(torch.autograd.Function):
     """An equal-split all-to-all over the calling thread's lane of `lanes`, taking at least `link`
@@ -100,6 +101,7 @@ def _run(rank, world, which, F, B, W, A, N):
     from megatron_dsv3.pipeline.overlap import threaded_forward_backward
 
     torch.set_num_threads(1)
+    precise_sleeps()
     busy = [0.0]
     lanes = _lanes()
     data = [torch.ones(S, MB, 16) for _ in range(N)]
