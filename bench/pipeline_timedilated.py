@@ -20,7 +20,8 @@ micro-batches as given. The reference is imported from DIR and adapted to CPU/gl
 copied here. Each configuration runs --repeat times per side, the two sides' runs interleaved;
 the table reports the median and the smallest bubble of each side and the median ratio of the
 runs made side by side, and a second table splits the median run's bubble (worst rank) into
-the harness oversleeping, our receive waits and the rest.
+the harness oversleeping, the waits for transfers (ours: its receives; the reference: the works
+it waits on before each op, its receives and its previous op's sends) and the rest, host time.
 """
 
 import argparse
@@ -173,7 +174,36 @@ def _run_reference(rank, world, which, F, B, W, N, path):
                       labels=[labels])
         else:
             pipe.step(num_chunks=N)
-    return _timed_iteration(step, busy)
+    stats = {"recv_wait_s": 0.0}
+    _time_waits(stats)
+    return _timed_iteration(step, busy, stats)
+
+
+class _TimedWork:
+    """A transfer's work whose wait() adds its time to stats["recv_wait_s"]."""
+
+    def __init__(self, work, stats):
+        self.work, self.stats = work, stats
+
+    def wait(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return self.work.wait(*args)
+        finally:
+            self.stats["recv_wait_s"] += time.perf_counter() - t0
+
+    def __getattr__(self, name):
+        return getattr(self.work, name)
+
+
+def _time_waits(stats):
+    """In a reference rank's process: the works torch.distributed.batch_isend_irecv returns (the
+    reference waits on them, its receives and its previous op's sends, before each op) time
+    their waits into `stats`, as our executor's `stats=` does for its receives."""
+    import torch.distributed as dist
+
+    batch = dist.batch_isend_irecv
+    dist.batch_isend_irecv = lambda ops: [_TimedWork(w, stats) for w in batch(ops)]
 
 
 def _timed_iteration(step, busy, stats=None):
@@ -186,7 +216,7 @@ def _timed_iteration(step, busy, stats=None):
     dist.barrier()
     busy[:] = [0.0] * len(busy)
     if stats is not None:
-        stats.clear()
+        stats["recv_wait_s"] = 0.0
     start = time.perf_counter()
     step()
     dist.barrier()
@@ -319,9 +349,8 @@ def main():
 
 def _breakdown(res):
     """The worst rank's bubble of one run, in ms, split into what is known of it: the harness
-    oversleeping, our executor's waiting on receives (None for the reference, whose waits are
-    not instrumented), and the rest (host time between and inside operations; for the reference
-    its waits as well)."""
+    oversleeping, waiting for transfers (module docstring), and the rest (host time between and
+    inside operations)."""
     t, b, extra = max(res, key=lambda r: r[0] - r[1])
     out = {"bubble_ms": (t - b) * 1e3, "sleep_overshoot_ms": (extra["slept_s"] - b) * 1e3,
            "recv_wait_ms": None if extra["recv_wait_s"] is None else extra["recv_wait_s"] * 1e3}
@@ -395,9 +424,9 @@ def _compare_with_reference(a):
                   f"{r['ours_min_bubble_s']:.3f} / {r['ref_min_bubble_s']:.3f} | "
                   f"**{r['min_bubble_ratio_ours_over_ref']:.2f}** | "
                   f"**{r['paired_bubble_ratio_median']:.2f}** | {r['formula_bubble_s']:.3f} |")
-        print("\nThe median run's worst-rank bubble (ms) = the harness oversleeping + receive "
-              "waits (ours only) + the rest (host time; the reference's waits included):\n")
-        print("| P | N | schedule | side | bubble | sleep overshoot | receive waits | rest |")
+        print("\nThe median run's worst-rank bubble (ms) = the harness oversleeping + waits "
+              "for transfers + the rest (host time):\n")
+        print("| P | N | schedule | side | bubble | sleep overshoot | transfer waits | rest |")
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             for side in ("ours", "ref"):
