@@ -13,6 +13,7 @@ and no model config; `megatron_dsv3.layer_specs.make_dispatcher` picks and build
 """
 
 from megatron_dsv3.dispatch.base import DispatchState, LocalDispatcher, TokenDispatcher
+from megatron_dsv3.dispatch.comm import ExchangeError
 from megatron_dsv3.dispatch.counters import TrafficCounters, dispatch_counters
 from megatron_dsv3.dispatch.flat import FlatAllToAllDispatcher
 from megatron_dsv3.dispatch.layout import copies_by_destination
@@ -25,7 +26,7 @@ from megatron_dsv3.dispatch.topology import (
     ranks_per_node,
 )
 
-__all__ = ["DispatchState", "ENV_RANKS_PER_NODE", "FlatAllToAllDispatcher", "LocalDispatcher",
-           "NodeAwareDispatcher", "TokenDispatcher", "TrafficCounters", "build_topology",
-           "copies_by_destination", "dispatch_counters", "initialize_dispatch_groups",
-           "node_limit", "ranks_per_node"]
+__all__ = ["DispatchState", "ENV_RANKS_PER_NODE", "ExchangeError", "FlatAllToAllDispatcher",
+           "LocalDispatcher", "NodeAwareDispatcher", "TokenDispatcher", "TrafficCounters",
+           "build_topology", "copies_by_destination", "dispatch_counters",
+           "initialize_dispatch_groups", "node_limit", "ranks_per_node"]

@@ -33,6 +33,20 @@ from megatron_dsv3.lanes import StepTrace, current_lane
 Links = List[str]  # per group member: "inter" (another node), "intra" (same node), "self"
 
 
+class ExchangeError(RuntimeError):
+    """An all-to-all of a dispatcher failed in torch.distributed, the backend's error its cause:
+    mostly a member of its group that left (its process ended after an error of its own) or a
+    network failure. The serving engine turns it into PeerStoppedError inside a step."""
+
+
+def _failed(group, error: BaseException) -> ExchangeError:
+    try:
+        members = f"ranks {dist.get_process_group_ranks(group)}"
+    except Exception:  # (a destroyed group may no longer say)
+        members = "its group"
+    return ExchangeError(f"a dispatcher all-to-all over {members} failed: {error}")
+
+
 class Hop:
     """One all-to-all, forward and backward (`reverse=True` swaps send and recv).
 
@@ -73,21 +87,27 @@ class Hop:
             work = None
             record["end"] = time.perf_counter()
         else:
-            work = dist.all_to_all_single(out, wire, output_split_sizes=recv,
-                                          input_split_sizes=send, group=group, async_op=True)
+            try:
+                work = dist.all_to_all_single(out, wire, output_split_sizes=recv,
+                                              input_split_sizes=send, group=group, async_op=True)
+            except RuntimeError as error:
+                raise _failed(group, error) from error
             if self.timeline is not None or StepTrace.is_recording():
                 completion = work.get_future().then(
                     lambda _: record.__setitem__("end", time.perf_counter()))
-        self._inflight = (out, work, completion, record)
+        self._inflight = (out, work, completion, record, group)
         return out
 
     def wait(self) -> torch.Tensor:
-        out, work, completion, record = self._inflight
+        out, work, completion, record, group = self._inflight
         self._inflight = None
-        if work is not None:
-            work.wait()
-        if completion is not None:
-            completion.wait()  # the completion time is recorded
+        try:
+            if work is not None:
+                work.wait()
+            if completion is not None:
+                completion.wait()  # the completion time is recorded
+        except RuntimeError as error:
+            raise _failed(group, error) from error
         record["waited"] = time.perf_counter()
         record.setdefault("end", record["waited"])
         if self.timeline is not None:

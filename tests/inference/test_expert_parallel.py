@@ -159,6 +159,46 @@ def test_a_rank_that_stops_serving_stops_the_others_at_once(single_rank_world, h
     assert seconds0 < 60  # (the group timeout is minutes)
 
 
+def _error_inside_a_step_on_rank_1(rank, world):
+    """Rank 1's third forward raises before its MoE layers' all-to-alls, while rank 0 waits in
+    them; rank 1's process then ends (run_distributed's rank returns); -> (exception type,
+    message, seconds) each rank saw."""
+    import time
+
+    from megatron_dsv3.inference.decoder import LatentDecoder
+
+    forward, calls = LatentDecoder.forward, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:
+            raise ZeroDivisionError("a bug of rank 1's, inside a step")
+        return forward(self, *args, **kwargs)
+
+    LatentDecoder.forward = failing
+    engine = InferenceEngine(model(world), block_size=4, max_batch_size=2)
+    mine = [Request(p, n) for p, n in zip(PROMPTS, MAX_NEW)][rank::world]
+    start = time.perf_counter()
+    try:
+        engine.generate(mine)
+    except Exception as error:
+        return type(error).__name__, str(error), time.perf_counter() - start
+    return "finished", "", time.perf_counter() - start
+
+
+def test_an_error_inside_a_step_ends_the_others_with_peer_stopped_error(single_rank_world):
+    """An error inside a step's forwards cannot be paired with the all-to-alls the others wait
+    in; when the failing rank's process ends, their all-to-all fails (the dispatcher raises
+    ExchangeError naming the group) and the engine raises PeerStoppedError from it, not a bare
+    backend error, and not at the group timeout (2 minutes here)."""
+    results = run_distributed(_error_inside_a_step_on_rank_1, 2, timeout=150,
+                              megatron_parallel={"expert_model_parallel_size": 2})
+    (kind0, message0, seconds0), (kind1, message1, _) = results
+    assert kind1 == "ZeroDivisionError" and "rank 1's" in message1
+    assert kind0 == "PeerStoppedError" and "inside a step" in message0, (kind0, message0)
+    assert seconds0 < 60, seconds0
+
+
 def _nonfinite_on_rank_1(rank, world, speculative):
     """Rank 1's third forward returns NaN logits (after its collectives, as a real overflow
     would); -> what each rank saw."""
