@@ -1,5 +1,6 @@
 """Time-dilated pipeline benchmark: stages that sleep for fixed forward/backward times, real
-tensors over gloo, so P ranks do not compete for the machine's cores.
+tensors over gloo, so P ranks do not compete for the machine's cores. Every rank sleeps with a
+1 ns timer slack (`precise_sleeps`), so sleeps overrun by the machine's wake-up latency only.
 
     python bench/pipeline_timedilated.py [--pp 4 8] [--F 0.04 --B 0.08 --W 0.04] [--json]
     python bench/pipeline_timedilated.py --dualpipe-ref /path/to/DualPipe --pp 4 \
