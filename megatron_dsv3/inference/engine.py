@@ -258,30 +258,28 @@ class InferenceEngine:
         except PeerStoppedError:
             raise
         except BaseException as error:  # an error of ours, or the consumer stopped reading
-            self._tell_peers_we_stop(error)
+            if self._in_step and isinstance(error, ExchangeError):  # a peer left inside the step
+                raise PeerStoppedError(
+                    "a rank of the expert-parallel group left inside a step (its own log or "
+                    "exception says why): this rank's all-to-all with it failed, and this rank "
+                    "stops too") from error
+            self._tell_peers_we_stop()
             raise
         finally:  # also when the consumer stops early: running requests give their blocks back
             for st in running:
                 self.cache.release(st.key)
 
-    def _tell_peers_we_stop(self, error: Optional[BaseException] = None) -> None:
-        """Expert parallelism: this rank stops serving (because of `error`). Between steps
-        (where every rank's next collective is the agreement) the others learn it at once and
-        raise PeerStoppedError. Non-finite logits are raised after the step. Any other error
-        inside a step's forwards, where the others wait in all-to-alls it cannot pair, reaches
-        them when this rank's process ends (its connections close; while it lives on, they
-        wait until the group's timeout: gloo's ProcessGroup.abort and destroy_process_group do
-        not close them, measured on torch 2.13). A rank whose all-to-all failed so inside a
-        step raises PeerStoppedError, its backend's error as the cause."""
-        if self.lockstep is None:
-            return
-        if not self._in_step:
+    def _tell_peers_we_stop(self) -> None:
+        """Expert parallelism: this rank stops serving. Between steps (where every rank's next
+        collective is the agreement) the others learn it at once and raise PeerStoppedError.
+        Non-finite logits are raised after the step. Any other error inside a step's forwards,
+        where the others wait in all-to-alls it cannot pair, reaches them when this rank's
+        process ends: their all-to-all fails with ExchangeError, which `stream` raises as
+        PeerStoppedError. While that process lives on they wait until the group's timeout
+        (gloo's ProcessGroup.abort and destroy_process_group do not close its connections,
+        measured on torch 2.13)."""
+        if self.lockstep is not None and not self._in_step:
             self.lockstep.stop()
-        elif isinstance(error, ExchangeError):
-            raise PeerStoppedError(
-                "a rank of the expert-parallel group left inside a step (its own log or "
-                "exception says why): this rank's all-to-all with it failed, and this rank "
-                "stops too") from error
 
     def _serve(self, waiting, running: List[RequestState],
                speculative: bool) -> Iterator[TokenEvent]:
