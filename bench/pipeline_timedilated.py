@@ -18,7 +18,9 @@ DualPipeV and DualPipe against DeepSeek's reference implementations in the same 
 chunk sleeps F/B/W (weight gradients deferred to each implementation's own WeightGradStore), N
 micro-batches as given. The reference is imported from DIR and adapted to CPU/gloo at run time
 (its p2p buffers are allocated on the CPU and its device check sees the CPU); nothing of it is
-copied here. Each configuration runs --repeat times per side, the two sides' runs interleaved;
+copied here. Both sides do the same work: after the reference's DualPipe step, its caller sums
+the mirrored copies' gradients (which the reference leaves to the caller and ours does inside
+its step) with the exchange ours runs. Each configuration runs --repeat times per side, the two sides' runs interleaved;
 the table reports the median and the smallest bubble of each side and the median ratio of the
 runs made side by side, and a second table splits the median run's bubble (worst rank) into
 the harness oversleeping, the waits for transfers (ours: its receives; the reference: the works
@@ -148,6 +150,10 @@ def _load_reference(path):
 
 
 def _run_reference(rank, world, which, F, B, W, N, path):
+    import torch.distributed as dist
+
+    from megatron_dsv3.pipeline.executor import sync_mirrored_grads
+
     torch.set_num_threads(1)
     precise_sleeps()
     ref = _load_reference(path)
@@ -175,6 +181,15 @@ def _run_reference(rank, world, which, F, B, W, N, path):
                       labels=[labels])
         else:
             pipe.step(num_chunks=N)
+        if which == "ref_dualpipe":
+            # equal work: DualPipe holds every stage twice and both copies must take the same
+            # optimizer step; the reference's step leaves summing the copies' gradients to its
+            # caller (its example does it after step), ours does it inside its step. Here the
+            # reference's caller sums them with the exchange ours runs (its waits are not the
+            # schedule's: left out of the transfer waits, as ours are)
+            waits = stats["recv_wait_s"]
+            sync_mirrored_grads(list(mods), dist.group.WORLD)
+            stats["recv_wait_s"] = waits
     stats = {"recv_wait_s": 0.0}
     _time_waits(stats)
     return _timed_iteration(step, busy, stats)
