@@ -49,7 +49,7 @@ from megatron_dsv3.checkpoint.errors import CheckpointFileError, writing
 
 MANIFEST_FILE = "checkpoint_manifest.json"
 TRACKER_FILE = "latest.json"
-STEP_DIR = re.compile(r"^step_(\d+)(?:\.r\d+)?$")
+STEP_DIR = re.compile(r"^step_(\d{6,})(?:\.r\d+)?$")  # (the store writes step_{step:06d})
 _CHUNK = 8 << 20
 
 # -- fault points ---------------------------------------------------------------------------------
@@ -203,9 +203,15 @@ def read_manifest(directory: str) -> Optional[Dict]:
     try:
         with open(path) as f:
             manifest = json.load(f)
-        manifest["files"].items()
+        files = manifest["files"].items()
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
         raise CheckpointFileError(path, f"is not a readable manifest ({error})") from None
+    for rel, entry in files:
+        for field in ("size", "crc32"):
+            value = entry.get(field) if isinstance(entry, dict) else None
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CheckpointFileError(path, f"entry {rel!r}: field {field!r} is {value!r}; "
+                                                "allowed values are integers >= 0")
     return manifest
 
 
@@ -441,12 +447,35 @@ class CheckpointStore:
                 raise ValueError("expected 'latest' and 'kept'")
         except (OSError, ValueError, AttributeError) as error:
             raise CheckpointFileError(self.tracker, f"is not a readable tracker ({error})") from None
+        # the names decide what recovery deletes: a name that is no step directory's (an edit
+        # gone wrong, e.g. "step_2" for step_000002) is refused before anything is touched
+        if not isinstance(state.get("step", 0), int):
+            raise CheckpointFileError(self.tracker, f"field 'step' is {state['step']!r}: allowed "
+                                                    "values are integers")
+        for field, names in (("latest", [state["latest"]]), ("kept", state["kept"])):
+            bad = [n for n in names if not (isinstance(n, str) and STEP_DIR.match(n))]
+            if bad:
+                raise CheckpointFileError(self.tracker, f"field {field!r} holds {bad[0]!r}: allowed "
+                                                        "values are step directory names "
+                                                        "(step_NNNNNN, e.g. step_000002)")
         return state
 
     def latest(self) -> Optional[str]:
         """The last published checkpoint directory, or None."""
         state = self.read_tracker()
-        return None if state is None else os.path.join(self.root, state["latest"])
+        return None if state is None else self._published(state)
+
+    def _published(self, state: Dict) -> str:
+        """The directory the tracker `state` names as latest; CheckpointFileError when it is
+        missing (the protocol publishes a checkpoint only after its directory is in place: the
+        tracker was edited or its checkpoint deleted by hand)."""
+        path = os.path.join(self.root, state["latest"])
+        if not os.path.isdir(path):
+            raise CheckpointFileError(
+                self.tracker, f"names latest={state['latest']!r}, which is missing; nothing was "
+                              "removed. Point 'latest' at an existing step directory, or remove "
+                              f"{TRACKER_FILE} to resume from the newest complete one")
+        return path
 
     def latest_step(self) -> Optional[int]:
         state = self.read_tracker()
@@ -481,6 +510,7 @@ class CheckpointStore:
         kept = set(state["kept"]) if state else set()
         if state:
             kept.add(state["latest"])
+            self._published(state)  # (else what it does not name may be all the run has left)
         protected = {os.path.realpath(p) for p in protect}
         removed = []
         for name in sorted(os.listdir(self.root)):
@@ -555,11 +585,8 @@ def resolve_checkpoint(path: str, marker: str = "rank0.pt") -> str:
     if os.path.isfile(os.path.join(path, marker)):
         return path
     for root in (path, os.path.join(path, "checkpoints")):
-        latest = CheckpointStore(root).latest()
+        latest = CheckpointStore(root).latest()  # (refused when it names a missing directory)
         if latest is not None:
-            if not os.path.isdir(latest):
-                raise CheckpointFileError(os.path.join(root, TRACKER_FILE),
-                                          f"names {os.path.basename(latest)}, which is missing")
             return latest
     legacy = os.path.join(path, "checkpoint")
     if os.path.isfile(os.path.join(legacy, marker)):

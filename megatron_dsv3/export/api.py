@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_dsv3.checkpoint.commit import recover_directory
 from megatron_dsv3.checkpoint.hf_config import DEFAULT_DTYPE
 from megatron_dsv3.export.formats import FORMATS, get_format
 
@@ -24,6 +25,7 @@ def checkpoint_kind(path: str) -> str:
     otherwise."""
     from megatron_dsv3.inference.loading import dist_checkpoint_step, trainer_checkpoint_file
 
+    recover_directory(path, clean=False)  # (a directory an interrupted commit left aside)
     if not os.path.isdir(path):
         raise ValueError(f"--checkpoint {path!r} does not exist or is not a directory")
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -89,6 +91,7 @@ def export(checkpoint: str, out: str, quant: str, *, calib: int = 64,
                          "a GPU); formats we write: "
                          f"{sorted(n for n, f in FORMATS.items() if f.writable)}")
     check_output_outside_input(checkpoint, out, "--out")
+    recover_directory(out, clean=False)  # (an interrupted --overwrite left the old one aside)
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"--out {out} exists; pass --overwrite to replace it (only once the new "
                          "checkpoint is complete)")

@@ -19,6 +19,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from megatron_dsv3.checkpoint.commit import recover_directory
 from megatron_dsv3.checkpoint.errors import CheckpointFileError, reading
 from megatron_dsv3.checkpoint.hf_config import DEFAULT_DTYPE
 
@@ -163,6 +164,7 @@ def load_for_generation(path: str, dtype: torch.dtype = DEFAULT_DTYPE, device=No
     the byte-level one for a 256-token vocabulary, else None (the caller works in token ids).
     Weights are read on the CPU, then moved. Also a distributed checkpoint the converter wrote
     (`convert --to dist`, its config.json kept as hf_config.json), in our or Megatron-LM's layout."""
+    recover_directory(path, clean=False)  # (a directory an interrupted commit left aside)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a directory")
     dist_dir = dist_checkpoint_step(path)

@@ -551,8 +551,8 @@ class Trainer:
             if a.resume:
                 from megatron_dsv3.checkpoint.commit import resolve_checkpoint
 
-                with contextlib.suppress(ValueError, OSError):  # load() names the problem
-                    protect.append(resolve_checkpoint(a.resume))
+                # (raised here, before recovery deletes anything, not later by load())
+                protect.append(resolve_checkpoint(a.resume))
             removed = self.store.recover(protect=protect)
             # (a kill while the metrics were rewritten on resume leaves their temporary copy)
             for name in sorted(os.listdir(a.save_dir)) if os.path.isdir(a.save_dir) else []:

@@ -138,18 +138,23 @@ def test_overwrite_replaces_only_empty_directories_and_ours(tmp_path, capsys):
                         "--overwrite", "--quiet"]) == 0
     assert (out / ".metadata").is_file()
     # a trainer's published step directory (named by its tracker) holds a manifest too
-    (tmp_path / "latest.json").write_text('{"latest": "dist", "step": 1, "kept": ["dist"]}')
-    assert convert(["convert", "--to", "dist", "--input", str(source), "--output", str(out),
+    step = out.rename(tmp_path / "step_000001")
+    (tmp_path / "latest.json").write_text(
+        '{"latest": "step_000001", "step": 1, "kept": ["step_000001"]}')
+    assert convert(["convert", "--to", "dist", "--input", str(source), "--output", str(step),
                     "--overwrite", "--quiet"]) == 1
     assert "is a published checkpoint of a training run" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("reader", ["config_from_hf", "export.checkpoint_kind",
+                                    "load_for_generation"])
 def test_loaders_put_back_a_directory_an_interrupted_fallback_commit_renamed_aside(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, request, reader):
     """On a filesystem without the directory exchange, a commit over an existing checkpoint
     renames the old one aside, then the new one into place; killed between the two, the name is
-    missing. Every loader reads config.json first: it must put the old directory back before
-    that (here config_from_hf, as hf_to_dist, load_hf, from_hf and the inference loader do)."""
+    missing. Every reader must put the old directory back before it looks for it: the loaders
+    that read config.json first (config_from_hf, as hf_to_dist, load_hf and from_hf do), the
+    export's checkpoint check and the generation loader (which look for the directory first)."""
     from megatron_dsv3.checkpoint import commit
     from megatron_dsv3.checkpoint.hf_config import config_from_hf
 
@@ -173,5 +178,16 @@ def test_loaders_put_back_a_directory_an_interrupted_fallback_commit_renamed_asi
             (Path(tmp) / "config.json").write_text("{}")
     monkeypatch.setattr(commit, "fault_point", real)
     assert not path.exists()
-    config = config_from_hf(str(path))
-    assert config.num_layers >= 1 and sorted(os.listdir(path)) == before
+    if reader == "config_from_hf":
+        assert config_from_hf(str(path)).num_layers >= 1
+    elif reader == "export.checkpoint_kind":
+        from megatron_dsv3.export.api import checkpoint_kind
+
+        assert checkpoint_kind(str(path)) == "hf"
+    else:
+        from megatron_dsv3.inference.loading import load_for_generation
+
+        request.getfixturevalue("single_rank_world")
+        model, _ = load_for_generation(str(path), dtype=torch.float32)
+        assert sum(p.numel() for p in model.parameters()) > 0
+    assert sorted(os.listdir(path)) == before

@@ -264,3 +264,50 @@ def test_skip_nonfinite_steps_skips_counts_and_changes_nothing(tmp_path, single_
     before_skip, after_skip = snapshots[1], snapshots[2]
     assert all(torch.equal(a, b) for a, b in zip(before_skip, after_skip))  # weights and biases
     assert not all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"latest": "step_2"}, "field 'latest' holds 'step_2'"),  # a typo for step_000002
+    ({"latest": "step_000009"}, "latest='step_000009', which is missing"),  # no such directory
+    ({"kept": ["step_000001", 2]}, "field 'kept' holds 2"),
+    ({"step": "two"}, "field 'step' is 'two'"),
+])
+def test_a_tracker_edited_wrong_is_refused_before_recovery_deletes_anything(run, edit, message):
+    """Recovery deletes the step directories the tracker does not name: a tracker whose names
+    cannot be trusted must stop the run, naming the field, with every checkpoint still there."""
+    tmp, _ = run
+    root = tmp / "run" / "checkpoints"
+    state = json.loads((root / "latest.json").read_text())
+    (root / "latest.json").write_text(json.dumps({**state, **edit}))
+    before = sorted(os.listdir(root))
+    with pytest.raises(CheckpointFileError, match=f"latest.json .*{message}"):
+        Trainer(_args(tmp, steps=3, resume="auto"))
+    with pytest.raises(CheckpointFileError, match=message):
+        CheckpointStore(str(root)).recover()
+    assert sorted(os.listdir(root)) == before == ["latest.json", "step_000001", "step_000002"]
+
+
+def test_a_resume_path_that_holds_no_checkpoint_is_refused_before_recovery(run):
+    tmp, _ = run
+    root = tmp / "run" / "checkpoints"
+    (root / "step_000003").mkdir()  # an unpublished leftover, which recovery would clear
+    with pytest.raises(ValueError, match="step_2 holds no checkpoint"):
+        Trainer(_args(tmp, steps=3, resume=str(root / "step_2")))
+    assert (root / "step_000003").is_dir()  # nothing was touched
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({}, "field 'size' is None"),
+    (5, "field 'size' is None"),
+    ({"size": "10", "crc32": 1}, "field 'size' is '10'"),
+    ({"size": 10, "crc32": None}, "field 'crc32' is None"),
+])
+def test_a_damaged_manifest_entry_is_named_with_its_field(run, entry, message):
+    tmp, _ = run
+    manifest = tmp / "run" / "checkpoints" / "step_000002" / "checkpoint_manifest.json"
+    data = json.loads(manifest.read_text())
+    data["files"]["rank0.pt"] = entry
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(CheckpointFileError,
+                       match=f"checkpoint_manifest.json entry 'rank0.pt': {message}; allowed"):
+        Trainer(_args(tmp, steps=3, resume="auto"))
