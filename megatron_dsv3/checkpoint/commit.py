@@ -455,9 +455,9 @@ class CheckpointStore:
         for field, names in (("latest", [state["latest"]]), ("kept", state["kept"])):
             bad = [n for n in names if not (isinstance(n, str) and STEP_DIR.match(n))]
             if bad:
-                raise CheckpointFileError(self.tracker, f"field {field!r} holds {bad[0]!r}: allowed "
-                                                        "values are step directory names "
-                                                        "(step_NNNNNN, e.g. step_000002)")
+                raise CheckpointFileError(
+                    self.tracker, f"field {field!r} holds {bad[0]!r}: allowed values are step "
+                                  "directory names (step_NNNNNN, e.g. step_000002)")
         return state
 
     def latest(self) -> Optional[str]:
