@@ -611,11 +611,18 @@ class Watchdog:
         return None
 
     def _print(self, text: str) -> None:
+        """Print `text` without ever being held by the output: a pipe nobody reads (a stalled
+        `| tee`, a log shipper pushing back) would block the print, and with it the exit of a
+        job the watchdog is ending. The print runs on a daemon thread, waited for one interval
+        at most (os._exit then ends the process, that thread included)."""
         out = self._output or sys.stderr
-        print(text, file=out, flush=True)
+        _Call(lambda: print(text, file=out, flush=True)).done.wait(max(self.interval, 1.0))
 
     def _end(self, verdict: Verdict) -> None:
-        killed = self._kill_local_stopped(verdict) if verdict.kind == "frozen" else []
+        # stopped processes react to the launcher's SIGTERM only once resumed: a frozen rank,
+        # or the stopped host of the rendezvous store, is sent SIGKILL where it is on this host
+        stopped = verdict.kind == "frozen" or (verdict.kind == "store" and verdict.ranks)
+        killed = self._kill_local_stopped(verdict) if stopped else []
         text = (f"{verdict.message} Ending the job (watchdog of rank {self.rank}, timeout "
                 f"{self.timeout:g} s).")
         if killed:  # a stopped process reacts to the launcher's SIGTERM only once resumed
@@ -628,7 +635,8 @@ class Watchdog:
             call.done.wait(self.interval)
         self._print(text)
         self._stop.set()
-        sys.stdout.flush()
+        # the training's own buffered output, bounded as the print (os._exit flushes nothing)
+        _Call(sys.stdout.flush).done.wait(max(self.interval, 1.0))
         self._exit(EXIT_CODE)
 
     def _follow(self, abort) -> Verdict:

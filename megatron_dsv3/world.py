@@ -21,11 +21,14 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, timeout_minutes: float = 10.0):
+def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, timeout_minutes: float = 10.0,
+                     megatron: bool = True):
     """torch.distributed from torchrun's environment (a one-rank gloo world without it) and
     Megatron's parallel_state with the given sizes, if not set up yet. Collectives time out after
     `timeout_minutes` (0: torch's default); Megatron's groups get the default group's timeout
-    (dist.new_group would give them torch's default, not the default group's)."""
+    (dist.new_group would give them torch's default, not the default group's). With
+    megatron=False only the world (a second call sets up parallel_state: its group creation
+    involves every rank, and a caller may watch it, e.g. the trainer's start-up watchdog)."""
     from megatron_dsv3.liveness import collective_timeout
 
     timeout = collective_timeout(timeout_minutes)
@@ -39,6 +42,8 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, timeout_minutes: flo
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, rank=int(os.environ.get("RANK", "0")), world_size=world,
                                 timeout=timeout)
+    if not megatron:
+        return
     _init_megatron(timeout, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                    expert_model_parallel_size=ep)
 

@@ -135,38 +135,49 @@ class NonFiniteError(RuntimeError):
 
 class Trainer:
     def __init__(self, args: TrainArgs, log=print):
-        from megatron_dsv3.training.validation import validate_launch, validate_train_args
+        from megatron_dsv3.training.validation import (check_world_timeout, validate_launch,
+                                                       validate_train_args)
 
         validate_train_args(args)
         validate_launch(args)
         self.args = args
         if args.ranks_per_node:
             os.environ["MEGATRON_DSV3_RANKS_PER_NODE"] = str(args.ranks_per_node)
-        init_distributed(pp=args.pp, ep=args.ep, timeout_minutes=args.collective_timeout_minutes)
+        timeout = args.collective_timeout_minutes
+        init_distributed(timeout_minutes=timeout, megatron=False)  # the world only
         self.rank = dist.get_rank()
-        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
-        self.pp_rank = dist.get_rank(self.pp_group)
-        if args.ep > 1:
-            from megatron_dsv3.dispatch import initialize_dispatch_groups
-
-            initialize_dispatch_groups()
         self.log = log if self.rank == 0 else (lambda *_: None)
         from megatron_dsv3.liveness import make_watchdog
 
-        # Start-up is watched by a watchdog of its own: a rank stalled in recovery, the barriers,
-        # building the corpus or a resume's load ends the job naming it, instead of leaving the
-        # others in a collective until its timeout ("startup" has the slow allowance). It ends
-        # with start-up; train() watches with another, whose first step gets the same allowance
-        # (so nothing is left running by a Trainer that is built but not trained).
+        check_world_timeout(args)
+        # Start-up is watched by a watchdog of its own, from the moment the world exists: a rank
+        # stalled while the groups are made, in recovery, the barriers, building the corpus or a
+        # resume's load ends the job naming it, instead of leaving the others in a collective
+        # until its timeout ("startup" and "load" have the slow allowance, and each start-up
+        # stage that ends restarts it). It ends with start-up; train() watches with another,
+        # whose first step gets the same allowance (so nothing is left running by a Trainer that
+        # is built but not trained).
         startup = make_watchdog(args.watchdog_timeout, args.watchdog_save_timeout).start()
         try:
-            self._start_up(args)
+            # (a rank stalled in start-up, for tests: before the groups, whose creation waits
+            # for every rank)
+            _maybe_inject_fault(self.rank, "start")
+            init_distributed(pp=args.pp, ep=args.ep, timeout_minutes=timeout)  # Megatron's groups
+            self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+            self.pp_rank = dist.get_rank(self.pp_group)
+            if args.ep > 1:
+                from megatron_dsv3.dispatch import initialize_dispatch_groups
+
+                initialize_dispatch_groups()
+            startup.progress(0, "startup")
+            self._start_up(args, startup)
         finally:
             startup.close()
         self.watchdog = make_watchdog(args.watchdog_timeout, args.watchdog_save_timeout)
 
-    def _start_up(self, args: TrainArgs) -> None:
-        """Run directory, model, optimizer, data and resume (under the watchdog)."""
+    def _start_up(self, args: TrainArgs, startup) -> None:
+        """Run directory, model, optimizer, data and resume (under the `startup` watchdog: each
+        stage that ends reports progress, the resume's load runs in its "load" phase)."""
         from megatron_dsv3.configs import get_config
         from megatron_dsv3.model import build_model
         from megatron_dsv3.training.data import build_indexed_corpus, build_train_dataset
@@ -176,6 +187,7 @@ class Trainer:
         self._reset_checkpoints = bool(args.overwrite)  # the first save forgets the old run's
         self.skipped_steps = 0
         self._prepare_run_dir()
+        startup.progress(0, "startup")
         self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.dp = dist.get_world_size(self.dp_group)
         self.dp_rank = dist.get_rank(self.dp_group)
@@ -214,6 +226,7 @@ class Trainer:
             params, inner, dp_group=self.dp_group,
             expert_dp_group=parallel_state.get_expert_data_parallel_group(), shard=args.zero1,
             weight_decay=args.weight_decay, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+        startup.progress(0, "startup")
         if self.rank == 0:
             prefix = build_indexed_corpus(args.cache_dir, args.corpus_bytes, log=self.log)
         dist.barrier()
@@ -221,11 +234,13 @@ class Trainer:
         samples = args.steps * args.micro_batches * self.dp * args.micro_batch_size
         self.dataset = build_train_dataset(prefix, args.seq_length, samples, args.seed,
                                            args.cache_dir, log=self.log)
+        startup.progress(0, "startup")
         self.step = 0
         self._step_aux = 0.0  # balancing losses of the step's forwards (pipelined steps)
         self.history: List[Dict] = []
         if args.resume:
-            self.load(args.resume)
+            with startup.phase("load"):
+                self.load(args.resume)
             if self.step > args.steps:
                 raise ValueError(f"--steps {args.steps} is below the resumed checkpoint's step "
                                  f"{self.step} ({args.resume}): allowed are --steps >= "
@@ -563,7 +578,6 @@ class Trainer:
             if removed:
                 self.log(f"cleared {len(removed)} leftover(s) of interrupted saves in "
                          f"{self.store.root}: {', '.join(removed)}")
-        _maybe_inject_fault(self.rank, "start")  # (a rank stalled in start-up, for tests)
         dist.barrier()
 
     def architecture(self) -> Dict:

@@ -165,3 +165,26 @@ def validate_train_args(args) -> None:
     if args.pp > 1:
         layout.stage_layer_counts(config.num_layers, "dualpipev", args.pp,
                                   **layout.stage_split_of(config), names=names)
+
+
+def check_world_timeout(args) -> None:
+    """validate_train_args checks --collective-timeout-minutes against the watchdog's slow
+    allowance; a process group that existed before the trainer (made by a framework or a test
+    launcher) keeps its own timeout instead. Read it: at or below the allowance, a save or first
+    step within the allowance would end as a collective timeout naming no rank."""
+    import torch.distributed as dist
+
+    from megatron_dsv3.liveness import group_timeout, slow_allowance
+
+    if not args.watchdog_timeout or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    timeout = group_timeout()
+    allowance = slow_allowance(args.watchdog_timeout, args.watchdog_save_timeout)
+    if timeout is not None and timeout.total_seconds() <= allowance:
+        raise ValueError(
+            f"the default process group's collective timeout is {timeout.total_seconds():g} s "
+            f"(it existed before the trainer, which keeps it rather than "
+            f"--collective-timeout-minutes): a slow save or first step, which the watchdog "
+            f"allows {allowance:g} s (--watchdog-save-timeout, 0 = 3 x --watchdog-timeout), "
+            "would end the job as a collective timeout naming no rank. Allowed: a group timeout "
+            f"above {allowance:g} s, or --watchdog-timeout / --watchdog-save-timeout below it")

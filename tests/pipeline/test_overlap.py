@@ -17,7 +17,8 @@ from megatron_dsv3.training.trainer import TrainArgs, Trainer
 def _args(tmp, **kw):
     base = dict(steps=2, micro_batch_size=2, micro_batches=4, seq_length=32, log_interval=100,
                 cache_dir=str(tmp / "cache"), corpus_bytes=1 << 18, warmup_steps=1, pp=2, ep=2,
-                ranks_per_node=1, dispatch_chunks=2)
+                ranks_per_node=1, dispatch_chunks=2,
+                watchdog_timeout=60.0)  # (slow allowance 180 s < the launcher's timeout)
     base.update(kw)
     return TrainArgs(**base)
 

@@ -311,3 +311,41 @@ def test_a_damaged_manifest_entry_is_named_with_its_field(run, entry, message):
     with pytest.raises(CheckpointFileError,
                        match=f"checkpoint_manifest.json entry 'rank0.pt': {message}; allowed"):
         Trainer(_args(tmp, steps=3, resume="auto"))
+
+
+def test_a_resume_loads_in_the_watchdogs_load_phase(run, monkeypatch):
+    """Start-up shares one slow allowance; the resume's load (which reads every file twice: its
+    checksum, then torch.load) gets the "load" phase's own, and each start-up stage that ends
+    reports progress (before, a job whose save allowance covered its slowest save was ended on
+    every resume whose start-up took longer in total)."""
+    import contextlib
+
+    import megatron_dsv3.liveness as liveness
+
+    events = []
+
+    class Recording:
+        def start(self):
+            return self
+
+        def progress(self, step, phase="train"):
+            events.append(("progress", phase))
+
+        @contextlib.contextmanager
+        def phase(self, name):
+            events.append(("enter", name))
+            yield
+            events.append(("leave", name))
+
+        def close(self):
+            events.append(("close", None))
+
+    monkeypatch.setattr(liveness, "make_watchdog", lambda *a, **k: Recording())
+    real_load = Trainer.load
+    monkeypatch.setattr(Trainer, "load",
+                        lambda self, path: (events.append(("load", None)), real_load(self, path)))
+    tmp, _ = run
+    Trainer(_args(tmp, steps=3, resume="auto"))
+    start = events.index(("enter", "load"))
+    assert events[start:start + 3] == [("enter", "load"), ("load", None), ("leave", "load")]
+    assert events[:start].count(("progress", "startup")) >= 3  # groups, run directory, data

@@ -11,7 +11,8 @@ from megatron_dsv3.training.trainer import TrainArgs, Trainer
 
 def _args(tmp, **kw):
     base = dict(steps=4, micro_batch_size=4, micro_batches=1, seq_length=64, log_interval=100,
-                save_dir=None, cache_dir=str(tmp / "cache"), corpus_bytes=1 << 19, warmup_steps=2)
+                save_dir=None, cache_dir=str(tmp / "cache"), corpus_bytes=1 << 19, warmup_steps=2,
+                watchdog_timeout=60.0)  # (slow allowance 180 s < the launcher's timeout)
     base.update(kw)
     return TrainArgs(**base)
 

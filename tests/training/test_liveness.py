@@ -175,6 +175,72 @@ def test_a_silent_store_means_its_host_rank_is_stalled():
         assert w2.at(t, [0, 1], progress=[0, 1], step=t) == {}
 
 
+class _UnreadPipe(io.TextIOBase):
+    """An output whose writes block until released: a pipe nobody reads (a stalled `| tee`)."""
+
+    def __init__(self):
+        import threading
+
+        self.release = threading.Event()
+
+    def write(self, text):
+        self.release.wait()
+        return len(text)
+
+    def flush(self):
+        self.release.wait()
+
+
+@pytest.mark.timeout(60)
+def test_an_output_nobody_reads_does_not_hold_the_end_of_the_job():
+    """The ranks' log pipe is full: the watchdog's own message would block like every other
+    write, and the job it decided to end went on running (os._exit came after the print)."""
+    w = World(2)
+    blocked = w.dogs[0]._output = _UnreadPipe()
+    try:
+        for t in (1, 2, 3):
+            w.at(t, [1, 0], progress=[0, 1], step=t)
+        start = time.monotonic()
+        for t in range(4, 15):
+            w.at(t, [0])
+        assert w.exits == {0: EXIT_CODE}  # ended although its message is not written yet
+        assert time.monotonic() - start < 5.0
+        assert w.dogs[0].ended.startswith("[watchdog] rank 1 made no progress for 11 s")
+    finally:
+        blocked.release.set()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGSTOP and /proc")
+def test_a_stopped_store_host_on_this_host_is_sent_sigkill():
+    """Without torchrun rank 0 hosts the rendezvous store; stopped, its watcher's verdict is
+    "store", and like a frozen rank it reacts to the launcher's SIGTERM only once resumed: it
+    must be killed too (it was left stopped, and a launcher waiting for every task waited)."""
+    import socket
+
+    from megatron_dsv3.liveness import Beat, _proc_identity
+
+    host_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        w = World(2, store_host_rank=0)
+        w.dogs[1]._kill_stopped = True
+        for t in (1, 2, 3):
+            w.at(t, [0, 1], progress=[0, 1], step=t)
+        # rank 0 is that process (its beat names its pid and identity), and it stops
+        os.kill(host_process.pid, signal.SIGSTOP)
+        w.dogs[1]._monitor.seen[0] = Beat(3, 4, 3, "train", socket.gethostname(), host_process.pid,
+                                          _proc_identity(host_process.pid)[1])
+        w.store.down = True
+        for t in range(4, 16):
+            w.at(t, [1])
+        assert w.exits == {1: EXIT_CODE}
+        assert f"SIGKILL sent to the stopped rank 0 on this host (pid {host_process.pid})" \
+            in w.message(1)
+        assert host_process.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        host_process.kill()
+        host_process.wait()
+
+
 def test_ranks_that_do_not_watch_end_the_job_when_every_watcher_is_stalled():
     w = World(3, watchers=[0])
     w.at(1, [2, 1, 0], progress=[0, 1, 2], step=1)
@@ -306,3 +372,29 @@ def test_a_collective_timeout_within_the_save_allowance_is_refused():
     with pytest.raises(ValueError, match="--collective-timeout-minutes 15.0 is invalid.*900 s"):
         validate_train_args(TrainArgs(collective_timeout_minutes=15.0))
     validate_train_args(TrainArgs(collective_timeout_minutes=15.0, watchdog_save_timeout=600.0))
+
+
+def _build_trainer(rank, world, tmp, watchdog_timeout):
+    from megatron_dsv3.training.trainer import TrainArgs, Trainer
+
+    try:
+        Trainer(TrainArgs(steps=1, micro_batch_size=2, seq_length=16, save_dir=None,
+                          cache_dir=str(tmp / "cache"), corpus_bytes=1 << 18,
+                          watchdog_timeout=watchdog_timeout))
+        return "built"
+    except ValueError as error:
+        return str(error)
+
+
+def test_a_process_group_made_before_the_trainer_is_checked_against_the_save_allowance(
+        tmp_path):
+    """The flag's check cannot see a group that existed before the trainer (a framework's, a
+    test launcher's): its own timeout is read. Here 120 s, against the default allowance of
+    900 s (refused) and of 3 x 30 s (accepted)."""
+    from megatron_dsv3.testing.distributed import run_distributed
+
+    refused = run_distributed(_build_trainer, 2, args=(tmp_path, 300.0), timeout=120)
+    assert all("the default process group's collective timeout is 120 s" in r
+               and "allows 900 s" in r for r in refused), refused
+    assert run_distributed(_build_trainer, 2, args=(tmp_path, 30.0), timeout=120) == \
+        ["built", "built"]

@@ -18,7 +18,8 @@ def _args(tmp, **kw):
 
     base = dict(steps=STEPS, micro_batch_size=2, seq_length=16, log_interval=100, save_dir=None,
                 cache_dir=str(tmp / "cache"), corpus_bytes=1 << 19, warmup_steps=1,
-                recompute=True, bf16_moments=True, zero1=True)
+                recompute=True, bf16_moments=True, zero1=True,
+                watchdog_timeout=60.0)  # (slow allowance 180 s < the launcher's timeout)
     base.update(kw)
     return TrainArgs(**base)
 
