@@ -304,7 +304,7 @@ def _siblings(path: str, kind: str) -> List[str]:
     prefix = f".{name}.{kind}-"
     try:
         return [os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(prefix)]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (no such parent: nothing was set aside)
         return []
 
 
