@@ -149,6 +149,19 @@ RULES: List[Rule] = [
     Rule("--first-last-layers-bf16", "first_last_layers_bf16", "refused",
          "set with FP8 on: our recipe quantises every decoder layer, as DeepSeek-V3 does; "
          "remove it"),
+    Rule("--apply-layernorm-1p", "layernorm_zero_centered_gamma", "refused",
+         "set: our RMSNorm scales by gamma itself, as DeepSeek-V3 does (not by 1 + gamma); "
+         "remove it"),
+    Rule("--qk-clip", "qk_clip", "refused",
+         "set: our MLA has no QK-clip (Megatron's clip_qk() would skip our layers and clip "
+         "nothing); remove it"),
+    Rule("--moe-shared-expert-gate", "moe_shared_expert_gate", "refused",
+         "set: DeepSeek-V3's shared expert is added ungated; remove it"),
+    Rule("--moe-router-force-load-balancing", "moe_router_force_load_balancing", "refused",
+         "set: a benchmarking mode our router does not implement (routing would be unchanged); "
+         "remove it"),
+    Rule("--moe-enable-routing-replay", "moe_enable_routing_replay", "refused",
+         "set: our router neither records nor replays routing decisions; remove it"),
 ]
 
 FP8_ATTENTION_FIELDS = ("fp8_dot_product_attention", "fp8_multi_head_attention",
@@ -265,6 +278,13 @@ def _check_layers(config: Any) -> None:
         _refuse("gated_linear_unit", config.gated_linear_unit,
                 "our MLPs and experts are always SwiGLU (DeepSeek-V3); allowed value: True with "
                 "activation_func=torch.nn.functional.silu (pass --swiglu)")
+    for field, why in (("layernorm_zero_centered_gamma",
+                        "our RMSNorm scales by gamma itself, as DeepSeek-V3 does (not by 1 + "
+                        "gamma); remove it (allowed value: False)"),
+                       ("qk_clip", "our MLA has no QK-clip: Megatron's clip_qk() would skip our "
+                                   "layers and clip nothing; remove it (allowed value: False)")):
+        if _is_set(config, field):
+            _refuse(field, getattr(config, field), why)
     if getattr(config, "window_size", None) is not None:
         _refuse("window_size", config.window_size,
                 "our MLA attends over the whole causal context (DeepSeek-V3 has no sliding "
@@ -362,6 +382,15 @@ def _check_recompute(config: Any) -> None:
 
 
 def _check_router(config: Any) -> None:
+    for field, why in (("moe_shared_expert_gate", "DeepSeek-V3's shared expert is added "
+                                                  "ungated"),
+                       ("moe_router_force_load_balancing", "a benchmarking mode our router does "
+                                                           "not implement (routing would be "
+                                                           "unchanged)"),
+                       ("moe_enable_routing_replay", "our router neither records nor replays "
+                                                     "routing decisions")):
+        if _is_set(config, field):
+            _refuse(field, getattr(config, field), f"{why}; remove it (allowed value: False)")
     dtype = getattr(config, "moe_router_dtype", None)
     if dtype not in (None, "fp32", "fp64"):
         _refuse("moe_router_dtype", dtype, "allowed values are None, 'fp32', 'fp64'")

@@ -174,6 +174,13 @@ REFUSED = [
     (dict(fp8_multi_head_attention=True), "fp8_multi_head_attention", "high precision"),
     (dict(activation_func_fp8_input_store=True), "activation_func_fp8_input_store",
      "high precision"),
+    # accepted before and silently without effect (found by a review)
+    (dict(layernorm_zero_centered_gamma=True), "layernorm_zero_centered_gamma", "1 + gamma"),
+    (dict(qk_clip=True), "qk_clip", "clip nothing"),
+    (dict(moe_shared_expert_gate=True), "moe_shared_expert_gate", "ungated"),
+    (dict(moe_router_force_load_balancing=True), "moe_router_force_load_balancing",
+     "routing would be unchanged"),
+    (dict(moe_enable_routing_replay=True), "moe_enable_routing_replay", "replays"),
 ]
 
 
@@ -525,3 +532,28 @@ def test_recompute_under_dualpipev_gives_the_unpipelined_gradients(single_rank_w
             assert rel < 1e-5, (name, rel)
             seen.add(name)
     assert seen == set(ref)
+
+
+def test_spec_route_initial_weights_follow_megatron_lm_seed(megatron_lm_args, single_rank_world):
+    """Route a: Megatron-LM's config has no init_seed; our layers' initial weights must follow
+    its --seed as Megatron's own layers do (they were drawn with a fixed seed whatever --seed
+    said, so runs meant to differ started from the same decoder)."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_dsv3.layer_specs import get_layer_spec
+
+    cfg = MLATransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+                               num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                               moe_router_score_function="sigmoid",
+                               moe_token_dispatcher_type="alltoall", q_lora_rank=32,
+                               kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8,
+                               v_head_dim=16, add_bias_linear=False, gated_linear_unit=True,
+                               activation_func=torch.nn.functional.silu)
+
+    def first_layer(seed):
+        megatron_lm_args(seed=seed)
+        layer = build_module(get_layer_spec(cfg), config=cfg, layer_number=1)
+        return torch.cat([p.detach().flatten() for p in layer.parameters()])
+
+    one, two = first_layer(1), first_layer(2)
+    assert not torch.equal(one, two) and torch.equal(one, first_layer(1))

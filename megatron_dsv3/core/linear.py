@@ -20,6 +20,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_dsv3.core.gemm import DEFAULT_GEMM, Gemm, linear
 from megatron_dsv3.core.init import init_normal_, param_device
+from megatron_dsv3.upstream_flags import megatron_lm_args
 
 
 def tp_group_or_default(tp_group):
@@ -57,8 +58,13 @@ class KeyedInit:
 
 
 def init_seed_of(config) -> int:
-    """`init_seed` of our config; Megatron-LM's plain config falls back to a fixed seed."""
-    return getattr(config, "init_seed", 1234)
+    """`init_seed` of our config. Megatron-LM's plain config (pretrain_gpt.py --spec
+    megatron_dsv3...) has none: its --seed, as Megatron's own layers draw their initial weights
+    after seeding with it (1234, Megatron-LM's default, outside Megatron-LM's training code)."""
+    seed = getattr(config, "init_seed", None)
+    if seed is None:
+        seed = getattr(megatron_lm_args(), "seed", None)
+    return 1234 if seed is None else seed
 
 
 class _ParallelLinear(MegatronModule):
