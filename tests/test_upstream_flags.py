@@ -557,3 +557,32 @@ def test_spec_route_initial_weights_follow_megatron_lm_seed(megatron_lm_args, si
 
     one, two = first_layer(1), first_layer(2)
     assert not torch.equal(one, two) and torch.equal(one, first_layer(1))
+
+
+def test_megatron_lm_mscale_flags_read_differently_by_transformers_are_refused():
+    """YaRN's attention factor: DeepSeek's code, transformers and our MLA read "mscale and
+    mscale_all_dim not both set" as mscale(factor, 1) alone; Megatron's MLA reads
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim) always. A Megatron-LM config whose
+    --mscale / --mscale-all-dim the two read differently was silently given our reading."""
+    from megatron_dsv3.attention.rope import get_mscale
+
+    def config(**kw):
+        return MLATransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                    num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                                    moe_router_score_function="sigmoid", q_lora_rank=32,
+                                    kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8,
+                                    v_head_dim=16, add_bias_linear=False, gated_linear_unit=True,
+                                    activation_func=torch.nn.functional.silu,
+                                    rotary_scaling_factor=40.0, **kw)
+
+    for mscale, all_dim in ((0.707, 0.0), (0.0, 1.0), (0.0, 0.0)):
+        # the two readings really differ here
+        ours = get_mscale(40.0, mscale) / get_mscale(40.0, all_dim) if mscale and all_dim \
+            else get_mscale(40.0)
+        assert ours != pytest.approx(get_mscale(40.0, mscale) / get_mscale(40.0, all_dim))
+        with pytest.raises(ValueError, match=f"mscale={mscale} with mscale_all_dim={all_dim} is "
+                                             "ambiguous.*Allowed: both > 0"):
+            validate_config(config(mscale=mscale, mscale_all_dim=all_dim))
+    for mscale, all_dim in ((1.0, 0.0), (1.0, 1.0), (0.707, 0.707)):  # read alike: accepted
+        validate_config(config(mscale=mscale, mscale_all_dim=all_dim))
+    get_config("deepseek-v3-tiny", mscale=0.0, mscale_all_dim=1.0)  # ours: transformers' reading

@@ -289,3 +289,19 @@ def validate_rope(config: Any) -> None:
                          "the high frequencies kept, down to beta_slow, the low ones interpolated)")
     for field in ("mscale", "mscale_all_dim"):
         _number(config, field, 0)
+    factor = getattr(config, "rotary_scaling_factor", 1.0)
+    mscale, all_dim = getattr(config, "mscale", 1.0), getattr(config, "mscale_all_dim", 0.0)
+    # DeepSeek's code and transformers read "not both set" as mscale(factor, 1) alone (and an
+    # mscale_all_dim, where set, in the softmax scale), and so do our layers; Megatron's MLA
+    # reads mscale(factor, mscale) / mscale(factor, mscale_all_dim) always. A Megatron-LM
+    # config (pretrain_gpt.py --spec megatron_dsv3...) whose flags the two read differently is
+    # refused; ours (presets, HF checkpoints) has transformers' meaning
+    if not isinstance(config, DeepSeekV3Config) and factor > 1 and (
+            (all_dim == 0 and mscale != 1) or (mscale == 0 and all_dim != 0)):
+        raise ValueError(
+            f"mscale={mscale!r} with mscale_all_dim={all_dim!r} is ambiguous at "
+            f"rotary_scaling_factor={factor!r}: our MLA (as DeepSeek's code and HF transformers) "
+            "would scale attention by mscale(factor, 1), Megatron's own MLA by mscale(factor, mscale) / "
+            "mscale(factor, mscale_all_dim). Allowed: both > 0 (DeepSeek-V3: mscale = "
+            "mscale_all_dim = 1.0, --mscale 1.0 --mscale-all-dim 1.0), or mscale 1.0 with "
+            "mscale_all_dim 0")
