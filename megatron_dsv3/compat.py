@@ -93,6 +93,19 @@ check_supported(MCORE_VERSION)
 # (and GPTModel hands padding_mask to _postprocess and the MTP block; before, to the decoder only).
 MTP_LAYER_RETURNS_PADDING_MASK = MCORE_VERSION >= Version("0.18")
 
+# Megatron-LM's training code (pretrain_gpt.py's helpers), which our entry point answers per model
+# chunk: whether this rank runs an MTP block is `mtp_on_this_rank` in 0.16 - 0.18 and
+# `mtp_on_this_rank_func` from 0.19 (pretrain_gpt.py imports whichever its version has).
+MTP_ON_THIS_RANK_NAMES = ("mtp_on_this_rank", "mtp_on_this_rank_func")
+
+
+def pretrain_takes_config_container(pretrain) -> bool:
+    """Megatron-LM 0.19+: its script parses the arguments itself and hands `pretrain` a config
+    container (`cfg_container`); 0.16 - 0.18's `pretrain` parses them (extra_args_provider)."""
+    import inspect
+
+    return "cfg_container" in inspect.signature(pretrain).parameters
+
 
 @functools.lru_cache(maxsize=None)
 def te_importable() -> bool:

@@ -44,6 +44,7 @@ import sys
 from typing import List, Optional
 
 from megatron_dsv3.cli import non_negative_int, positive_int
+from megatron_dsv3.compat import MTP_ON_THIS_RANK_NAMES, pretrain_takes_config_container
 
 SCHEDULES = ("1f1b", "interleaved", "no_pipelining", "dualpipe", "dualpipev")
 FP8_RECIPES = ("deepseek", "deepseek-pow2")
@@ -431,8 +432,7 @@ def _script_sees_chunk_stage(forward_step_func):
             names["mpu"] = _StageView(names["mpu"], first, last)
         mtp = bool(getattr(inner, "mtp_process", False))
         answers = {"is_first_or_last_pipeline_stage": first or last,
-                   "mtp_on_this_rank": mtp,  # 0.16 - 0.18
-                   "mtp_on_this_rank_func": mtp}  # 0.19
+                   **{name: mtp for name in MTP_ON_THIS_RANK_NAMES}}  # (its version's name)
         for name, answer in answers.items():
             if name in names:
                 saved[name] = names[name]
@@ -557,17 +557,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit("megatron_dsv3.pretrain_gpt needs Megatron-LM's pretrain_gpt.py and "
                          "megatron.training importable: set MEGATRON_LM_PATH to a Megatron-LM "
                          f"checkout or put it on PYTHONPATH ({e})")
-    import inspect
-
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 
     mlm.train_valid_test_datasets_provider.is_distributed = True
     ranks = embedding_ranks(ours.pipeline_schedule) or getattr(mlm, "get_embedding_ranks", None)
     defaults = {"tokenizer_type": "GPT2BPETokenizer"}
-    if "cfg_container" in inspect.signature(pretrain).parameters:
-        # Megatron-LM 0.19+: its script parses the arguments itself and hands pretrain() a config
-        # container; without a model config in it, pretrain() builds with `model_provider`
+    if pretrain_takes_config_container(pretrain):
+        # Megatron-LM 0.19+: without a model config in the container, pretrain() builds with
+        # `model_provider`
         from megatron.training.argument_utils import pretrain_cfg_container_from_args
         from megatron.training.arguments import parse_and_validate_args
 
