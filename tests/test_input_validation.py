@@ -499,6 +499,15 @@ CONFIG_BAD = [
     (dict(expert_model_parallel_size=0), "expert_model_parallel_size"),
     (dict(expert_model_parallel_size=-2), "expert_model_parallel_size"),
     (dict(pipeline_model_parallel_size=0), "pipeline_model_parallel_size"),
+    # sizes tensor parallelism splits (were a size error when the layer was built), and the
+    # expert tensor parallelism Megatron gives an unset one (was refused when the layer was built)
+    (dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=1, ffn_hidden_size=161),
+     "ffn_hidden_size"),
+    (dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=1,
+          moe_shared_expert_intermediate_size=33), "moe_shared_expert_intermediate_size"),
+    (dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=1, vocab_size=255),
+     "vocab_size"),
+    (dict(tensor_model_parallel_size=2), "expert_tensor_parallel_size"),
     (dict(max_position_embeddings=0), "max_position_embeddings"),
     (dict(max_position_embeddings=-5), "max_position_embeddings"),
     (dict(max_position_embeddings=None), "max_position_embeddings"),

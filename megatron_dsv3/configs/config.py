@@ -71,6 +71,14 @@ class DeepSeekV3Config(MLATransformerConfig):
     def __post_init__(self):
         validate_config(self)
         super().__post_init__()
+        if self.expert_tensor_parallel_size not in (1, None):
+            # (Megatron's __post_init__ gives an unset one tensor_model_parallel_size)
+            raise ValueError(
+                f"expert_tensor_parallel_size={self.expert_tensor_parallel_size} is invalid: "
+                "allowed values are 1 (experts are split by expert parallelism only); Megatron "
+                "gives an unset one tensor_model_parallel_size="
+                f"{self.tensor_model_parallel_size}: pass expert_tensor_parallel_size=1 "
+                "(--expert-tensor-parallel-size 1)")
 
 
 def latent_norm_epsilon(config: Any) -> float:
@@ -197,6 +205,15 @@ def validate_config(config: Any) -> None:
             f"num_attention_heads={config.num_attention_heads} must be divisible by "
             f"tensor_model_parallel_size={tp}; allowed tensor_model_parallel_size values: "
             f"{_divisors(config.num_attention_heads)}")
+    # what our tensor-parallel layers split: the dense MLP's and the shared expert's hidden
+    # sizes, and the vocabulary (embedding and head); caught here, not as a size error when the
+    # layer is built
+    for field in ("ffn_hidden_size", "moe_shared_expert_intermediate_size", "vocab_size"):
+        size = getattr(config, field, None)
+        if isinstance(size, int) and tp > 1 and size % tp:
+            raise ValueError(f"{field}={size} is invalid: allowed values are multiples of "
+                             f"tensor_model_parallel_size={tp}, which splits it (or a "
+                             f"tensor_model_parallel_size among {_divisors(size)})")
     dispatcher = getattr(config, "dsv3_dispatcher", "node-aware")
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"dsv3_dispatcher={dispatcher!r} is invalid: allowed values are "

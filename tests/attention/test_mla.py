@@ -140,7 +140,8 @@ def _tp_run(rank, world, seed):
 
     from megatron_dsv3.configs import get_config
 
-    config = get_config("deepseek-v3-tiny", tensor_model_parallel_size=world)
+    config = get_config("deepseek-v3-tiny", tensor_model_parallel_size=world,
+                        expert_tensor_parallel_size=1)
     mla = build_mla(config)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(7, 2, config.hidden_size, generator=g).requires_grad_()
