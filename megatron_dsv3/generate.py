@@ -128,6 +128,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         decode = None if tok is None else tok.decode
         # every request runs at once: room for all of them at their full length (the engine's
         # default holds max_batch_size requests of up to 4096 positions each)
+        if args.block_size > model.config.max_position_embeddings:  # (sized before any memory)
+            raise ValueError(f"--block-size {args.block_size} is invalid: allowed values are 1.."
+                             f"{model.config.max_position_embeddings} (max_position_embeddings: "
+                             "no request holds more positions; each block holds block-size)")
         num_blocks = sum(request_blocks(r, args.block_size) for r in requests)
         engine = InferenceEngine(model, block_size=args.block_size, num_blocks=num_blocks,
                                  max_batch_size=len(requests), decode=decode)
@@ -173,6 +177,11 @@ def _prompt_ids(prompt, tok, vocab_size: int, checkpoint: str) -> List[int]:
                          f"({', '.join(TOKENIZER_FILES)}) and its vocabulary ({vocab_size}) is "
                          "not byte-level (256); give the prompt as token ids instead: "
                          "--prompt-ids 1,2,3")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:  # (bytes the shell passed that are not UTF-8)
+        raise ValueError(f"--prompt {prompt!r} is invalid: allowed is UTF-8 text (position "
+                         f"{error.start} is not); give raw token ids with --prompt-ids") from None
     return tok.encode(prompt)
 
 

@@ -176,6 +176,10 @@ class InferenceEngine:
                                            "max_batch_size requests of the full length)")):
             if not (name == "num_blocks" and value is None) and not positive_int.contains(value):
                 raise ValueError(f"{name}={value!r} is invalid: allowed values are {allowed}")
+        if block_size > model.config.max_position_embeddings:  # (before the cache is allocated)
+            raise ValueError(f"block_size={block_size} is invalid: allowed values are 1.."
+                             f"{model.config.max_position_embeddings} (max_position_embeddings: "
+                             "no request holds more positions, and every block holds block_size)")
         model.eval()
         self.model, self.config, self.decode = model, model.config, decode
         self.max_batch_size = max_batch_size

@@ -251,3 +251,30 @@ def test_a_data_parallel_runs_checkpoint_loads(trainer_run, tmp_path, capsys):
                      "--device", "cpu", "--dtype", "fp32"]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1]
+
+
+def test_cli_refuses_a_prompt_that_is_not_utf8_and_a_block_larger_than_any_request(
+        trainer_run, capsys):
+    """Bytes the shell passes that are not UTF-8 (Python holds them as surrogates) crashed in the
+    tokenizer (a TypeError traceback from an HF tokenizer); a --block-size above
+    max_position_embeddings asked for a cache of block-size positions per request and failed
+    allocating it after the model had loaded."""
+    from megatron_dsv3.inference import InferenceEngine
+    from megatron_dsv3.inference.loading import load_for_generation
+
+    run, _ = trainer_run
+    checkpoint = os.path.join(run, "checkpoint")
+    for argv, message in (
+            (["--prompt", b"ab\xffc".decode("utf-8", "surrogateescape")],
+             "is invalid: allowed is UTF-8 text (position 2 is not)"),
+            (["--prompt", "x", "--block-size", str(10 ** 9)],
+             f"--block-size {10 ** 9} is invalid: allowed values are 1..")):
+        assert main(["--checkpoint", checkpoint, "--device", "cpu", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+    model, _ = load_for_generation(checkpoint)
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"block_size={limit + 1} is invalid: allowed values are "
+                                         f"1..{limit}"):
+        InferenceEngine(model, block_size=limit + 1)
+    InferenceEngine(model, block_size=limit, num_blocks=1)
