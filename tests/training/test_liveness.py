@@ -227,6 +227,10 @@ def test_a_stopped_store_host_on_this_host_is_sent_sigkill():
             w.at(t, [0, 1], progress=[0, 1], step=t)
         # rank 0 is that process (its beat names its pid and identity), and it stops
         os.kill(host_process.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while _proc_identity(host_process.pid)[0] != "T":  # (the stop lands asynchronously)
+            assert time.monotonic() < deadline, "the process did not stop"
+            time.sleep(0.01)
         w.dogs[1]._monitor.seen[0] = Beat(3, 4, 3, "train", socket.gethostname(), host_process.pid,
                                           _proc_identity(host_process.pid)[1])
         w.store.down = True
