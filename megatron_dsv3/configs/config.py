@@ -318,7 +318,7 @@ def validate_rope(config: Any) -> None:
         raise ValueError(
             f"mscale={mscale!r} with mscale_all_dim={all_dim!r} is ambiguous at "
             f"rotary_scaling_factor={factor!r}: our MLA (as DeepSeek's code and HF transformers) "
-            "would scale attention by mscale(factor, 1), Megatron's own MLA by mscale(factor, mscale) / "
-            "mscale(factor, mscale_all_dim). Allowed: both > 0 (DeepSeek-V3: mscale = "
-            "mscale_all_dim = 1.0, --mscale 1.0 --mscale-all-dim 1.0), or mscale 1.0 with "
-            "mscale_all_dim 0")
+            "would scale attention by mscale(factor, 1), Megatron's own MLA by "
+            "mscale(factor, mscale) / mscale(factor, mscale_all_dim). Allowed: both > 0 "
+            "(DeepSeek-V3: mscale = mscale_all_dim = 1.0, --mscale 1.0 --mscale-all-dim 1.0), "
+            "or mscale 1.0 with mscale_all_dim 0")
