@@ -215,6 +215,16 @@ def _is_set(config: Any, field: str) -> bool:
     return bool(getattr(config, field, False))
 
 
+def _refuse_if_set(config: Any, *fields: str) -> None:
+    """Refuse the first of `fields` (switches whose rule is "refused" when set) that is set,
+    with its rule's note as the reason."""
+    for field in fields:
+        if _is_set(config, field):
+            note = next(r.note for r in RULES if r.field == field)
+            _refuse(field, getattr(config, field),
+                    f"{note.removeprefix('set: ')} (allowed value: False)")
+
+
 def check_upstream_flags(config: Any) -> None:
     """Raise ValueError for any Megatron flag (config field) our modules would not honour."""
     cp = getattr(config, "context_parallel_size", 1) or 1
@@ -278,13 +288,7 @@ def _check_layers(config: Any) -> None:
         _refuse("gated_linear_unit", config.gated_linear_unit,
                 "our MLPs and experts are always SwiGLU (DeepSeek-V3); allowed value: True with "
                 "activation_func=torch.nn.functional.silu (pass --swiglu)")
-    for field, why in (("layernorm_zero_centered_gamma",
-                        "our RMSNorm scales by gamma itself, as DeepSeek-V3 does (not by 1 + "
-                        "gamma); remove it (allowed value: False)"),
-                       ("qk_clip", "our MLA has no QK-clip: Megatron's clip_qk() would skip our "
-                                   "layers and clip nothing; remove it (allowed value: False)")):
-        if _is_set(config, field):
-            _refuse(field, getattr(config, field), why)
+    _refuse_if_set(config, "layernorm_zero_centered_gamma", "qk_clip")
     if getattr(config, "window_size", None) is not None:
         _refuse("window_size", config.window_size,
                 "our MLA attends over the whole causal context (DeepSeek-V3 has no sliding "
@@ -382,15 +386,8 @@ def _check_recompute(config: Any) -> None:
 
 
 def _check_router(config: Any) -> None:
-    for field, why in (("moe_shared_expert_gate", "DeepSeek-V3's shared expert is added "
-                                                  "ungated"),
-                       ("moe_router_force_load_balancing", "a benchmarking mode our router does "
-                                                           "not implement (routing would be "
-                                                           "unchanged)"),
-                       ("moe_enable_routing_replay", "our router neither records nor replays "
-                                                     "routing decisions")):
-        if _is_set(config, field):
-            _refuse(field, getattr(config, field), f"{why}; remove it (allowed value: False)")
+    _refuse_if_set(config, "moe_shared_expert_gate", "moe_router_force_load_balancing",
+                   "moe_enable_routing_replay")
     dtype = getattr(config, "moe_router_dtype", None)
     if dtype not in (None, "fp32", "fp64"):
         _refuse("moe_router_dtype", dtype, "allowed values are None, 'fp32', 'fp64'")

@@ -206,16 +206,22 @@ def test_fp8_variations_are_accepted_without_fp8_and_the_payload_switch_is_a_boo
         get_config("deepseek-v3-tiny", dsv3_dispatch_fp8="yes")
 
 
+def _megatron_lm_config(**kw):
+    """The MLA config Megatron-LM builds from a DeepSeek job's flags (--disable-bias-linear
+    --swiglu set the last three), with `kw` on top."""
+    return MLATransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                                moe_router_score_function="sigmoid",
+                                moe_token_dispatcher_type="alltoall", q_lora_rank=32,
+                                kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8,
+                                v_head_dim=16, add_bias_linear=False, gated_linear_unit=True,
+                                activation_func=torch.nn.functional.silu, **kw)
+
+
 def test_refused_on_megatron_lm_config_too():
     """The TransformerConfig Megatron-LM builds from its arguments (not ours) goes through the
     same check: our transformer layer validates its config when it is built."""
-    cfg = MLATransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
-                               num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
-                               moe_router_score_function="sigmoid",
-                               moe_token_dispatcher_type="alltoall", q_lora_rank=32,
-                               kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8,
-                               v_head_dim=16, add_bias_linear=False, gated_linear_unit=True,
-                               activation_func=torch.nn.functional.silu)  # as Megatron-LM's
+    cfg = _megatron_lm_config()  # as Megatron-LM's
     validate_config(cfg)  # --disable-bias-linear --swiglu set them
     # (set after construction: without Transformer Engine Megatron's own __post_init__ already
     # fails on moe_permute_fusion; with TE it accepts it and only our check stops it)
@@ -542,13 +548,7 @@ def test_spec_route_initial_weights_follow_megatron_lm_seed(megatron_lm_args, si
 
     from megatron_dsv3.layer_specs import get_layer_spec
 
-    cfg = MLATransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
-                               num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
-                               moe_router_score_function="sigmoid",
-                               moe_token_dispatcher_type="alltoall", q_lora_rank=32,
-                               kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8,
-                               v_head_dim=16, add_bias_linear=False, gated_linear_unit=True,
-                               activation_func=torch.nn.functional.silu)
+    cfg = _megatron_lm_config()
 
     def first_layer(seed):
         megatron_lm_args(seed=seed)
@@ -567,13 +567,7 @@ def test_megatron_lm_mscale_flags_read_differently_by_transformers_are_refused()
     from megatron_dsv3.attention.rope import get_mscale
 
     def config(**kw):
-        return MLATransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
-                                    num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
-                                    moe_router_score_function="sigmoid", q_lora_rank=32,
-                                    kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8,
-                                    v_head_dim=16, add_bias_linear=False, gated_linear_unit=True,
-                                    activation_func=torch.nn.functional.silu,
-                                    rotary_scaling_factor=40.0, **kw)
+        return _megatron_lm_config(rotary_scaling_factor=40.0, **kw)
 
     for mscale, all_dim in ((0.707, 0.0), (0.0, 1.0), (0.0, 0.0)):
         # the two readings really differ here
