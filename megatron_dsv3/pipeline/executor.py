@@ -19,11 +19,7 @@ StepTrace recording this step's operations and the transfers reported during it)
 measured bubble fraction) and `recv_lookahead=` (default 2: before each op, the receives of the
 next two ops are posted, so transfers land while this rank computes; 0 posts each receive just
 before the op that needs it). Sends are never waited for inside the step (only at its end);
-completed ones release their buffers as the step goes. Under DualPipe each rank holds every stage
-twice with its mirror rank P-1-r; a chunk's gradients and expert loads go to the mirror as soon as
-its last backward or weight-gradient op is done (`grads_final_after`), so for one chunk of each
-rank the exchange runs beside the last ops of the step, and both copies take the same optimizer
-step (summed at the end instead with DDP's overlap_grad_reduce and on ordered transfers).
+completed ones release their buffers as the step goes.
 
 `p2p_order=` says how transfers are issued. "tagged" (the default on gloo): as above, each
 transfer on its own, matched by its tag. "ordered" (the default on every other backend, NCCL
@@ -55,8 +51,6 @@ from megatron_dsv3.pipeline.schedules import (COMPUTE, Layout, Op, build, check,
                                                neighbours, ordered_plan)
 
 P2P_ORDERS = ("tagged", "ordered")
-MIRROR_TAG = 90_000_000  # + the sender's chunk: DualPipe's early mirror exchange (above every
-                         # activation / gradient tag, `_Runner._tag`)
 _BATCHED_GROUPS: List = []  # pipeline groups whose ranks have met once before batched transfers
 _PLANS: Dict[Tuple, Tuple[Op, ...]] = {}  # (schedule, P, N, order, forward_only, rank) -> ops
 _RECEIVES: Dict[Tuple, Tuple] = {}  # (schedule, P, N, forward_only, rank, lookahead) -> plan
@@ -146,7 +140,6 @@ class _Runner:
         self.ordered = False  # p2p_order="ordered": transfers in batches where the plan puts them
         self.outbox: Dict[Tuple[str, int, int], torch.Tensor] = {}  # outputs awaiting their SEND
         self.pending: List = []  # the ordered plan's transfers since the last compute op
-        self.mirrored: Dict[int, Tuple] = {}  # chunk -> early mirror exchange (works, out, in)
         from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
         from megatron.core.utils import get_attr_wrapped_model
 
@@ -334,42 +327,15 @@ class _Runner:
             self.overlap(lambda: self._run_forward(op.chunk, op.mb, True),
                          lambda: self._run_backward(op.chunk2, op.mb2, False, True))
 
-    def run(self, ops: List[Op], posts, final: Optional[Dict[int, int]] = None
-            ) -> Dict[str, float]:
-        """Run `ops`, posting the receives `posts[i]` (`receive_plan`) before op i, and after
-        op i the mirror exchange of chunk `final[i]` (`grads_final_after`); -> wall time, time
-        spent waiting on other stages and their ratio."""
+    def run(self, ops: List[Op], posts) -> Dict[str, float]:
+        """Run `ops`, posting the receives `posts[i]` (`receive_plan`) before op i; -> wall
+        time, time spent waiting on other stages and their ratio."""
         start = time.perf_counter()
-        final = final or {}
-        for i, (op, keys) in enumerate(zip(ops, posts)):
+        for op, keys in zip(ops, posts):
             for kind, chunk, mb in keys:
                 self._post(kind, chunk, mb)
             self._run_op(op)
-            if i in final:
-                self._exchange_early(final[i])
         return self._finish(start)
-
-    # -- DualPipe's mirrored copies ------------------------------------------------------------
-    def _exchange_early(self, chunk: int) -> None:
-        """Chunk `chunk`'s gradients and expert loads are final: send them to the mirror rank
-        (which holds the same stage as its chunk 1 - chunk, final at the same point of its
-        schedule) and post the receive of the mirror's, while the rest of the step runs."""
-        mirror = dist.get_world_size(self.group) - 1 - dist.get_rank(self.group)
-        grads, loads = _flat_grads(self.model[chunk]), _flat_loads(self.model[chunk])
-        flat = torch.cat([grads, loads.to(grads.device)])
-        into = torch.empty_like(flat)
-        works = [self.pg.send([flat], mirror, MIRROR_TAG + chunk),
-                 self.pg.recv([into], mirror, MIRROR_TAG + 1 - chunk)]
-        self.mirrored[chunk] = (works, flat, into, grads.numel())
-
-    def add_mirrored(self) -> None:
-        """Wait for the early mirror exchanges; add the mirror's gradients and expert loads."""
-        for chunk, (works, _, into, split) in sorted(self.mirrored.items()):
-            for work in works:
-                work.wait()
-            _add_flat(self.model[chunk], into[:split])
-            _add_loads(self.model[chunk], into[split:])
-        self.mirrored.clear()
 
     def _finish(self, start: float) -> Dict[str, float]:
         """Wait for the step's sends; -> wall time since `start`, time spent waiting on other
@@ -480,16 +446,6 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
     if timers is not None:  # as Megatron's schedules: the whole step, finalize included
         timers("forward-backward", log_level=1).start(
             barrier=getattr(config, "barrier_with_L1_time", False))
-    # DualPipe's two copies of a stage must take the same optimizer step: each rank sends a
-    # chunk's gradients and expert loads to its mirror as soon as they are final (for one chunk
-    # several ops before the step ends: the exchange then runs beside the cool-down) and adds
-    # the mirror's before finalize_model_grads (the sum commutes with its reductions and
-    # scales). Only where nothing else writes the gradients until finalize: not with DDP's
-    # overlap_grad_reduce (its reduction writes main_grad during backward), and on tagged
-    # transfers (NCCL matches by order: an exchange inside the ordered plan would need its own
-    # place in it). Otherwise both copies are summed at the end, after finalize.
-    early = (schedule == "dualpipe" and not forward_only and order == "tagged"
-             and not any(_reduces_in_backward(m) for m in model))
     WeightGradStore.clear()
     with trace.recording() if trace is not None else contextlib.nullcontext():
         if order == "ordered":
@@ -503,11 +459,8 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
             posts = _RECEIVES.get(key)
             if posts is None:
                 posts = _RECEIVES[key] = receive_plan(ops, runner.peers, rank, lookahead)
-            final = (grads_final_after(ops) if early else None)
-            step = runner.run(ops, posts, final)
+            step = runner.run(ops, posts)
     WeightGradStore.check_drained(f"{schedule} step on pipeline rank {rank}")
-    if early:
-        runner.add_mirrored()
     if stats is not None:
         stats.update(step)
     if not forward_only:
@@ -516,7 +469,7 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
             # rank, which holds no last stage under DualPipeV (rank 0 does) and one direction's
             # under DualPipe: every rank gets the step's total first
             dist.all_reduce(runner.num_tokens, group=group)
-        if schedule == "dualpipe" and not early:
+        if schedule == "dualpipe":
             # the router-bias update (in finalize_model_grads) reads each copy's expert loads
             sum_mirrored_expert_loads(model, group)
         if config.finalize_model_grads_func is not None:
@@ -525,7 +478,7 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
             config.finalize_model_grads_func(
                 model, runner.num_tokens if config.calculate_per_token_loss else None,
                 pg_collection=pg_collection, force_all_reduce=force_all_reduce)
-        if schedule == "dualpipe" and not early:
+        if schedule == "dualpipe":
             # after finalize: DDP's reduction (overlapped with backward) has then finished
             # writing main_grad; the sum commutes with its averaging and the 1 / tokens scale
             sync_mirrored_grads(model, group)
@@ -605,27 +558,6 @@ def _p2p_order(asked: Optional[str], recv_lookahead: Optional[int], group, devic
     return order
 
 
-def _reduces_in_backward(chunk) -> bool:
-    """Whether Megatron DDP reduces `chunk`'s gradients while backward runs
-    (overlap_grad_reduce): its main_grad is then written by the reduction up to
-    finalize_model_grads, and the mirror's gradients can only be added after it."""
-    ddp = getattr(chunk, "ddp_config", None)
-    return bool(getattr(ddp, "overlap_grad_reduce", False))
-
-
-def grads_final_after(ops: List[Op]) -> Dict[int, int]:
-    """{index of the op after which chunk c's gradients are final on this rank: c}: its last
-    full backward or weight-gradient op (the W ops run the deferred weight gradients in the
-    order of their zero-bubble backwards)."""
-    last: Dict[int, int] = {}
-    for i, op in enumerate(ops):
-        if op.kind == "W" or (op.kind == "B" and not op.zb):
-            last[op.chunk] = i
-        elif op.kind == "FB":
-            last[op.chunk2] = i
-    return {i: c for c, i in last.items()}
-
-
 def _grad_of(p: torch.Tensor) -> Optional[torch.Tensor]:
     """The gradient the optimizer reads: Megatron DDP's main_grad buffer, else .grad."""
     main = getattr(p, "main_grad", None)
@@ -688,28 +620,21 @@ def sync_mirrored_grads(model: List, group) -> None:
     _add_flat(model[1], into[1])
 
 
-def _flat_loads(chunk) -> torch.Tensor:
-    ts = _expert_loads(chunk)
-    if not ts:
-        return torch.zeros(0, device=next(chunk.parameters()).device)
-    return torch.cat([t.flatten().float() for t in ts])
-
-
-def _add_loads(chunk, flat: torch.Tensor) -> None:
-    offset = 0
-    for t in _expert_loads(chunk):
-        t.add_(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
-        offset += t.numel()
-
-
 def sum_mirrored_expert_loads(model: List, group) -> None:
     """Both copies of a stage route half of the step's micro-batches: each router's expert loads
     become the sum of both copies', so both take the aux-loss-free bias step of the whole batch."""
-    if not _expert_loads(model[0]) and not _expert_loads(model[1]):
+    loads = [_expert_loads(chunk) for chunk in model]
+    if not loads[0] and not loads[1]:
         return  # (the mirror holds the same stages: it has none either)
-    into = _exchange_with_mirror([_flat_loads(chunk) for chunk in model], group)
-    for chunk, got in zip(model, into):
-        _add_loads(chunk, got)
+    mine = [torch.cat([t.flatten().float() for t in ts]) if ts else
+            torch.zeros(0, device=next(chunk.parameters()).device)
+            for ts, chunk in zip(loads, model)]
+    into = _exchange_with_mirror(mine, group)
+    for ts, got in zip(loads, into):
+        offset = 0
+        for t in ts:
+            t.add_(got[offset:offset + t.numel()].view_as(t).to(t.dtype))
+            offset += t.numel()
 
 
 def forward_backward_dualpipev(**kwargs):
@@ -723,7 +648,6 @@ def forward_backward_dualpipev(**kwargs):
 
 def forward_backward_dualpipe(**kwargs):
     """As forward_backward_dualpipev for DualPipe: `model` = [stage r (direction 0), stage P-1-r
-    (direction 1)], half of the micro-batches per direction; the mirrored copies' gradients and
-    expert loads are summed inside the step (beside its cool-down where it can, module docstring),
-    so both copies take the same optimizer step."""
+    (direction 1)], half of the micro-batches per direction; the mirrored copies' gradients are
+    summed before finalize_model_grads_func."""
     return _forward_backward("dualpipe", **kwargs)

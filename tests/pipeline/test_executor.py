@@ -311,34 +311,3 @@ def test_each_receive_is_posted_once_lookahead_ops_before_its_op(schedule, ranks
                     want.setdefault((kind, chunk, mb), max(0, j - lookahead))
         got = [(key, i) for i, keys in enumerate(plan) for key in keys]
         assert len(plan) == len(ops) and sorted(got) == sorted(want.items()), (rank, got, want)
-
-
-@pytest.mark.parametrize("ranks,N", [(2, 4), (4, 8), (4, 32), (8, 16)])
-def test_mirror_exchange_points_are_where_each_chunks_gradients_are_complete(ranks, N):
-    """grads_final_after against a replay of the schedule with the weight-gradient store as a
-    FIFO queue (a W runs the oldest deferred backward, whatever its label says): each chunk's
-    exchange follows the op that completes its last gradient; and by the mirror symmetry rank r's
-    chunk c completes where rank P-1-r's chunk 1-c does, so both ends of an exchange post it at
-    the same point of their schedules, one of them before the step's last op."""
-    from megatron_dsv3.pipeline.executor import grads_final_after
-    from megatron_dsv3.pipeline.schedules import build
-
-    plans = build("dualpipe", ranks, N)
-    points = []
-    for ops in plans:
-        queue, done = [], {}
-        for i, op in enumerate(ops):
-            if op.kind == "B" and op.zb:
-                queue.append(op.chunk)
-            elif op.kind == "W":
-                done[queue.pop(0)] = i
-            elif op.kind == "B" or op.kind == "FB":
-                done[op.chunk if op.kind == "B" else op.chunk2] = i
-        assert not queue
-        got = grads_final_after(ops)
-        assert got == {i: c for c, i in done.items()}
-        points.append({c: (i, len(ops) - i) for i, c in got.items()})
-    for r in range(ranks):
-        assert points[r][0][1] == points[ranks - 1 - r][1][1]  # ops left after it, alike
-        assert min(points[r][c][1] for c in (0, 1)) == 1  # one chunk completes at the end ...
-        assert max(points[r][c][1] for c in (0, 1)) > 1  # ... the other one earlier
