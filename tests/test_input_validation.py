@@ -765,6 +765,18 @@ def test_engine_refuses_bad_requests_before_any_forward(tiny_engine, prompt, kwa
     assert tiny_engine.cache.num_free_blocks == 64  # nothing was admitted
 
 
+def test_per_token_loss_is_refused_by_the_trainer_naming_the_field():
+    """The trainer averages each micro-batch's LM loss over its tokens and runs no
+    finalize_model_grads: with calculate_per_token_loss the model's MTP and balancing losses
+    would stay sums over tokens (the MTP gradient x the step's token count, measured)."""
+    for pp in (1, 2):
+        with pytest.raises(ValueError, match=r"calculate_per_token_loss=True \(TrainArgs"
+                                             r"\.config_overrides\) is refused .* allowed: False"):
+            validate_train_args(TrainArgs(pp=pp, micro_batches=4,
+                                          config_overrides={"calculate_per_token_loss": True}))
+    validate_train_args(TrainArgs(config_overrides={"calculate_per_token_loss": False}))
+
+
 def test_overlap_pairs_with_a_recompute_that_reruns_random_draws_is_refused_at_start():
     """The executor refuses it at the first step; the trainer names it before any rank starts."""
     noisy = {"hidden_dropout": 0.1, "recompute_granularity": "selective",

@@ -146,6 +146,16 @@ def validate_train_args(args) -> None:
         raise ValueError(f"--preset {args.preset!r} is invalid: allowed values are "
                          f"{', '.join(sorted(PRESETS))}")
     config = get_config(args.preset, **dict(args.config_overrides))  # cheap: no model is built
+    if getattr(config, "calculate_per_token_loss", False):
+        # (the model then leaves its MTP and balancing losses as sums over tokens for Megatron's
+        # finalize_model_grads to divide, which this trainer does not run: measured, the MTP
+        # gradient came out x the step's token count)
+        raise ValueError(
+            "calculate_per_token_loss=True (TrainArgs.config_overrides) is refused by the "
+            "trainer: its losses are each micro-batch's mean over its loss-mask tokens, and "
+            "nothing here divides per-token sums (MTP, balancing) by the step's tokens; allowed: "
+            "False (the default). Megatron-LM's route honours it: megatron_dsv3.pretrain_gpt "
+            "with --calculate-per-token-loss")
     if args.overlap_pairs and not args.recompute:  # (--recompute's modules draw nothing)
         from megatron_dsv3.pipeline.executor import recompute_reruns_random_draws
 
