@@ -192,6 +192,10 @@ def aux_loss_coefficients(config: Any) -> Dict[str, float]:
                              f"moe_router_load_balancing_type={kinds!r} is one type: allowed "
                              "values are one coefficient, or a list of types of the same length")
         return {kinds: float(coeffs or 0.0)}
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"moe_router_load_balancing_type={list(kinds)} names a type twice: "
+                         "allowed is each type once, with one coefficient in moe_aux_loss_coeff "
+                         "(Megatron's router would read the first one's)")
     if not isinstance(coeffs, (list, tuple)) or len(coeffs) != len(kinds):
         raise ValueError(f"moe_aux_loss_coeff={coeffs!r} must be a list of the same length as "
                          f"moe_router_load_balancing_type={list(kinds)} (one coefficient per "

@@ -256,7 +256,7 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"moe_router_score_function={config.moe_router_score_function!r} is not "
                          "supported: allowed values are 'sigmoid' (DeepSeek-V3 gating)")
     groups = getattr(config, "moe_router_num_groups", None) or 1
-    if not isinstance(groups, int) or groups <= 0:
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
         raise ValueError(f"moe_router_num_groups={groups!r} is invalid: allowed values are a "
                          f"positive divisor of num_moe_experts={experts}: {_divisors(experts)}")
     if experts % groups:
@@ -264,13 +264,14 @@ def validate_config(config: Any) -> None:
             f"moe_router_num_groups={groups} must divide num_moe_experts={experts}; allowed "
             f"values: {_divisors(experts)}")
     group_topk = getattr(config, "moe_router_group_topk", None) or groups
-    if not isinstance(group_topk, int) or not 1 <= group_topk <= groups:
+    if not isinstance(group_topk, int) or isinstance(group_topk, bool) \
+            or not 1 <= group_topk <= groups:
         raise ValueError(
             f"moe_router_group_topk={group_topk!r} is invalid: allowed values are 1.."
             f"{groups} (moe_router_num_groups)")
     topk = config.moe_router_topk
     kept = group_topk * (experts // groups)
-    if not isinstance(topk, int) or not 1 <= topk <= kept:
+    if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= kept:
         raise ValueError(
             f"moe_router_topk={topk!r} is invalid: a token can only choose among the {kept} experts "
             f"of its {group_topk} kept groups; allowed values: 1..{kept}")

@@ -4,7 +4,7 @@
     b = s + expert_bias                       (selection only; the bias gets no gradient)
     group score = sum of the top-2 b in each group; keep the `group_topk` best groups
     indices = top-k of b over the kept groups
-    weights = s[indices] / sum(s[indices]) * scaling_factor
+    weights = s[indices] / (sum(s[indices]) + 1e-20) * scaling_factor
 
 With experts grouped by node (groups = nodes), keeping `group_topk` groups is node-limited
 routing: a token reaches at most `group_topk` nodes.
@@ -62,7 +62,10 @@ def route(logits: torch.Tensor, expert_bias: Optional[torch.Tensor], *, topk: in
         mask = group_limited_mask(biased, num_groups, group_topk)
         indices = biased.masked_fill(~mask, float("-inf")).topk(topk, dim=-1).indices
     weights = scores.gather(1, indices)
-    weights = weights / weights.sum(dim=-1, keepdim=True) * scaling_factor
+    # + 1e-20 (as transformers' and Megatron's sigmoid routers): a token whose chosen experts'
+    # scores all underflow to 0 gets weights 0, not 0/0 = NaN; with any score above ~1e-13
+    # the sum absorbs it exactly in float32
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * scaling_factor
     return weights, indices
 
 

@@ -32,6 +32,13 @@ def test_tiny_preset_keeps_the_structure():
     ({"moe_router_num_groups": 3}, "moe_router_num_groups"),  # 16 experts not divisible by 3
     ({"moe_router_group_topk": 5}, "moe_router_group_topk"),  # more than the 4 groups
     ({"moe_router_topk": 9}, "moe_router_topk"),  # 2 kept groups hold only 8 experts
+    # a bool is no count: True passed `isinstance(x, int)` and failed in torch.topk's forward
+    ({"moe_router_topk": True}, "moe_router_topk"),
+    ({"moe_router_group_topk": True}, "moe_router_group_topk"),
+    ({"moe_router_num_groups": True}, "moe_router_num_groups"),
+    # a type listed twice: its coefficient was the last one's (Megatron reads the first)
+    ({"moe_router_load_balancing_type": ["seq_aux_loss", "aux_loss", "seq_aux_loss"],
+      "moe_aux_loss_coeff": [1e-4, 1e-3, 0.5]}, "moe_router_load_balancing_type"),
     ({"kv_lora_rank": 0}, "kv_lora_rank"),
     ({"q_lora_rank": -4}, "q_lora_rank"),
     ({"hidden_size": 0}, "hidden_size"),

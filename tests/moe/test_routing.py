@@ -104,3 +104,16 @@ def test_route_weights_have_exact_gradients():
 def test_bad_routing_arguments_name_the_argument(groups, group_topk, topk, field):
     with pytest.raises(ValueError, match=field):
         check_routing_args(16, topk=topk, num_groups=groups, group_topk=group_topk)
+
+
+def test_a_token_whose_chosen_scores_all_underflow_gets_zero_weights_not_nan():
+    """Logits below ~-104 give float32 sigmoid scores of exactly 0. With the bias choosing
+    two such experts over a healthy one, the weights were 0 / 0 = NaN (then the layer's output
+    and the loss); transformers' and Megatron's sigmoid routers give 0. Elsewhere unchanged."""
+    logits = torch.tensor([[0.0, 0.0, -200.0, -200.0], [1.0, -1.0, 0.5, 2.0]])
+    bias = torch.tensor([0.0, 0.0, 2.0, 2.0])
+    weights, indices = route(logits, bias, topk=2, scaling_factor=2.5)
+    assert sorted(indices[0].tolist()) == [2, 3]
+    assert torch.equal(weights[0], torch.zeros(2))
+    naive, _ = naive_route(logits[1:], bias, 2, 1, 1, 2.5)
+    torch.testing.assert_close(weights[1:].double(), naive, rtol=0, atol=1e-7)
