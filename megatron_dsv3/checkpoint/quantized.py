@@ -53,6 +53,10 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return both.reshape(-1, packed.shape[-1]).to(torch.int8)
 
 
+# storage dtypes of modelopt's quantised weights (FP8 codes, int8, packed int4)
+QUANTISED_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8)
+
+
 class ModeloptReader(HFReader):
     def __init__(self, path: str, algo: str, group_size: Optional[int]):
         super().__init__(path)
@@ -81,6 +85,17 @@ class ModeloptReader(HFReader):
         self._check_shape(name, shape)
         if self.quantised(name):
             self._scales(name)  # present, finite, > 0, fitting shapes
+        else:
+            self._refuse_codes_without_scale(name)
+
+    def _refuse_codes_without_scale(self, name: str) -> None:
+        """A weight stored as quantised codes whose weight_scale is missing (dropped from the
+        index or its shard): read would hand back the raw codes as the weight."""
+        if self.dtype(name) in QUANTISED_DTYPES:
+            raise CheckpointFileError(
+                self.file_of(name), f"is stored as {self.dtype(name)} but the checkpoint has no "
+                f"{self._aux(name, 'weight_scale')}: without it the weight cannot be dequantised",
+                name)
 
     def _scales(self, name: str):
         """(weight_scale, pre_quant_scale or None) of quantised weight `name`, float32; checked
@@ -116,6 +131,7 @@ class ModeloptReader(HFReader):
 
     def read(self, name: str, region: Optional[Region] = None) -> torch.Tensor:
         if not self.quantised(name):
+            self._refuse_codes_without_scale(name)
             return super().read(name, region)
         shape = self.shape(name)
         scale, pqs = self._scales(name)

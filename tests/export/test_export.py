@@ -540,6 +540,39 @@ def test_reader_refuses_a_damaged_modelopt_scale_naming_file_and_tensor(exports,
         assert "q_b_proj.weight_scale" in str(e.value) and os.path.basename(file) in str(e.value)
 
 
+def test_reader_refuses_quantised_codes_whose_scale_is_missing(exports, tmp_path):
+    """A weight stored as int8 codes whose weight_scale was dropped (from its shard and the
+    index) is refused naming the tensor, its file and the missing scale, on check and on a read
+    without check. Before, the raw codes loaded as the weight (447.9 off at FP8, measured)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_dsv3.checkpoint.errors import CheckpointFileError
+
+    path = str(tmp_path / "int8")
+    shutil.copytree(exports["int8-wo"][0], path)
+    name = "model.layers.0.self_attn.q_b_proj.weight"
+    scale = name[:-len("weight")] + "weight_scale"
+    file = os.path.join(path, reader_of(path).weight_map[scale])
+    tensors = load_file(file)
+    del tensors[scale]
+    save_file(tensors, file, metadata={"format": "pt"})
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            data = json.load(f)
+        del data["weight_map"][scale]
+        with open(index, "w") as f:
+            json.dump(data, f)
+    os.remove(os.path.join(path, "checkpoint_manifest.json"))  # (changed on purpose)
+    for use in (lambda r: r.check(name, r.shape(name)), lambda r: r.read(name)):
+        with pytest.raises(CheckpointFileError, match=r"is stored as torch.int8 but the "
+                                                      r"checkpoint has no .*q_b_proj.weight_scale"):
+            use(reader_of(path))
+
+
 def test_transformers_reads_the_fp8_block_export_with_our_logits(exports):
     """transformers' DeepseekV3ForCausalLM (FineGrainedFP8, dequantised on load) and our load_hf
     give the same logits from the fp8-block export (float32, 1e-5 relative)."""
