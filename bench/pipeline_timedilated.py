@@ -21,8 +21,8 @@ micro-batches as given. The reference is imported from DIR and adapted to CPU/gl
 copied here. Both sides do the same work: after the reference's DualPipe step, its caller sums
 the mirrored copies' gradients (which the reference leaves to the caller and ours does inside
 its step) with the exchange ours runs. Each configuration runs --repeat times per side, the two
-sides' runs interleaved; the table reports the median and the smallest bubble of each side and the median ratio of the
-runs made side by side, and a second table splits the median run's bubble (worst rank) into
+sides' runs interleaved; the table reports the median and the smallest bubble of each side and
+the median ratio of the runs made side by side, and a second table splits the median run's bubble (worst rank) into
 the harness oversleeping, the waits for transfers (ours: its receives; the reference: the works
 it waits on before each op, its receives and its previous op's sends) and the rest, host time.
 """

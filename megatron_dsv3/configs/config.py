@@ -8,6 +8,7 @@ from typing import Any, Optional
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_dsv3 import compat
+from megatron_dsv3.configs.layout import is_int
 from megatron_dsv3.upstream_flags import check_upstream_flags, is_finite_number
 
 
@@ -97,7 +98,7 @@ def _positive(config: Any, field: str, *, optional: bool = False) -> None:
     value = getattr(config, field, None)
     if value is None and optional:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not is_int(value) or value <= 0:
         allowed = "a positive integer or None" if optional else "a positive integer"
         raise ValueError(f"{field}={value!r} is invalid: allowed values are {allowed}")
 
@@ -229,7 +230,7 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"dsv3_gemm_backend={gemm_backend!r} is invalid: allowed values are None "
                          f"(auto), {', '.join(repr(b) for b in GEMM_BACKENDS)}")
     chunks = getattr(config, "dsv3_dispatch_chunks", 1)
-    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks <= 0:
+    if not is_int(chunks) or chunks <= 0:
         raise ValueError(f"dsv3_dispatch_chunks={chunks!r} is invalid: allowed values are "
                          "positive integers")
     payload = getattr(config, "dsv3_dispatch_fp8", False)
@@ -256,7 +257,7 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"moe_router_score_function={config.moe_router_score_function!r} is not "
                          "supported: allowed values are 'sigmoid' (DeepSeek-V3 gating)")
     groups = getattr(config, "moe_router_num_groups", None) or 1
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
+    if not is_int(groups) or groups <= 0:
         raise ValueError(f"moe_router_num_groups={groups!r} is invalid: allowed values are a "
                          f"positive divisor of num_moe_experts={experts}: {_divisors(experts)}")
     if experts % groups:
@@ -264,14 +265,13 @@ def validate_config(config: Any) -> None:
             f"moe_router_num_groups={groups} must divide num_moe_experts={experts}; allowed "
             f"values: {_divisors(experts)}")
     group_topk = getattr(config, "moe_router_group_topk", None) or groups
-    if not isinstance(group_topk, int) or isinstance(group_topk, bool) \
-            or not 1 <= group_topk <= groups:
+    if not is_int(group_topk) or not 1 <= group_topk <= groups:
         raise ValueError(
             f"moe_router_group_topk={group_topk!r} is invalid: allowed values are 1.."
             f"{groups} (moe_router_num_groups)")
     topk = config.moe_router_topk
     kept = group_topk * (experts // groups)
-    if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= kept:
+    if not is_int(topk) or not 1 <= topk <= kept:
         raise ValueError(
             f"moe_router_topk={topk!r} is invalid: a token can only choose among the {kept} experts "
             f"of its {group_topk} kept groups; allowed values: 1..{kept}")

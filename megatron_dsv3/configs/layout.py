@@ -82,7 +82,8 @@ def divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (a count, never a switch)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -92,7 +93,7 @@ def check_sizes(tp: int = 1, pp: int = 1, ep: int = 1, vpp: Optional[int] = None
     for key, value in (("tp", tp), ("pp", pp), ("ep", ep), ("vpp", vpp)):
         if key == "vpp" and value is None:
             continue
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise LayoutError(f"{names.show(key, repr(value))} is invalid: allowed values are "
                               "integers >= 1")
 
@@ -219,7 +220,7 @@ def rank_layer_counts(num_layers: int, pp: int, first: Optional[int] = None,
     TransformerConfig does (values > 0, the rest dividing over the middle ranks, per-rank counts
     divisible by V)."""
     for key, value in (("first", first), ("last", last)):
-        if value is not None and (not _is_int(value) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             raise LayoutError(f"{names.show(key, repr(value))} is invalid: allowed values are "
                               f"integers from 1 to num_layers={num_layers} (Megatron's rule)")
     if pp < 2:
@@ -277,7 +278,7 @@ def stage_layer_counts(num_layers: int, schedule: str, pp: int, first: Optional[
                        last: Optional[int] = None, vpp: Optional[int] = None, *,
                        names: Names = FIELDS) -> List[int]:
     """Decoder layers of each stage, in the order a micro-batch traverses them."""
-    if not _is_int(num_layers) or num_layers < 1:
+    if not is_int(num_layers) or num_layers < 1:
         raise LayoutError(f"num_layers={num_layers!r} is invalid: allowed values are >= 1")
     check_sizes(pp=pp, vpp=vpp, names=names)
     stages = num_stages(schedule, pp, vpp)
