@@ -46,12 +46,13 @@ class DeepSeekV3Config(MLATransformerConfig):
     """Expert parallelism: send the dispatch payload in E4M3 with power-of-2 1x128 scales
     (the combine stays in the compute dtype), as DeepSeek-V3 does; both the node-aware and the
     flat dispatcher. With dsv3_fp8_recipe='deepseek' (float32 scales) the routed experts then
-    quantise those rows a second time; 'deepseek-pow2' reproduces the payload's codes exactly."""
+    quantise those rows a second time; 'deepseek-pow2' reproduces the payload's values
+    exactly (not always its codes: a tile whose largest value rounds down re-scales)."""
 
     dsv3_gemm_backend: Optional[str] = None
     """Who runs the GEMMs of our layers: None (auto: 'te' where Transformer Engine imports and
-    CUDA is present, with an FP8 recipe on SM >= 9.0 and CUDA >= 12.9 only, else 'torch' on Hopper (SM 9.x, CUDA >= 12.9, torch >= 2.10), else
-    'emulated'), 'emulated' (torch GEMMs; the FP8 recipe quantised, dequantised and multiplied in
+    CUDA is present, with an FP8 recipe on SM >= 9.0 and CUDA >= 12.9 only, else 'torch' on
+    Hopper (SM 9.x, CUDA >= 12.9, torch >= 2.10), else 'emulated'), 'emulated' (torch GEMMs; the FP8 recipe quantised, dequantised and multiplied in
     float32, on any device), 'torch' (the FP8 recipe on torch's blockwise-scaled F.scaled_mm;
     BF16 experts through torch._grouped_mm) or 'te' (Transformer Engine modules, routed experts
     through TE's GroupedLinear, the FP8 recipe as TE's Float8BlockScaling). A backend that cannot

@@ -87,9 +87,10 @@ def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
 def quantize_1x128(x: torch.Tensor, *, pow2_scales: bool = False,
                    amax_floor: float = AMAX_FLOOR) -> Tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (q float8_e4m3fn [..., K], scale float32 [..., ceil(K/128)])."""
-    if not amax_floor >= MIN_AMAX_FLOOR:
-        raise ValueError(f"amax_floor={amax_floor!r} is invalid: allowed values are floats >= "
-                         f"{MIN_AMAX_FLOOR:.3g} (448 * 2^-126, so every scale is a normal float32)")
+    if not (amax_floor >= MIN_AMAX_FLOOR and math.isfinite(amax_floor)):  # (NaN fails both)
+        raise ValueError(f"amax_floor={amax_floor!r} is invalid: allowed values are finite floats "
+                         f">= {MIN_AMAX_FLOOR:.3g} (448 * 2^-126, so every scale is a normal "
+                         "float32; an infinite floor makes every scale inf and every value NaN)")
     K = x.shape[-1]
     tiles = _pad_last(x.float(), BLOCK).unflatten(-1, (-1, BLOCK))  # [..., kb, 128]
     scale = _scale_from_amax(_tile_amax(tiles, -1), pow2_scales, amax_floor)
@@ -98,8 +99,12 @@ def quantize_1x128(x: torch.Tensor, *, pow2_scales: bool = False,
 
 
 def dequantize_1x128(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Inverse of quantize_1x128: q [..., K] * scale per 1x128 tile -> dtype."""
+    """Inverse of quantize_1x128: q [..., K] * scale [..., ceil(K/128)] per 1x128 tile -> dtype."""
     K = q.shape[-1]
+    if scale.shape != (*q.shape[:-1], -(-K // BLOCK)):  # (a broadcast would reuse one row's)
+        raise ValueError(f"dequantize_1x128: scale has shape {tuple(scale.shape)}; allowed is "
+                         f"q's leading shape and one scale per 1x128 tile of its last dimension: "
+                         f"{(*q.shape[:-1], -(-K // BLOCK))} for q of shape {tuple(q.shape)}")
     tiles = _pad_last(q.float(), BLOCK).unflatten(-1, (-1, BLOCK))
     return (tiles * scale.float().unsqueeze(-1)).flatten(-2)[..., :K].to(dtype)
 

@@ -51,7 +51,9 @@ HIGH_PRECISION = ("embedding", "output_layer", "router", "norm", "core_attention
 
 @dataclasses.dataclass(frozen=True)
 class FP8Recipe:
-    """DeepSeek-V3's fine-grained FP8 recipe (the fields document it; only pow2_scales varies)."""
+    """DeepSeek-V3's fine-grained FP8 recipe. Only pow2_scales varies; the other fields document
+    the recipe and accept their one value only (ValueError naming the field otherwise: a value
+    the GEMMs would not honour is refused, never ignored)."""
 
     fmt: str = "e4m3"
     activation_tile: Tuple[int, int] = (1, 128)
@@ -60,6 +62,18 @@ class FP8Recipe:
     pow2_scales: bool = False
     accumulate: str = "fp32, promoted every 128 along K"
     high_precision: Tuple[str, ...] = HIGH_PRECISION
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "pow2_scales":
+                if not isinstance(value, bool):
+                    raise ValueError(f"FP8Recipe.pow2_scales={value!r} is invalid: allowed "
+                                     "values are True, False")
+            elif value != f.default:
+                raise ValueError(f"FP8Recipe.{f.name}={value!r} is invalid: the only allowed "
+                                 f"value is {f.default!r} (DeepSeek-V3's recipe, which the "
+                                 "GEMMs implement; only pow2_scales varies)")
 
     def gemm(self) -> Gemm:
         from megatron_dsv3.fp8.gemm import Fp8BlockwiseGemm

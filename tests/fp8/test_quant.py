@@ -200,6 +200,15 @@ def test_shape_errors_name_the_mismatch():
         blockwise_matmul(aq, as_[:, :1], *quantize_128x128(torch.randn(8, 256)))
     with pytest.raises(ValueError, match="amax_floor=0"):
         quantize_1x128(torch.zeros(2, 128), amax_floor=0)
+    # an infinite floor made every scale inf and every dequantised value NaN, silently
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="amax_floor=(inf|nan).*finite"):
+            quantize_1x128(torch.ones(2, 128), amax_floor=bad)
+    # one row's scales for every row: the broadcast was applied silently (error ~200 here)
+    q, s = quantize_1x128(torch.randn(4, 256) * torch.logspace(-2, 2, 4)[:, None])
+    for bad in (s[0], s[:, :1], s[:3]):
+        with pytest.raises(ValueError, match=r"scale has shape.*\(4, 2\) for q"):
+            dequantize_1x128(q, bad)
     with pytest.raises(ValueError, match="2-D weight"):
         quantize_128x128(torch.randn(2, 8, 256))
     with pytest.raises(ValueError, match="expected \\[1, 2\\]"):

@@ -33,6 +33,18 @@ def test_dsv3_fp8_recipe_switches_our_gemms_and_names_bad_values():
                                      "core_attention"}
 
 
+
+@pytest.mark.parametrize("field,value", [("fmt", "e5m2"), ("gradient_tile", (128, 128)),
+                                         ("weight_block", (64, 64)), ("accumulate", "bf16"),
+                                         ("high_precision", ()), ("activation_tile", (1, 64)),
+                                         ("pow2_scales", 1)])
+def test_recipe_fields_the_gemms_would_not_honour_are_refused_naming_the_field(field, value):
+    """The GEMMs implement DeepSeek-V3's recipe and read pow2_scales only: any other value of the
+    documenting fields was accepted and silently ignored (the same GEMMs as the default)."""
+    with pytest.raises(ValueError, match=rf"FP8Recipe\.{field}=.*allowed"):
+        FP8Recipe(**{field: value})
+    FP8Recipe(pow2_scales=True)  # the one field that varies
+
 @pytest.mark.skipif(compat.te_importable(), reason="Transformer Engine is importable here")
 def test_megatron_fp8_without_transformer_engine_is_refused_at_configuration_time():
     """megatron-core itself would fail with a TypeError (MoE) or silently run in high precision."""
