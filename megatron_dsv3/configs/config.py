@@ -50,15 +50,15 @@ class DeepSeekV3Config(MLATransformerConfig):
     exactly (not always its codes: a tile whose largest value rounds down re-scales)."""
 
     dsv3_gemm_backend: Optional[str] = None
-    """Who runs the GEMMs of our layers: None (auto: 'te' where Transformer Engine imports and
-    CUDA is present, with an FP8 recipe on SM >= 9.0 and CUDA >= 12.9 only, else 'torch' on
-    Hopper (SM 9.x, CUDA >= 12.9, torch >= 2.10), else 'emulated'), 'emulated' (torch GEMMs; the FP8 recipe quantised, dequantised and multiplied in
-    float32, on any device), 'torch' (the FP8 recipe on torch's blockwise-scaled F.scaled_mm;
-    BF16 experts through torch._grouped_mm) or 'te' (Transformer Engine modules, routed experts
-    through TE's GroupedLinear, the FP8 recipe as TE's Float8BlockScaling). A backend that cannot
-    run on this machine is refused when the model is built (megatron_dsv3.fp8.backends). The
-    trainer and generate take it through their config overrides, e.g.
-    TrainArgs(config_overrides={"dsv3_gemm_backend": "torch"})."""
+    """Who runs the GEMMs of our layers: None (auto: 'te' where Transformer Engine imports and CUDA
+    is present, with an FP8 recipe on SM >= 9.0 and CUDA >= 12.9 only, else 'torch' on Hopper (SM
+    9.x, CUDA >= 12.9, torch >= 2.10), else 'emulated'), 'emulated' (torch GEMMs; the FP8 recipe
+    quantised, dequantised and multiplied in float32, on any device), 'torch' (the FP8 recipe on
+    torch's blockwise-scaled F.scaled_mm; BF16 experts through torch._grouped_mm) or 'te'
+    (Transformer Engine modules, routed experts through TE's GroupedLinear, the FP8 recipe as TE's
+    Float8BlockScaling). A backend that cannot run on this machine is refused when the model is
+    built (megatron_dsv3.fp8.backends). The trainer and generate take it through their config
+    overrides, e.g. TrainArgs(config_overrides={"dsv3_gemm_backend": "torch"})."""
 
     dsv3_latent_norm_epsilon: Optional[float] = None
     """Epsilon of MLA's two latent RMSNorms (the compressed query and key-value): None takes
