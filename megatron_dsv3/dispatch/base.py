@@ -67,6 +67,13 @@ class TokenDispatcher:
                              f"expert-parallel rank {rank}: allowed is rank x num_local_experts "
                              f"= {rank * num_local_experts} (experts are routed to rank "
                              "e // num_local_experts)")
+        counters = getattr(self, "counters", None)
+        if counters is not None and (num_experts, num_local_experts) != (
+                self.num_experts, self.num_local_experts):
+            # the per-expert counts so far are of the old slots: added to the new layout's they
+            # would name other experts (and fail on a new slot count). The placement was made
+            # from them already; the traffic byte counts stay
+            counters.tokens_per_expert = None
         self.num_experts = num_experts
         self.num_local_experts = num_local_experts
         self.local_expert_offset = local_expert_offset

@@ -86,6 +86,10 @@ class NodeAwareDispatcher(TokenDispatcher):
         if not isinstance(fp8_payload, bool):
             raise ValueError(f"fp8_payload={fp8_payload!r} (dsv3_dispatch_fp8) is invalid: "
                              "allowed values are True, False")
+        if fp8_payload and (not isinstance(hidden_size, int) or isinstance(hidden_size, bool)
+                            or hidden_size <= 0):
+            raise ValueError(f"hidden_size={hidden_size!r} is invalid: the FP8 payload "
+                             "(fp8_payload=True) needs the rows' width, a positive integer")
         super().__init__(num_experts, ep_group)
         self.chunks = chunks
         self.topo: EPTopology = build_topology(ep_group)
@@ -106,6 +110,13 @@ class NodeAwareDispatcher(TokenDispatcher):
         topo, E_local = self.topo, self.num_local_experts
         L, N = topo.ranks_per_node, topo.num_nodes
         T = indices.shape[0]
+        if indices.numel():
+            # before any exchange (a bad id stops only the rank that has it): a negative id
+            # had no destination and its slot, weight included, vanished from the combine
+            lo, hi = torch.stack(torch.aminmax(indices)).tolist()  # (one host sync)
+            if lo < 0 or hi >= self.num_experts:
+                raise ValueError(f"expert indices range over [{lo}, {hi}]: allowed are expert "
+                                 f"ids 0..{self.num_experts - 1} (num_experts)")
         owner = indices.long() // E_local  # [T, k] EP rank holding each chosen expert
         inter = copies_by_destination(owner // L, N)
         ids1 = torch.where(inter.slots, indices.index_select(0, inter.source), -1).int()

@@ -184,6 +184,27 @@ def _errors(rank, world):
     with pytest.raises(ValueError, match="MEGATRON_DSV3_RANKS_PER_NODE"):
         build_topology(ep)
     os.environ["MEGATRON_DSV3_RANKS_PER_NODE"] = "2"
+    # an expert id out of range is refused before any exchange (every rank here has one, so
+    # none waits): -1 had no destination, and its slot and weight vanished from the combine
+    d = NodeAwareDispatcher(16, ep, hidden_size=8, num_groups=4, group_topk=2)
+    x, w = torch.ones(2, 8), torch.full((2, 2), 0.5)
+    for bad in ([[0, -1], [1, 2]], [[0, 1], [2, 16]]):
+        with pytest.raises(ValueError, match=r"expert indices range over .* 0\.\.15"):
+            d.forward_experts(x, torch.tensor(bad), w, lambda rows, counts: rows)
+    # a relayout (what moe.eplb.apply_placement does for redundant experts) after a forward:
+    # the next forward counted its rows onto the old layout's per-expert counts and failed
+    # with a shape error; the bytes counted so far stay
+    with torch.no_grad():
+        d.forward_experts(x, torch.tensor([[2 * rank, 15 - 2 * rank]] * 2), w,
+                          lambda rows, counts: rows)
+    before = d.counters.inter_node_bytes
+    d.set_expert_layout(24, 3, 3 * rank)  # 2 experts per rank -> 3 physical slots per rank
+    with torch.no_grad():
+        out = d.forward_experts(x, torch.tensor([[3 * rank + 2, (3 * rank + 5) % 24]] * 2), w,
+                                lambda rows, counts: rows)
+    torch.testing.assert_close(out, x)  # identity experts, weights summing to 1
+    tpe = d.counters.tokens_per_expert.tolist()
+    assert len(tpe) == 3 and sum(tpe) > 0 and d.counters.inter_node_bytes >= before > 0
 
 
 def _flat(rank, world):
@@ -296,3 +317,7 @@ def test_constructor_rejects_layouts_it_cannot_serve():
         NodeAwareDispatcher(16, group, chunks=0, **routing)
     with pytest.raises(ValueError, match="fp8_payload='yes'"):
         NodeAwareDispatcher(16, group, fp8_payload="yes", **routing)
+    for bad in (None, 0, -4, "64", True):  # the FP8 payload needs the rows' width
+        with pytest.raises(ValueError, match=f"hidden_size={bad!r} is invalid"):
+            NodeAwareDispatcher(16, group, fp8_payload=True,
+                                **dict(routing, hidden_size=bad))
