@@ -56,12 +56,52 @@ NUMERIC_FLAGS = (
     ("--dsv3-dispatch-chunks", "dsv3_dispatch_chunks", positive_int),
     ("--ranks-per-node", "ranks_per_node", positive_int),
     ("--pipeline-model-parallel-size", "pipeline_model_parallel_size", positive_int),
-    ("--virtual-pipeline-model-parallel-size", "virtual_pipeline_model_parallel_size",
+    ("--num-virtual-stages-per-pipeline-rank", "num_virtual_stages_per_pipeline_rank",
      positive_int),
     ("--num-layers-per-virtual-pipeline-stage", "num_layers_per_virtual_pipeline_stage",
      positive_int),
+    ("--expert-tensor-parallel-size", "expert_tensor_parallel_size", positive_int),
     ("--mtp-num-layers", "mtp_num_layers", non_negative_int.with_note("0 = none")),
 )
+
+# Megatron-LM's flags that turn on its virtual pipeline (at most one; Megatron derives
+# args.virtual_pipeline_model_parallel_size from it, None where that comes out as 1)
+VIRTUAL_PIPELINE_FLAGS = (
+    ("--num-virtual-stages-per-pipeline-rank", "num_virtual_stages_per_pipeline_rank"),
+    ("--num-layers-per-virtual-pipeline-stage", "num_layers_per_virtual_pipeline_stage"),
+    ("--pipeline-model-parallel-layout", "pipeline_model_parallel_layout"),
+)
+
+
+def virtual_pipeline(args, pp: int):
+    """-> (the virtual-pipeline flag set on `args` or None, the virtual stages per rank it gives:
+    None for none or 1, as Megatron, and where it does not divide, which Megatron refuses with
+    its own message). Args that Megatron has validated carry the size itself
+    (virtual_pipeline_model_parallel_size)."""
+    given = [(flag, dest) for flag, dest in VIRTUAL_PIPELINE_FLAGS
+             if getattr(args, dest, None) is not None]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(f for f, _ in given)} are both set: allowed is at most "
+                         "one of " + ", ".join(f for f, _ in VIRTUAL_PIPELINE_FLAGS))
+    if not given:
+        return None, getattr(args, "virtual_pipeline_model_parallel_size", None)
+    flag, dest = given[0]
+    value = getattr(args, dest)
+    if dest == "num_virtual_stages_per_pipeline_rank":
+        vp = value
+    elif dest == "num_layers_per_virtual_pipeline_stage":
+        layers = getattr(args, "num_layers", None)
+        vp = layers // pp // value if layers and layers % (pp * value) == 0 else None
+    else:
+        from megatron.core.transformer.pipeline_parallel_layer_layout import (
+            PipelineParallelLayerLayout)
+
+        try:
+            stages = PipelineParallelLayerLayout.get_num_stages_from_str(value)
+        except Exception as e:  # (Megatron's own parser: its message)
+            raise ValueError(f"{flag} {value!r} is invalid: {e}") from None
+        vp = stages // pp if stages % pp == 0 else None
+    return flag, (None if vp == 1 else vp)
 
 
 def add_dsv3_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -94,15 +134,16 @@ def validate_dsv3_args(args) -> None:
     schedule = getattr(args, "pipeline_schedule", None)
     pp = getattr(args, "pipeline_model_parallel_size", None)
     pp = 1 if pp is None else pp
-    vp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    vflag, vp = virtual_pipeline(args, pp)
     # the layout rules the planner, the converter and the trainer apply (configs/layout.py)
     if schedule is not None:
-        if schedule in layout_rules.DUALPIPE_SCHEDULES and getattr(
-                args, "num_layers_per_virtual_pipeline_stage", None):
-            raise ValueError(f"--pipeline-schedule {schedule} places its two chunks per rank "
-                             "itself: --num-layers-per-virtual-pipeline-stage must not be set")
+        names = layout_rules.MEGATRON_FLAGS
+        if vflag is not None:  # (the messages name the flag given)
+            names = dataclasses.replace(names, vpp=vflag)
+        if schedule in layout_rules.DUALPIPE_SCHEDULES and vflag is not None:
+            vp = vp or 1  # (a layout flag with DualPipe is refused even where it gives 1)
         layout_rules.check_schedule(schedule, pp, mtp=getattr(args, "mtp_num_layers", None),
-                                    vpp=vp, names=layout_rules.MEGATRON_FLAGS, allowed=SCHEDULES)
+                                    vpp=vp, names=names, allowed=SCHEDULES)
     num_layers = getattr(args, "num_layers", None)
     if schedule in layout_rules.DUALPIPE_SCHEDULES and num_layers:
         # Megatron checks its own schedules' split; ours places the chunks itself
@@ -111,11 +152,22 @@ def validate_dsv3_args(args) -> None:
             num_layers, schedule, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
             getattr(args, "decoder_last_pipeline_num_layers", None),
             names=layout_rules.MEGATRON_FLAGS)
+    tp = getattr(args, "tensor_model_parallel_size", None) or 1
+    # Megatron's expert tensor parallelism defaults to TP; our experts are split by expert
+    # parallelism only (the config refuses any other when the model is built)
+    etp = getattr(args, "expert_tensor_parallel_size", None) or tp
+    if etp != 1 and getattr(args, "num_experts", None):
+        given = getattr(args, "expert_tensor_parallel_size", None)
+        source = (f"--expert-tensor-parallel-size {given}" if given else
+                  f"the expert tensor-parallel size ({etp}: Megatron's default, "
+                  f"--tensor-model-parallel-size {tp})")
+        raise ValueError(f"{source} is invalid: allowed value 1 (DeepSeek-V3's experts are "
+                         "split by expert parallelism only): pass --expert-tensor-parallel-size 1")
     world = getattr(args, "world_size", None)
     if world is not None:
-        tp = getattr(args, "tensor_model_parallel_size", None) or 1
         ep = getattr(args, "expert_model_parallel_size", None) or 1
-        layout_rules.check_world_size(world, tp, pp, ep, names=layout_rules.MEGATRON_FLAGS)
+        layout_rules.check_world_size(world, tp, pp, ep, etp=etp,
+                                      names=layout_rules.MEGATRON_FLAGS)
     if schedule in layout_rules.DUALPIPE_SCHEDULES and world is not None:
         _check_micro_batches(args, schedule, pp, world)
     if getattr(args, "dsv3_dispatch_fp8", False) and getattr(args, "dsv3_dispatcher", None) == "local":
@@ -172,10 +224,13 @@ def parse_dsv3_args(argv: List[str], world_size: Optional[int] = None):
     types = {flag: allowed for flag, _, allowed in NUMERIC_FLAGS}
     parser.add_argument("--pipeline-model-parallel-size",
                         type=types["--pipeline-model-parallel-size"], default=1)
-    for flag in ("--virtual-pipeline-model-parallel-size",
-                 "--num-layers-per-virtual-pipeline-stage", "--mtp-num-layers"):
+    for flag in ("--num-virtual-stages-per-pipeline-rank",
+                 "--num-layers-per-virtual-pipeline-stage", "--mtp-num-layers",
+                 "--expert-tensor-parallel-size"):
         parser.add_argument(flag, type=types[flag], default=None)
+    parser.add_argument("--pipeline-model-parallel-layout", default=None)
     for flag in ("--tensor-model-parallel-size", "--expert-model-parallel-size", "--num-layers",
+                 "--num-experts",
                  "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers",
                  "--context-parallel-size", "--global-batch-size", "--micro-batch-size"):
         parser.add_argument(flag, type=positive_int, default=None)

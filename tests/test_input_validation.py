@@ -410,7 +410,8 @@ def test_simulate_help_names_the_module_command(capsys):
     ("--ranks-per-node 0", "--ranks-per-node"),
     ("--ranks-per-node -8", "--ranks-per-node"),
     ("--pipeline-model-parallel-size 0", "--pipeline-model-parallel-size"),
-    ("--virtual-pipeline-model-parallel-size 0", "--virtual-pipeline-model-parallel-size"),
+    ("--num-virtual-stages-per-pipeline-rank 0", "--num-virtual-stages-per-pipeline-rank"),
+    ("--expert-tensor-parallel-size 0", "--expert-tensor-parallel-size"),
     ("--num-layers-per-virtual-pipeline-stage 0", "--num-layers-per-virtual-pipeline-stage"),
     ("--mtp-num-layers -1", "--mtp-num-layers"),
 ])

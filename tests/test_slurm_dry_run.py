@@ -82,6 +82,13 @@ def test_dry_run_prints_each_nodes_command_with_sizes_derived_from_slurm(name, t
                 flag(argv, "--expert-model-parallel-size")) == (str(tp), str(pp), str(ep))
         assert flag(argv, "--pipeline-schedule") == schedule
         assert flag(argv, "--num-layers") == str(layers)
+        # experts split by expert parallelism only (Megatron's default would be TP)
+        assert flag(argv, "--expert-tensor-parallel-size") == "1"
+        if "--vocab-size" in argv and "--make-vocab-size-divisible-by" in argv:
+            # 129280 rows as DeepSeek-V3's checkpoint with the mock tokenizer's 129279 + 1 and
+            # with DeepSeek-V3's own (128815 entries, where Megatron ignores --vocab-size)
+            multiple = int(flag(argv, "--make-vocab-size-divisible-by")) * tp
+            assert [-(-n // multiple) * multiple for n in (129280, 128815)] == [129280] * 2
         assert flag(argv, "--spec", 2) == ["megatron_dsv3.layer_specs", "layer_spec"]
         assert "--use-distributed-optimizer" in argv and flag(argv, "--exp-avg-dtype") == "bf16"
         assert flag(argv, "--save") == str(tmp_path / "run" / "checkpoints")
@@ -194,3 +201,52 @@ def test_sbatch_headers_request_requeue_and_a_signal_before_the_limit():
     # torchrun waits for the ranks' save longer than its default 30 s
     assert 'scancel --signal=TERM "$SLURM_JOB_ID"' in common and 'kill -TERM "$SRUN_PID"' not in common
     assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-540}" in common
+
+
+def test_usr1_saves_through_the_steps_and_requeues_even_when_the_step_exits_non_zero(tmp_path):
+    """The batch script's USR1 trap with SLURM's commands stubbed: scancel --signal=TERM reaches
+    the step, and `scontrol requeue` follows although the step exits 1 (as torchrun does after a
+    forwarded SIGTERM, the ranks having saved): under `set -e` the trap's `wait` used to end the
+    script there, and the job ended FAILED, not requeued."""
+    import signal
+    import time
+
+    stubs, log = tmp_path / "bin", tmp_path / "slurm.log"
+    stubs.mkdir()
+    scripts = {
+        # the step stands in for torchrun: exits 1 on SIGTERM; its pid for scancel
+        "srun": 'echo "srun $*" >> "$LOG"\n"$(dirname "$0")/step" &\nwait $!',
+        "step": 'sleep 60 > /dev/null &\ntrap "kill $!; exit 1" TERM\necho $$ > "$LOG.pid"\n'
+                "wait",
+        "scancel": 'echo "scancel $*" >> "$LOG"\nkill -TERM "$(cat "$LOG.pid")"',
+        "scontrol": 'echo "scontrol $*" >> "$LOG"',
+    }
+    for name, body in scripts.items():
+        (stubs / name).write_text("#!/bin/bash\n" + body + "\n")
+        (stubs / name).chmod(0o755)
+    job = tmp_path / "job.sbatch"
+    job.write_text(f"JOB_NAME=trap TP=1 PP=1 EP=1 SCHEDULE=1f1b MTP=0\n"
+                   f"source {SLURM / 'common.sh'}\n"
+                   "MODEL_ARGS=() TRAIN_ARGS=() PLAN_ARGS=()\ndsv3_main\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{stubs}{os.pathsep}{env['PATH']}", LOG=str(log), SLURM_JOB_ID="4242",
+               SLURM_JOB_NUM_NODES="1", GPUS_PER_NODE="1", RUN_DIR=str(tmp_path / "run"))
+    output = tmp_path / "job.out"
+    with open(output, "w") as out:
+        proc = subprocess.Popen(["bash", str(job)], env=env, cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"{log}.pid").exists():  # the step runs
+            assert proc.poll() is None and time.monotonic() < deadline, output.read_text()
+            time.sleep(0.05)
+        time.sleep(1.0)  # the script sets its trap right after starting the step
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = output.read_text()
+    calls = log.read_text().splitlines()
+    assert "scancel --signal=TERM 4242" in calls, (calls, out)
+    assert calls[-1] == "scontrol requeue 4242", (calls, out)

@@ -65,6 +65,7 @@ dsv3_topology() {
         echo "error: world size $WORLD_SIZE not divisible by TP*PP=$((TP * PP))" >&2; exit 2
     fi
     DP=$((WORLD_SIZE / (TP * PP)))
+    # (experts without tensor parallelism, --expert-tensor-parallel-size 1: EP within DP x TP)
     if (((DP * TP) % EP)); then
         echo "error: EP=$EP must divide DP*TP=$((DP * TP))" >&2; exit 2
     fi
@@ -137,19 +138,25 @@ dsv3_command() {  # the command node $1 runs (as an array in CMD)
          --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
          -m megatron_dsv3.pretrain_gpt
          --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-         --expert-model-parallel-size "$EP" --pipeline-schedule "$SCHEDULE"
+         --expert-model-parallel-size "$EP" --expert-tensor-parallel-size 1
+         --pipeline-schedule "$SCHEDULE"
          --ranks-per-node "$GPUS_PER_NODE"
          "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" "${CKPT_ARGS[@]}"
          --tensorboard-dir "$RUN_DIR/tensorboard" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
 }
 
 dsv3_requeue_trap() {
-    # SLURM sends SIGUSR1 (--signal=B:USR1@600) 10 minutes before the limit or on preemption:
-    # SIGTERM to the job's steps (not to srun, which would turn it into SIGKILL of every task):
-    # each node's torchrun forwards it to its ranks, Megatron's --exit-signal-handler saves a
-    # checkpoint and exits, torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT for that; then requeue.
+    # SLURM sends SIGUSR1 (--signal=B:USR1@600) 10 minutes before the time limit (and at
+    # preemption where the cluster sets PreemptParameters=send_user_signal; otherwise preemption
+    # sends SIGTERM to the ranks directly, Megatron's --exit-signal-handler saves, and SLURM's
+    # PreemptMode decides about the requeue). On USR1: SIGTERM to the job's steps (not to srun,
+    # which would turn it into SIGKILL of every task): each node's torchrun forwards it to its
+    # ranks, Megatron's --exit-signal-handler saves a checkpoint and exits, torchrun waits
+    # TORCH_ELASTIC_SHUTDOWN_TIMEOUT for that; then requeue. torchrun exits non-zero after a
+    # forwarded SIGTERM even when every rank saved and exited 0 (it re-raises the signal), so
+    # the step's status must not stop the trap under `set -e` before the requeue.
     trap 'echo "[dsv3] signal: checkpoint and requeue"; scancel --signal=TERM "$SLURM_JOB_ID";
-          wait "$SRUN_PID"; scontrol requeue "$SLURM_JOB_ID"' USR1
+          wait "$SRUN_PID" || true; scontrol requeue "$SLURM_JOB_ID"' USR1
 }
 
 dsv3_extra_args() {
@@ -197,7 +204,10 @@ dsv3_main() {
     echo "[dsv3] $JOB_NAME: $NNODES nodes x $GPUS_PER_NODE GPUs, world $WORLD_SIZE, TP $TP PP $PP EP $EP DP $DP; $RESUME"
     # one srun task per node; each runs torchrun with its own node rank
     # shellcheck disable=SC2016
-    srun --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL bash -c '
+    # (srun does not take the job's --cpus-per-task since SLURM 22.05: given again, or torchrun,
+    # its ranks and their data loaders share one or two CPUs)
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL \
+        ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} bash -c '
         source "'"$DSV3_SLURM_DIR"'/common.sh"
         eval "$DSV3_STATE"
         dsv3_command "$SLURM_NODEID"

@@ -71,7 +71,7 @@ MEGATRON_FLAGS = Names("--tensor-model-parallel-size", "--pipeline-model-paralle
                        "--expert-model-parallel-size", "--pipeline-schedule",
                        "--decoder-first-pipeline-num-layers",
                        "--decoder-last-pipeline-num-layers",
-                       "--virtual-pipeline-model-parallel-size", "--mtp-num-layers", " ")
+                       "--num-virtual-stages-per-pipeline-rank", "--mtp-num-layers", " ")
 FIELDS = Names("tensor_model_parallel_size", "pipeline_model_parallel_size",
                "expert_model_parallel_size", "schedule", "num_layers_in_first_pipeline_stage",
                "num_layers_in_last_pipeline_stage", "virtual_pipeline_model_parallel_size",
@@ -98,10 +98,12 @@ def check_sizes(tp: int = 1, pp: int = 1, ep: int = 1, vpp: Optional[int] = None
                               "integers >= 1")
 
 
-def check_world_size(world: int, tp: int = 1, pp: int = 1, ep: int = 1, *,
+def check_world_size(world: int, tp: int = 1, pp: int = 1, ep: int = 1, *, etp: int = 1,
                      names: Names = FLAGS, source: str = "WORLD_SIZE") -> int:
-    """World = TP x PP x DP, and EP inside DP x TP (Megatron's rule: the expert groups of a
-    pipeline stage are carved out of its data x tensor parallel ranks). Returns DP."""
+    """World = TP x PP x DP, and EP x ETP inside DP x TP (Megatron's rule: the expert groups of
+    a pipeline stage are carved out of its data x tensor parallel ranks; ETP, the experts' own
+    tensor parallelism, is 1 for DeepSeek-V3 and our dispatchers, Megatron's default is TP).
+    Returns DP."""
     check_sizes(tp, pp, ep, names=names)
     # (a caller without tensor parallelism, e.g. the example trainer, names no TP flag)
     sizes = " x ".join(([names.show("tp", tp)] if names.tp else []) + [names.show("pp", pp)])
@@ -115,12 +117,16 @@ def check_world_size(world: int, tp: int = 1, pp: int = 1, ep: int = 1, *,
         raise LayoutError(f"{sizes} does not fit world size {world} ({source}): TP x PP = "
                           f"{tp * pp} does not divide it; {hint}")
     dp = world // (tp * pp)
-    if (dp * tp) % ep:
+    if (dp * tp) % (ep * etp):
+        within = dp * tp // etp if (dp * tp) % etp == 0 else 0
+        expert_tp = "" if etp == 1 else (
+            f" x the experts' tensor parallelism {etp} (--expert-tensor-parallel-size; "
+            "Megatron's default is the tensor-parallel size, DeepSeek-V3 uses 1)")
         raise LayoutError(
             f"{sizes} x {names.show('ep', ep)} does not fit world size {world} ({source}): "
-            f"{names.show('ep', ep)} must divide DP x TP = {dp} x {tp} = {dp * tp} (expert "
-            f"parallelism lives inside data x tensor parallelism); allowed values are "
-            f"{divisors(dp * tp)}")
+            f"{names.show('ep', ep)}{expert_tp} must divide DP x TP = {dp} x {tp} = {dp * tp} "
+            f"(expert parallelism lives inside data x tensor parallelism); allowed "
+            f"{names.ep} values are {divisors(within) if within else 'none'}")
     return dp
 
 
@@ -192,6 +198,9 @@ def check_schedule(schedule: str, pp: int, *, mtp: Optional[int] = None,
                           f"{names.mtp}")
     if schedule == "interleaved" and vpp is None:
         raise LayoutError(f"{this} needs {names.vpp}")
+    if schedule in ("1f1b", "no_pipelining") and vpp:
+        raise LayoutError(f"{this} runs one model chunk per rank: {names.vpp} must not be set "
+                          f"(virtual stages need {names.show('schedule', 'interleaved')})")
     if schedule == "no_pipelining" and pp != 1:
         raise LayoutError(f"{this} needs {names.pp} 1 (got {pp})")
 

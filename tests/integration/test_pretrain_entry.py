@@ -57,10 +57,28 @@ def test_existing_pipeline_schedule_flag_is_kept():
     ("--pipeline-schedule dualpipe --pipeline-model-parallel-size 4 --mtp-num-layers 1",
      "dualpipe with --mtp-num-layers"),
     ("--pipeline-schedule dualpipe --pipeline-model-parallel-size 3", "even"),
+    # Megatron-LM's virtual-pipeline flags (it has no --virtual-pipeline-model-parallel-size):
+    # DualPipe(V) place their chunks themselves, 1f1b runs one chunk, interleaved needs one
     ("--pipeline-schedule dualpipev --pipeline-model-parallel-size 2 "
-     "--virtual-pipeline-model-parallel-size 2", "--virtual-pipeline-model-parallel-size"),
+     "--num-virtual-stages-per-pipeline-rank 2", "--num-virtual-stages-per-pipeline-rank must "
+                                                 "not be set"),
+    ("--pipeline-schedule dualpipe --pipeline-model-parallel-size 2 "
+     "--num-layers-per-virtual-pipeline-stage 1", "--num-layers-per-virtual-pipeline-stage must"),
+    ("--pipeline-schedule dualpipev --pipeline-model-parallel-size 2 "
+     "--pipeline-model-parallel-layout Et|ttL", "--pipeline-model-parallel-layout must not"),
+    ("--pipeline-schedule 1f1b --pipeline-model-parallel-size 2 "
+     "--num-virtual-stages-per-pipeline-rank 2", "1f1b runs one model chunk per rank"),
+    ("--pipeline-schedule 1f1b --pipeline-model-parallel-size 2 "
+     "--num-layers-per-virtual-pipeline-stage 1", "--num-layers-per-virtual-pipeline-stage must"),
     ("--pipeline-schedule interleaved --pipeline-model-parallel-size 2",
-     "--virtual-pipeline-model-parallel-size"),
+     "interleaved needs --num-virtual-stages-per-pipeline-rank"),
+    ("--pipeline-schedule interleaved --pipeline-model-parallel-size 2 "
+     "--num-virtual-stages-per-pipeline-rank 2 --num-layers-per-virtual-pipeline-stage 1",
+     "are both set: allowed is at most one of"),
+    ("--tensor-model-parallel-size 2 --num-experts 16",  # Megatron's default: TP's 2
+     "the expert tensor-parallel size (2: Megatron's default, --tensor-model-parallel-size 2)"),
+    ("--expert-tensor-parallel-size 2 --num-experts 16", "--expert-tensor-parallel-size 2 is "
+                                                         "invalid: allowed value 1"),
     ("--dsv3-dispatcher local --dsv3-dispatch-fp8", "--dsv3-dispatch-fp8"),
 ])
 def test_cross_flag_validation(argv, message, capsys):
@@ -96,6 +114,28 @@ def test_valid_layouts_pass():
     args = entry.parse_dsv3_args("--pipeline-schedule dualpipev --pipeline-model-parallel-size 2 "
                                  "--mtp-num-layers 1 --hidden-size 64".split())
     assert args.pipeline_schedule == "dualpipev"
+    # Megatron-LM's virtual-pipeline flags with the interleaved schedule (each was refused or
+    # unknown to our check), and TP with the experts' own tensor parallelism 1
+    for virtual in ("--num-virtual-stages-per-pipeline-rank 2",
+                    "--num-layers-per-virtual-pipeline-stage 1",
+                    "--pipeline-model-parallel-layout Et|t|t|tL"):
+        entry.parse_dsv3_args(f"--pipeline-schedule interleaved --pipeline-model-parallel-size 2 "
+                              f"{virtual} --num-layers 4".split(), world_size=2)
+    entry.parse_dsv3_args("--tensor-model-parallel-size 2 --expert-tensor-parallel-size 1 "
+                          "--expert-model-parallel-size 16 --num-experts 16 --num-layers 4"
+                          .split(), world_size=16)
+
+
+def test_expert_parallelism_must_fit_with_the_experts_tensor_parallelism(capsys):
+    """Megatron's rule, world % (ETP x EP x PP) == 0: EP 16 with TP 2 on 16 ranks passes with
+    --expert-tensor-parallel-size 1 (above) and was accepted with Megatron's default ETP = TP,
+    which Megatron's initialize_model_parallel then refuses."""
+    from megatron_dsv3.configs import layout
+
+    assert layout.check_world_size(16, 2, 1, 16, etp=1) == 8
+    with pytest.raises(layout.LayoutError, match=r"16 x the experts' tensor parallelism 2 .* "
+                                                 r"allowed --ep values are \[1, 2, 4, 8\]"):
+        layout.check_world_size(16, 2, 1, 16, etp=2)
 
 
 def test_ranks_per_node_sets_topology_env(monkeypatch):
