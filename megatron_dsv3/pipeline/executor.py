@@ -285,7 +285,11 @@ class _Runner:
         self.deallocated.discard((chunk, mb))
         if self.timers is not None:
             self.timers("backward-compute", log_level=2).start()
-        with WeightGradStore.deferring(zb):
+        # the engine runs the backward on this thread: on CUDA it would otherwise run the nodes
+        # on the device's autograd worker thread, where this thread's lane (a thread-local)
+        # reads 0, and the MoE dispatcher would issue the backward's all-to-alls on the
+        # forward lane's groups (on the CPU it runs here anyway)
+        with WeightGradStore.deferring(zb), torch.autograd.set_multithreading_enabled(False):
             Variable._execution_engine.run_backward(
                 tensors=(output,), grad_tensors=(grad,), keep_graph=False, create_graph=False,
                 inputs=(), allow_unreachable=True, accumulate_grad=True)

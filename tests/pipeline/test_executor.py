@@ -288,6 +288,44 @@ def test_megatron_timers_and_finalize_arguments(single_rank_world):
 
 
 
+def _lanes_seen_in_backward(rank, world):
+    from megatron_dsv3.lanes import current_lane
+    from megatron_dsv3.model_chunks import build_model_chunks
+    from megatron_dsv3.pipeline import forward_backward_dualpipev
+
+    seen = []
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append((current_lane(), torch._C._is_multithreading_enabled()))
+            return g
+
+    def step(data_iterator, model):
+        out, loss_func = forward_step(data_iterator, model)
+        return Spy.apply(out), loss_func
+
+    chunks = build_model_chunks(_config(False, 2), "dualpipev", rank, world)
+    forward_backward_dualpipev(forward_step_func=step, model=chunks,
+                               data_iterator=[iter(_batches(2)), iter(_batches(2))],
+                               num_microbatches=2, seq_length=S, micro_batch_size=B)
+    return seen
+
+
+def test_backward_passes_run_on_the_calling_thread_in_the_backward_lane(single_rank_world):
+    """The MoE dispatcher picks its process groups by the calling thread's lane. On CUDA the
+    autograd engine runs backward nodes on the device's worker thread unless multithreaded
+    backward is off, and there the lane read 0: the backward's all-to-alls went on the forward
+    lane's groups. Every backward node of the step sees lane 1 with multithreading off."""
+    [seen] = run_distributed(_lanes_seen_in_backward, 1,
+                             megatron_parallel={"pipeline_model_parallel_size": 1})
+    assert len(seen) == 4 and set(seen) == {(1, False)}, seen  # 2 chunks x 2 micro-batches
+
+
 @pytest.mark.parametrize("schedule,ranks,N", [("dualpipe", 4, 8), ("dualpipev", 4, 8)])
 @pytest.mark.parametrize("lookahead", [0, 2, 5])
 def test_each_receive_is_posted_once_lookahead_ops_before_its_op(schedule, ranks, N, lookahead):
