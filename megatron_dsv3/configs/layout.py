@@ -125,8 +125,8 @@ def check_world_size(world: int, tp: int = 1, pp: int = 1, ep: int = 1, *, etp: 
         raise LayoutError(
             f"{sizes} x {names.show('ep', ep)} does not fit world size {world} ({source}): "
             f"{names.show('ep', ep)}{expert_tp} must divide DP x TP = {dp} x {tp} = {dp * tp} "
-            f"(expert parallelism lives inside data x tensor parallelism); allowed "
-            f"{names.ep} values are {divisors(within) if within else 'none'}")
+            f"(expert parallelism lives inside data x tensor parallelism); allowed values are "
+            f"{divisors(within) if within else 'none'}")
     return dp
 
 

@@ -154,7 +154,7 @@ def test_world_size_refusals_name_our_flags():
         check_world_size(6, pp=2, ep=4)
     msg = str(e.value)
     assert all(w in msg for w in ("--tp 1 x --pp 2 x --ep 4", "does not fit world size 6",
-                                  "WORLD_SIZE", "allowed --ep values are [1, 3]")), msg
+                                  "WORLD_SIZE", "allowed values are [1, 3]")), msg
     with pytest.raises(LayoutError, match=r"--tp 1 x --pp 4 does not fit world size 6 .*allowed "
                                           r"--pp values with --tp 1: \[1, 2, 3, 6\]"):
         check_world_size(6, pp=4)

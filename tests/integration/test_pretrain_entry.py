@@ -134,7 +134,7 @@ def test_expert_parallelism_must_fit_with_the_experts_tensor_parallelism(capsys)
 
     assert layout.check_world_size(16, 2, 1, 16, etp=1) == 8
     with pytest.raises(layout.LayoutError, match=r"16 x the experts' tensor parallelism 2 .* "
-                                                 r"allowed --ep values are \[1, 2, 4, 8\]"):
+                                                 r"allowed values are \[1, 2, 4, 8\]"):
         layout.check_world_size(16, 2, 1, 16, etp=2)
 
 
