@@ -170,7 +170,8 @@ def validate_dsv3_args(args) -> None:
                                       names=layout_rules.MEGATRON_FLAGS)
     if schedule in layout_rules.DUALPIPE_SCHEDULES and world is not None:
         _check_micro_batches(args, schedule, pp, world)
-    if getattr(args, "dsv3_dispatch_fp8", False) and getattr(args, "dsv3_dispatcher", None) == "local":
+    if getattr(args, "dsv3_dispatch_fp8", False) and \
+            getattr(args, "dsv3_dispatcher", None) == "local":
         raise ValueError("--dsv3-dispatch-fp8 needs --dsv3-dispatcher node-aware or flat "
                          "(the local dispatcher sends nothing)")
     if getattr(args, "dsv3_fp8_recipe", None) and getattr(args, "fp8", None):
@@ -440,6 +441,10 @@ def megatron_loop_schedule(schedule_func, schedule: Optional[str], mtp_num_layer
         if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             return []
         device = next(model[0].parameters()).device
+        if schedule == "dualpipe":
+            # Megatron's order, micro-batches 0..N-1: direction 0 (the first half of the batch)
+            # ends on the last pipeline rank, direction 1 (the second half) on rank 0
+            gathered = gathered[::-1]
         return [{k: v.to(device) for k, v in d.items()} if isinstance(d, dict) else d
                 for part in gathered for d in part]
     return forward_backward

@@ -54,6 +54,7 @@ P2P_ORDERS = ("tagged", "ordered")
 _BATCHED_GROUPS: List = []  # pipeline groups whose ranks have met once before batched transfers
 _PLANS: Dict[Tuple, Tuple[Op, ...]] = {}  # (schedule, P, N, order, forward_only, rank) -> ops
 _RECEIVES: Dict[Tuple, Tuple] = {}  # (schedule, P, N, forward_only, rank, lookahead) -> plan
+_RELEASES: Dict[Tuple, Dict] = {}  # (schedule, P, N, order, rank) -> last_gradient_ops
 
 
 def _rank_ops(schedule: str, ranks: int, rank: int, num_microbatches: int, order: str,
@@ -100,6 +101,89 @@ def receive_plan(ops: List[Op], peers, rank: int, lookahead: int
     return tuple(plan)
 
 
+def last_gradient_ops(ops: List[Op]) -> Dict[int, Tuple[int, ...]]:
+    """{i: chunks whose last gradient contribution of the step is compute op i} of a rank's ops
+    (`build` or the compute ops of `ordered_plan`, in order): a chunk's backward passes (B, the
+    backward half of FB) and the W ops that run its deferred weight gradients (the store is a
+    queue: each zero-bubble B adds a unit, each W runs the oldest)."""
+    last: Dict[int, int] = {}
+    queue: List[int] = []
+    for i, op in enumerate(o for o in ops if o.kind in COMPUTE):
+        if op.kind == "B":
+            last[op.chunk] = i
+            if op.zb:
+                queue.append(op.chunk)
+        elif op.kind == "FB":
+            last[op.chunk2] = i
+        elif op.kind == "W":
+            last[queue.pop(0)] = i
+    out: Dict[int, Tuple[int, ...]] = {}
+    for chunk, i in sorted(last.items()):
+        out[i] = out.get(i, ()) + (chunk,)
+    return out
+
+
+class _GradSync:
+    """Megatron's gradient-sync protocol under DistributedDataParallel's overlap_grad_reduce:
+    Megatron-LM gives `config.no_sync_func` (a chunk's `no_sync`, one per chunk) and, with
+    align_grad_reduce, `config.grad_sync_func` (its `start_grad_sync`). The step runs with every
+    chunk's sync off, so DDP marks no gradient ready whatever the micro-batch count (with sync
+    on, each micro-batch marked each parameter once more, and a step of another count than the
+    first, e.g. under --rampup-batch-size, never started its buckets' reductions: Megatron's
+    finish_grad_sync failed); after a chunk's last gradient contribution its sync is back on and
+    its reduction starts (grad_sync_func), while the rest of the step runs. Without
+    grad_sync_func, finalize's finish_grad_sync does the reduction."""
+
+    def __init__(self, config, model: List):
+        no_sync, start = config.no_sync_func, config.grad_sync_func
+        per_chunk = isinstance(no_sync, (list, tuple))
+        if per_chunk and len(no_sync) != len(model):
+            raise ValueError(f"config.no_sync_func has {len(no_sync)} entries for "
+                             f"{len(model)} model chunks: allowed is one per chunk or one "
+                             "for the whole model")
+        if isinstance(start, (list, tuple)) and len(start) != len(model):
+            raise ValueError(f"config.grad_sync_func has {len(start)} entries for "
+                             f"{len(model)} model chunks: allowed is one per chunk or one "
+                             "for every chunk")
+        # (one no_sync for the whole model is released once, after both chunks' last ops)
+        self.no_sync = list(no_sync) if per_chunk else [no_sync]
+        self.start = (list(start) if isinstance(start, (list, tuple)) else
+                      [start] * len(model) if start is not None else None)
+        self.model, self.per_chunk = model, per_chunk
+        self.open: Dict[int, object] = {}  # no_sync slot -> its entered context
+        self.released: set = set()
+
+    def begin(self) -> None:
+        for slot, func in enumerate(self.no_sync):
+            ctx = func()
+            ctx.__enter__()
+            self.open[slot] = ctx
+
+    def release(self, chunks: Tuple[int, ...]) -> None:
+        """`chunks` have no more gradients to come this step: sync on, reductions started."""
+        self.released.update(chunks)
+        slots = chunks if self.per_chunk else ((0,) if len(self.released) == len(self.model)
+                                               else ())
+        for slot in slots:
+            ctx = self.open.pop(slot, None)
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+        if self.start is not None:
+            for c in chunks:
+                self.start[c](self.model[c].parameters())
+
+    def end(self, ok: bool) -> None:
+        """Sync back on everywhere; after a complete step, the reductions of chunks not yet
+        released start (a chunk without any backward op on this rank)."""
+        rest = [c for c in range(len(self.model)) if c not in self.released]
+        for ctx in self.open.values():
+            ctx.__exit__(None, None, None)
+        self.open.clear()
+        if ok and self.start is not None:
+            for c in rest:
+                self.start[c](self.model[c].parameters())
+
+
 class _Runner:
     def __init__(self, lay: Layout, rank: int, model: List, forward_step_func, data_iterator,
                  num_microbatches: int, tensor_shape, dtype, config, group, forward_only: bool,
@@ -140,6 +224,11 @@ class _Runner:
         self.ordered = False  # p2p_order="ordered": transfers in batches where the plan puts them
         self.outbox: Dict[Tuple[str, int, int], torch.Tensor] = {}  # outputs awaiting their SEND
         self.pending: List = []  # the ordered plan's transfers since the last compute op
+        # compute op index -> chunks to release from no_sync after it (_GradSync)
+        self.releases: Dict[int, Tuple[int, ...]] = {}
+        self.first_forward = [True, True]  # per chunk: its first forward of the step is ahead
+        self.first_microbatch = True  # Megatron's check_first_val_step (set by the caller)
+        self.grad_sync: Optional[_GradSync] = None
         from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
         from megatron.core.utils import get_attr_wrapped_model
 
@@ -224,6 +313,13 @@ class _Runner:
         if x is not None and not self.forward_only:
             x.requires_grad_()
         model = self.model[chunk]
+        if self.first_forward[chunk]:
+            # Megatron's forward_step on a chunk's first micro-batch of the step: Transformer
+            # Engine's FP8 linears then quantise their weights again (later micro-batches reuse
+            # that cache; without the call it kept the weights of the first step)
+            self.first_forward[chunk] = False
+            if self.first_microbatch and hasattr(model, "set_is_first_microbatch"):
+                model.set_is_first_microbatch()
         self.set_input[chunk](x)  # through a DDP wrapper too
         if self.timers is not None:
             self.timers("forward-compute", log_level=2).start()
@@ -335,10 +431,13 @@ class _Runner:
         """Run `ops`, posting the receives `posts[i]` (`receive_plan`) before op i; -> wall
         time, time spent waiting on other stages and their ratio."""
         start = time.perf_counter()
-        for op, keys in zip(ops, posts):
+        releases = self.releases
+        for i, (op, keys) in enumerate(zip(ops, posts)):
             for kind, chunk, mb in keys:
                 self._post(kind, chunk, mb)
             self._run_op(op)
+            if i in releases:
+                self.grad_sync.release(releases[i])
         return self._finish(start)
 
     def _finish(self, start: float) -> Dict[str, float]:
@@ -387,12 +486,16 @@ class _Runner:
         as one batch; outputs wait in the outbox for their SEND."""
         start = time.perf_counter()
         self.ordered = True
+        i = -1  # compute ops so far
         for op in plan:
             if op.kind not in COMPUTE:
                 self.pending.append(op)
                 continue
             self._commit()
             self._run_op(op)
+            i += 1
+            if i in self.releases:
+                self.grad_sync.release(self.releases[i])
         self._commit()
         step = self._finish(start)
         if self.outbox or self.posted:
@@ -437,6 +540,9 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
                      dtype, config, group, forward_only, collect_non_loss_data,
                      overlap or sequential_forward_backward, trace)
     runner.n = num_microbatches  # losses are averaged over every micro-batch of the step
+    # Megatron's check_first_val_step: an evaluation step after the first keeps the FP8 caches
+    runner.first_microbatch = bool(first_val_step) if (first_val_step is not None
+                                                       and forward_only) else True
     order = _p2p_order(p2p_order, recv_lookahead, group, device)
     ops = _rank_ops(schedule, ranks, rank, num_microbatches, order, forward_only,
                     per_direction)
@@ -451,19 +557,34 @@ def _forward_backward(schedule: str, *, forward_step_func, data_iterator, model,
         timers("forward-backward", log_level=1).start(
             barrier=getattr(config, "barrier_with_L1_time", False))
     WeightGradStore.clear()
-    with trace.recording() if trace is not None else contextlib.nullcontext():
-        if order == "ordered":
-            step = runner.run_ordered(ops)
-        else:
-            # before each op the receives of the next `lookahead` ops are posted (each once),
-            # so an activation or gradient arrives while the rank still computes; a buffer
-            # then exists at most `lookahead` ops early. Planned once per configuration.
-            lookahead = 2 if recv_lookahead is None else recv_lookahead
-            key = (schedule, ranks, num_microbatches, forward_only, rank, lookahead)
-            posts = _RECEIVES.get(key)
-            if posts is None:
-                posts = _RECEIVES[key] = receive_plan(ops, runner.peers, rank, lookahead)
-            step = runner.run(ops, posts)
+    if not forward_only and getattr(config, "no_sync_func", None) is not None:
+        runner.grad_sync = _GradSync(config, model)
+        key = (schedule, ranks, num_microbatches, order, rank)
+        releases = _RELEASES.get(key)
+        if releases is None:
+            releases = _RELEASES[key] = last_gradient_ops(ops)
+        runner.releases = releases
+        runner.grad_sync.begin()
+    ok = False
+    try:
+        with trace.recording() if trace is not None else contextlib.nullcontext():
+            if order == "ordered":
+                step = runner.run_ordered(ops)
+            else:
+                # before each op the receives of the next `lookahead` ops are posted (each
+                # once), so an activation or gradient arrives while the rank still computes; a
+                # buffer then exists at most `lookahead` ops early. Planned once per
+                # configuration.
+                lookahead = 2 if recv_lookahead is None else recv_lookahead
+                key = (schedule, ranks, num_microbatches, forward_only, rank, lookahead)
+                posts = _RECEIVES.get(key)
+                if posts is None:
+                    posts = _RECEIVES[key] = receive_plan(ops, runner.peers, rank, lookahead)
+                step = runner.run(ops, posts)
+        ok = True
+    finally:
+        if runner.grad_sync is not None:
+            runner.grad_sync.end(ok)
     WeightGradStore.check_drained(f"{schedule} step on pipeline rank {rank}")
     if stats is not None:
         stats.update(step)

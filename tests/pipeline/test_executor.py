@@ -349,3 +349,90 @@ def test_each_receive_is_posted_once_lookahead_ops_before_its_op(schedule, ranks
                     want.setdefault((kind, chunk, mb), max(0, j - lookahead))
         got = [(key, i) for i, keys in enumerate(plan) for key in keys]
         assert len(plan) == len(ops) and sorted(got) == sorted(want.items()), (rank, got, want)
+
+
+def _loop_order(rank, world, schedule, forward_only):
+    from megatron_dsv3.pipeline import get_forward_backward_func
+    from megatron_dsv3.pretrain_gpt import megatron_loop_schedule
+    from megatron_dsv3.testing.pipeline_checks import TinyStage
+
+    H, N = 4, 4
+
+    def step(data_iterator, model):
+        x = next(data_iterator)
+
+        def loss_func(out):
+            return out.float().mean(), {"mb": x.flatten()[0].clone()}
+        return model(x), loss_func
+
+    chunks = []
+    for c in range(2):
+        m = TinyStage(H)
+        stage = (rank if c == 0 else world - 1 - rank) if schedule == "dualpipe" else \
+            (rank if c == 0 else 2 * world - 1 - rank)
+        last = world - 1 if schedule == "dualpipe" else 2 * world - 1
+        m.pre_process, m.post_process = stage == 0, stage == last
+        chunks.append(m)
+    data = iter([torch.full((2, 1, H), float(i)) for i in range(N)])  # micro-batch i holds i
+    run = megatron_loop_schedule(get_forward_backward_func(schedule), schedule, 0)
+    with torch.no_grad() if forward_only else torch.enable_grad():
+        losses = run(forward_step_func=step, data_iterator=data, model=chunks,
+                     num_microbatches=N, seq_length=2, micro_batch_size=1,
+                     forward_only=forward_only)
+    return [int(d["mb"]) for d in losses]
+
+
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
+def test_megatron_loop_gets_the_outputs_in_micro_batch_order(schedule):
+    """Megatron's schedules return the step's loss dicts (or evaluation's non-loss data) in
+    micro-batch order; under DualPipe the last rank returned the second half first (direction
+    1 ends on rank 0, whose outputs were gathered first)."""
+    for forward_only in (False, True):
+        got = run_distributed(_loop_order, 2, args=(schedule, forward_only),
+                              megatron_parallel={"pipeline_model_parallel_size": 2})
+        assert got == [[], [0, 1, 2, 3]], (forward_only, got)
+
+
+def _first_microbatch_calls(rank, world, forward_only, first_val_step):
+    from megatron_dsv3.pipeline import forward_backward_dualpipev
+    from megatron_dsv3.testing.pipeline_checks import TinyStage, tiny_forward_step
+
+    events = []
+
+    class Recording(TinyStage):
+        def set_is_first_microbatch(self):
+            events.append(("first", self.index))
+
+        def forward(self, x=None):
+            events.append(("forward", self.index))
+            return super().forward(x)
+
+    chunks = [Recording(4), Recording(4)]
+    for i, c in enumerate(chunks):
+        c.index = i
+    data = [torch.ones(2, 1, 4) for _ in range(3)]
+    with torch.no_grad() if forward_only else torch.enable_grad():
+        for _ in range(2):  # two steps
+            forward_backward_dualpipev(forward_step_func=tiny_forward_step, model=chunks,
+                                       data_iterator=[iter(data), iter(data)],
+                                       num_microbatches=3, seq_length=2, micro_batch_size=1,
+                                       forward_only=forward_only, first_val_step=first_val_step)
+    return events
+
+
+@pytest.mark.parametrize("forward_only,first_val_step,calls", [
+    (False, None, True), (True, None, True), (True, True, True), (True, False, False)])
+def test_each_chunk_is_told_its_first_micro_batch_of_every_step(single_rank_world, forward_only,
+                                                                 first_val_step, calls):
+    """As Megatron's forward_step: set_is_first_microbatch (Transformer Engine's FP8 weight
+    caches are refreshed on it) before each chunk's first forward of a step, and not in an
+    evaluation step after the first (first_val_step=False)."""
+    [events] = run_distributed(_first_microbatch_calls, 1, args=(forward_only, first_val_step),
+                               megatron_parallel={"pipeline_model_parallel_size": 1})
+    for chunk in (0, 1):
+        mine = [e for e, c in events if c == chunk]
+        assert mine.count("forward") == 6
+        if calls:  # once per step, right before the step's first forward of the chunk
+            assert mine == (["first"] + ["forward"] * 3) * 2, mine
+        else:
+            assert "first" not in mine, mine

@@ -135,3 +135,79 @@ def test_finalized_gradients_biases_and_norm_equal_unpipelined(single_rank_world
         assert norm == pytest.approx(ref_norm, rel=1e-5)
     assert seen == set(ref_grads)
     assert len({n for _, b, _ in results for n in b}) == len(ref_biases)
+
+
+def _ramped(rank, world, overlap, counts, schedule):
+    """Steps of `counts` micro-batches (--rampup-batch-size) with Megatron DDP, the sync
+    functions Megatron-LM's loop sets with overlap_grad_reduce; -> per step (main_grad by global
+    name, when each chunk's reduction started: before its step's last op or not)."""
+    import dataclasses as dc
+
+    from megatron.core import parallel_state
+    from megatron.core.distributed import (DistributedDataParallel,
+                                           DistributedDataParallelConfig, finalize_model_grads)
+
+    from megatron_dsv3.model_chunks import build_model_chunks
+    from megatron_dsv3.pipeline import executor, get_forward_backward_func
+    from megatron_dsv3.testing.megatron_cpu import megatron_ddp_on_cpu
+
+    config = _config(False)
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    chunks = build_model_chunks(config, schedule, pp_rank, pp)
+    ddp = DistributedDataParallelConfig(overlap_grad_reduce=overlap,
+                                        bucket_size=20_000 if overlap else None)
+    started, ops_run = [], [0]
+    run_op = executor._Runner._run_op
+
+    def counting(self, op):
+        run_op(self, op)
+        ops_run[0] += 1
+    executor._Runner._run_op = counting
+    out = []
+    with megatron_ddp_on_cpu():
+        model = [DistributedDataParallel(config, dc.replace(ddp), module=c) for c in chunks]
+        config.finalize_model_grads_func = finalize_model_grads
+        if overlap:  # as megatron.training.training.train
+            config.no_sync_func = [m.no_sync for m in model]
+            config.grad_sync_func = [
+                lambda params, m=m, c=c: (started.append((c, ops_run[0])), m.start_grad_sync())
+                for c, m in enumerate(model)]
+        dp = parallel_state.get_data_parallel_rank()
+        for step, n in enumerate(counts):
+            for m in model:
+                m.zero_grad_buffer()
+            started.clear()
+            ops_run[0] = 0
+            batches = random_lm_batches(n, B, S, seed=100 * dp + step)
+            iters = ([iter(batches), iter(batches)] if schedule == "dualpipev"
+                     else [iter(batches[: n // 2]), iter(batches[n // 2:])])
+            get_forward_backward_func(schedule)(
+                forward_step_func=forward_step, data_iterator=iters, model=model,
+                num_microbatches=n, seq_length=S, micro_batch_size=B)
+            grads = {global_name(c, name): p.main_grad.clone()
+                     for c in chunks for name, p in c.named_parameters()}
+            out.append((grads, sorted(started), ops_run[0]))
+    return out
+
+
+@pytest.mark.parametrize("schedule,pp,dp", [("dualpipev", 1, 2), ("dualpipe", 2, 2)])
+def test_overlapped_gradient_reduction_with_a_micro_batch_count_that_changes(single_rank_world,
+                                                                            schedule, pp, dp):
+    """--rampup-batch-size with --overlap-grad-reduce: DDP marked each parameter ready once per
+    micro-batch, started a bucket's reduction only at the first step's count, and finish_grad_sync
+    failed at the first step of another count. With Megatron-LM's no_sync_func / grad_sync_func
+    the gradients equal those without overlap at every count, and each chunk's reduction starts
+    right after its last gradient op (here before the step's last op on every rank)."""
+    counts = (2 * pp, 4 * pp, 2 * pp)
+    parallel = {"pipeline_model_parallel_size": pp}
+    ref = run_distributed(_ramped, pp * dp, args=(False, counts, schedule),
+                          megatron_parallel=parallel)
+    got = run_distributed(_ramped, pp * dp, args=(True, counts, schedule),
+                          megatron_parallel=parallel)
+    for rank, (r_steps, g_steps) in enumerate(zip(ref, got)):
+        for (r, _, _), (g, started, ops) in zip(r_steps, g_steps):
+            for name in r:
+                torch.testing.assert_close(g[name], r[name], rtol=1e-6, atol=1e-9, msg=name)
+            assert [c for c, _ in started] == [0, 1], (rank, started)
+            assert min(at for _, at in started) < ops, (rank, started, ops)
