@@ -402,9 +402,15 @@ def atomic_directory(path: str, overwrite: bool = True,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fault_point(f"{name}: publish")
-    if not os.path.exists(path):
-        os.rename(tmp, path)
+    try:
+        fault_point(f"{name}: publish")
+        fresh = not os.path.exists(path)
+        if fresh:
+            os.rename(tmp, path)
+    except BaseException:  # (e.g. the rename failed: nothing published, nothing left behind)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if fresh:
         fault_point(f"{name}: fsync parent")
         fsync_dir(parent)
         return
@@ -558,11 +564,16 @@ class CheckpointStore:
         fault_point("store: fsync root")
         fsync_dir(self.root)
         state = self.read_tracker()
-        previous = [] if (state is None or reset) else [n for n in state["kept"] if n != name]
+        if reset:
+            previous = []
+        elif state is None:  # the complete checkpoints a missing tracker left (e.g. resumed from)
+            previous = [n for n in self.untracked_complete() if n != name]
+        else:
+            previous = [n for n in state["kept"] if n != name]
         kept = (previous + [name])[-self.keep:]
         write_file_atomic(self.tracker, json.dumps(
             {"latest": name, "step": step, "kept": kept}, indent=1).encode(), "tracker")
-        for old in (state["kept"] if state else []):
+        for old in (state["kept"] if state else previous):
             if old not in kept and os.path.isdir(os.path.join(self.root, old)):
                 _remove_tree(os.path.join(self.root, old), "prune")
         return final

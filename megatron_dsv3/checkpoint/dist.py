@@ -41,20 +41,45 @@ def save(models: List, path: str, overwrite: bool = True) -> None:
     from megatron_dsv3.checkpoint.commit import atomic_directory
 
     publish = contextlib.ExitStack()
-    box = [None, None]  # (the directory every rank writes into, rank 0's refusal of `path`)
+    box = [None, None]  # (the directory every rank writes into, rank 0's failure to make it)
+    failure = None
     if dist.get_rank() == 0:
         try:
             box[0] = publish.enter_context(atomic_directory(path, overwrite))
-        except ValueError as refusal:  # (e.g. --overwrite may not replace what `path` holds)
-            box[1] = str(refusal)
+        except Exception as error:  # a refusal of `path` (ValueError) or a file-system error
+            failure, box[1] = error, (type(error).__name__, str(error))
     dist.broadcast_object_list(box, src=0)
-    if box[1] is not None:  # every rank raises it, none waits in a collective for rank 0
-        raise ValueError(box[1])
-    with publish:
-        with cuda_on_cpu(filesystem_async, state_dict_saver):
-            dist_checkpointing.save(sharded_state_dict(models), box[0])
-        dist.barrier()  # every rank's files are in place before rank 0 publishes
-    dist.barrier()  # and every rank returns once it is published
+    if box[1] is not None:  # every rank raises, none waits in a collective for rank 0
+        raise failure if failure is not None else _from_rank0(box[1], path)
+    saved = False
+    try:
+        with publish:  # rank 0 publishes at its end, or removes the partial directory
+            with cuda_on_cpu(filesystem_async, state_dict_saver):
+                dist_checkpointing.save(sharded_state_dict(models), box[0])
+            dist.barrier()  # every rank's files are in place before rank 0 publishes
+            saved = True
+    except Exception as error:
+        if not saved:
+            raise
+        failure = error  # rank 0's publication failed after every rank had written
+    # every rank returns once it is published, or raises with rank 0 when it could not be
+    # (a barrier here would leave the others waiting out the timeout)
+    outcome = [None if failure is None else (type(failure).__name__, str(failure))]
+    dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise _from_rank0(outcome[0], path)
+
+
+def _from_rank0(failure, path: str) -> Exception:
+    """Rank 0's failure to make or publish `path`, for the other ranks to raise: the same type
+    where it is ValueError (a refusal), else a RuntimeError naming it."""
+    kind, message = failure
+    if kind == "ValueError":
+        return ValueError(message)
+    return RuntimeError(f"rank 0 could not save the distributed checkpoint {path} "
+                        f"({kind}: {message}); the last published checkpoint is unchanged")
 
 
 def load(models: List, path: str) -> None:

@@ -188,13 +188,27 @@ def check_world_timeout(args) -> None:
 
     if not args.watchdog_timeout or not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    timeout = group_timeout()
+    # the default group and, where they exist already (the trainer then keeps them), Megatron's
+    # parallel_state groups: each keeps the timeout it was made with
+    groups = [("the default process group", None)]
+    try:
+        from megatron.core import parallel_state
+
+        made = getattr(parallel_state, "_global_process_group_list", None) or []
+    except ImportError:
+        made = []
+    groups += [("a process group of Megatron's parallel_state", g) for g in made
+               if g is not None and g != dist.GroupMember.NON_GROUP_MEMBER]
     allowance = slow_allowance(args.watchdog_timeout, args.watchdog_save_timeout)
-    if timeout is not None and timeout.total_seconds() <= allowance:
+    for name, group in groups:
+        timeout = group_timeout(group)
+        if timeout is None or timeout.total_seconds() > allowance:
+            continue
+        ranks = "" if group is None else f" (ranks {dist.get_process_group_ranks(group)})"
         raise ValueError(
-            f"the default process group's collective timeout is {timeout.total_seconds():g} s "
+            f"{name}{ranks} has a collective timeout of {timeout.total_seconds():g} s "
             f"(it existed before the trainer, which keeps it rather than "
             f"--collective-timeout-minutes): a slow save or first step, which the watchdog "
             f"allows {allowance:g} s (--watchdog-save-timeout, 0 = 3 x --watchdog-timeout), "
-            "would end the job as a collective timeout naming no rank. Allowed: a group timeout "
+            "would end the job as a collective timeout naming no rank. Allowed: group timeouts "
             f"above {allowance:g} s, or --watchdog-timeout / --watchdog-save-timeout below it")

@@ -2,7 +2,9 @@
 and at (1, 4), the logits are those of the model that was saved."""
 
 import os
+import time
 
+import pytest
 import torch
 
 from megatron_dsv3.testing.distributed import run_distributed
@@ -169,3 +171,53 @@ def test_a_refused_save_is_refused_on_every_rank_at_once(tmp_path, single_rank_w
     (path / "latest_checkpointed_iteration.txt").write_text("release")
     assert run_distributed(_save_refused, 2, args=(str(path),), megatron_parallel={}) == [True] * 2
     assert sorted(os.listdir(path)) == ["latest_checkpointed_iteration.txt"]
+
+
+def _save_fails_on_rank0(rank, world, path, stage):
+    import torch.distributed as tdist
+
+    from megatron_dsv3.checkpoint import commit, dist
+
+    if rank == 0 and stage == "publish":  # the publication fails after every rank has written
+        point = commit.fault_point
+
+        def failing(label):
+            point(label)
+            if label.endswith(": publish"):
+                raise OSError(28, "No space left on device")
+        commit.fault_point = failing
+    try:
+        dist.save([], path)
+        return "saved"
+    except Exception as error:  # every rank must raise, at once
+        kind = type(error).__name__
+    finally:
+        if rank == 0 and stage == "publish":
+            commit.fault_point = point
+    t = torch.ones(1)
+    tdist.all_reduce(t)  # the ranks are still paired: the next collective is the same on all
+    return kind, float(t)
+
+
+@pytest.mark.parametrize("stage", ["create", "publish"])
+def test_a_file_system_error_on_rank0_is_raised_on_every_rank_at_once(tmp_path,
+                                                                      single_rank_world, stage):
+    """Only rank 0 makes and publishes the directory. An OSError there (here: the parent is a
+    file; no space left when publishing) escaped on rank 0 alone: the others waited out the
+    collective timeout in the broadcast or barrier that followed, and the ranks' collectives were
+    paired wrongly after. Every rank now raises at once (rank 0 its own error, the others a
+    RuntimeError naming it) and the ranks stay paired."""
+    if stage == "create":
+        (tmp_path / "afile").write_text("")
+        path = tmp_path / "afile" / "ckpt"
+    else:
+        path = tmp_path / "ckpt"
+    start = time.monotonic()
+    got = run_distributed(_save_fails_on_rank0, 2, args=(str(path), stage), megatron_parallel={},
+                          timeout=120)
+    assert time.monotonic() - start < 60
+    assert got[0][0] in ("NotADirectoryError", "FileNotFoundError", "FileExistsError", "OSError")
+    assert got[1] == ("RuntimeError", 2.0) and got[0][1] == 2.0, got
+    if stage == "publish":
+        assert not path.exists()  # nothing published, the partial directory removed
+        assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []

@@ -195,7 +195,8 @@ def test_leftovers_of_interrupted_saves_are_cleared_and_the_run_goes_on(run):
 def test_a_checkpoint_resumed_from_or_without_tracker_is_never_cleared(run):
     """A complete checkpoint copied into a new run directory (no tracker there): resuming from it
     explicitly must not clear it as a leftover, and a complete checkpoint whose tracker is gone
-    is left in place too (only a tracker can say a step directory is stale)."""
+    is left in place too (only a tracker can say a step directory is stale); once the run
+    publishes, they are its checkpoints under --keep-checkpoints."""
     import shutil
 
     tmp, _ = run
@@ -205,11 +206,18 @@ def test_a_checkpoint_resumed_from_or_without_tracker_is_never_cleared(run):
     shutil.copytree(src, copy)
     stray = root / "step_000001"
     shutil.copytree(os.path.join(os.path.dirname(src), "step_000001"), stray)
-    history = Trainer(_args(tmp, steps=3, save_dir=str(tmp / "seeded"),
-                            resume=str(copy))).train()
+    trainer = Trainer(_args(tmp, steps=3, save_dir=str(tmp / "seeded"), resume=str(copy)))
+    assert (copy / "rank0.pt").is_file() and (stray / "rank0.pt").is_file()  # at start
+    history = trainer.train()
     assert [r["step"] for r in history] == [3]
-    assert (copy / "rank0.pt").is_file() and (stray / "rank0.pt").is_file()
     assert CheckpointStore(str(root)).latest_step() == 3
+    # the first publication takes the complete checkpoints it found into the tracker, and
+    # --keep-checkpoints (2) keeps the newest: the one resumed from stays a kept checkpoint (it
+    # was left out, and the next start cleared it as a leftover), the older stray is pruned
+    tracker = json.loads((root / "latest.json").read_text())
+    assert tracker["kept"] == ["step_000002", "step_000003"], tracker
+    Trainer(_args(tmp, steps=4, save_dir=str(tmp / "seeded"), resume="auto"))  # a next start
+    assert sorted(os.listdir(root)) == ["latest.json", "step_000002", "step_000003"]
 
 
 def test_expert_loads_are_per_step_without_the_bias_too(tmp_path, single_rank_world):

@@ -398,7 +398,13 @@ def test_a_process_group_made_before_the_trainer_is_checked_against_the_save_all
     from megatron_dsv3.testing.distributed import run_distributed
 
     refused = run_distributed(_build_trainer, 2, args=(tmp_path, 300.0), timeout=120)
-    assert all("the default process group's collective timeout is 120 s" in r
+    assert all("the default process group has a collective timeout of 120 s" in r
                and "allows 900 s" in r for r in refused), refused
     assert run_distributed(_build_trainer, 2, args=(tmp_path, 30.0), timeout=120) == \
         ["built", "built"]
+    # Megatron's parallel_state made before the trainer with its own 6 s (the default group's
+    # 300 s passed the check; a healthy 15 s first step then died as an anonymous gloo timeout)
+    refused = run_distributed(_build_trainer, 2, args=(tmp_path, 30.0), timeout=300,
+                              megatron_parallel={"distributed_timeout_minutes": 0.1})
+    assert all("a process group of Megatron's parallel_state (ranks [0, 1]) has a collective "
+               "timeout of 6 s" in r and "allows 90 s" in r for r in refused), refused
