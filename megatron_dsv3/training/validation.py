@@ -197,8 +197,10 @@ def check_world_timeout(args) -> None:
         made = getattr(parallel_state, "_global_process_group_list", None) or []
     except ImportError:
         made = []
+    # (a group of this rank alone waits for nobody)
     groups += [("a process group of Megatron's parallel_state", g) for g in made
-               if g is not None and g != dist.GroupMember.NON_GROUP_MEMBER]
+               if g is not None and g != dist.GroupMember.NON_GROUP_MEMBER
+               and dist.get_world_size(g) > 1]
     allowance = slow_allowance(args.watchdog_timeout, args.watchdog_save_timeout)
     for name, group in groups:
         timeout = group_timeout(group)
