@@ -18,6 +18,19 @@ if TYPE_CHECKING:
     from megatron_dsv3.dispatch.base import TokenDispatcher
 
 
+def valid_tokens(padding_mask: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """[s * b] bool, True for a routed token, from padding_mask [b, s] (True or nonzero =
+    padding, as Megatron's MoELayer reads it) in the hidden states' [s, b] token order."""
+    if tuple(padding_mask.shape) != (b, s):
+        raise ValueError(f"padding_mask has shape {tuple(padding_mask.shape)}: allowed is "
+                         f"[batch, sequence] = ({b}, {s}), the hidden states being [{s}, {b}, h]")
+    if padding_mask.is_floating_point() or padding_mask.is_complex():
+        raise ValueError(f"padding_mask has dtype {padding_mask.dtype}: allowed are bool "
+                         "(True = padding) or an integer 0/1 mask (a float mask is most often "
+                         "a loss_mask, whose 1 means keep)")
+    return ~padding_mask.bool().transpose(0, 1).reshape(-1)
+
+
 @dataclass
 class DeepSeekMoESubmodules:
     router: Union[ModuleSpec, type] = None
@@ -108,7 +121,7 @@ class DeepSeekMoE(MegatronModule):
                              "applying a placement")
         s, b, h = hidden_states.shape
         x = hidden_states.reshape(s * b, h)
-        valid = None if padding_mask is None else ~padding_mask.transpose(0, 1).reshape(-1)
+        valid = None if padding_mask is None else valid_tokens(padding_mask, b, s)
         weights, indices, aux_loss = self.router(x, seq_len=s, valid=valid)
         if self.replicas is not None:
             indices = self.replicas(indices)

@@ -25,11 +25,17 @@ from megatron_dsv3 import compat
 from megatron_dsv3.core.linear import KeyedInit
 
 
-def roll_left(t: torch.Tensor) -> torch.Tensor:
-    """Shift [b, s] one position to the left along s, filling the end with 0."""
+def roll_left(t: torch.Tensor, fill=0) -> torch.Tensor:
+    """Shift [b, s] one position to the left along s, filling the end with `fill`."""
     out = torch.roll(t, shifts=-1, dims=-1)
-    out[..., -1] = 0
+    out[..., -1] = fill
     return out
+
+
+def shifted_padding(padding_mask: torch.Tensor) -> torch.Tensor:
+    """A padding mask one depth further: position i then reads token i + 1, and the last
+    position reads no token at all, so it is padding (True), never a routed token."""
+    return roll_left(padding_mask, fill=True)
 
 
 @dataclass
@@ -79,13 +85,17 @@ class MTPLayer(MegatronModule):
         token_padding_mask: the model's own, for megatron-core < 0.18, whose MTP block hands
         every depth the same extra arguments (DeepSeekV3Model passes it there); shifted here to
         the previous depth's first."""
-        if padding_mask is None and token_padding_mask is not None:
+        if padding_mask is None:
+            # (no mask: every token is real, and the last k positions at depth k still read none)
             padding_mask = token_padding_mask
+            if padding_mask is None:
+                padding_mask = torch.zeros(input_ids.shape, dtype=torch.bool,
+                                           device=input_ids.device)
             for _ in range(self.layer_number - 1):
-                padding_mask = roll_left(padding_mask)
+                padding_mask = shifted_padding(padding_mask)
         input_ids = roll_left(input_ids)
         position_ids = None if position_ids is None else roll_left(position_ids)
-        padding_mask = None if padding_mask is None else roll_left(padding_mask)
+        padding_mask = shifted_padding(padding_mask)
         emb = embedding(input_ids=input_ids, position_ids=position_ids)
         out = self._step(emb, hidden_states, lambda x: self.transformer_layer(
             x, attention_mask=attention_mask, packed_seq_params=packed_seq_params,

@@ -106,6 +106,35 @@ def test_aux_loss_joins_backward_through_the_output(single_rank_world):
     assert moe.router.last_aux_loss is not None and moe.router.last_aux_loss > 0
 
 
+def test_an_integer_padding_mask_routes_as_the_bool_one_and_a_wrong_shape_is_refused(
+        single_rank_world):
+    """Megatron's MoELayer reads an integer 0/1 padding_mask as bool; a bitwise ~ on it made
+    indices -1/-2 of a 'mask' (garbage loads, negative aux loss). A [s, b] or wrong-length mask
+    is refused naming the shape, not applied to the wrong tokens or an IndexError."""
+    config = get_config("deepseek-v3-tiny", moe_aux_loss_coeff=0.1)
+    moe = build_moe(config)
+    s, b = 6, 2
+    x = torch.randn(s, b, config.hidden_size)
+    pad = torch.zeros(b, s, dtype=torch.bool)
+    pad[0, 4:] = True
+    results = []
+    for mask in (pad, pad.long()):
+        moe.router.local_tokens_per_expert.zero_()
+        moe(x, padding_mask=mask)
+        results.append((moe.router.local_tokens_per_expert.clone(),
+                        float(moe.router.last_aux_loss)))
+    (loads_bool, aux_bool), (loads_int, aux_int) = results
+    assert loads_bool.sum() == (b * s - 2) * config.moe_router_topk
+    torch.testing.assert_close(loads_int, loads_bool)
+    assert aux_int == aux_bool > 0
+    for bad in (pad.t().contiguous(), torch.zeros(b, s + 1, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"padding_mask has shape .*allowed is "
+                                             r"\[batch, sequence\] = \(2, 6\)"):
+            moe(x, padding_mask=bad)
+    with pytest.raises(ValueError, match="padding_mask has dtype torch.float32"):
+        moe(x, padding_mask=pad.float())
+
+
 def _train_and_serve_with_tp_peers_in_the_ep_group(rank, world):
     from megatron_dsv3.configs import get_config
     from megatron_dsv3.model import build_model

@@ -167,8 +167,9 @@ def test_megatron_schedule_trains_our_mtp_with_the_gradients_of_a_plain_backward
 def test_padding_mask_reaches_each_mtp_depth_shifted_with_its_input(single_rank_world):
     """padding_mask (MoE routing leaves padded positions out) reaches the MTP layers' routers on
     every megatron-core version, shifted with the input ids as Megatron >= 0.18 does: at depth k
-    position i reads token i + k. Left padding of 2 in one sequence and right padding of 3 in the
-    other give distinct valid counts per depth: 11 (decoder), 12 (depth 1), 13 (depth 2)."""
+    position i reads token i + k, and a position whose token i + k lies past the end reads none,
+    so it is padding too (Megatron's zero fill counts it). Left padding of 2 in one sequence and
+    right padding of 3 in the other give 11 (decoder), 10 (depth 1) and 9 (depth 2) tokens."""
     config = get_config("deepseek-v3-tiny", mtp_num_layers=2)
     model = build_model(config)
     model.train()
@@ -183,14 +184,35 @@ def test_padding_mask_reaches_each_mtp_depth_shifted_with_its_input(single_rank_
           padding_mask=pad)
     topk = config.moe_router_topk
     routed = {name: int(m.local_tokens_per_expert.sum()) // topk for name, m in routers.items()}
-    mask = pad
     for depth in range(3):
-        want = int((~mask).sum())
+        # position i at this depth is a routed token iff token i + depth exists and is not padding
+        want = sum(1 for j in range(b) for i in range(s) if i + depth < s and not pad[j, i + depth])
         names = [n for n in routed if (n.startswith(f"mtp.layers.{depth - 1}.") if depth
                                        else n.startswith("decoder."))]
         assert names and all(routed[n] == want for n in names), (depth, want, routed)
-        mask = roll_left(mask)
-    assert [int((~roll_left(pad)).sum()), int((~roll_left(roll_left(pad))).sum())] == [12, 13]
+    # (a zero fill at the end counted the positions past the last token as real: 12 and 13)
+    assert [routed["mtp.layers.0.transformer_layer.mlp.router"],
+            routed["mtp.layers.1.transformer_layer.mlp.router"]] == [10, 9], routed
+
+
+def test_without_a_padding_mask_the_positions_past_the_last_token_are_not_routed(
+        single_rank_world):
+    """No padding_mask: every token is real, and at depth k the last k positions of each
+    sequence read no token (their input id is a fill), so the router's loads leave them out."""
+    config = get_config("deepseek-v3-tiny", mtp_num_layers=2)
+    model = build_model(config)
+    model.train()
+    b, s = 2, 8
+    ids = torch.randint(1, 255, (b, s))
+    routers = {name: m for name, m in model.named_modules() if hasattr(m, "local_tokens_per_expert")}
+    for m in routers.values():
+        m.local_tokens_per_expert.zero_()
+    model(ids, None, None, labels=torch.roll(ids, -1, 1))
+    topk = config.moe_router_topk
+    for depth in (1, 2):
+        routed = [int(m.local_tokens_per_expert.sum()) // topk for n, m in routers.items()
+                  if n.startswith(f"mtp.layers.{depth - 1}.")]
+        assert routed == [b * (s - depth)], (depth, routed)
 
 
 def test_mtp_process_without_mtp_layers_is_refused_by_name(single_rank_world):
