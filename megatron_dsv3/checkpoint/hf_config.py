@@ -248,7 +248,8 @@ def config_fields_from_hf(hf: Dict[str, Any]) -> Dict[str, Any]:
         moe_router_num_groups=hf.get("n_group") or 1,
         moe_router_group_topk=hf.get("topk_group") or 1,
         moe_router_topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        first_k_dense_replace=hf.get("first_k_dense_replace") or 0,
+        # (transformers builds every layer dense when it exceeds the layer count)
+        first_k_dense_replace=min(hf.get("first_k_dense_replace") or 0, hf["num_hidden_layers"]),
         layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         dsv3_latent_norm_epsilon=HF_LATENT_NORM_EPS,  # hard-coded there, whatever rms_norm_eps
         max_position_embeddings=hf.get("max_position_embeddings", 4096),

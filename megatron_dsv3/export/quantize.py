@@ -89,11 +89,12 @@ def quantised_linears(model, quantize: Sequence[str] = ()) -> Dict[str, torch.nn
     return out
 
 
-def input_features(module) -> int:
+def input_features(module) -> dict:
+    """{name suffix: input features} of each weight of `module` that is packed in groups."""
     weight = getattr(module, "weight", None)
-    if weight is None:  # GroupedExperts: fc1 [E, 2F, h], fc2 [E, h, F]
-        return min(module.fc1_weight.shape[-1], module.fc2_weight.shape[-1])
-    return weight.shape[-1]
+    if weight is None:  # GroupedExperts: fc1 [E, 2F, h], fc2 [E, h, F]; each packed on its own
+        return {".fc1": module.fc1_weight.shape[-1], ".fc2": module.fc2_weight.shape[-1]}
+    return {"": weight.shape[-1]}
 
 
 def check_group_size_offered(fmt: Format, group_size: Optional[int]) -> None:
@@ -119,10 +120,10 @@ def check_group_size(model, fmt: Format, group_size: Optional[int],
         return None
     chosen = fmt.group_sizes[0] if group_size is None else group_size
     modules = quantised_linears(model, quantize)
-    fits = [g for g in fmt.group_sizes
-            if all(input_features(m) % g == 0 for m in modules.values())]
-    for name, module in modules.items():
-        k = input_features(module)
+    widths = {name + suffix: k for name, module in modules.items()
+              for suffix, k in input_features(module).items()}
+    fits = [g for g in fmt.group_sizes if all(k % g == 0 for k in widths.values())]
+    for name, k in widths.items():
         if k % chosen:
             raise ValueError(f"--group-size {chosen}: {name} has {k} input features, not a "
                              f"multiple of it (partial groups cannot be packed); allowed values "

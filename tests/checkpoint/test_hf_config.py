@@ -168,6 +168,14 @@ def test_config_to_hf_refuses_layer_patterns_hf_cannot_express():
     assert math.isclose(config_from_hf(DEEPSEEK_V3).moe_router_topk_scaling_factor, 2.5)
 
 
+def test_first_k_dense_replace_above_the_layer_count_makes_every_layer_dense():
+    """transformers builds such a config (layer-truncated debug checkpoints) with every layer
+    dense; it was refused as an out-of-range first_k_dense_replace."""
+    c = config_from_hf(dict(DEEPSEEK_V3, num_hidden_layers=2, first_k_dense_replace=5))
+    assert c.moe_layer_freq == [0, 0] and c.num_layers == 2
+    assert config_to_hf(c)["first_k_dense_replace"] == 2
+
+
 def test_config_to_hf_warns_when_latent_norms_use_another_epsilon():
     """HF's config.json has no field for MLA's latent-norm epsilon (transformers uses 1e-6)."""
     deepseek = config_from_hf(DEEPSEEK_V3)

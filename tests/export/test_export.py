@@ -511,6 +511,27 @@ def test_bad_inputs_are_refused_with_field_and_allowed_values(trained_hf, tmp_pa
     assert not (tmp_path / "y").exists()
 
 
+def test_group_size_is_checked_against_each_routed_expert_projection(single_rank_world):
+    """Routed experts pack fc1 (input: hidden) and fc2 (input: expert width) in groups each; a
+    group dividing the hidden size but not the expert width was passed (the check took the
+    smaller width) and the export failed inside modelopt's packer after calibration."""
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.export.formats import FORMATS
+    from megatron_dsv3.export.quantize import check_group_size
+    from megatron_dsv3.model import build_model
+
+    config = get_config("deepseek-v3-tiny", moe_ffn_hidden_size=96, ffn_hidden_size=128,
+                        moe_shared_expert_intermediate_size=192, q_lora_rank=64,
+                        kv_lora_rank=64)
+    assert config.hidden_size % 64 == 0 and 96 % 64 and 192 % 64 == 0
+    model = build_model(config)
+    with pytest.raises(ValueError, match=r"--group-size 64: decoder\.layers\.\d+\.mlp\.experts"
+                                         r"\.fc2 has 96 input features.*allowed values for this "
+                                         r"model: \[32\]"):
+        check_group_size(model, FORMATS["int4-awq"], 64)
+    assert check_group_size(model, FORMATS["int4-awq"], 32) == 32
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda s: s.index_fill(0, torch.tensor([3]), 0.0), "holds scales that are not finite and > 0"),
     (lambda s: s[:-1].clone(), r"has shape \[\d+\], which does not fit a \[\d+, \d+\] W8A16 "
