@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Dict, List
 
+from megatron_dsv3.checkpoint.errors import rank0_failure
 from megatron_dsv3.compat import cuda_on_cpu
 
 
@@ -73,13 +74,9 @@ def save(models: List, path: str, overwrite: bool = True) -> None:
 
 
 def _from_rank0(failure, path: str) -> Exception:
-    """Rank 0's failure to make or publish `path`, for the other ranks to raise: the same type
-    where it is ValueError (a refusal), else a RuntimeError naming it."""
-    kind, message = failure
-    if kind == "ValueError":
-        return ValueError(message)
-    return RuntimeError(f"rank 0 could not save the distributed checkpoint {path} "
-                        f"({kind}: {message}); the last published checkpoint is unchanged")
+    """Rank 0's failure to make or publish `path`, for the other ranks to raise."""
+    return rank0_failure(failure, f"save the distributed checkpoint {path}; the last published "
+                                  "checkpoint is unchanged")
 
 
 def load(models: List, path: str) -> None:

@@ -23,7 +23,8 @@ import struct
 import traceback
 from typing import Iterator, Optional
 
-__all__ = ["CheckpointFileError", "reading", "writing", "no_space_error"]
+__all__ = ["CheckpointFileError", "reading", "writing", "no_space_error", "describe",
+           "rank0_failure"]
 
 
 class CheckpointFileError(ValueError):
@@ -195,3 +196,17 @@ def writing(file: str) -> Iterator[str]:
         if translated is None:
             raise
         raise translated from error
+
+
+def describe(error: BaseException) -> tuple:
+    """(type name, message) of an error, to broadcast to the other ranks."""
+    return type(error).__name__, str(error)
+
+
+def rank0_failure(failure: tuple, what: str) -> Exception:
+    """Rank 0's failure `failure` (from describe) for the other ranks to raise: a ValueError where
+    it was a refusal, else a RuntimeError saying rank 0 could not `what`."""
+    kind, message = failure
+    if kind in ("ValueError", "CheckpointFileError"):
+        return ValueError(message)
+    return RuntimeError(f"rank 0 could not {what} ({kind}: {message})")

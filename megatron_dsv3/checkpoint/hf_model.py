@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -29,7 +29,7 @@ from megatron_dsv3.checkpoint.hf_config import (
     read_hf_config,
     scale_format,
 )
-from megatron_dsv3.checkpoint.errors import writing
+from megatron_dsv3.checkpoint.errors import describe, rank0_failure, writing
 from megatron_dsv3.checkpoint.mapping import TensorMap, mirror_names, model_maps
 from megatron_dsv3.checkpoint.progress import Progress
 from megatron_dsv3.checkpoint.commit import atomic_directory
@@ -240,8 +240,11 @@ def _copies_of(config) -> Dict[str, List[str]]:
 def write_hf(source: ExportSource, config, path: str, *, fp8: bool = True,
              base_config: Optional[Dict[str, Any]] = None, rope_interleave: Optional[bool] = None,
              max_shard_bytes: int = 5 * 2**30, overwrite: bool = True, progress: bool = False,
-             label: str = "save_hf") -> None:
-    """Stream an HF checkpoint of `config`'s model from `source` into `path` (atomically)."""
+             label: str = "save_hf", ready: Optional[Callable[[], None]] = None) -> None:
+    """Stream an HF checkpoint of `config`'s model from `source` into `path` (atomically).
+
+    `ready` is called once every check has passed and the directory is open, before the first
+    fetch: what fails before it fetched nothing."""
     from megatron_dsv3.fp8 import quant
 
     if rope_interleave is None:
@@ -270,6 +273,8 @@ def write_hf(source: ExportSource, config, path: str, *, fp8: bool = True,
     # the manifest covers the weights: config.json and tokenizer files are the user's to edit
     with atomic_directory(path, overwrite, covers=is_weight_file) as tmp:
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes)
+        if ready is not None:
+            ready()
         try:
             for key, m in maps.items():
                 for start, stop in source.units(key):
@@ -312,6 +317,7 @@ class _ModelSource(ExportSource):
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, meta)
         self.pieces: Dict[str, List[Tuple[int, Tuple[int, ...], Tuple[int, ...]]]] = {}
+        self.received = set()  # rank 0: (key, rank, offset) of the pieces it received
         self.keys = {}
         for rank, entries in enumerate(gathered):
             for key, shape, offset, local_shape, dtype in entries:
@@ -343,6 +349,7 @@ class _ModelSource(ExportSource):
             else:
                 data = torch.empty(local_shape, dtype=dtype)
                 dist.recv(data, src=rank)
+                self.received.add((key, rank, offset))
             index = [slice(o, o + n) for o, n in zip(offset, local_shape)]
             index[0] = slice(offset[0] - start, offset[0] - start + local_shape[0])
             out[tuple(index)] = data
@@ -352,11 +359,26 @@ class _ModelSource(ExportSource):
         """Non-zero ranks: send this rank's pieces in the order rank 0 fetches them."""
         import torch.distributed as dist
 
+        for key, rank, offset, _ in self._order(keys):
+            if rank == self.rank:
+                dist.send(self.local[(key, offset)].detach().cpu().contiguous(), dst=0)
+
+    def drain(self, keys: Iterable[str]) -> None:
+        """Rank 0, after its writing failed: receive (and drop) the pieces the other ranks still
+        send, so that they finish serving and learn of the failure instead of waiting."""
+        import torch.distributed as dist
+
+        for key, rank, offset, local_shape in self._order(keys):
+            if rank != self.rank and (key, rank, offset) not in self.received:
+                dist.recv(torch.empty(local_shape, dtype=self.keys[key][1]), src=rank)
+                self.received.add((key, rank, offset))
+
+    def _order(self, keys: Iterable[str]):
+        """(key, rank, offset, local shape) of every piece, in the order rank 0 fetches them."""
         for key in keys:
             for start, stop in self.units(key):
-                for rank, offset, _ in self._pieces_in(key, start, stop):
-                    if rank == self.rank:
-                        dist.send(self.local[(key, offset)].detach().cpu().contiguous(), dst=0)
+                for rank, offset, local_shape in self._pieces_in(key, start, stop):
+                    yield key, rank, offset, local_shape
 
 
 def save_hf(model, path: str, fp8: bool = True, *, base_config: Optional[Dict[str, Any]] = None,
@@ -368,16 +390,47 @@ def save_hf(model, path: str, fp8: bool = True, *, base_config: Optional[Dict[st
     `weight_scale_inv` and adds `quantization_config`; other tensors keep the model's dtype.
     `base_config` (an HF config.json dict) keeps the non-architecture fields (token ids, ...).
     The MTP layers' embedding and head copies are written as DeepSeek does.
+
+    A refusal or failure on rank 0 is raised on every rank: one found before any transfer (the
+    output, the model's tensors) at once; one while writing (a full disk) once the other ranks
+    have sent their pieces, which rank 0 then receives and drops.
     """
     import torch.distributed as dist
 
     config = _model_config(model)
     source = _ModelSource(model)
-    if source.rank == 0:
+    what = f"write the HF checkpoint {path}"
+    if not source.distributed:
         write_hf(source, config, path, fp8=fp8, base_config=base_config,
                  rope_interleave=rope_interleave, max_shard_bytes=max_shard_bytes,
                  overwrite=overwrite, progress=progress)
-    else:
+        return
+    if source.rank != 0:
+        start = [None]  # rank 0's refusal, or None: the pieces are wanted
+        dist.broadcast_object_list(start, src=0)
+        if start[0] is not None:
+            raise rank0_failure(start[0], what)
         source.serve(model_maps(config))
-    if source.distributed:
-        dist.barrier()
+        outcome = [None]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise rank0_failure(outcome[0], what)
+        return
+    started = []
+
+    def ready():
+        started.append(True)
+        dist.broadcast_object_list([None], src=0)
+
+    try:
+        write_hf(source, config, path, fp8=fp8, base_config=base_config,
+                 rope_interleave=rope_interleave, max_shard_bytes=max_shard_bytes,
+                 overwrite=overwrite, progress=progress, ready=ready)
+    except Exception as error:
+        if not started:  # the others wait to start: they raise it at once
+            dist.broadcast_object_list([describe(error)], src=0)
+            raise
+        source.drain(model_maps(config))
+        dist.broadcast_object_list([describe(error)], src=0)
+        raise
+    dist.broadcast_object_list([None], src=0)

@@ -117,3 +117,66 @@ def test_tp2_pp2_ep2_slices_loads_and_exports(tmp_path, single_rank_world):
                progress=False)
     back = tensors(str(tmp_path / "back"))
     assert all(torch.equal(original[k], back[k]) for k in original)
+
+
+def _rank_failing_saves(rank, world, hf_dir, out_dir):
+    import errno
+    import time
+
+    import pytest
+
+    from megatron_dsv3.checkpoint import hf_model
+    from megatron_dsv3.dispatch import initialize_dispatch_groups
+
+    initialize_dispatch_groups()
+    model = build_model(config_from_hf(hf_dir, dtype=torch.float32, expert_model_parallel_size=2))
+    load_hf(model, hf_dir)
+    seen = []
+    # 1. rank 0 refuses the output before any transfer: every rank raises the refusal at once
+    foreign = os.path.join(out_dir, "foreign")
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="holds files but no checkpoint_manifest"):
+        save_hf(model, foreign, fp8=False)
+    seen.append(time.monotonic() - started < 20)
+    # 2. rank 0's disk fills up in the middle: rank 0 raises its OSError, the others a
+    # RuntimeError naming it, once they have sent their pieces; no partial directory is left
+    real_write, writes = hf_model.ShardedSafetensorsWriter.write, []
+
+    def full_disk(self, name, tensor):
+        writes.append(name)
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, name, tensor)
+
+    if rank == 0:
+        hf_model.ShardedSafetensorsWriter.write = full_disk
+    target = os.path.join(out_dir, "hf")
+    try:
+        with pytest.raises((OSError, RuntimeError), match="No space left on device") as failed:
+            save_hf(model, target, fp8=False)
+    finally:
+        hf_model.ShardedSafetensorsWriter.write = real_write
+    seen.append(type(failed.value).__name__)
+    assert not os.path.exists(target)
+    # 3. the ranks are still paired: the next save writes the checkpoint
+    save_hf(model, target, fp8=False)
+    return seen
+
+
+def test_a_save_hf_failure_on_rank0_is_raised_on_every_rank(tmp_path, single_rank_world):
+    """save_hf gathers the pieces to rank 0 point to point. A refusal on rank 0 (an output that
+    is not ours) left the other ranks in send / barrier until rank 0's process ended or the
+    group timeout; a failure while writing left them out of step with rank 0."""
+    hf_dir = str(tmp_path / "hf")
+    make_hf_checkpoint(hf_dir, hidden_size=32, num_attention_heads=2, vocab_size=64,
+                       intermediate_size=48)
+    out = tmp_path / "out"
+    (out / "foreign").mkdir(parents=True)
+    (out / "foreign" / "notes.txt").write_text("not a checkpoint")
+    seen = run_distributed(_rank_failing_saves, 2, args=(hf_dir, str(out)), timeout=120,
+                           megatron_parallel={"expert_model_parallel_size": 2})
+    assert [s[0] for s in seen] == [True, True], seen  # (not rank 0's lifetime or a timeout)
+    assert [s[1] for s in seen] == ["OSError", "RuntimeError"], seen
+    original, exported = tensors(hf_dir), tensors(str(out / "hf"))
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[k], exported[k]) for k in original)
