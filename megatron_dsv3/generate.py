@@ -132,7 +132,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--block-size {args.block_size} is invalid: allowed values are 1.."
                              f"{model.config.max_position_embeddings} (max_position_embeddings: "
                              "no request holds more positions; each block holds block-size)")
-        num_blocks = sum(request_blocks(r, args.block_size) for r in requests)
+        # (a request longer than the model's positions is refused by the engine before it runs;
+        # sized at that bound, a huge --max-new-tokens cannot ask for the memory first)
+        num_blocks = sum(request_blocks(r, args.block_size,
+                                        model.config.max_position_embeddings) for r in requests)
         engine = InferenceEngine(model, block_size=args.block_size, num_blocks=num_blocks,
                                  max_batch_size=len(requests), decode=decode)
         start = time.perf_counter()

@@ -53,9 +53,15 @@ class Roles:
     decode: List[int]
 
     def __post_init__(self):
-        if not self.prefill or not self.decode or set(self.prefill) & set(self.decode):
+        ranks = [*self.prefill, *self.decode]
+        # (a rank listed twice got two receiver threads on a decode rank, one of them waiting
+        # for an end that is sent once)
+        if (not self.prefill or not self.decode or len(set(ranks)) != len(ranks)
+                or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0
+                           for r in ranks)):
             raise ValueError(f"roles prefill={self.prefill} decode={self.decode}: allowed are two "
-                             "non-empty, disjoint lists of ranks")
+                             "non-empty lists of distinct ranks (integers >= 0), no rank in both "
+                             "or twice")
 
     def prefill_rank(self, i: int) -> int:
         return self.prefill[i % len(self.prefill)]
@@ -324,6 +330,6 @@ def latency_summary(requests: Sequence[Request], served: Dict[int, Served],
         xs = sorted(xs)
         return xs[min(len(xs) - 1, int(0.9 * len(xs)))] if xs else float("nan")
 
-    return {"ttft_mean": sum(ttft) / len(ttft), "ttft_p90": p90(ttft),
+    return {"ttft_mean": sum(ttft) / len(ttft) if ttft else float("nan"), "ttft_p90": p90(ttft),
             "tpot_mean": sum(tpot) / len(tpot) if tpot else float("nan"), "tpot_p90": p90(tpot),
             "requests": len(served)}

@@ -81,12 +81,18 @@ class Request:
     """Seconds after the stream starts at which the request arrives (admitted no earlier)."""
 
 
-def request_blocks(request: Request, block_size: int) -> int:
+def request_blocks(request: Request, block_size: int,
+                   max_positions: Optional[int] = None) -> int:
     """Cache blocks of `block_size` positions a request holds from admission to its end: its
     prompt, its new tokens but the last (never fed back) and the speculative draft position, i.e.
     positions [0, prompt + max_new_tokens): the last speculative step starts with
-    max_new_tokens - 1 tokens out, one of them pending, and writes it and the draft."""
-    return blocks_for(len(request.prompt) + request.max_new_tokens, block_size)
+    max_new_tokens - 1 tokens out, one of them pending, and writes it and the draft.
+    `max_positions`: at most that many positions (sizing a cache before the requests are checked:
+    a longer request is refused, and must not ask for its memory first)."""
+    positions = len(request.prompt) + request.max_new_tokens
+    if max_positions is not None:
+        positions = min(positions, max_positions)
+    return blocks_for(positions, block_size)
 
 
 @dataclass

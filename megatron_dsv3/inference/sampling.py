@@ -67,10 +67,15 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         # a temperature float32 rounds to 0 divides by 0 there: its limit, the most likely
         # token(s), all the mass (ties share it)
         return torch.where(logits == logits.max(), 0.0, float("-inf"))
-    logits = (logits - logits.max()) / params.temperature
+    logits = logits - logits.max()
     if params.top_k and params.top_k < logits.numel():
+        # (before the temperature: a huge one makes every logit 0 in float32, and top-k then
+        # kept the whole vocabulary)
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    # (a temperature above float32's range is inf there: finite / inf = 0, the uniform limit;
+    # a dropped token's -inf stays -inf instead of -inf / inf = NaN)
+    logits = torch.where(torch.isinf(logits), logits, logits / params.temperature)
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)

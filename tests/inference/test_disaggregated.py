@@ -1,6 +1,8 @@
 """Prefill/decode separation over gloo: one prefill rank hands latent caches to two decode ranks;
 every request's tokens equal colocated serving's (one engine doing both)."""
 
+import math
+
 import pytest
 import torch
 
@@ -67,10 +69,16 @@ def test_mixed_load_and_latency_summary():
     summary = latency_summary(two, served, start_time=10.0)
     assert summary["ttft_mean"] == pytest.approx((0.5 + 1.0) / 2)
     assert summary["tpot_mean"] == pytest.approx(0.2)
+    empty = latency_summary(two, {}, start_time=10.0)  # (nothing served: no division by 0)
+    assert empty["requests"] == 0 and math.isnan(empty["ttft_mean"])
     with pytest.raises(ValueError, match="rate"):
         mixed_load(3, rate=0, vocab_size=10)
-    with pytest.raises(ValueError, match="disjoint"):
-        Roles(prefill=[0], decode=[0, 1])
+    # (a rank listed twice left one of a decode rank's two receivers waiting for an end that
+    # is sent once)
+    for prefill, decode in (([0], [0, 1]), ([0, 0], [1]), ([0], [1, 1]), ([-1], [1])):
+        with pytest.raises(ValueError, match=r"allowed are two non-empty lists of distinct ranks "
+                                             r"\(integers >= 0\), no rank in both or twice"):
+            Roles(prefill=prefill, decode=decode)
 
 
 def test_arrivals_gate_admission_and_are_checked(single_rank_world):

@@ -258,7 +258,7 @@ def test_cli_refuses_a_prompt_that_is_not_utf8_and_a_block_larger_than_any_reque
     """Bytes the shell passes that are not UTF-8 (Python holds them as surrogates) crashed in the
     tokenizer (a TypeError traceback from an HF tokenizer); a --block-size above
     max_position_embeddings asked for a cache of block-size positions per request and failed
-    allocating it after the model had loaded."""
+    allocating it after the model had loaded, and so did a --max-new-tokens beyond it."""
     from megatron_dsv3.inference import InferenceEngine
     from megatron_dsv3.inference.loading import load_for_generation
 
@@ -268,7 +268,11 @@ def test_cli_refuses_a_prompt_that_is_not_utf8_and_a_block_larger_than_any_reque
             (["--prompt", b"ab\xffc".decode("utf-8", "surrogateescape")],
              "is invalid: allowed is UTF-8 text (position 2 is not)"),
             (["--prompt", "x", "--block-size", str(10 ** 9)],
-             f"--block-size {10 ** 9} is invalid: allowed values are 1..")):
+             f"--block-size {10 ** 9} is invalid: allowed values are 1.."),
+            # (the cache was sized for 10^13 positions before the request was checked: an
+            # allocator error, exit 1, instead of the refusal)
+            (["--prompt", "x", "--max-new-tokens", str(10 ** 13)],
+             "exceeds the model's max_position_embeddings")):
         assert main(["--checkpoint", checkpoint, "--device", "cpu", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err

@@ -85,3 +85,14 @@ def test_a_very_small_temperature_samples_the_maximum_instead_of_failing():
     params = SamplingParams(temperature=1e-300, seed=0)
     draws = {sample_next(tied, params, torch.Generator().manual_seed(s)) for s in range(40)}
     assert draws == {0, 2}
+
+
+def test_a_very_large_temperature_keeps_the_top_k_and_samples_them_uniformly():
+    """logits / 1e39 are all 0 in float32: top-k, taken after the division, kept the whole
+    vocabulary. The limit is the uniform distribution over the top k."""
+    logits = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0])
+    for temperature in (1.0, 1e30, 1e39, 1e300):
+        got = filtered_logits(logits, SamplingParams(temperature=temperature, top_k=2))
+        assert torch.isfinite(got).nonzero().flatten().tolist() == [0, 1], temperature
+    probs = torch.softmax(filtered_logits(logits, SamplingParams(temperature=1e300, top_k=2)), -1)
+    torch.testing.assert_close(probs, torch.tensor([0.5, 0.5, 0, 0, 0, 0, 0, 0]))

@@ -28,9 +28,12 @@ def random_model(single_rank_world):
 
 @pytest.fixture(scope="module")
 def trained_model(single_rank_world):
-    """30 AdamW steps on windows of a repeated sentence (LM loss + MTP loss, as in training)."""
+    """40 AdamW steps on windows of a repeated sentence (LM loss + MTP loss, as in training).
+    (After 30 the acceptance of one seed moved between 0.47 and 0.92 with the thread count and
+    small changes of the aux loss; after 40 it is 0.72-0.90 for seeds 0-2 on 1 and 2 threads.)"""
     torch.manual_seed(0)
-    return train_on_repeated_text(build_model(get_config("deepseek-v3-tiny")), SENTENCE)
+    return train_on_repeated_text(build_model(get_config("deepseek-v3-tiny")), SENTENCE,
+                                  steps=40)
 
 
 def plain_and_speculative(model, prompts, max_new, block_size=2, **request_kw):
