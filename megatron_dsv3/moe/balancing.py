@@ -26,6 +26,13 @@ def routers_of(modules: Iterable[torch.nn.Module]):
                 yield module
 
 
+def last_balance_loss(modules: Iterable[torch.nn.Module]) -> float:
+    """The balancing losses (sequence-wise aux, z-loss) the routers of the given model chunks
+    computed in their last forward, summed: every router's, with an expert bias or without."""
+    return sum(float(module.last_aux_loss) for chunk in modules for module in chunk.modules()
+               if getattr(module, "last_aux_loss", None) is not None)
+
+
 @torch.no_grad()
 def update_expert_biases(model_chunks, rate: float, group=None) -> None:
     """After an optimizer step: all-reduce each router's token counts over `group` (the ranks

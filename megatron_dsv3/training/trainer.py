@@ -31,7 +31,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
 from megatron_dsv3.fp8 import backends
-from megatron_dsv3.moe.balancing import routers_of, update_expert_biases
+from megatron_dsv3.moe.balancing import last_balance_loss, update_expert_biases
 from megatron_dsv3.world import init_distributed
 
 
@@ -271,8 +271,7 @@ class Trainer:
         out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                     loss_mask=batch["loss_mask"])  # (the MTP loss masks as the LM loss does)
         # this chunk's balancing losses of this micro-batch (for the step's logged aux loss)
-        self._step_aux += sum(float(r.last_aux_loss) for r in routers_of([model])
-                              if r.last_aux_loss is not None)
+        self._step_aux += last_balance_loss([model])
         mask = batch["loss_mask"].float()
 
         def loss_func(per_token):
@@ -345,8 +344,7 @@ class Trainer:
             (loss / a.micro_batches).backward()
             lm_loss += loss.item() / a.micro_batches
             tokens += batch["tokens"].numel()
-            aux += sum(float(r.last_aux_loss) for r in routers_of(self.models)
-                       if r.last_aux_loss is not None) / a.micro_batches
+            aux += last_balance_loss(self.models) / a.micro_batches
         return {"lm_loss": lm_loss, "aux_loss": aux, "tokens": tokens}
 
     def train_step(self) -> Dict:

@@ -50,3 +50,17 @@ def test_example_cli_parses_flags():
 
     args = parse_args(["--steps", "7", "--recompute", "--save-dir", "/tmp/x"])
     assert args.steps == 7 and args.recompute and args.save_dir == "/tmp/x"
+
+
+def test_the_logged_aux_loss_counts_routers_without_an_expert_bias(tmp_path, single_rank_world):
+    """The step's aux_loss summed only routers with an aux-loss-free bias: with the bias off and
+    the sequence-wise aux loss on, it read 0. At step 1 the bias is still 0, so both runs route
+    alike and log the same aux loss."""
+    logged = []
+    for bias in (True, False):
+        args = TrainArgs(steps=1, micro_batch_size=2, seq_length=32, log_interval=1,
+                         save_dir=str(tmp_path / f"run{bias}"), cache_dir=str(tmp_path / "cache"),
+                         corpus_bytes=1 << 16,
+                         config_overrides={"moe_router_enable_expert_bias": bias})
+        logged.append(Trainer(args, log=lambda line: None).train()[0]["aux_loss"])
+    assert logged[0] > 0 and logged[1] == logged[0], logged
