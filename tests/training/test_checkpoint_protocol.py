@@ -221,16 +221,19 @@ def test_a_checkpoint_resumed_from_or_without_tracker_is_never_cleared(run):
 
 
 def test_expert_loads_are_per_step_without_the_bias_too(tmp_path, single_rank_world):
-    """Each step's logged expert load counts that step's tokens (T x top-k per MoE layer), with
-    the aux-loss-free bias off as well (its update used to be the only reset)."""
+    """Each step's logged expert load counts that step's tokens (T x top-k per MoE layer; at MTP
+    depth k the last k positions of a sequence read no token), with the aux-loss-free bias off as
+    well (its update used to be the only reset)."""
     args = _args(tmp_path, steps=3, save_dir=None,
                  config_overrides={"moe_router_enable_expert_bias": False})
     history = Trainer(args).train()
-    topk = Trainer(args).config.moe_router_topk
-    per_step = args.micro_batch_size * args.seq_length * topk
+    config = Trainer(args).config
+    depths = config.mtp_num_layers or 0
+    b, s, topk = args.micro_batch_size, args.seq_length, config.moe_router_topk
     for record in history:
+        decoder = len(record["expert_load"]) - depths
         assert [sum(load) for load in record["expert_load"]] == \
-            [per_step] * len(record["expert_load"])
+            [b * s * topk] * decoder + [b * (s - k) * topk for k in range(1, depths + 1)]
 
 
 def _poison_gradients_at(trainer, step):
