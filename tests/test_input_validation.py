@@ -126,6 +126,17 @@ def test_validate_train_args_names_the_flag(argv, flag):
         validate_train_args(TrainArgs(**kwargs))
 
 
+@pytest.mark.parametrize("save_dir", [None, ""])
+def test_flags_that_write_into_the_save_dir_are_refused_without_one(save_dir):
+    """--save-interval and --trace-step write into --save-dir: without one they did nothing."""
+    for kwargs, flag in (({"save_interval": 5}, "--save-interval 5"),
+                         ({"trace_step": 2, "pp": 2, "micro_batches": 4}, "--trace-step 2")):
+        with pytest.raises(ValueError, match=f"{flag} writes into --save-dir: allowed with a "
+                                             "--save-dir only"):
+            validate_train_args(TrainArgs(save_dir=save_dir, **kwargs))
+    validate_train_args(TrainArgs(save_dir=save_dir))
+
+
 def test_every_numeric_train_flag_has_a_rule():
     numeric = {f.name for f in dataclasses.fields(TrainArgs)
                if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)}

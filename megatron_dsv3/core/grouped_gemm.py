@@ -23,6 +23,8 @@ from megatron_dsv3.core.gemm import DEFAULT_GEMM, Gemm, WeightGradStore, matmul_
 def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
         return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False  # (float64 is refused there: the per-group GEMMs take it)
     if x.is_cuda:
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
     size = x.element_size()

@@ -9,8 +9,8 @@ reads it. The recomputed functions are deterministic, so gradients are bit-ident
 `core_attn` (the attention core, the default of Megatron's `recompute_modules`), `mlp` (the dense
 MLP of non-MoE layers) and `shared_experts` (the MoE layer's shared expert) use ordinary
 checkpointing, as Megatron does: only the inputs are kept and the whole module runs again in
-backward (`checkpointed`, reentrant like Megatron's; the RNG states are restored, so dropout
-draws the same mask). Inside such a region the output-discarding recomputation of the
+backward (`checkpointed`, reentrant like Megatron's; the RNG states are restored, those of
+Megatron's model-parallel RNG tracker too, so dropout draws the same mask). Inside such a region the output-discarding recomputation of the
 modules above is off (the region keeps none of their outputs anyway).
 """
 
@@ -46,6 +46,20 @@ def _inside_checkpoint():
         _state.inside = previous
 
 
+def _rng_tracker():
+    """Megatron's model-parallel RNG tracker (where TE's and Megatron's attention cores draw their
+    dropout) when one was set up, else None; never one made here (its kind is chosen once, by
+    Megatron's initialisation)."""
+    try:
+        from megatron.core.tensor_parallel import random
+    except ImportError:
+        return None
+    tracker = getattr(random, "_CUDA_RNG_STATE_TRACKER", None)
+    if not getattr(random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False) or tracker is None:
+        return None
+    return tracker if tracker.is_initialized() else None
+
+
 class _Checkpoint(torch.autograd.Function):
     """Reentrant checkpoint (as Megatron's): forward runs `run` without autograd, keeping its
     tensor inputs and the RNG states; backward runs it again with autograd from the same RNG
@@ -63,6 +77,8 @@ class _Checkpoint(torch.autograd.Function):
         cuda = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda]
         ctx.cuda_device = cuda[0] if cuda else None
         ctx.cuda_rng = torch.cuda.get_rng_state(ctx.cuda_device) if cuda else None
+        tracker = _rng_tracker()
+        ctx.tracker_states = None if tracker is None else tracker.get_states()
         with torch.no_grad():
             return run(*args)
 
@@ -72,12 +88,20 @@ class _Checkpoint(torch.autograd.Function):
         for i, t in zip(ctx.tensor_at, ctx.saved_tensors):
             args[i] = t.detach().requires_grad_(t.requires_grad)
         devices = [ctx.cuda_device] if ctx.cuda_device is not None else []
+        tracker = None if ctx.tracker_states is None else _rng_tracker()
+        current = None if tracker is None else tracker.get_states()
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.cuda_device)
-            with torch.enable_grad():
-                outputs = ctx.run(*args)
+            if tracker is not None:  # (the forward's tracker states; the current ones after)
+                tracker.set_states(dict(ctx.tracker_states))
+            try:
+                with torch.enable_grad():
+                    outputs = ctx.run(*args)
+            finally:
+                if tracker is not None:
+                    tracker.set_states(current)
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return (None,) + tuple(a.grad if isinstance(a, torch.Tensor) and a.requires_grad else None
@@ -107,7 +131,11 @@ def checkpointed(config, name: str, fn: Callable) -> Callable:
 
         tensors = iter(_Checkpoint.apply(tensors_only, *args))
         flat = tuple(next(tensors) if isinstance(o, torch.Tensor) else o for o in layout["flat"])
-        return flat if layout["is_tuple"] else flat[0]
+        is_tuple = layout["is_tuple"]
+        # (the layout held the forward's outputs, whose graph holds the closure: a cycle that
+        # kept a forward never back-propagated alive until the garbage collector ran)
+        layout.clear()
+        return flat if is_tuple else flat[0]
     return run
 
 

@@ -27,10 +27,12 @@ def routers_of(modules: Iterable[torch.nn.Module]):
 
 
 def last_balance_loss(modules: Iterable[torch.nn.Module]) -> float:
-    """The balancing losses (sequence-wise aux, z-loss) the routers of the given model chunks
-    computed in their last forward, summed: every router's, with an expert bias or without."""
-    return sum(float(module.last_aux_loss) for chunk in modules for module in chunk.modules()
-               if getattr(module, "last_aux_loss", None) is not None)
+    """The router losses (the balancing losses and the z-loss, as they join the backward pass)
+    the routers of the given model chunks computed in their last forward, summed: every
+    router's, with an expert bias or without."""
+    return sum(float(loss) for chunk in modules for module in chunk.modules()
+               for loss in (getattr(module, "last_aux_loss", None),
+                            getattr(module, "last_z_loss", None)) if loss is not None)
 
 
 @torch.no_grad()

@@ -458,13 +458,26 @@ class Trainer:
             if metrics:
                 metrics.close()
             self.watchdog.close()  # (also when the loop raised: no watchdog outlives training)
-        if writer:
+        # the whole run's records (a resumed run's history holds only its own steps)
+        records = self._logged_records() if writer else []
+        if records:
             from megatron_dsv3.training.plots import plot_expert_load, plot_loss
 
-            plot_loss(self.history, os.path.join(a.save_dir, "loss.png"))
-            plot_expert_load(self.history, os.path.join(a.save_dir, "expert_load.png"),
+            plot_loss(records, os.path.join(a.save_dir, "loss.png"))
+            plot_expert_load(records, os.path.join(a.save_dir, "expert_load.png"),
                              num_layers=self.config.num_layers)
         return self.history
+
+    def _logged_records(self) -> List[Dict]:
+        """metrics.jsonl's records: every step of the run up to now (resumes included)."""
+        records = []
+        with open(self.metrics_path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    break  # (a torn last line)
+        return records
 
     def _loop(self, metrics) -> None:
         """Steps until args.steps (or exit_interval), logging, periodic and final saves."""

@@ -115,6 +115,11 @@ def validate_train_args(args) -> None:
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} is invalid: allowed values are numbers in "
                          f"[0, --lr] = [0, {args.lr}] (the schedule decays from --lr to --min-lr)")
+    for flag, value in (("--save-interval", args.save_interval),
+                        ("--trace-step", args.trace_step)):
+        if value and not args.save_dir:  # (they write there: without it they did nothing)
+            raise ValueError(f"{flag} {value} writes into --save-dir: allowed with a --save-dir "
+                             "only (or 0: off)")
     if args.trace_step > args.steps:
         raise ValueError(f"--trace-step {args.trace_step} is invalid: allowed values are 0 (off) "
                          f"or a step in [1, --steps] = [1, {args.steps}]")

@@ -43,6 +43,21 @@ def test_grouped_linear_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, b: grouped_linear(a, b, [2, 0, 5], LoopGemm()), (x, w))
 
 
+def test_float64_takes_the_per_group_gemms_on_the_default_path(single_rank_world):
+    """torch._grouped_mm refuses float64: a float64 model failed in its routed experts."""
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.model import build_model
+
+    torch.manual_seed(0)
+    x = torch.randn(24, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 8, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: grouped_linear(a, b, [8, 0, 16]), (x, w))
+    model = build_model(get_config("deepseek-v3-tiny", params_dtype=torch.float64))
+    ids = torch.randint(0, 256, (2, 8))
+    logits = model(ids, torch.arange(8).expand(2, 8), None)
+    assert logits.dtype == torch.float64 and torch.isfinite(logits).all()
+
+
 def test_bad_counts_are_rejected():
     with pytest.raises(ValueError, match="counts"):
         grouped_linear(torch.randn(5, 4), torch.randn(2, 3, 4), [2, 2])

@@ -111,3 +111,61 @@ def test_recompute_below_frozen_layers_keeps_every_gradient(single_rank_world):
         assert got.keys() == base.keys()
         for name, g in got.items():
             assert g is not None and torch.equal(g, base[name]), (modules, name)
+
+
+def test_checkpointed_restores_megatrons_rng_tracker_for_dropout_drawn_there(monkeypatch):
+    """TE's (and Megatron's) attention core draws its dropout inside
+    get_cuda_rng_tracker().fork(); the checkpoint restored only the default generators, so the
+    recomputation drew another mask (gradients of another forward) and the tracker advanced
+    twice. With the tracker's states restored, gradients and the tracker's final state equal
+    those of the run without recomputation."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from megatron.core.tensor_parallel import random
+
+    from megatron_dsv3.testing.megatron_cpu import _CpuRNGStatesTracker
+
+    tracker = _CpuRNGStatesTracker()
+    tracker.add("model-parallel-rng", 4321)
+    monkeypatch.setattr(random, "_CUDA_RNG_STATE_TRACKER", tracker)
+    monkeypatch.setattr(random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
+    w = torch.randn(16, 16, generator=torch.Generator().manual_seed(1))
+
+    def core(x):  # as TE's DotProductAttention with attention_dropout > 0
+        p = torch.softmax(x @ w, -1)
+        with random.get_cuda_rng_tracker().fork():
+            p = F.dropout(p, 0.5, training=True)
+        return p @ w.t()
+
+    def run(fn):
+        tracker.set_states({"model-parallel-rng": torch.Generator().manual_seed(42).get_state()})
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        y = fn(x)
+        (y * torch.arange(16.0)).sum().backward()
+        return y.detach(), x.grad, tracker.get_states()["model-parallel-rng"]
+
+    config = SimpleNamespace(recompute_granularity="selective", recompute_modules=["core_attn"])
+    plain = run(core)
+    checkpointed = run(recompute.checkpointed(config, "core_attn", core))
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))
+
+
+def test_a_checkpointed_forward_without_backward_is_freed_without_the_garbage_collector():
+    """A grad-enabled forward that is never back-propagated (e.g. an evaluation outside
+    no_grad) is freed when its output goes, not only when the garbage collector runs."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(recompute_granularity="selective", recompute_modules=["core_attn"])
+    w = torch.randn(4, 4, requires_grad=True)
+    fn = recompute.checkpointed(config, "core_attn", lambda x: (x @ w, None))
+    gc.disable()
+    try:
+        out, _ = fn(torch.randn(3, 4, requires_grad=True))
+        alive = weakref.ref(out)
+        del out
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -18,6 +18,8 @@ def _args(tmp, **kw):
                 warmup_steps=1, corpus_bytes=1 << 18, cache_dir=str(tmp / "cache"),
                 save_dir=str(tmp / "run"))
     base.update(kw)
+    if base["save_dir"] is None and "save_interval" not in kw:
+        base["save_interval"] = 0  # (it writes into save_dir)
     return TrainArgs(**base)
 
 
@@ -234,6 +236,30 @@ def test_expert_loads_are_per_step_without_the_bias_too(tmp_path, single_rank_wo
         decoder = len(record["expert_load"]) - depths
         assert [sum(load) for load in record["expert_load"]] == \
             [b * s * topk] * decoder + [b * (s - k) * topk for k in range(1, depths + 1)]
+
+
+def test_the_plots_of_a_resumed_run_show_the_whole_run(tmp_path, single_rank_world):
+    """loss.png and expert_load.png were drawn from the resumed process's own steps (a resume
+    at --steps redrew them empty); they show every step metrics.jsonl holds."""
+    import unittest.mock
+
+    from megatron_dsv3.training import plots
+
+    drawn = {}
+    real = plots.plot_loss
+
+    def plot_loss(records, path, **kw):
+        drawn["steps"] = [r["step"] for r in records]
+        real(records, path, **kw)
+
+    with unittest.mock.patch.object(plots, "plot_loss", plot_loss):
+        Trainer(_args(tmp_path, steps=4, exit_interval=2)).train()
+        assert drawn["steps"] == [1, 2]
+        Trainer(_args(tmp_path, steps=4, resume="auto")).train()
+        assert drawn["steps"] == [1, 2, 3, 4]
+        drawn.clear()
+        Trainer(_args(tmp_path, steps=4, resume="auto")).train()  # nothing to train
+        assert drawn["steps"] == [1, 2, 3, 4]
 
 
 def _poison_gradients_at(trainer, step):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from megatron_dsv3.training.trainer import TrainArgs, Trainer, lr_at
@@ -64,3 +65,12 @@ def test_the_logged_aux_loss_counts_routers_without_an_expert_bias(tmp_path, sin
                          config_overrides={"moe_router_enable_expert_bias": bias})
         logged.append(Trainer(args, log=lambda line: None).train()[0]["aux_loss"])
     assert logged[0] > 0 and logged[1] == logged[0], logged
+    # the z-loss (it joins the backward pass too) is counted: alone it read 0
+    args = TrainArgs(steps=1, micro_batch_size=2, seq_length=32, save_dir=None,
+                     cache_dir=str(tmp_path / "cache"), corpus_bytes=1 << 16,
+                     config_overrides={"moe_aux_loss_coeff": 0.0, "moe_z_loss_coeff": 1e-2})
+    trainer = Trainer(args, log=lambda line: None)
+    aux = trainer.train()[0]["aux_loss"]
+    z = sum(float(m.last_z_loss) for m in trainer.models[0].modules()
+            if getattr(m, "last_z_loss", None) is not None)
+    assert aux > 0 and aux == pytest.approx(z, rel=1e-6), (aux, z)
