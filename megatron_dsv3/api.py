@@ -67,5 +67,5 @@ def from_hf(path: str, dtype: torch.dtype = DEFAULT_DTYPE, *,
     config = config_from_hf(path, dtype=dtype, mtp=mtp, **overrides)
     with torch.device(device or "cpu"):
         model = build_model(config)
-    load_hf(model, path, skip_mtp=mtp is False)
+    load_hf(model, path, skip_mtp=not config.mtp_num_layers)  # (mtp=False or mtp_num_layers=None)
     return model.eval()

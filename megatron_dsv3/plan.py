@@ -266,14 +266,15 @@ def plan(args) -> Dict:
     lay = Layout(args.nodes, args.gpus_per_node, args.tp, args.pp, args.ep, args.schedule,
                  args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers,
                  args.vpp)
+    validate(lay, config, mtp=args.mtp)  # (DP below needs valid sizes)
     micro_batches = None
     if args.global_batch_size:
-        per = args.micro_batch_size * lay.dp if lay.world % (lay.tp * lay.pp) == 0 else 1
+        per = args.micro_batch_size * lay.dp
         if args.global_batch_size % per:
             raise PlanError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
                             f"--micro-batch-size x DP = {per}")
         micro_batches = args.global_batch_size // per
-    validate(lay, config, mtp=args.mtp, micro_batches=micro_batches)
+        validate(lay, config, mtp=args.mtp, micro_batches=micro_batches)
     table = placement(lay, config.num_layers)
     result = {
         "preset": args.preset,
@@ -311,6 +312,13 @@ def plan(args) -> Dict:
     for direction in range(2 if lay.schedule == "dualpipe" else 1):
         rank, chunk = stages.place(stages.stages - 1, direction)
         head_chunks.setdefault(rank, set()).add(chunk)
+    # the final norm: with the output head; with MTP, with the last decoder layer instead
+    # (Megatron builds it in the block that holds that layer; DualPipeV can leave the last
+    # stage, the head's, without layers)
+    norm_ranks = {hold["output_head"]}
+    if args.mtp and lay.schedule != "dualpipe":
+        norm_ranks = {r for r, chunks in table.items()  # (layer numbers from 1)
+                      if any(config.num_layers in layers for layers in chunks)}
     per_rank = []
     for r, chunks in table.items():
         dense = exp = 0
@@ -322,7 +330,9 @@ def plan(args) -> Dict:
         if hold["embedding"] == r:
             high_precision += counts["embedding"]
         if hold["output_head"] == r:
-            high_precision += counts["output_head"] + counts["final_norm"]
+            high_precision += counts["output_head"]
+        if r in norm_ranks:
+            high_precision += counts["final_norm"]
         if lay.schedule == "dualpipe" and r in (0, lay.pp - 1):
             # each direction has its own first and last stage: rank P-1 also holds direction 1's
             # embedding, rank 0 direction 1's final norm and head

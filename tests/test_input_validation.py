@@ -391,6 +391,18 @@ def test_plan_config_errors_name_the_flag_not_a_traceback(argv, flag, capsys):
     assert err.startswith(f"error: {flag}") and "allowed" in err, err
 
 
+@pytest.mark.parametrize("size", ["--nodes 0", "--gpus-per-node 0", "--tp 0", "--pp 0"])
+def test_plan_refuses_a_zero_size_with_a_global_batch_naming_the_flag(size, capsys):
+    """With --global-batch-size the micro-batch count was computed before the sizes were
+    checked: a ZeroDivisionError traceback instead of the refusal."""
+    from megatron_dsv3.plan import main
+
+    argv = f"--nodes 2 --global-batch-size 64 --placement-only {size}".split()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {size} is invalid: allowed values are"), err
+
+
 # --- python -m megatron_dsv3.pretrain_gpt (our extras and the Megatron flags they read) ---------
 
 def test_pretrain_gpt_help_lists_our_flags():

@@ -64,6 +64,9 @@ def test_671b_totals_agree_with_the_model_built_on_meta(single_rank_world):
     ("--nodes 256 --pp 32 --ep 64 --schedule dualpipev --mtp 1", ["--pp 32", "64 stages",
                                                                     "--pp <= 31"]),
     ("--nodes 256 --pp 16 --ep 64 --schedule zigzag", ["--schedule 'zigzag'", "dualpipev"]),
+    # (no --pp fits: the message suggested --pp <= 1, which DualPipeV refuses in turn)
+    ("--nodes 1 --gpus-per-node 4 --pp 4 --schedule dualpipev --num-layers 2",
+     ["--pp 4", "8 stages", "the model has 2 layers", "no --pp (the smallest, 2, needs 3 layers)"]),
     ("--nodes 256 --pp 16 --ep 64 --schedule dualpipev --global-batch-size 1024",
      ["micro-batches", "DualPipeV needs micro-batches >= 2 x ranks = 32"]),
     # 16 nodes for 8 routing groups: a token's 4 groups could land on 8 nodes (the dispatcher
@@ -202,3 +205,23 @@ def test_cli_prints_progress_free_text_and_refuses_what_does_not_fit(capsys):
     io = capsys.readouterr()
     assert code == 3 and "does not fit" in io.err
     assert "placement (global layer numbers per chunk)" in io.out and "pp_rank   0" in io.out
+
+
+def test_dualpipev_mtp_final_norm_is_counted_with_the_last_layer(single_rank_world):
+    """With MTP, Megatron builds the final norm in the block holding the last decoder layer;
+    DualPipeV with one layer first leaves the head's stage (rank 0) without layers, and the
+    planner counted the norm on rank 0 (each rank off by hidden_size)."""
+    from megatron_dsv3.model_chunks import build_model_chunks
+    from megatron_dsv3.pretrain_gpt import untie_shared_embedding
+
+    result = run("--preset deepseek-v3-tiny --num-layers 4 --nodes 1 --gpus-per-node 2 --pp 2 "
+                 "--schedule dualpipev --mtp 1 --decoder-first-pipeline-num-layers 1 "
+                 "--json".split())
+    config = get_config("deepseek-v3-tiny", num_layers=4, perform_initialization=False,
+                        mtp_num_layers=1, num_layers_in_first_pipeline_stage=1,
+                        pipeline_model_parallel_size=2)
+    for rank in range(2):
+        chunks = build_model_chunks(config, "dualpipev", rank, 2)
+        untie_shared_embedding(chunks)
+        built = sum(p.numel() for p in {id(p): p for c in chunks for p in c.parameters()}.values())
+        assert result["per_rank"][rank]["params_per_gpu"] == built, rank

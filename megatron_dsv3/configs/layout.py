@@ -305,9 +305,12 @@ def stage_layer_counts(num_layers: int, schedule: str, pp: int, first: Optional[
         # only the last stage may hold no decoder layer (it still runs norm, head and MTP)
         if num_layers < stages - 1:
             per = 2 if schedule == "dualpipev" else 1
+            largest = (num_layers + 1) // per
+            allowed = (f"{names.pp} <= {largest}" if largest >= 2 else
+                       f"no {names.pp} (the smallest, 2, needs {2 * per - 1} layers): another "
+                       "schedule")
             raise LayoutError(f"{names.show('pp', pp)} gives {stages} stages under {this} but "
-                              f"the model has {num_layers} layers: allowed are {names.pp} <= "
-                              f"{(num_layers + 1) // per}")
+                              f"the model has {num_layers} layers: allowed are {allowed}")
         return even_split(num_layers, stages)
     # Megatron's schedules without first/last: the same number of layers on every stage
     if num_layers % pp:

@@ -169,6 +169,10 @@ def test_checkpoint_with_mtp_weights_loads_them_without_a_warning(tmp_path, sing
     without = megatron_dsv3.from_hf(path, torch.float32, mtp=False)
     assert not without.config.mtp_num_layers
     assert torch.equal(logits(without), logits(model))
+    # and so does the config field config_from_hf documents for it (it was refused, naming
+    # allow_unused / skip_mtp, which from_hf does not take)
+    unset = megatron_dsv3.from_hf(path, torch.float32, mtp_num_layers=None)
+    assert not unset.config.mtp_num_layers and torch.equal(logits(unset), logits(model))
     # while a model built without MTP by hand still refuses the unused tensors (nothing dropped
     # silently) unless told
     bare = build_model(config_from_hf(path, dtype=torch.float32, mtp_num_layers=None))
