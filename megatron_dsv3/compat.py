@@ -93,6 +93,12 @@ check_supported(MCORE_VERSION)
 # (and GPTModel hands padding_mask to _postprocess and the MTP block; before, to the decoder only).
 MTP_LAYER_RETURNS_PADDING_MASK = MCORE_VERSION >= Version("0.18")
 
+# From 0.18 Megatron's MTP loss under calculate_per_token_loss scales each depth's summed loss by
+# (the micro-batch's tokens / the depth's tokens): finalize_model_grads divides every gradient by
+# the main loss's token count, and this keeps an MTP token's weight the same as in the mean form
+# (0.16 - 0.17: the plain sum, an MTP depth weighed T_k / T of that).
+MTP_PER_TOKEN_LOSS_RESCALED = MCORE_VERSION >= Version("0.18")
+
 # Megatron-LM's training code (pretrain_gpt.py's helpers), which our entry point answers per model
 # chunk: whether this rank runs an MTP block is `mtp_on_this_rank` in 0.16 - 0.18 and
 # `mtp_on_this_rank_func` from 0.19 (pretrain_gpt.py imports whichever its version has).

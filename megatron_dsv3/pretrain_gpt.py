@@ -259,14 +259,17 @@ def apply_dsv3_args(args) -> None:
 
 def config_from_args(args, config=None):
     """DeepSeekV3Config from Megatron's parsed args (Megatron's own field mapping) plus ours."""
-    from megatron.training.arguments import core_transformer_config_from_args
-
     from megatron_dsv3.configs import DeepSeekV3Config
+    from megatron_dsv3.configs.config import check_megatron_rope_reading
 
     if getattr(args, "mtp_num_layers", None) == 0:
         args.mtp_num_layers = None  # --mtp-num-layers 0 = no MTP, which our config spells None
     if config is None:
+        from megatron.training.arguments import core_transformer_config_from_args
+
         config = core_transformer_config_from_args(args, config_class=DeepSeekV3Config)
+    # (Megatron-LM's flags, whatever the class: a DeepSeekV3Config is not checked by itself)
+    check_megatron_rope_reading(config)
     if not isinstance(config, DeepSeekV3Config):
         # (Megatron picks MLATransformerConfig itself under --multi-latent-attention)
         config = DeepSeekV3Config(**{f.name: getattr(config, f.name)

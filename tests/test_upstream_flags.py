@@ -580,3 +580,28 @@ def test_megatron_lm_mscale_flags_read_differently_by_transformers_are_refused()
     for mscale, all_dim in ((1.0, 0.0), (1.0, 1.0), (0.707, 0.707)):  # read alike: accepted
         validate_config(config(mscale=mscale, mscale_all_dim=all_dim))
     get_config("deepseek-v3-tiny", mscale=0.0, mscale_all_dim=1.0)  # ours: transformers' reading
+
+
+def test_megatron_lm_rope_flags_read_differently_are_refused_on_both_routes():
+    """Megatron's MLA scales attention by mscale(factor, mscale_all_dim)^2 under any rope type,
+    ours only under YaRN: --rope-type rope with DeepSeek's YaRN flags left in was accepted with
+    another attention temperature (x1.87 at factor 40). And the entry point (route b) builds a
+    DeepSeekV3Config from Megatron-LM's arguments, which skipped the ambiguity check route a
+    makes."""
+    from types import SimpleNamespace
+
+    from megatron_dsv3.attention.rope import get_mscale
+    from megatron_dsv3.pretrain_gpt import config_from_args
+
+    assert get_mscale(40.0, 1.0) ** 2 == pytest.approx(1.8739, rel=1e-4)  # Megatron's factor
+    rope = dict(rope_type="rope", rotary_scaling_factor=40.0, mscale_all_dim=1.0)
+    with pytest.raises(ValueError, match=r"rope_type='rope' with rotary_scaling_factor=40.0 and "
+                                         r"mscale_all_dim=1.0: Megatron's MLA would still scale"):
+        validate_config(_megatron_lm_config(**rope))
+    validate_config(_megatron_lm_config(rope_type="rope", rotary_scaling_factor=40.0))
+    args = SimpleNamespace(padded_vocab_size=256, seq_length=64, max_position_embeddings=64)
+    for bad, message in ((rope, "Megatron's MLA would still scale"),
+                         (dict(rotary_scaling_factor=40.0, mscale=0.707, mscale_all_dim=0.0),
+                          "is ambiguous")):
+        with pytest.raises(ValueError, match=message):
+            config_from_args(args, _megatron_lm_config(**bad))

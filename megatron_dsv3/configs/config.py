@@ -290,11 +290,46 @@ def validate_config(config: Any) -> None:
     _number(config, "moe_router_topk_scaling_factor", 0, low_open=True, optional=True)
 
 
+def check_megatron_rope_reading(config: Any) -> None:
+    """ValueError where Megatron's own MLA reads a Megatron-LM config's RoPE flags differently
+    from our layers (route a: its TransformerConfig; route b, megatron_dsv3.pretrain_gpt: the
+    config built from its arguments). Our presets and HF checkpoints have transformers' meaning
+    and are not checked."""
+    factor = getattr(config, "rotary_scaling_factor", 1.0) or 1.0
+    mscale, all_dim = getattr(config, "mscale", 1.0), getattr(config, "mscale_all_dim", 0.0)
+    if not all(is_finite_number(v) for v in (factor, mscale, all_dim)):
+        return  # (validate_rope names the bad number)
+    if getattr(config, "rope_type", "yarn") != "yarn":
+        # Megatron's MLA multiplies the softmax scale by mscale(factor, mscale_all_dim)^2 under
+        # any rope type; ours applies YaRN's factors under rope_type='yarn' only
+        if factor > 1 and all_dim:
+            raise ValueError(
+                f"rope_type={config.rope_type!r} with rotary_scaling_factor={factor!r} and "
+                f"mscale_all_dim={all_dim!r}: Megatron's MLA would still scale attention by "
+                "mscale(factor, mscale_all_dim)^2, ours (as transformers) not at all without "
+                "YaRN. Allowed: rope_type='yarn' (--rope-type yarn), or --rotary-scaling-factor "
+                "1.0 or --mscale-all-dim 0 with --rope-type rope")
+        return
+    # DeepSeek's code and transformers read "not both set" as mscale(factor, 1) alone (and an
+    # mscale_all_dim, where set, in the softmax scale), and so do our layers; Megatron's MLA
+    # reads mscale(factor, mscale) / mscale(factor, mscale_all_dim) always
+    if factor > 1 and ((all_dim == 0 and mscale != 1) or (mscale == 0 and all_dim != 0)):
+        raise ValueError(
+            f"mscale={mscale!r} with mscale_all_dim={all_dim!r} is ambiguous at "
+            f"rotary_scaling_factor={factor!r}: our MLA (as DeepSeek's code and HF transformers) "
+            "would scale attention by mscale(factor, 1), Megatron's own MLA by "
+            "mscale(factor, mscale) / mscale(factor, mscale_all_dim). Allowed: both > 0 "
+            "(DeepSeek-V3: mscale = mscale_all_dim = 1.0, --mscale 1.0 --mscale-all-dim 1.0), "
+            "or mscale 1.0 with mscale_all_dim 0")
+
+
 def validate_rope(config: Any) -> None:
     """RoPE's base, and YaRN's settings when rope_type='yarn' (DeepSeek-V3: factor 40 over an
     original 4096 positions, beta_fast 32 > beta_slow 1, mscale = mscale_all_dim = 1)."""
     # base^(-2i/d) decreases only for base > 1; base = 1 divides by log(base) = 0 in YaRN's ramp
     _number(config, "rotary_base", 1, low_open=True)
+    if not isinstance(config, DeepSeekV3Config):
+        check_megatron_rope_reading(config)
     if getattr(config, "rope_type", "yarn") != "yarn":
         return
     _number(config, "rotary_scaling_factor", 1)  # 1 = no interpolation (mscale 1)
@@ -308,19 +343,3 @@ def validate_rope(config: Any) -> None:
                          "the high frequencies kept, down to beta_slow, the low ones interpolated)")
     for field in ("mscale", "mscale_all_dim"):
         _number(config, field, 0)
-    factor = getattr(config, "rotary_scaling_factor", 1.0)
-    mscale, all_dim = getattr(config, "mscale", 1.0), getattr(config, "mscale_all_dim", 0.0)
-    # DeepSeek's code and transformers read "not both set" as mscale(factor, 1) alone (and an
-    # mscale_all_dim, where set, in the softmax scale), and so do our layers; Megatron's MLA
-    # reads mscale(factor, mscale) / mscale(factor, mscale_all_dim) always. A Megatron-LM
-    # config (pretrain_gpt.py --spec megatron_dsv3...) whose flags the two read differently is
-    # refused; ours (presets, HF checkpoints) has transformers' meaning
-    if not isinstance(config, DeepSeekV3Config) and factor > 1 and (
-            (all_dim == 0 and mscale != 1) or (mscale == 0 and all_dim != 0)):
-        raise ValueError(
-            f"mscale={mscale!r} with mscale_all_dim={all_dim!r} is ambiguous at "
-            f"rotary_scaling_factor={factor!r}: our MLA (as DeepSeek's code and HF transformers) "
-            "would scale attention by mscale(factor, 1), Megatron's own MLA by "
-            "mscale(factor, mscale) / mscale(factor, mscale_all_dim). Allowed: both > 0 "
-            "(DeepSeek-V3: mscale = mscale_all_dim = 1.0, --mscale 1.0 --mscale-all-dim 1.0), "
-            "or mscale 1.0 with mscale_all_dim 0")

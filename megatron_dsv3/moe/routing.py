@@ -5,6 +5,7 @@
     group score = sum of the top-2 b in each group; keep the `group_topk` best groups
     indices = top-k of b over the kept groups
     weights = s[indices] / (sum(s[indices]) + 1e-20) * scaling_factor
+              (top-1: s[indices] * scaling_factor, as Megatron's router)
 
 With experts grouped by node (groups = nodes), keeping `group_topk` groups is node-limited
 routing: a token reaches at most `group_topk` nodes.
@@ -65,8 +66,11 @@ def route(logits: torch.Tensor, expert_bias: Optional[torch.Tensor], *, topk: in
     # + 1e-20 (as transformers' and Megatron's sigmoid routers): a token whose chosen experts'
     # scores all underflow to 0 gets weights 0, not 0/0 = NaN; with any score above ~1e-13
     # the sum absorbs it exactly in float32
-    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * scaling_factor
-    return weights, indices
+    if topk > 1:
+        # (top-1 as Megatron's sigmoid router: not normalised, or every weight would be the
+        # constant scaling factor and the gate would learn nothing from the loss)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling_factor, indices
 
 
 def tokens_per_expert(indices: torch.Tensor, num_experts: int,

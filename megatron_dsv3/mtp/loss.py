@@ -16,6 +16,7 @@ import torch
 
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
+from megatron_dsv3 import compat
 from megatron_dsv3.mtp.layer import roll_left
 
 
@@ -32,12 +33,14 @@ def attach_mtp_losses(hidden_states: torch.Tensor, mtp_hidden: Sequence[torch.Te
     logits)` -> per-token loss [b, s]; labels [b, s] are the main model's (next token);
     loss_mask [b, s] or None. Each depth's gradient is scaled by scaling_factor / D and divided by
     the number of tokens it covers (unless `per_token_loss`, Megatron's
-    calculate_per_token_loss, which divides later).
+    calculate_per_token_loss, which divides later by the main loss's tokens; from
+    megatron-core 0.18 the depth's sum is then scaled by main tokens / its tokens, as Megatron's).
     -> (hidden states carrying the MTP gradients, mean loss per depth [D], detached).
     """
     depth = len(mtp_hidden)
     mtp_labels = labels
     mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+    all_tokens = mask.sum()
     scale = scaling_factor / depth
     losses = []
     for h in mtp_hidden:
@@ -45,6 +48,11 @@ def attach_mtp_losses(hidden_states: torch.Tensor, mtp_hidden: Sequence[torch.Te
         num_tokens = mask.sum().clamp_min(1.0)
         loss = token_loss(mtp_labels, logits_of(h)) * mask               # [b, s]
         losses.append((loss.sum() / num_tokens).detach())
-        gradient_carrier = scale * loss if per_token_loss else scale * loss / num_tokens
+        if not per_token_loss:
+            gradient_carrier = scale * loss / num_tokens
+        elif compat.MTP_PER_TOKEN_LOSS_RESCALED:  # (see compat: as the installed Megatron does)
+            gradient_carrier = scale * loss * (all_tokens / num_tokens)
+        else:
+            gradient_carrier = scale * loss
         hidden_states = MTPLossAutoScaler.apply(hidden_states, gradient_carrier)
     return hidden_states, torch.stack(losses)

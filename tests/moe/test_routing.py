@@ -53,6 +53,19 @@ def test_route_matches_naive_per_token_loop(E, groups, group_topk, topk, with_bi
             assert abs(got[e] - s[e].item() / denom * 2.5) < 1e-6
 
 
+def test_top1_weight_is_the_scaled_score_and_trains_the_gate():
+    """Top-1 as Megatron's sigmoid router: the weight is sigmoid(logit) x scaling factor, not
+    normalised (normalised, every weight was the constant 2.5 and the gate got no gradient
+    from the loss)."""
+    logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    weights, indices = route(logits, None, topk=1, num_groups=1, group_topk=1,
+                             scaling_factor=2.5)
+    want = torch.sigmoid(logits.detach()).gather(1, indices) * 2.5
+    torch.testing.assert_close(weights, want)
+    weights.sum().backward()
+    assert logits.grad.abs().sum() > 0.1
+
+
 def test_weights_sum_to_scaling_factor_and_use_unbiased_scores():
     logits = torch.randn(64, 16)
     bias = torch.zeros(16)

@@ -222,3 +222,45 @@ def test_mtp_process_without_mtp_layers_is_refused_by_name(single_rank_world):
 
     with pytest.raises(ValueError, match=r"mtp_process=True needs MTP layers: config.mtp_num_layers is None"):
         DeepSeekV3Model(get_config("deepseek-v3-tiny", mtp_num_layers=None), mtp_process=True)
+
+
+def test_per_token_mtp_loss_is_scaled_as_the_installed_megatron_scales_it():
+    """Under calculate_per_token_loss Megatron divides every gradient by the main loss's tokens
+    T; from megatron-core 0.18 its MTP loss scales each depth's sum by T / T_k (the depth's
+    tokens), before that it is the plain sum. The gradient reaching each depth's hidden states
+    against that closed form."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    from megatron_dsv3 import compat
+    from megatron_dsv3.mtp.loss import attach_mtp_losses
+
+    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    torch.manual_seed(0)
+    b, s, h, V = 2, 6, 4, 11
+    W = torch.randn(V, h)
+    labels = torch.randint(0, V, (b, s))
+    mask = torch.ones(b, s)
+    mask[0, 3:] = 0
+
+    def token_loss(lab, logits):  # logits [s, b, V] -> [b, s]
+        return F.cross_entropy(logits.transpose(0, 1).reshape(-1, V), lab.reshape(-1),
+                               reduction="none").view(b, s)
+
+    mtp = [torch.randn(s, b, h, requires_grad=True) for _ in range(2)]
+    hidden = torch.randn(s, b, h, requires_grad=True)
+    out, _ = attach_mtp_losses(hidden, mtp, labels, mask, logits_of=lambda x: x @ W.t(),
+                               token_loss=token_loss, scaling_factor=0.3, per_token_loss=True)
+    out.sum().backward()
+    reference = [t.detach().clone().requires_grad_() for t in mtp]
+    total, T = 0.0, mask.sum()
+    for k, hk in enumerate(reference, start=1):
+        lab_k = torch.full_like(labels, 0)
+        lab_k[:, :s - k] = labels[:, k:]
+        mask_k = torch.zeros_like(mask)
+        mask_k[:, :s - k] = mask[:, k:]
+        depth_sum = (token_loss(lab_k, hk @ W.t()) * mask_k).sum()
+        rescale = T / mask_k.sum() if compat.MTP_PER_TOKEN_LOSS_RESCALED else 1.0
+        total = total + 0.3 / 2 * rescale * depth_sum
+    total.backward()
+    for got, want in zip(mtp, reference):
+        torch.testing.assert_close(got.grad, want.grad)
