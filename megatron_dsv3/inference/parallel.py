@@ -37,13 +37,16 @@ class Lockstep:
     (`stop`), so the others end at once with PeerStoppedError naming it instead of waiting in the
     next collective until the group times out."""
 
-    def __init__(self, group):
+    def __init__(self, group, device=None):
         self.group = group
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.rounds = 0
 
     def _reduce(self, stopped: bool, busy: bool, prefills: int):
         rank = dist.get_rank(self.group)
-        t = torch.tensor([rank + 1 if stopped else 0, int(busy), prefills], dtype=torch.long)
+        # (on the model's device: an NCCL group reduces CUDA tensors only)
+        t = torch.tensor([rank + 1 if stopped else 0, int(busy), prefills], dtype=torch.long,
+                         device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         self.rounds += 1
         return int(t[0]) - 1, bool(t[1]), int(t[2])
@@ -78,7 +81,9 @@ def expert_parallel_group_of(model):
 
 def lockstep_for(model) -> Optional[Lockstep]:
     group = expert_parallel_group_of(model)
-    return Lockstep(group) if group is not None else None
+    if group is None:
+        return None
+    return Lockstep(group, device=next(model.parameters()).device)
 
 
 def shard(requests: Sequence, rank: int, world: int) -> List[int]:

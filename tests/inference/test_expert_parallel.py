@@ -232,3 +232,25 @@ def test_nonfinite_logits_on_one_rank_stop_the_others_at_once(single_rank_world,
     (kind0, message0), (kind1, message1) = results
     assert kind1 == "NonFiniteLogitsError" and "non-finite logits (nan)" in message1
     assert kind0 == "PeerStoppedError" and "rank 1" in message0
+
+
+def test_the_lockstep_agreement_is_made_on_the_models_device(single_rank_world, monkeypatch):
+    """The agreement's tensor was always built on the CPU: an NCCL expert-parallel group reduces
+    CUDA tensors only, so serving failed at its first step on GPUs (mechanism: the device the
+    reduction gets; no GPU here)."""
+    import torch.distributed as dist
+
+    from megatron_dsv3.inference import parallel
+
+    class Reached(Exception):
+        pass
+
+    def all_reduce(tensor, **_kw):
+        raise Reached(tensor.device)
+
+    model = torch.nn.Linear(2, 2, device="meta")
+    monkeypatch.setattr(parallel, "expert_parallel_group_of", lambda _model: dist.group.WORLD)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    with pytest.raises(Reached) as reached:
+        parallel.lockstep_for(model).agree(True, 1)
+    assert reached.value.args[0] == torch.device("meta")

@@ -138,7 +138,12 @@ def test_applied_placement_leaves_outputs_unchanged(single_rank_world):
         model(tokens, pos, None)
     loads = recorder.loads()
     recorder.remove()
-    assert loads.shape == (len(moe_layers(model)), 16) and (loads.sum(1) == 48 * 4).all()
+    # 48 tokens x top-4 per decoder layer; the MTP layer routes 46 (each sequence's last
+    # position reads no token at depth 1)
+    depths = cfg.mtp_num_layers or 0
+    want = [48 * 4] * (len(moe_layers(model)) - depths) + [(48 - 2 * k) * 4
+                                                           for k in range(1, depths + 1)]
+    assert loads.shape == (len(moe_layers(model)), 16) and loads.sum(1).tolist() == want
     placements = [plan_placement(l, num_groups=4, num_nodes=2, num_ranks=4, num_redundant=4)
                   for l in loads.tolist()]
     apply_placement(model, placements)
@@ -162,3 +167,38 @@ def test_applied_placement_leaves_outputs_unchanged(single_rank_world):
                                            num_ranks=4, num_redundant=8) for l in loads.tolist()])
     with torch.no_grad():
         torch.testing.assert_close(model(tokens, pos, None), before, rtol=1e-5, atol=1e-5)
+
+
+def test_load_recorder_leaves_padding_out(single_rank_world):
+    """The recorder's hook saw only the router's positional inputs, not `valid`: padded
+    positions counted as load and skewed the placement."""
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.model import build_model
+    from megatron_dsv3.moe.eplb import ExpertLoadRecorder
+
+    torch.manual_seed(0)
+    config = get_config("deepseek-v3-tiny", mtp_num_layers=None)
+    model = build_model(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (2, 16))
+    pad = torch.zeros(2, 16, dtype=torch.bool)
+    pad[1, 4:] = True
+    recorder = ExpertLoadRecorder(model)
+    with torch.no_grad():
+        model(tokens, torch.arange(16).expand(2, -1), None, padding_mask=pad)
+    loads = recorder.loads().sum(1).tolist()
+    assert loads and loads == [int((~pad).sum()) * config.moe_router_topk] * len(loads), loads
+
+
+def test_a_placement_refused_for_one_layer_leaves_every_layer_as_it_was(single_rank_world):
+    """The checks ran layer by layer inside the re-laying loop: a bad placement for the second
+    layer left the first re-laid (half a model placed)."""
+    from megatron_dsv3.configs import get_config
+    from megatron_dsv3.model import build_model
+
+    model = build_model(get_config("deepseek-v3-tiny", mtp_num_layers=None))
+    layers = moe_layers(model)
+    good = plan_placement([1.0] * 16, num_groups=4, num_nodes=1, num_ranks=1, num_redundant=4)
+    bad = plan_placement([1.0] * 4, num_groups=4, num_nodes=1, num_ranks=1, num_redundant=0)
+    with pytest.raises(ValueError, match="MoE layer 1: placement for 4 experts; the layer has 16"):
+        apply_placement(model, [good, bad] + [good] * (len(layers) - 2))
+    assert all(m.placement is None and m.experts.fc1_weight.shape[0] == 16 for m in layers)
