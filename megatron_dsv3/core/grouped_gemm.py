@@ -25,8 +25,10 @@ def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False  # (float64 is refused there: the per-group GEMMs take it)
-    if x.is_cuda:
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    if x.is_cuda and not (x.dtype == torch.bfloat16
+                          and torch.cuda.get_device_capability(x.device) >= (9, 0)):
+        return False
+    # (rows of 16-byte multiples, on CUDA as on CPU: other strides are refused there)
     size = x.element_size()
     return all((d * size) % 16 == 0 for d in (w.shape[1], w.shape[2]))
 

@@ -102,3 +102,22 @@ def test_onednn_row_windows_give_each_groups_own_rows(counts, monkeypatch):
                                                      torch.split(xd, counts))])
     for got, want in ((y, ref_y), (x.grad, ref_dx), (w.grad, ref_dw)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_grouped_mm_needs_rows_of_16_byte_multiples_too(monkeypatch):
+    """torch._grouped_mm on CUDA refuses strides that are not 16-byte multiples (its meta
+    checks: 'stride ... multiple of 16 bytes'); the CUDA branch took any BF16 shape on SM90 and
+    experts with K or N not a multiple of 8 raised instead of taking the per-group GEMMs
+    (mechanism, with a stand-in CUDA tensor: no GPU here)."""
+    from types import SimpleNamespace
+
+    from megatron_dsv3.core.grouped_gemm import _grouped_mm_usable
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _device=None: (9, 0))
+
+    def cuda(*shape):
+        return SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda:0",
+                               shape=shape, element_size=lambda: 2)
+
+    assert _grouped_mm_usable(cuda(7, 64), cuda(2, 128, 64))
+    assert not _grouped_mm_usable(cuda(7, 36), cuda(2, 100, 36))
