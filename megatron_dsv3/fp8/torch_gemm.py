@@ -103,8 +103,12 @@ class ScaledMmArgs:
 
 
 def outer_major(scale: torch.Tensor) -> torch.Tensor:
-    """[R, kb] scales -> the same values with strides (1, R): each column contiguous."""
-    return scale.t().contiguous().t()
+    """[R, kb] scales -> the same values with strides (1, R): each column contiguous, in a fresh
+    allocation (a view already laid out so, e.g. one expert's rows of a grouped call, could start
+    at an offset that is no 16-byte multiple)."""
+    R, kb = scale.shape
+    out = torch.empty_strided((R, kb), (1, max(R, 1)), dtype=scale.dtype, device=scale.device)
+    return out.copy_(scale)
 
 
 def prepare(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,

@@ -185,3 +185,16 @@ def test_whole_model_on_the_torch_backend_equals_the_emulated_model(single_rank_
     _same_up_to_accumulation_order(results[0][1], results[1][1], "loss")
     for got, want in zip(results[0][2], results[1][2]):
         _same_up_to_accumulation_order(got, want, "grad")
+
+
+def test_outer_major_scales_are_a_fresh_aligned_allocation():
+    """One expert's rows of a grouped call's [R, 1] scales are already 'outer-major' as a view:
+    the view was handed on, starting at an offset that is no 16-byte multiple (the layout rule
+    the GPU kernels state)."""
+    from megatron_dsv3.fp8.torch_gemm import outer_major
+
+    scales = torch.rand(12, 1)
+    for view in (scales[3:7], torch.rand(9, 3)[2:6]):
+        out = outer_major(view)
+        assert torch.equal(out, view) and out.stride() == (1, view.shape[0])
+        assert out.storage_offset() == 0 and out.data_ptr() != view.data_ptr()
