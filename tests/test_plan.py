@@ -178,20 +178,27 @@ def test_1f1b_mtp_stage_holds_its_own_embedding(single_rank_world):
         assert result["per_rank"][rank]["params_per_gpu"] == built, rank
 
 
-@pytest.mark.parametrize("schedule,pp", [("dualpipev", 2), ("dualpipe", 2), ("dualpipe", 4)])
+@pytest.mark.parametrize("schedule,pp,first", [("dualpipev", 2, None), ("dualpipe", 2, None),
+                                               ("dualpipe", 4, None), ("dualpipev", 2, 1)])
 def test_per_rank_parameters_are_those_of_the_chunks_megatron_lm_builds(single_rank_world,
-                                                                        schedule, pp):
+                                                                        schedule, pp, first):
     """Each rank's planned parameters against build_model_chunks (+ the embedding copy
     megatron_dsv3.pretrain_gpt unties for the MTP chunk): DualPipeV's rank 0 holds two
-    embeddings, DualPipe's end ranks an embedding and a head each (one per direction)."""
+    embeddings, DualPipe's end ranks an embedding and a head each (one per direction). With MTP
+    the final norm is in the block holding the last decoder layer: DualPipeV with one layer
+    first leaves the head's stage (rank 0) without layers, and the planner counted the norm on
+    rank 0 (each rank off by hidden_size)."""
     from megatron_dsv3.model_chunks import build_model_chunks
     from megatron_dsv3.pretrain_gpt import untie_shared_embedding
 
     mtp = 1 if schedule == "dualpipev" else 0
+    split = "" if first is None else f" --decoder-first-pipeline-num-layers {first}"
     result = run(f"--preset deepseek-v3-tiny --num-layers 4 --nodes 1 --gpus-per-node {pp} "
-                 f"--pp {pp} --schedule {schedule} --mtp {mtp} --json".split())
+                 f"--pp {pp} --schedule {schedule} --mtp {mtp}{split} --json".split())
+    stages = {} if first is None else {"num_layers_in_first_pipeline_stage": first,
+                                       "pipeline_model_parallel_size": pp}
     config = get_config("deepseek-v3-tiny", num_layers=4, perform_initialization=False,
-                        mtp_num_layers=mtp or None)
+                        mtp_num_layers=mtp or None, **stages)
     for rank in range(pp):
         chunks = build_model_chunks(config, schedule, rank, pp)
         untie_shared_embedding(chunks)
@@ -206,22 +213,3 @@ def test_cli_prints_progress_free_text_and_refuses_what_does_not_fit(capsys):
     assert code == 3 and "does not fit" in io.err
     assert "placement (global layer numbers per chunk)" in io.out and "pp_rank   0" in io.out
 
-
-def test_dualpipev_mtp_final_norm_is_counted_with_the_last_layer(single_rank_world):
-    """With MTP, Megatron builds the final norm in the block holding the last decoder layer;
-    DualPipeV with one layer first leaves the head's stage (rank 0) without layers, and the
-    planner counted the norm on rank 0 (each rank off by hidden_size)."""
-    from megatron_dsv3.model_chunks import build_model_chunks
-    from megatron_dsv3.pretrain_gpt import untie_shared_embedding
-
-    result = run("--preset deepseek-v3-tiny --num-layers 4 --nodes 1 --gpus-per-node 2 --pp 2 "
-                 "--schedule dualpipev --mtp 1 --decoder-first-pipeline-num-layers 1 "
-                 "--json".split())
-    config = get_config("deepseek-v3-tiny", num_layers=4, perform_initialization=False,
-                        mtp_num_layers=1, num_layers_in_first_pipeline_stage=1,
-                        pipeline_model_parallel_size=2)
-    for rank in range(2):
-        chunks = build_model_chunks(config, "dualpipev", rank, 2)
-        untie_shared_embedding(chunks)
-        built = sum(p.numel() for p in {id(p): p for c in chunks for p in c.parameters()}.values())
-        assert result["per_rank"][rank]["params_per_gpu"] == built, rank

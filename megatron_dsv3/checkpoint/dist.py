@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Dict, List
 
-from megatron_dsv3.checkpoint.errors import rank0_failure
+from megatron_dsv3.checkpoint.errors import describe, rank0_failure
 from megatron_dsv3.compat import cuda_on_cpu
 
 
@@ -48,7 +48,7 @@ def save(models: List, path: str, overwrite: bool = True) -> None:
         try:
             box[0] = publish.enter_context(atomic_directory(path, overwrite))
         except Exception as error:  # a refusal of `path` (ValueError) or a file-system error
-            failure, box[1] = error, (type(error).__name__, str(error))
+            failure, box[1] = error, describe(error)
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:  # every rank raises, none waits in a collective for rank 0
         raise failure if failure is not None else _from_rank0(box[1], path)
@@ -65,7 +65,7 @@ def save(models: List, path: str, overwrite: bool = True) -> None:
         failure = error  # rank 0's publication failed after every rank had written
     # every rank returns once it is published, or raises with rank 0 when it could not be
     # (a barrier here would leave the others waiting out the timeout)
-    outcome = [None if failure is None else (type(failure).__name__, str(failure))]
+    outcome = [None if failure is None else describe(failure)]
     dist.broadcast_object_list(outcome, src=0)
     if failure is not None:
         raise failure

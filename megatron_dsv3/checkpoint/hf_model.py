@@ -427,10 +427,8 @@ def save_hf(model, path: str, fp8: bool = True, *, base_config: Optional[Dict[st
                  rope_interleave=rope_interleave, max_shard_bytes=max_shard_bytes,
                  overwrite=overwrite, progress=progress, ready=ready)
     except Exception as error:
-        if not started:  # the others wait to start: they raise it at once
-            dist.broadcast_object_list([describe(error)], src=0)
-            raise
-        source.drain(model_maps(config))
+        if started:  # (else the others wait to start, and raise it at once)
+            source.drain(model_maps(config))
         dist.broadcast_object_list([describe(error)], src=0)
         raise
     dist.broadcast_object_list([None], src=0)

@@ -10,8 +10,9 @@ reads it. The recomputed functions are deterministic, so gradients are bit-ident
 MLP of non-MoE layers) and `shared_experts` (the MoE layer's shared expert) use ordinary
 checkpointing, as Megatron does: only the inputs are kept and the whole module runs again in
 backward (`checkpointed`, reentrant like Megatron's; the RNG states are restored, those of
-Megatron's model-parallel RNG tracker too, so dropout draws the same mask). Inside such a region the output-discarding recomputation of the
-modules above is off (the region keeps none of their outputs anyway).
+Megatron's model-parallel RNG tracker too, so dropout draws the same mask). Inside such a region
+the output-discarding recomputation of the modules above is off (the region keeps none of their
+outputs anyway).
 """
 
 from __future__ import annotations

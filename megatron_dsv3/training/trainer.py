@@ -133,6 +133,20 @@ class NonFiniteError(RuntimeError):
     """Training met a non-finite loss or gradient (names the step)."""
 
 
+def metrics_records(path: str):
+    """(line, record) of each step metrics.jsonl logged, up to its first unreadable line (a torn
+    last line)."""
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                return
+            if not isinstance(record, dict) or "step" not in record:
+                return
+            yield line, record
+
+
 class Trainer:
     def __init__(self, args: TrainArgs, log=print):
         from megatron_dsv3.training.validation import (check_world_timeout, validate_launch,
@@ -459,7 +473,7 @@ class Trainer:
                 metrics.close()
             self.watchdog.close()  # (also when the loop raised: no watchdog outlives training)
         # the whole run's records (a resumed run's history holds only its own steps)
-        records = self._logged_records() if writer else []
+        records = [r for _, r in metrics_records(self.metrics_path)] if writer else []
         if records:
             from megatron_dsv3.training.plots import plot_expert_load, plot_loss
 
@@ -467,17 +481,6 @@ class Trainer:
             plot_expert_load(records, os.path.join(a.save_dir, "expert_load.png"),
                              num_layers=self.config.num_layers)
         return self.history
-
-    def _logged_records(self) -> List[Dict]:
-        """metrics.jsonl's records: every step of the run up to now (resumes included)."""
-        records = []
-        with open(self.metrics_path) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    break  # (a torn last line)
-        return records
 
     def _loop(self, metrics) -> None:
         """Steps until args.steps (or exit_interval), logging, periodic and final saves."""
@@ -520,14 +523,8 @@ class Trainer:
         if self.args.resume and os.path.isfile(source):
             from megatron_dsv3.checkpoint.commit import write_file_atomic
 
-            kept = []
-            with open(source) as f:
-                for line in f:
-                    try:
-                        if json.loads(line)["step"] <= self.step:
-                            kept.append(line if line.endswith("\n") else line + "\n")
-                    except (ValueError, KeyError, TypeError):
-                        break  # a torn last line
+            kept = [line if line.endswith("\n") else line + "\n"
+                    for line, record in metrics_records(source) if record["step"] <= self.step]
             write_file_atomic(path, "".join(kept).encode(), "metrics")
             return open(path, "a")
         return open(path, "w")
